@@ -1,0 +1,33 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set up .venv first (once).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_MODEL := models/SmolLM2-135M-Instruct
+
+.PHONY: setup test demo demo-model bench clean
+
+setup: $(STAMP)
+
+# Re-install only when the pins change; a present, up-to-date .venv makes this a no-op.
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt pytest==9.2.0
+	touch $(STAMP)
+
+$(DEMO_MODEL)/config.json: | $(STAMP)
+	$(PY) -m common.demo_model $(DEMO_MODEL)
+
+demo-model: $(DEMO_MODEL)/config.json
+
+test: $(STAMP) demo-model
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP) demo-model
+	$(PY) train.py recipes/demo_smollm2.yaml
+
+bench: $(STAMP) demo-model
+	$(PY) bench/run.py
+
+clean:
+	rm -rf work_dirs

@@ -1,0 +1,273 @@
+"""YAML recipe -> dataclasses. The dataclass defaults are the schema; every problem is reported at once."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+
+from common.cli import UserError
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local directory (or hub id on a machine with network)
+    tokenizer: Optional[str] = None  # default: model.path
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quantization: Optional[Literal["4bit", "8bit"]] = None  # 4bit = NF4 + double quant (QLoRA)
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = None  # e.g. sdpa, eager, flash_attention_2
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Union[str, list[str]] = "all-linear"
+    use_dora: bool = False
+    use_rslora: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+@dataclass
+class DataConfig:
+    path: Union[str, list[str]] = field(default_factory=list)
+    format: Literal["auto", "xtuner", "alpaca", "sharegpt", "openai"] = "auto"
+    template: str = "tokenizer"  # one of the XTuner names, or `tokenizer` for the tokenizer's chat template
+    system: Optional[str] = None  # default system prompt for records without one
+    max_length: int = 2048
+    truncation: Literal["cut", "turns", "split"] = "split"
+    pack: bool = True
+    shuffle_before_pack: bool = True
+    on_bad_record: Literal["error", "skip"] = "error"
+    eval_path: Optional[Union[str, list[str]]] = None
+    eval_fraction: float = 0.0
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+    @property
+    def eval_paths(self) -> list[str]:
+        if self.eval_path is None:
+            return []
+        return [self.eval_path] if isinstance(self.eval_path, str) else list(self.eval_path)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: Optional[str] = None  # default: work_dirs/<recipe file stem>
+    batch_size: int = 1
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"  # any transformers SchedulerType name
+    save_steps: int = 500
+    save_total_limit: Optional[int] = 2
+    logging_steps: int = 10
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    deepspeed: Optional[str] = None  # zero2 | zero3 | path to a DeepSpeed JSON (GPU only)
+
+
+@dataclass
+class EvaluationConfig:
+    every_n_steps: int = 500
+    system: Optional[str] = None
+    prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 256
+    temperature: float = 0.1  # 0 = greedy
+    top_p: float = 0.75
+    top_k: int = 40
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: Optional[LoraConfig] = field(default_factory=LoraConfig)  # null = full fine-tuning
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    source: Optional[str] = field(default=None, metadata={"internal": True})  # recipe file it came from
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Recipe) if not f.metadata.get("internal")}
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_describe(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return tp.__name__
+
+
+def _coerce(value, tp):
+    """Return value converted to tp, or raise ValueError. Only lossless conversions (int -> float) are made."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ValueError
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg)
+            except ValueError:
+                pass
+        raise ValueError
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError
+        return [_coerce(v, typing.get_args(tp)[0]) for v in value]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ValueError
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError from None
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise ValueError
+
+
+def _nearest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean `{match[0]}`?)" if match else ""
+
+
+def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            problems.append(f"unknown key `{prefix}.{key}`{_nearest(str(key), [f'{n}' for n in names])}")
+            continue
+        try:
+            values[key] = _coerce(value, hints[key])
+        except ValueError:
+            problems.append(f"`{prefix}.{key}`: got {value!r}, expected {_describe(hints[key])}")
+    return cls(**values)
+
+
+def _check_values(recipe: Recipe, problems: list[str]) -> None:
+    from common.templates import TEMPLATES  # local: templates imports nothing from here
+
+    d, t = recipe.data, recipe.train
+    if not recipe.model.path:
+        problems.append("`model.path` is required")
+    if not d.paths:
+        problems.append("`data.path` is required")
+    if d.template != "tokenizer" and d.template not in TEMPLATES:
+        problems.append(f"`data.template`: unknown template `{d.template}`{_nearest(d.template, list(TEMPLATES) + ['tokenizer'])}")
+    if d.max_length < 8:
+        problems.append(f"`data.max_length`: got {d.max_length}, expected at least 8")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        problems.append(f"`data.eval_fraction`: got {d.eval_fraction}, expected 0 <= x < 1")
+    if len(t.betas) != 2:
+        problems.append(f"`train.betas`: got {t.betas}, expected two numbers")
+    for key in ("batch_size", "grad_accum", "save_steps", "logging_steps"):
+        if getattr(t, key) < 1:
+            problems.append(f"`train.{key}`: got {getattr(t, key)}, expected at least 1")
+    if recipe.lora is None and recipe.model.quantization:
+        problems.append("`model.quantization` needs LoRA: quantized weights cannot be fully fine-tuned (set `lora:` or drop quantization)")
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise UserError(f"override `{text}`: expected SECTION.KEY=VALUE")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    problems: list[str] = []
+    for text in overrides:
+        keys, value = parse_override(text)
+        if len(keys) == 1:  # a whole section, e.g. `lora=null` for full fine-tuning
+            raw[keys[0]] = value
+        elif len(keys) == 2:
+            if not isinstance(raw.get(keys[0]), dict):  # also re-enables a section set to null
+                raw[keys[0]] = {}
+            raw[keys[0]][keys[1]] = value
+        else:
+            problems.append(f"override `{text}`: expected SECTION.KEY=VALUE")
+    recipe = from_dict(raw, problems, where=str(path))
+    recipe.source = str(path)
+    if recipe.train.output_dir is None:
+        recipe.train.output_dir = f"work_dirs/{path.stem}"
+    return recipe
+
+
+def from_dict(raw: dict, problems: list[str] | None = None, where: str = "recipe") -> Recipe:
+    problems = [] if problems is None else problems
+    sections = {}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            problems.append(f"unknown section `{name}`{_nearest(str(name), SECTIONS)}")
+            continue
+        cls = SECTIONS[name].default_factory
+        if value is None:
+            if name == "lora":
+                sections[name] = None
+                continue
+            value = {}
+        if not isinstance(value, dict):
+            problems.append(f"section `{name}`: expected a mapping of keys, got {value!r}")
+            continue
+        sections[name] = _build_section(cls, value, name, problems)
+    recipe = Recipe(**sections)
+    _check_values(recipe, problems)
+    if problems:
+        n = len(problems)
+        raise UserError(f"{where}: {n} problem{'s' if n > 1 else ''}:\n  - " + "\n  - ".join(problems))
+    return recipe
+
+
+def to_dict(recipe: Recipe) -> dict:
+    out = dataclasses.asdict(recipe)
+    out.pop("source", None)
+    return out
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True), encoding="utf-8")
