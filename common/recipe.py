@@ -160,9 +160,20 @@ def _coerce(value, tp):
     raise ValueError
 
 
-def _nearest(name: str, options) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" (did you mean `{match[0]}`?)" if match else ""
+# Names users bring from XTuner configs and HF TrainingArguments, mapped to ours for "did you mean".
+ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "max_epochs": "epochs", "accumulative_counts": "grad_accum",
+    "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size", "max_norm": "max_grad_norm",
+    "lora_alpha": "alpha", "lora_dropout": "dropout", "pack_to_max_length": "pack", "prompt_template": "template",
+    "evaluation_inputs": "prompts", "evaluation_freq": "every_n_steps", "lr_scheduler_type": "scheduler",
+    "torch_dtype": "dtype", "pretrained_model_name_or_path": "path", "data_path": "path", "rank": "r",
+}
+
+
+def _nearest(name: str, options, prefix: str = "") -> str:
+    options = list(options)
+    match = [ALIASES[name]] if ALIASES.get(name) in options else difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean `{prefix}{match[0]}`?)" if match else ""
 
 
 def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
@@ -171,7 +182,7 @@ def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
     values = {}
     for key, value in raw.items():
         if key not in names:
-            problems.append(f"unknown key `{prefix}.{key}`{_nearest(str(key), [f'{n}' for n in names])}")
+            problems.append(f"unknown key `{prefix}.{key}`{_nearest(str(key), names, prefix + '.')}")
             continue
         try:
             values[key] = _coerce(value, hints[key])
@@ -186,6 +197,8 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
     d, t = recipe.data, recipe.train
     if not recipe.model.path:
         problems.append("`model.path` is required")
+    elif not Path(recipe.model.path).exists() and not _could_be_hub_id(recipe.model.path):
+        problems.append(f"`model.path`: {recipe.model.path} does not exist (download the model there first)")
     if not d.paths:
         problems.append("`data.path` is required")
     if d.template != "tokenizer" and d.template not in TEMPLATES:
@@ -201,6 +214,12 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
             problems.append(f"`train.{key}`: got {getattr(t, key)}, expected at least 1")
     if recipe.lora is None and recipe.model.quantization:
         problems.append("`model.quantization` needs LoRA: quantized weights cannot be fully fine-tuned (set `lora:` or drop quantization)")
+
+
+def _could_be_hub_id(path: str) -> bool:
+    """`org/name` that is not a local path (whose first part would exist, like `models/`)."""
+    parts = Path(path).parts
+    return len(parts) == 2 and not path.startswith((".", "/", "~")) and not Path(parts[0]).exists()
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

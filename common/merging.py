@@ -1,0 +1,465 @@
+"""Streaming merge of a PEFT LoRA adapter into its base checkpoint, and its proof.
+
+Memory stays near one output shard plus the adapter: base tensors are read one at a time from memory-mapped files,
+merged in float32 exactly as PEFT merges them (peft/tuners/lora/layer.py get_delta_weight, variants.py for DoRA),
+cast, and written shard by shard. Nothing here holds the whole model, except `verify`, which loads it on purpose.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import yaml
+from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub.serialization import load_state_dict_from_file
+from huggingface_hub.serialization._base import parse_size_to_int  # the parser split_* uses; not re-exported
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
+from safetensors.torch import _getdtype, save_file
+
+from common.cli import UserError
+from common.rundir import find_recipe_file
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model in adapter tensor names
+# Adapter tensor name suffix -> its part in the merge. lora_embedding_* are the Embedding layer's A and B.
+LORA_PARTS = {
+    "lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias",
+    "lora_embedding_A": "A", "lora_embedding_B": "B", "lora_magnitude_vector": "magnitude",
+}
+# LoRA features whose merge is not `W + scaling * B @ A` on a stored weight: refused rather than merged wrongly.
+UNSUPPORTED = {
+    "layer_replication": "layers are duplicated at load time, so the merged model has more layers than the base",
+    "target_parameters": "LoRA on bare nn.Parameters (e.g. fused MoE experts)",
+    "trainable_token_indices": "trainable-token deltas",
+    "use_qalora": "QA-LoRA pools inputs before A",
+}
+DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+VERIFY_PROMPTS = ["Hello! Who are you?", "Write a haiku about the sea.", "What is 17 times 23? Explain briefly."]
+VERIFY_TOLERANCE = 1e-4  # max |logit difference| allowed between the fp32 merge and PEFT's unmerged adapter model
+MAX_PROBLEMS = 20
+
+
+def parse_size(text: str) -> int:
+    """`2GB`, `500MB` (decimal units, as huggingface_hub counts them) or a number of bytes."""
+    try:
+        size = int(text) if text.strip().isdigit() else parse_size_to_int(text)
+    except ValueError:
+        raise UserError(f"--max-shard-size: got {text!r}, expected e.g. 2GB, 500MB or a number of bytes") from None
+    if size <= 0:
+        raise UserError(f"--max-shard-size: got {text!r}, expected a positive size")
+    return size
+
+
+def _problems(header: str, problems: list[str]) -> UserError:
+    shown = problems[:MAX_PROBLEMS] + ([f"... and {len(problems) - MAX_PROBLEMS} more"] if len(problems) > MAX_PROBLEMS else [])
+    return UserError(f"{header}: {len(problems)} problem{'s' * (len(problems) > 1)}:\n  - " + "\n  - ".join(shown))
+
+
+def is_adapter(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file()
+
+
+def is_full_model(path: Path) -> bool:
+    return not is_adapter(path) and (path / "config.json").is_file()
+
+
+def base_model_path(adapter_dir: Path) -> str:
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: no `base_model_name_or_path`; pass it: merge.py BASE ADAPTER OUT")
+    return base
+
+
+def resolve_base(base: str) -> Path:
+    """A local model directory, or a hub id fetched (or found in the cache) through huggingface_hub."""
+    path = Path(base)
+    if path.is_dir():
+        return path
+    if path.is_absolute() or base.startswith(".") or base.count("/") != 1:
+        raise UserError(f"{base}: base model directory not found")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.jinja", "*.txt"]))
+    except Exception as e:  # offline, unknown repo, gated: all mean the same thing to the user
+        raise UserError(f"{base}: not a local directory and not downloadable from the hub ({type(e).__name__})") from None
+
+
+def quantized_training(adapter_dir: Path) -> str | None:
+    """The recipe's `model.quantization` (4bit/8bit) when the adapter comes from one of our runs."""
+    recipe = find_recipe_file(adapter_dir)
+    if recipe is None:
+        return None
+    raw = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+    return (raw.get("model") or {}).get("quantization")
+
+
+# ----------------------------------------------------------------------------------------------------- base weights
+class BaseCheckpoint:
+    """The base weights: names, shapes and dtypes from the file headers; tensors read one at a time on demand."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.files = self._find_files(path)
+        self.file_of: dict[str, Path] = {}
+        self.shape: dict[str, tuple[int, ...]] = {}
+        self.dtype: dict[str, torch.dtype] = {}
+        for file in self.files:
+            if file.suffix == ".safetensors":
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        part = f.get_slice(key)
+                        self._add(key, file, tuple(part.get_shape()), _getdtype(part.get_dtype()))
+            else:  # memory-mapped, so only the headers are read here
+                for key, t in self._load_bin(file).items():
+                    self._add(key, file, tuple(t.shape), t.dtype)
+
+    def _add(self, key, file, shape, dtype):
+        self.file_of[key], self.shape[key], self.dtype[key] = file, shape, dtype
+
+    @staticmethod
+    def _find_files(path: Path) -> list[Path]:
+        for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                              ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            if (path / index).is_file():
+                weight_map = json.loads((path / index).read_text())["weight_map"]
+                return [path / f for f in dict.fromkeys(weight_map.values())]
+            if (path / single).is_file():
+                return [path / single]
+        found = sorted(path.glob("*.safetensors"))
+        if not found:
+            raise UserError(f"{path}: no model weights (expected model.safetensors, a sharded index, or pytorch_model.bin)")
+        return found
+
+    @staticmethod
+    def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+        try:  # weights_only: a .bin is a pickle, and we run no code from it
+            return load_state_dict_from_file(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise UserError(f"{file}: cannot load as a PyTorch state dict with weights_only=True ({e})") from None
+
+    @contextmanager
+    def reader(self) -> Iterator[Callable[[str], torch.Tensor]]:
+        """`read(name) -> tensor`. Files open on first use and close (unmap) on exit, so pages do not pile up."""
+        with ExitStack() as stack:
+            getters: dict[Path, Callable[[str], torch.Tensor]] = {}
+
+            def read(name: str) -> torch.Tensor:
+                file = self.file_of[name]
+                if file not in getters:
+                    if file.suffix == ".safetensors":
+                        getters[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu")).get_tensor
+                    else:
+                        getters[file] = self._load_bin(file).__getitem__
+                return getters[file](name)
+
+            yield read
+            getters.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------- adapter
+@dataclass
+class Lora:
+    """One adapted layer, in the (out, in) layout of nn.Linear; `transposed` when stored as (in, out)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    transposed: bool  # nn.Embedding (always) and fan_in_fan_out layers (GPT-2's Conv1D)
+    magnitude: torch.Tensor | None = None  # DoRA
+    bias: torch.Tensor | None = None  # lora_bias=True
+
+    def merge(self, weight: torch.Tensor, device: str) -> torch.Tensor:
+        """W + scaling * B @ A in float32, with DoRA's rescaling: the same operations, in the same order, as PEFT."""
+        w = weight.to(device=device, dtype=torch.float32)
+        w = w.T if self.transposed else w
+        delta = (self.B.to(device, torch.float32) @ self.A.to(device, torch.float32)) * self.scaling
+        merged = w + delta
+        if self.magnitude is not None:
+            # DoRA: each output row of W + dW is rescaled to length m; the norm runs over the input axis (dim=1
+            # in the (out, in) layout), as DoraLinearLayer.get_weight_norm computes it
+            norm = torch.linalg.norm(merged, dim=1)
+            merged = (self.magnitude.to(device, torch.float32) / norm).view(-1, 1) * merged
+        return (merged.T if self.transposed else merged).contiguous().cpu()
+
+    def merge_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias.float() + self.bias.float() * self.scaling
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: dict
+    loras: dict[str, Lora]  # by module name, e.g. model.layers.0.self_attn.q_proj
+    tensors: dict[str, torch.Tensor]  # whole tensors that replace the base's: modules_to_save, trained biases, copies
+
+
+def load_adapter(path: Path) -> Adapter:
+    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{path / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r}; only LoRA adapters (LORA) can be merged")
+    problems = [f"`{key}` is set: {why}; not supported by this merge" for key, why in UNSUPPORTED.items() if config.get(key)]
+    weights = next((path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()), None)
+    if weights is None:
+        raise UserError(f"{path}: no adapter weights (expected {' or '.join(ADAPTER_WEIGHTS)})")
+    state = load_state_dict_from_file(weights, map_location="cpu", weights_only=True)
+
+    parts: dict[str, dict] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if not key.startswith(PEFT_PREFIX):
+            problems.append(f"{key}: not a PEFT tensor name (expected it to start with `{PEFT_PREFIX}`)")
+            continue
+        name = key[len(PEFT_PREFIX):]
+        suffix = next((s for s in LORA_PARTS if name.endswith("." + s)), None)
+        if suffix:
+            module = parts.setdefault(name[: -len(suffix) - 1], {})
+            module[LORA_PARTS[suffix]] = tensor
+            module["embedding"] = module.get("embedding", False) or suffix.startswith("lora_embedding")
+        elif ".lora_" in name:
+            problems.append(f"{key}: unsupported LoRA tensor")
+        else:  # `X.base_layer.weight` is PEFT's saved copy of the base `X.weight` (embeddings); the rest is saved as named
+            tensors[name.replace(".base_layer.", ".")] = tensor
+
+    loras = {}
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    for module, p in parts.items():
+        if "A" not in p or "B" not in p:
+            problems.append(f"{module}: has {sorted(k for k in p if k != 'embedding')} but not both LoRA A and B")
+            continue
+        if p["A"].ndim != 2:
+            problems.append(f"{module}: LoRA on a {p['A'].ndim}-d weight (convolution) is not supported")
+            continue
+        # the same lookups PEFT makes when it builds the layer (LoraModel._create_and_replace)
+        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"])
+        if not (p["A"].shape[0] == p["B"].shape[1] == r):
+            problems.append(f"{module}: A {list(p['A'].shape)} and B {list(p['B'].shape)} do not have rank r={r} from the config")
+            continue
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        transposed = p["embedding"] or bool(config.get("fan_in_fan_out"))
+        loras[module] = Lora(p["A"], p["B"], scaling, transposed, p.get("magnitude"), p.get("bias"))
+    if problems:
+        raise _problems(f"adapter {path}", problems)
+    return Adapter(path, config, loras, tensors)
+
+
+# ------------------------------------------------------------------------------------------------------------- plan
+def tied_weights(base_dir: Path) -> dict[str, str]:
+    """Tied parameters (target -> source, e.g. lm_head.weight -> model.embed_tokens.weight), asked of transformers.
+
+    The model is built on the meta device, so this costs no memory, and every architecture answers for itself.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(base_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # unknown or remote-code architecture: merge what the checkpoint holds, untied logic off
+        print(f"note: transformers cannot build {base_dir} ({type(e).__name__}); assuming no tied weights")
+        return {}
+    return dict(model.get_expanded_tied_weights_keys(all_submodels=True))
+
+
+@dataclass
+class MergePlan:
+    base: BaseCheckpoint
+    adapter: Adapter
+    sources: dict[str, str]  # output tensor -> base tensor it is computed from, in output order
+    dtype: torch.dtype | None  # None: each tensor keeps the base's dtype
+    device: str
+    untied: list[str] = field(default_factory=list)  # tied targets written on their own (tie_word_embeddings -> false)
+    skipped_tied: list[str] = field(default_factory=list)  # tied targets left out: transformers re-ties them on load
+
+    def out_dtype(self, key: str, dtype: torch.dtype | None = None) -> torch.dtype:
+        base_dtype = self.base.dtype[self.sources[key]]
+        dtype = dtype or self.dtype
+        return dtype if dtype is not None and base_dtype.is_floating_point else base_dtype
+
+    @property
+    def all_fp32(self) -> bool:
+        return all(self.out_dtype(k) == torch.float32 for k, src in self.sources.items() if self.base.dtype[src].is_floating_point)
+
+    def config_updates(self) -> dict:
+        updates = {"tie_word_embeddings": False} if self.untied else {}
+        if self.dtype is not None:
+            updates["dtype"] = str(self.dtype).removeprefix("torch.")
+        return updates
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        """Shape-and-dtype stand-ins of the output, so huggingface_hub can plan the shards before anything is read."""
+        return {k: torch.empty(self.base.shape[src], dtype=self.out_dtype(k), device="meta") for k, src in self.sources.items()}
+
+    def tensors(self, keys, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        with self.base.reader() as read:
+            for key in keys:
+                yield key, self._merged(key, read, dtype)
+
+    def _merged(self, key: str, read, dtype: torch.dtype | None) -> torch.Tensor:
+        tensor = self.adapter.tensors.get(key)
+        if tensor is None:
+            tensor = read(self.sources[key])
+        module, _, param = key.rpartition(".")
+        lora = self.adapter.loras.get(module)
+        if lora is not None and param == "weight":
+            tensor = lora.merge(tensor, self.device)
+        elif lora is not None and param == "bias" and lora.bias is not None:
+            tensor = lora.merge_bias(tensor)
+        return tensor.to(self.out_dtype(key, dtype)).contiguous()
+
+
+def plan_merge(base: BaseCheckpoint, adapter: Adapter, tied: dict[str, str], dtype, device: str) -> MergePlan:
+    """Decide what each output tensor is made of, and check that adapter and base match, listing every mismatch."""
+    problems = []
+
+    def modified(key: str, read) -> bool:
+        replacement = adapter.tensors.get(key)
+        differs = replacement is not None and not torch.equal(replacement, read(key if key in base.shape else tied[key]))
+        return key.rpartition(".")[0] in adapter.loras or differs
+
+    with base.reader() as read:
+        tied = {t: s for t, s in tied.items() if s in base.shape}
+        # A tied pair the adapter touches is no longer tied in the adapter model (PEFT wraps the two modules apart),
+        # so writing it tied would change the model: untie it. Untouched pairs stay tied, written once.
+        untied = [t for t, s in tied.items() if modified(t, read) or modified(s, read)]
+    sources = {}
+    for key in base.shape:
+        if key in tied and key not in untied:
+            continue
+        sources[key] = key
+        sources.update({t: key for t in untied if tied[t] == key and t not in base.shape})
+
+    for module, lora in adapter.loras.items():
+        key = module + ".weight"
+        if key not in sources:
+            problems.append(f"{module}: targeted by the adapter, but the base has no `{key}`")
+            continue
+        shape = base.shape[sources[key]]
+        out, inp = (shape[1], shape[0]) if lora.transposed and len(shape) == 2 else (shape[0], shape[-1])
+        if len(shape) != 2 or lora.B.shape[0] != out or lora.A.shape[1] != inp:
+            problems.append(f"{module}: base weight {list(shape)} does not fit LoRA A {list(lora.A.shape)} / B {list(lora.B.shape)}")
+        if lora.magnitude is not None and tuple(lora.magnitude.shape) != (out,):
+            problems.append(f"{module}: DoRA magnitude {list(lora.magnitude.shape)} does not fit base weight {list(shape)}")
+        if lora.bias is not None and module + ".bias" not in sources:
+            problems.append(f"{module}: the adapter trains a LoRA bias (lora_bias), but the base layer has no bias")
+    for key, tensor in adapter.tensors.items():
+        if key not in sources and key not in tied:
+            problems.append(f"{key}: saved in the adapter, but the base has no such tensor")
+        elif key in sources and tuple(tensor.shape) != base.shape[sources[key]]:
+            problems.append(f"{key}: adapter has {list(tensor.shape)}, base has {list(base.shape[sources[key]])} (resized vocabulary?)")
+    if problems:
+        raise _problems(f"adapter {adapter.path} does not match base {base.path}", problems)
+    skipped = [t for t in tied if t not in untied]
+    return MergePlan(base, adapter, sources, dtype, device, untied, skipped)
+
+
+# ------------------------------------------------------------------------------------------------------------ write
+def write_shards(plan: MergePlan, out_dir: Path, max_shard_size: int) -> list[tuple[str, int]]:
+    """Write the merged weights; one shard in memory at a time. Returns (file name, bytes of tensor data)."""
+    split = split_torch_state_dict_into_shards(plan.meta(), max_shard_size=max_shard_size)
+    written = []
+    for filename, keys in split.filename_to_tensors.items():
+        shard = dict(plan.tensors(keys))
+        for key, tensor in shard.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():  # as PEFT's safe_merge checks
+                raise UserError(f"{key}: the merged weight has NaN or inf values; the adapter is broken")
+        save_file(shard, out_dir / filename, metadata={"format": "pt"})
+        written.append((filename, sum(t.numel() * t.element_size() for t in shard.values())))
+        del shard
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return written
+
+
+def has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
+
+
+def write_side_files(plan: MergePlan, out_dir: Path) -> str:
+    """config.json and generation_config.json from the base; the tokenizer (with its chat template) from the adapter
+    directory when it has one (our final/ does: the template used in training), else from the base. Returns a note."""
+    from transformers import AutoTokenizer
+
+    base_dir, adapter_dir = plan.base.path, plan.adapter.path
+    config = json.loads((base_dir / "config.json").read_text())
+    config.update(plan.config_updates())
+    if "torch_dtype" in config and "dtype" in plan.config_updates():  # configs written by transformers 4
+        config["torch_dtype"] = config["dtype"]
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
+    source = adapter_dir if has_tokenizer(adapter_dir) else base_dir if has_tokenizer(base_dir) else None
+    if source is None:
+        return "no tokenizer in the adapter or base directory: the merged model has none"
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.save_pretrained(out_dir)
+    template = "with its chat template" if tokenizer.chat_template else "WITHOUT a chat template"
+    return f"tokenizer from {source} ({template})"
+
+
+# ----------------------------------------------------------------------------------------------------------- verify
+@torch.no_grad()
+def _logits(model, batches) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in batches]
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def verify(plan: MergePlan, out_dir: Path, device: str) -> dict:
+    """Prove the merge: merged logits vs PEFT's unmerged base + adapter, all in float32, on a few prompts.
+
+    When the output is fp16/bf16 the written model also carries that rounding, so the fp32 proof is made with the
+    same merge computed in fp32 and loaded into the merged model; the written model's difference is reported too.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    batches = []
+    for prompt in VERIFY_PROMPTS:
+        if tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+        batches.append(torch.tensor([ids]))
+
+    base = AutoModelForCausalLM.from_pretrained(plan.base.path, dtype=torch.float32).to(device)
+    reference = PeftModel.from_pretrained(base, plan.adapter.path).eval()
+    ref = _logits(reference, batches)
+    with reference.disable_adapter():
+        base_logits = _logits(reference, batches)
+    del reference, base
+
+    merged = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).to(device).eval()
+    written = _logits(merged, batches)
+    result = {"prompts": len(batches), "written_dtype": None if plan.all_fp32 else str(plan.dtype or "base dtype"),
+              "max_abs_diff_written": _max_diff(written, ref)}
+    if plan.all_fp32:
+        fp32 = written
+    else:
+        state = dict(plan.tensors(plan.sources, dtype=torch.float32))
+        # tied targets are absent from `state`: they share their source's storage and follow it
+        unexpected = merged.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise UserError(f"verify: checkpoint names {unexpected[:3]} are not parameter names of the loaded model")
+        fp32 = _logits(merged, batches)
+    result["max_abs_diff"] = _max_diff(fp32, ref)
+    result["max_abs_diff_vs_base"] = _max_diff(fp32, base_logits)
+    result["tolerance"] = VERIFY_TOLERANCE
+    result["ok"] = result["max_abs_diff"] <= VERIFY_TOLERANCE < result["max_abs_diff_vs_base"]
+    return result
