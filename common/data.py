@@ -134,55 +134,65 @@ def detect_format(record) -> str | None:
 
 # ---------------------------------------------------------------- files
 
-def _decode(path: Path, report: LoadReport) -> str:
-    data = path.read_bytes()
+def _decode(data: bytes, path: Path, report: LoadReport) -> str:
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
         report.note(f"{path}: starts with a UTF-8 byte-order mark; ignored it")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}: line {line}: not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+    text = data.decode("utf-8")  # UnicodeDecodeError is handled by the caller, which knows the record
     if "\r\n" in text:
         report.note(f"{path}: has CRLF line endings; read them as LF")
         text = text.replace("\r\n", "\n")
     return text
 
 
-def _records(path: Path, report: LoadReport) -> list[tuple[str, object]]:
-    """(label, record) pairs; label is `record N` (JSON list, 0-based) or `line N` (JSONL, 1-based)."""
-    if not path.is_file():
-        raise UserError(f"{path}: data file not found")
-    text = _decode(path, report)
-    if not text.strip():
-        raise UserError(f"{path}: file is empty")
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError as e:
-        whole = None
-        if path.suffix != ".jsonl" and "Extra data" not in e.msg:
-            raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    if isinstance(whole, list):
-        if path.suffix == ".jsonl":
-            report.note(f"{path}: .jsonl file holds one JSON array; read it as JSON")
-        return [(f"record {i}", r) for i, r in enumerate(whole)]
-    if isinstance(whole, dict):
-        if detect_format(whole) is None:
-            raise UserError(f"{path}: expected a list of records, got an object with keys {', '.join(list(whole)[:5])}")
-        if path.suffix != ".jsonl":
-            report.note(f"{path}: holds a single object, not a list; read it as one record")
-        return [("record 0", whole)]
-    if whole is not None:
-        raise UserError(f"{path}: expected a list of records, got {type(whole).__name__}")
+def _jsonl_records(data: bytes, path: Path, report: LoadReport) -> list[tuple[str, object]]:
     records = []
-    for n, line in enumerate(text.split("\n"), start=1):
+    for n, line in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = (_decode(line, path, report) if n == 1 else line.decode("utf-8")).rstrip("\r")
+        except UnicodeDecodeError as e:
+            records.append((f"line {n}", BadRecord("", f"not valid UTF-8 (byte {e.start} of the line)")))
+            continue
         if line.strip():
             try:
                 records.append((f"line {n}", json.loads(line)))
             except json.JSONDecodeError as e:
                 records.append((f"line {n}", BadRecord("", f"not valid JSON ({e.msg} at column {e.colno})")))
+    if b"\r\n" in data:
+        report.note(f"{path}: has CRLF line endings; read them as LF")
     return records
+
+
+def _records(path: Path, report: LoadReport) -> list[tuple[str, object]]:
+    """(label, record) pairs; label is `record N` (JSON list, 0-based) or `line N` (JSONL, 1-based)."""
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found")
+    data = path.read_bytes()
+    if not data.strip():
+        raise UserError(f"{path}: file is empty")
+    try:
+        text = _decode(data, path, report)
+    except UnicodeDecodeError as e:
+        if path.suffix == ".jsonl":  # one bad line is one bad record
+            return _jsonl_records(data, path, report)
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as e:
+        if path.suffix != ".jsonl" and "Extra data" not in e.msg:
+            raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        return _jsonl_records(data, path, report)
+    if isinstance(whole, list):
+        if path.suffix == ".jsonl":
+            report.note(f"{path}: .jsonl file holds one JSON array; read it as JSON")
+        return [(f"record {i}", r) for i, r in enumerate(whole)]
+    if isinstance(whole, dict) and detect_format(whole) is not None:
+        if path.suffix != ".jsonl":
+            report.note(f"{path}: holds a single object, not a list; read it as one record")
+        return [("record 0", whole)]
+    kind = f"an object with keys {', '.join(list(whole)[:5])}" if isinstance(whole, dict) else type(whole).__name__
+    raise UserError(f"{path}: expected a list of records, got {kind}")
 
 
 def load_conversations(paths: list[str], fmt: str = "auto", on_bad_record: str = "error",
