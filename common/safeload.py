@@ -8,10 +8,11 @@ with torch's own restricted unpickler (`weights_only=True`) and allow, on top of
     StandIn that keeps the constructor arguments and pickled state as data and has no behaviour;
   - `getattr(HistoryBuffer, "min"|"max"|"current"|"mean")`, the one way HistoryBuffer's state uses getattr
     (protocol 2 pickles its methods that way); any other getattr is refused.
-Any other global is refused with a UserError naming it. `trust=True` does a full unpickle, for files the user vouches for.
+Any other global is refused with a UserError naming it. `trust=True` unpickles fully, for files the user vouches for.
 """
 from __future__ import annotations
 
+import _compat_pickle  # stdlib: the Python 2 <-> 3 name tables pickle itself uses
 import pickle
 import re
 import sys
@@ -99,7 +100,7 @@ def _restricted_getattr(obj, name):
     dotted = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
     if _STAND_IN_CLASSES.get(dotted) is obj and name in STAND_INS[dotted]:
         return getattr(obj, name)
-    raise pickle.UnpicklingError(f"refused getattr({type(obj).__name__} {obj!r:.60}, {name!r})")
+    raise pickle.UnpicklingError(f"refused getattr({type(obj).__name__} {obj!r:.60}, {name!r:.40})")
 
 
 def _numpy_globals() -> list:
@@ -125,28 +126,42 @@ def _allowlist() -> list:
     ]
 
 
+# What torch's restricted unpickler reports when a pickle asks for something outside the allowlist.
 _REFUSED = (
     re.compile(r"GLOBAL (\S+) was not an allowed global"),
     re.compile(r"GLOBAL (\S+) whose module \S+ is blocked"),
-    re.compile(r"(refused getattr\(.*?\))"),
-    re.compile(r"(Can only \w+ .*?, but got [^\n]*)"),
+    re.compile(r"refused (getattr\([^\n]*\))"),
+    re.compile(r"(Can only (?:create|build) [^\n]*)"),
     re.compile(r"(Trying to call reduce for unrecognized function [^\n]*)"),
 )
 
 
-def _refusal(path: Path, message: str) -> UserError:
+def _py3_name(what: str) -> str:
+    """Protocol-2 pickles carry Python 2 names (`commands.Popen`) and torch drops `builtins.`: say it as Python 3."""
+    if "(" in what:
+        return what
+    module, _, name = what.rpartition(".")
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module or 'builtins')}.{name}"
+
+
+def _unpickler_error(path: Path, message: str) -> UserError:
+    """A refusal naming what the pickle asked for, or (bad bytes, unsupported opcodes) why it cannot be read."""
     for pattern in _REFUSED:
         m = pattern.search(message)
         if m:
-            what = m.group(1)
-            break
-    else:
-        what = message.strip().splitlines()[-1][:200]
-    return UserError(
-        f"{path}: refused to load: its pickle asks for `{what}`, which is not a tensor, a numpy array or a known "
-        "XTuner/DeepSpeed record, so loading it could run code. If you trust where this file came from, "
-        "re-run with --trust-checkpoint"
-    )
+            what = _py3_name(m.group(1))
+            return UserError(
+                f"{path}: refused to load: its pickle asks for `{what}`, which is not a tensor, a numpy array "
+                "or a known XTuner/DeepSpeed record, so loading it could run code. If you trust where this file came "
+                "from, re-run with --trust-checkpoint")
+    core = message.split("WeightsUnpickler error:")[-1]
+    reason = next((line.strip() for line in core.splitlines()
+                   if line.strip() and not line.startswith(("Check the documentation", "Weights only load failed"))),
+                  "unknown error")
+    return UserError(f"{path}: not a readable PyTorch checkpoint ({reason}); if it is one written with pickle "
+                     "features the safe loader does not read and you trust where it came from, re-run with "
+                     "--trust-checkpoint")
 
 
 class _TrustingUnpickler(pickle.Unpickler):
@@ -181,7 +196,7 @@ def load(path: str | Path, trust: bool = False):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
-            raise _refusal(path, str(e)) from None
+            raise _unpickler_error(path, str(e)) from None
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
@@ -208,7 +223,7 @@ def load_tensors(path: str | Path, trust: bool = False) -> dict[str, torch.Tenso
 
 
 def state_dict_in(obj) -> dict[str, torch.Tensor] | None:
-    """The tensors of a checkpoint object: itself, or under the usual keys (mmengine `state_dict`, DeepSpeed `module`)."""
+    """The tensors of a checkpoint: the object itself or under mmengine's `state_dict` / DeepSpeed's `module`."""
     if not isinstance(obj, dict):
         return None
     for key in ("state_dict", "module", "model"):
