@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.cli import UserError
-from common.templates import IGNORE, Turn, encode_segments, get_template
+from common.templates import IGNORE, Template, Turn, encode_segments, get_template
 
 
 class BadRecord(Exception):
@@ -371,6 +371,14 @@ def build_datasets(recipe, tokenizer, report: LoadReport | None = None) -> tuple
         held = set(order[: max(1, round(len(conversations) * d.eval_fraction))])
         eval_conversations = [c for i, c in enumerate(conversations) if i in held]
         conversations = [c for i, c in enumerate(conversations) if i not in held]
+    template = get_template(d.template)
+    if isinstance(template, Template):
+        bos = tokenizer.bos_token
+        if bos and tokenizer.bos_token_id is not None and template.prompt("", 1, "x").startswith(bos):
+            report.note(f"the tokenizer's BOS token {bos} also starts template `{template.name}`, and XTuner's encoding "
+                        f"prepends BOS: samples start with it twice (use `template: tokenizer` for this model)")
+        if template.system is None and any(t.system for c in conversations for t in c):
+            report.note(f"template `{template.name}` has no system format: system prompts in the data are ignored")
     for text in report.notes:
         print(f"note: {text}", file=sys.stderr)
     if report.skipped:
@@ -421,11 +429,26 @@ def preview(tokenizer, row: dict, color: bool) -> str:
     return "".join(out)
 
 
+def compare_truncation(recipe, tokenizer) -> str:
+    """The three truncation modes side by side on the recipe's data: what each trains and loses."""
+    d = recipe.data
+    conversations = load_conversations(d.paths, d.format, "skip")
+    lines = [f"  {'mode':<6}  {'answer tokens trained':>22}  {'dropped':>7}  {'samples':>7}  {'lost to shortening':>18}"]
+    for mode in ("cut", "turns", "split"):
+        _, st = encode_conversations(conversations, tokenizer, d.template, d.max_length, mode, d.system)
+        share = f"{100 * st.trained_tokens / max(st.answer_tokens, 1):.1f}%"
+        mark = " <- recipe" if mode == d.truncation else ""
+        lines.append(f"  {mode:<6}  {share:>22}  {st.dropped:>7}  {st.samples:>7}  {st.lost_to_shortening:>18}{mark}")
+    return "\n".join(lines)
+
+
 def print_dry_run(recipe, tokenizer, train_rows: list[dict], stats: dict) -> None:
     d = recipe.data
     print(f"recipe {recipe.source}: template {d.template}, max_length {d.max_length}, truncation {d.truncation}, "
           f"pack {d.pack}")
     print(format_stats(stats, d.pack))
+    print(f"\ntruncation modes at max_length {d.max_length}:")
+    print(compare_truncation(recipe, tokenizer))
     print("\nfirst sample (trained spans marked):")
     print(preview(tokenizer, train_rows[0], sys.stdout.isatty()))
 
