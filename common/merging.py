@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -17,11 +17,10 @@ from typing import Callable, Iterator
 import torch
 import yaml
 from huggingface_hub import split_torch_state_dict_into_shards
-from huggingface_hub.serialization import load_state_dict_from_file
 from huggingface_hub.serialization._base import parse_size_to_int  # the parser split_* uses; not re-exported
 from peft.utils.other import get_pattern_key
 from safetensors import safe_open
-from safetensors.torch import _getdtype, save_file
+from safetensors.torch import _getdtype, load_file, save_file
 
 from common.cli import UserError
 from common.rundir import find_recipe_file
@@ -45,6 +44,9 @@ DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "fp16":
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 VERIFY_PROMPTS = ["Hello! Who are you?", "Write a haiku about the sea.", "What is 17 times 23? Explain briefly."]
 VERIFY_TOLERANCE = 1e-4  # max |logit difference| allowed between the fp32 merge and PEFT's unmerged adapter model
+# Logits are computed in float64: in float32, x @ (W + dW) and x @ W + (x @ A) @ B * s round differently, and over
+# SmolLM2's 30 layers that alone reaches ~1e-4. In float64 the figure measures the merged fp32 weights, not the sums.
+VERIFY_DTYPE = torch.float64
 MAX_PROBLEMS = 20
 
 
@@ -105,6 +107,17 @@ def quantized_training(adapter_dir: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------- base weights
+def load_state(file: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A whole .safetensors or .bin state dict; a .bin through torch with weights_only=True (it is a pickle: no code
+    from it runs), memory-mapped when asked so only touched pages are read."""
+    if file.suffix == ".safetensors":
+        return load_file(file)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise UserError(f"{file}: cannot load as a PyTorch state dict with weights_only=True ({e})") from None
+
+
 class BaseCheckpoint:
     """The base weights: names, shapes and dtypes from the file headers; tensors read one at a time on demand."""
 
@@ -143,28 +156,26 @@ class BaseCheckpoint:
 
     @staticmethod
     def _load_bin(file: Path) -> dict[str, torch.Tensor]:
-        try:  # weights_only: a .bin is a pickle, and we run no code from it
-            return load_state_dict_from_file(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise UserError(f"{file}: cannot load as a PyTorch state dict with weights_only=True ({e})") from None
+        return load_state(file, mmap=True)
 
     @contextmanager
     def reader(self) -> Iterator[Callable[[str], torch.Tensor]]:
-        """`read(name) -> tensor`. Files open on first use and close (unmap) on exit, so pages do not pile up."""
-        with ExitStack() as stack:
-            getters: dict[Path, Callable[[str], torch.Tensor]] = {}
+        """`read(name) -> tensor`, memory-mapped. A safetensors file is opened for each tensor: its mapping, and the
+        page cache that reading it makes resident, then lives exactly as long as that tensor, so a base weight's pages
+        are released as soon as it is merged rather than when its whole file is done. A .bin is mapped once."""
+        bins: dict[Path, dict[str, torch.Tensor]] = {}
 
-            def read(name: str) -> torch.Tensor:
-                file = self.file_of[name]
-                if file not in getters:
-                    if file.suffix == ".safetensors":
-                        getters[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu")).get_tensor
-                    else:
-                        getters[file] = self._load_bin(file).__getitem__
-                return getters[file](name)
+        def read(name: str) -> torch.Tensor:
+            file = self.file_of[name]
+            if file.suffix == ".safetensors":
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    return f.get_tensor(name)
+            if file not in bins:
+                bins[file] = self._load_bin(file)
+            return bins[file][name]
 
-            yield read
-            getters.clear()
+        yield read
+        bins.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------- adapter
@@ -190,6 +201,8 @@ class Lora:
             # in the (out, in) layout), as DoraLinearLayer.get_weight_norm computes it
             norm = torch.linalg.norm(merged, dim=1)
             merged = (self.magnitude.to(device, torch.float32) / norm).view(-1, 1) * merged
+        if not torch.isfinite(merged.sum()):  # as PEFT's safe_merge checks; NaN/inf in any entry make the sum so
+            raise UserError("the merged weight has NaN or inf values: the adapter is broken")
         return (merged.T if self.transposed else merged).contiguous().cpu()
 
     def merge_bias(self, bias: torch.Tensor) -> torch.Tensor:
@@ -212,7 +225,7 @@ def load_adapter(path: Path) -> Adapter:
     weights = next((path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()), None)
     if weights is None:
         raise UserError(f"{path}: no adapter weights (expected {' or '.join(ADAPTER_WEIGHTS)})")
-    state = load_state_dict_from_file(weights, map_location="cpu", weights_only=True)
+    state = load_state(weights)
 
     parts: dict[str, dict] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -279,7 +292,7 @@ class MergePlan:
     sources: dict[str, str]  # output tensor -> base tensor it is computed from, in output order
     dtype: torch.dtype | None  # None: each tensor keeps the base's dtype
     device: str
-    untied: list[str] = field(default_factory=list)  # tied targets written on their own (tie_word_embeddings -> false)
+    untied: dict[str, str] = field(default_factory=dict)  # tied target -> source, both written (tie_word_embeddings false)
     skipped_tied: list[str] = field(default_factory=list)  # tied targets left out: transformers re-ties them on load
 
     def out_dtype(self, key: str, dtype: torch.dtype | None = None) -> torch.dtype:
@@ -288,8 +301,10 @@ class MergePlan:
         return dtype if dtype is not None and base_dtype.is_floating_point else base_dtype
 
     @property
-    def all_fp32(self) -> bool:
-        return all(self.out_dtype(k) == torch.float32 for k, src in self.sources.items() if self.base.dtype[src].is_floating_point)
+    def float_dtypes(self) -> set[str]:
+        """The floating-point dtypes written, e.g. {"bfloat16"}."""
+        dtypes = {self.out_dtype(k) for k, src in self.sources.items() if self.base.dtype[src].is_floating_point}
+        return {str(d).removeprefix("torch.") for d in dtypes}
 
     def config_updates(self) -> dict:
         updates = {"tie_word_embeddings": False} if self.untied else {}
@@ -313,7 +328,10 @@ class MergePlan:
         module, _, param = key.rpartition(".")
         lora = self.adapter.loras.get(module)
         if lora is not None and param == "weight":
-            tensor = lora.merge(tensor, self.device)
+            try:
+                tensor = lora.merge(tensor, self.device)
+            except UserError as e:
+                raise UserError(f"{module}: {e}") from None
         elif lora is not None and param == "bias" and lora.bias is not None:
             tensor = lora.merge_bias(tensor)
         return tensor.to(self.out_dtype(key, dtype)).contiguous()
@@ -332,13 +350,13 @@ def plan_merge(base: BaseCheckpoint, adapter: Adapter, tied: dict[str, str], dty
         tied = {t: s for t, s in tied.items() if s in base.shape}
         # A tied pair the adapter touches is no longer tied in the adapter model (PEFT wraps the two modules apart),
         # so writing it tied would change the model: untie it. Untouched pairs stay tied, written once.
-        untied = [t for t, s in tied.items() if modified(t, read) or modified(s, read)]
+        untied = {t: s for t, s in tied.items() if modified(t, read) or modified(s, read)}
     sources = {}
     for key in base.shape:
         if key in tied and key not in untied:
             continue
         sources[key] = key
-        sources.update({t: key for t in untied if tied[t] == key and t not in base.shape})
+        sources.update({t: key for t, s in untied.items() if s == key and t not in base.shape})
 
     for module, lora in adapter.loras.items():
         key = module + ".weight"
@@ -370,10 +388,7 @@ def write_shards(plan: MergePlan, out_dir: Path, max_shard_size: int) -> list[tu
     split = split_torch_state_dict_into_shards(plan.meta(), max_shard_size=max_shard_size)
     written = []
     for filename, keys in split.filename_to_tensors.items():
-        shard = dict(plan.tensors(keys))
-        for key, tensor in shard.items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():  # as PEFT's safe_merge checks
-                raise UserError(f"{key}: the merged weight has NaN or inf values; the adapter is broken")
+        shard = dict(plan.tensors(keys))  # merged tensors, and memory-mapped base ones passed through untouched
         save_file(shard, out_dir / filename, metadata={"format": "pt"})
         written.append((filename, sum(t.numel() * t.element_size() for t in shard.values())))
         del shard
@@ -413,7 +428,7 @@ def write_side_files(plan: MergePlan, out_dir: Path) -> str:
 @torch.no_grad()
 def _logits(model, batches) -> list[torch.Tensor]:
     device = next(model.parameters()).device
-    return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in batches]
+    return [model(input_ids=ids.to(device)).logits.double().cpu() for ids in batches]
 
 
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -421,10 +436,10 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def verify(plan: MergePlan, out_dir: Path, device: str) -> dict:
-    """Prove the merge: merged logits vs PEFT's unmerged base + adapter, all in float32, on a few prompts.
+    """Prove the merge: merged logits vs PEFT's unmerged base + adapter on a few prompts, evaluated in float64.
 
-    When the output is fp16/bf16 the written model also carries that rounding, so the fp32 proof is made with the
-    same merge computed in fp32 and loaded into the merged model; the written model's difference is reported too.
+    When the output is fp16/bf16 the written model also carries that rounding, so the proof is made with the same
+    merge computed in fp32 and loaded into the merged model; the written model's difference is reported too.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -438,18 +453,19 @@ def verify(plan: MergePlan, out_dir: Path, device: str) -> dict:
             ids = tokenizer(prompt)["input_ids"]
         batches.append(torch.tensor([ids]))
 
-    base = AutoModelForCausalLM.from_pretrained(plan.base.path, dtype=torch.float32).to(device)
-    reference = PeftModel.from_pretrained(base, plan.adapter.path).eval()
+    base = AutoModelForCausalLM.from_pretrained(plan.base.path, dtype=VERIFY_DTYPE)
+    reference = PeftModel.from_pretrained(base, plan.adapter.path).to(device, VERIFY_DTYPE).eval()  # LoRA too
     ref = _logits(reference, batches)
     with reference.disable_adapter():
         base_logits = _logits(reference, batches)
     del reference, base
 
-    merged = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).to(device).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out_dir, dtype=VERIFY_DTYPE).to(device).eval()
     written = _logits(merged, batches)
-    result = {"prompts": len(batches), "written_dtype": None if plan.all_fp32 else str(plan.dtype or "base dtype"),
+    all_fp32 = plan.float_dtypes <= {"float32"}
+    result = {"prompts": len(batches), "written_dtype": None if all_fp32 else "/".join(sorted(plan.float_dtypes)),
               "max_abs_diff_written": _max_diff(written, ref)}
-    if plan.all_fp32:
+    if all_fp32:
         fp32 = written
     else:
         state = dict(plan.tensors(plan.sources, dtype=torch.float32))

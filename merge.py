@@ -1,0 +1,144 @@
+"""Merge a LoRA adapter into its base model, shard by shard: a standalone HF model that any tool can load.
+
+    python merge.py                                   # latest run: RUN/final -> RUN/merged
+    python merge.py work_dirs/demo/final              # base from adapter_config.json; output work_dirs/demo/merged
+    python merge.py BASE ADAPTER OUT --max-shard-size 2GB --dtype bf16 --verify
+
+Memory stays near one output shard plus the adapter (XTuner's `convert merge` loads the whole model).
+"""
+import argparse
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import merging, rundir
+from common.cli import UserError, main_guard
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="*", metavar="PATH", help="BASE ADAPTER OUT, or ADAPTER, or nothing (latest run)")
+    p.add_argument("--max-shard-size", default="2GB", help="per output shard: 2GB, 500MB or bytes (default 2GB)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: the base's dtype")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where B @ A is computed")
+    p.add_argument("--verify", action="store_true", help="compare logits with PEFT's base + adapter (loads both, float64)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    return p.parse_args(argv)
+
+
+def resolve_paths(paths: list[str]) -> tuple[str | None, Path, Path]:
+    """(base or None = from adapter_config.json, adapter dir, output dir)."""
+    if not paths:
+        run = rundir.latest_run()
+        return None, run / rundir.FINAL_DIR, run / rundir.MERGED_DIR
+    if len(paths) == 1:
+        adapter = Path(paths[0]).resolve()  # resolved, so `merge.py .` has a name to derive OUT from
+        # final/ of a run merges into the run's merged/; any other adapter dir into a sibling ADAPTER-merged/
+        out = adapter.parent / rundir.MERGED_DIR if adapter.name == rundir.FINAL_DIR else adapter.with_name(adapter.name + "-merged")
+        return None, adapter, out
+    if len(paths) == 3:
+        return paths[0], Path(paths[1]), Path(paths[2])
+    raise UserError(f"expected BASE ADAPTER OUT, ADAPTER, or no path (latest run); got {len(paths)} paths")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
+    return device
+
+
+def print_verify(report: dict, out: Path) -> bool:
+    if report["written_dtype"]:
+        print(f"verify: written {report['written_dtype']} model vs PEFT: max |logit diff| "
+              f"{report['max_abs_diff_written']:.3g} (rounding to {report['written_dtype']})")
+    print(f"verify: fp32 merge vs PEFT base + adapter on {report['prompts']} prompts (float64 logits): max |logit diff| "
+          f"{report['max_abs_diff']:.3g} (limit {report['tolerance']:g}); vs the base model: {report['max_abs_diff_vs_base']:.3g}")
+    if not report["ok"]:
+        why = ("differs from PEFT's adapter model" if report["max_abs_diff"] > report["tolerance"]
+               else "is the base model: the adapter changes nothing (untrained, lora_B all zero?)")
+        print(f"verify FAILED: the merged model {why}; nothing written to {out}", file=sys.stderr)
+    else:
+        print("verify: OK")
+    return report["ok"]
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename the finished temp dir to OUT. With --force, the old OUT is moved aside first and removed last,
+    so an interruption never leaves the user with neither."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
+
+
+@main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    base_arg, adapter_dir, out = resolve_paths(args.paths)
+    if not adapter_dir.is_dir():
+        raise UserError(f"{adapter_dir}: adapter directory not found")
+    if merging.is_full_model(adapter_dir):  # a full fine-tune: merging is idempotent, not an error
+        print(f"{adapter_dir} is already a full model (config.json + weights, no {merging.ADAPTER_CONFIG}): "
+              f"nothing to merge; load it directly, e.g. python chat.py {adapter_dir}")
+        return 0
+    if not merging.is_adapter(adapter_dir):
+        raise UserError(f"{adapter_dir}: not a PEFT adapter directory (no {merging.ADAPTER_CONFIG}) and not a model")
+    max_shard_size = merging.parse_size(args.max_shard_size)
+    device = resolve_device(args.device)
+    base_dir = merging.resolve_base(base_arg or merging.base_model_path(adapter_dir))
+    if not (base_dir / "config.json").is_file():
+        raise UserError(f"{base_dir}: no config.json; BASE must be a Hugging Face model directory")
+    if out.exists() and not args.force:
+        raise UserError(f"{out}: already exists; pass --force to replace it")
+    if any(out.resolve() == p or out.resolve() in p.parents for p in (adapter_dir.resolve(), base_dir.resolve())):
+        raise UserError(f"{out}: OUT would replace the adapter or the base; choose another directory")
+
+    quantization = merging.quantized_training(adapter_dir)
+    if quantization:
+        print(f"note: this adapter was trained on a {quantization} quantized base (QLoRA); it is merged into the "
+              f"full-precision base {base_dir}, as QLoRA intends, so outputs can differ slightly from training's")
+    adapter = merging.load_adapter(adapter_dir)
+    base = merging.BaseCheckpoint(base_dir)
+    plan = merging.plan_merge(base, adapter, merging.tied_weights(base_dir), merging.DTYPES[args.dtype], device)
+    print(f"merging {adapter_dir} ({len(adapter.loras)} LoRA layers, {len(adapter.tensors)} saved tensors) "
+          f"into {base_dir} ({len(base.files)} file(s), {len(base.shape)} tensors) -> {out}")
+    if plan.untied:
+        pairs = ", ".join(f"{t} = {s}" for t, s in plan.untied.items())
+        print(f"note: the adapter changes the tied weights {pairs} apart (PEFT wraps each module on its own), so the "
+              "merge unties them: both are written and tie_word_embeddings is set to false in config.json")
+    elif plan.skipped_tied:
+        print(f"tied weights stay tied: {', '.join(plan.skipped_tied)} is not written (transformers re-ties it on load)")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # same filesystem: rename is atomic
+    try:
+        start = time.time()
+        shards = merging.write_shards(plan, tmp, max_shard_size)
+        seconds = time.time() - start
+        print(merging.write_side_files(plan, tmp))
+        for name, size in shards:
+            print(f"  {name}  {size / 1e6:9.1f} MB")
+        print(f"{len(shards)} shard(s), {sum(s for _, s in shards) / 1e6:.1f} MB (limit {max_shard_size / 1e6:.1f} MB per shard), "
+              f"merged in {seconds:.1f}s, process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+        if args.verify and not print_verify(merging.verify(plan, tmp, device), out):
+            return 1
+        publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
