@@ -1,0 +1,90 @@
+"""Chat with a fine-tuned model in the prompt format it was trained with.
+
+    python chat.py                                    # latest run: RUN/merged, else RUN/final on its base
+    python chat.py work_dirs/demo/merged              # a merged (or any Hugging Face) model
+    python chat.py models/Qwen1.5-1.8B-Chat --adapter work_dirs/psych_qwen/final --prompt-template qwen_chat
+    python chat.py --once "你好"                      # answer one question and exit
+    printf '你好\\n我最近很焦虑\\n' | python chat.py    # piped: one user turn per line, plain answers
+
+In the REPL: end a line with \\ to continue it on the next; /reset (RESET) clears the history, /system TEXT sets the
+system prompt, /exit (EXIT) or Ctrl-D leaves; Ctrl-C stops the current answer.
+"""
+import argparse
+import sys
+
+from common import generation
+from common.cli import main_guard
+from common.templates import SYSTEM_TEMPLATES, TEMPLATES
+
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # XTuner's spellings
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help="model, adapter or run directory (default: the latest run)")
+    p.add_argument("--adapter", help="PEFT adapter directory to load on MODEL")
+    p.add_argument("--prompt-template", metavar="NAME", help=f"`tokenizer` or one of: {', '.join(TEMPLATES)} "
+                   "(default: the run's data.template, else `tokenizer`)")
+    p.add_argument("--system", help="system prompt (default: the run's data.system or evaluation.system; '' for none)")
+    p.add_argument("--system-template", metavar="NAME", help="a system prompt from XTuner's SYSTEM_TEMPLATE table: "
+                   + ", ".join(SYSTEM_TEMPLATES))
+    p.add_argument("--bot-name", default="BOT", help="fills {bot_name} in --system-template (default BOT)")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="load the model quantized (bitsandbytes)")
+    p.add_argument("--torch-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", *DTYPE_ALIASES],
+                   help="auto: the model's own dtype")
+    p.add_argument("--max-length", type=int, help="context (prompt + answer) in tokens; default: the run's "
+                   f"data.max_length, else the model's max_position_embeddings capped at {generation.MAX_LENGTH_CAP}. "
+                   "Older turns are dropped to fit")
+    p.add_argument("--max-new-tokens", type=int, help="default: the run's evaluation.max_new_tokens (256)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the run's evaluation.temperature, 0.1)")
+    p.add_argument("--top-k", type=int, help="default: the run's evaluation.top_k (40)")
+    p.add_argument("--top-p", type=float, help="default: the run's evaluation.top_p (0.75)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="make sampling reproducible")
+    p.add_argument("--stop-words", nargs="+", default=[], metavar="WORD", help="extra stop words (the template's "
+                   "and EOS always apply)")
+    p.add_argument("--no-stream", action="store_true", help="print each answer whole instead of token by token")
+    p.add_argument("--once", metavar="QUESTION", help="answer QUESTION and exit")
+    args = p.parse_args(argv)
+    if args.system is not None and args.system_template:
+        p.error("give --system or --system-template, not both")
+    args.torch_dtype = DTYPE_ALIASES.get(args.torch_dtype, args.torch_dtype)
+    return args
+
+
+@main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    source = generation.resolve_model(args.model, args.adapter)
+    template = args.prompt_template or generation.default_template(source)
+    generation.get_template(template)  # an unknown name fails before the model loads
+    system = (generation.system_from_template(args.system_template, args.bot_name) if args.system_template
+              else args.system if args.system is not None else generation.default_system(source))
+    if args.seed is not None:
+        from transformers import set_seed
+
+        set_seed(args.seed)
+    model, tokenizer = generation.load(source, args.torch_dtype, args.bits)
+    defaults = generation.sampling_defaults(source)  # the options not given: the run's evaluation settings
+    sampling = {key: getattr(defaults, key) if getattr(args, key) is None else getattr(args, key)
+                for key in ("max_new_tokens", "temperature", "top_k", "top_p")}
+    session = generation.ChatSession(
+        model, tokenizer, template, generation.max_length(source, model.config, args.max_length), system=system or None,
+        repetition_penalty=args.repetition_penalty, extra_stop_words=args.stop_words, **sampling)
+    if session.system and isinstance(session.template, generation.Template) and session.template.system is None:
+        print(f"note: template `{template}` has no system slot: the system prompt is not used", file=sys.stderr)
+    if args.once is not None:
+        console = generation.Console(interactive=False, stream=not args.no_stream)
+        return generation.converse(session, console, [("--once", args.once)])
+    console = generation.Console(interactive=sys.stdin.isatty(), stream=not args.no_stream)
+    if console.interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        name = f"{source.model}" + (f" + {source.adapter}" if source.adapter else "")
+        console.note(f"{name} | template {template} | context {session.max_length} tokens | "
+                     r"end a line with \ to continue | /reset /system TEXT /exit | Ctrl-C stops an answer, Ctrl-D exits")
+    generation.converse(session, console, generation.repl_messages(console))
+
+
+if __name__ == "__main__":
+    main()
