@@ -1,12 +1,16 @@
 """Shared fixtures: a byte-level BPE tokenizer trained in-process on the project's data, and a tiny llama."""
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Encoded-dataset caches of the tests stay out of the user's HF cache (set before `datasets` is imported).
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="sft-test-cache-")
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"

@@ -251,3 +251,34 @@ def test_packing_split_samples(tokenizer):
     rows, stats = encode_conversations(convs, tokenizer, "qwen_chat", 90, "split")
     n_rows, efficiency = packing_stats(rows, 300)
     assert stats.samples == len(rows) > 3 and n_rows < len(rows) and 0 < efficiency <= 1
+
+
+# ---------------------------------------------------------------- build_datasets: cache, eval split
+
+def recipe_for(tmp_path, tiny_model_dir, *overrides):
+    from common.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{path: {tiny_model_dir}}}\ndata: {{path: data/psych_sample.json, template: qwen_chat, "
+                    f"max_length: 256}}\n", encoding="utf-8")
+    return load_recipe(path, list(overrides))
+
+
+def test_encoded_rows_are_cached(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    import common.data as data
+
+    recipe = recipe_for(tmp_path, tiny_model_dir)
+    rows, _, stats = data.build_datasets(recipe, tokenizer)
+    monkeypatch.setattr(data, "_encode_recipe_data", lambda *a: pytest.fail("cache not used"))
+    rows2, _, stats2 = data.build_datasets(recipe, tokenizer)
+    assert rows2 == rows and stats2 == stats
+    recipe.data.max_length = 255  # any setting that changes the rows changes the key
+    with pytest.raises(pytest.fail.Exception, match="cache not used"):
+        data.build_datasets(recipe, tokenizer)
+
+
+def test_eval_fraction_holds_out_conversations(tmp_path, tiny_model_dir, tokenizer):
+    from common.data import build_datasets
+
+    train, evals, stats = build_datasets(recipe_for(tmp_path, tiny_model_dir, "data.eval_fraction=0.25", "data.max_length=4096"), tokenizer)
+    assert stats["records"] == 60 and len(evals) == 20 and len(train) == 60
