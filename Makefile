@@ -23,8 +23,11 @@ demo-model: $(DEMO_MODEL)/config.json
 test: $(STAMP) demo-model
 	$(PY) -m pytest -q tests
 
+# Train (starting over if an earlier demo run exists), merge into shards with a logit check, then ask one question.
 demo: $(STAMP) demo-model
-	$(PY) train.py recipes/demo_smollm2.yaml
+	$(PY) train.py recipes/demo_smollm2.yaml --force
+	$(PY) merge.py --verify --max-shard-size 200MB
+	$(PY) chat.py --once "我最近总是失眠，晚上躺在床上脑子停不下来，怎么办？"
 
 bench: $(STAMP) demo-model
 	$(PY) bench/run.py

@@ -1,0 +1,277 @@
+"""Trainer callbacks: run log + metrics + plot, evaluation prompts (XTuner's EvaluateChatHook), Ctrl-C handling."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from common.rundir import EVAL_DIR
+
+METRICS_FILE, LOG_FILE, PLOT_FILE = "metrics.jsonl", "train.log", "loss.png"
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate (both set RANK), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class RunLog:
+    """Timestamped lines to OUTPUT_DIR/train.log; on the console through tqdm on a TTY (so the bar survives),
+    plain timestamped lines otherwise (nohup, screen logs). Silent on non-main ranks."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool | None = None):
+        self.path = Path(run_dir) / LOG_FILE
+        self.enabled = is_main_process() if enabled is None else enabled
+        self.tty = sys.stdout.isatty()
+
+    def __call__(self, text: str) -> None:
+        if not self.enabled:
+            return
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        lines = [f"[{stamp}] {line}" for line in str(text).splitlines() or [""]]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        if self.tty:
+            from tqdm.auto import tqdm
+
+            tqdm.write(str(text))
+        else:
+            print("\n".join(lines), flush=True)
+
+
+class QuietProgressCallback(ProgressCallback):
+    """The tqdm bar without its dict dumps: MetricsCallback prints the log lines."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def plot_metrics(run_dir: str | Path) -> Path | None:
+    """loss (and eval loss) and lr against step, from metrics.jsonl, into loss.png (written atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    run_dir = Path(run_dir)
+    train, evals = {}, {}
+    if not (run_dir / METRICS_FILE).is_file():
+        return None
+    for line in (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if "loss" in row:  # a resumed run re-logs steps after its checkpoint: the newest entry wins
+            train[row["step"]] = row
+        if "eval_loss" in row:
+            evals[row["step"]] = row["eval_loss"]
+    if not train and not evals:
+        return None
+    fig = Figure(figsize=(8, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    steps = sorted(train)
+    ax.plot(steps, [train[s]["loss"] for s in steps], label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(sorted(evals), [evals[s] for s in sorted(evals)], "o-", label="eval loss", color="tab:green")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper left")
+    lr_ax = ax.twinx()
+    lr_ax.plot(steps, [train[s].get("lr", 0.0) for s in steps], label="lr", color="tab:orange", alpha=0.6)
+    lr_ax.set_ylabel("lr")
+    lr_ax.legend(loc="upper right")
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    out, tmp = run_dir / PLOT_FILE, run_dir / f".{PLOT_FILE}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, out)
+    return out
+
+
+class MetricsCallback(TrainerCallback):
+    """metrics.jsonl (step, loss, lr, grad_norm, tokens/s, elapsed), one log line per logging step, and loss.png
+    refreshed at every save and at the end. Main process only."""
+
+    def __init__(self, run_dir: str | Path, log: RunLog):
+        self.run_dir, self.log = Path(run_dir), log
+        self.start = self.last_time = time.time()
+        self.last_tokens = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_time = time.time()
+        self.last_tokens = 0.0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now = time.time()
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        if "loss" in logs:
+            tokens = float(logs.get("num_tokens", 0.0))  # TRL: tokens fed to the model so far, over all ranks
+            rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9) if tokens else None
+            self.last_tokens, self.last_time = tokens, now
+            row.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                       tokens_per_s=None if rate is None else round(rate, 1))
+        if "eval_loss" in logs:
+            row["eval_loss"] = logs["eval_loss"]
+        if len(row) == 2:  # end-of-training summary (train_runtime...): not a metrics row
+            return
+        row["elapsed_s"] = round(now - self.start, 1)
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        self.log(self.format(row, state.max_steps))
+
+    @staticmethod
+    def format(row: dict, max_steps: int) -> str:
+        parts = [f"step {row['step']}/{max_steps}"]
+        for key, fmt in (("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"), ("lr", "lr {:.2e}"),
+                         ("grad_norm", "grad_norm {:.3f}"), ("tokens_per_s", "{:.0f} tok/s"), ("elapsed_s", "{:.0f}s")):
+            if row.get(key) is not None:
+                parts.append(fmt.format(row[key]))
+        return "  ".join(parts)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_metrics(self.run_dir)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_metrics(self.run_dir)
+
+
+class EvalPromptsCallback(TrainerCallback):
+    """Answers evaluation.prompts before training, every `every_n_steps`, at each save and at the end; writes
+    eval_outputs/step_N.txt. Generation runs with the cache on and in eval mode, then every touched setting is put
+    back, and the RNG is forked so sampling does not shift the training run (resume stays exact)."""
+
+    def __init__(self, tokenizer, template, evaluation, system: str | None, run_dir: str | Path, log: RunLog):
+        self.tokenizer, self.template, self.cfg, self.system = tokenizer, template, evaluation, system
+        self.out_dir, self.log = Path(run_dir) / EVAL_DIR, log
+        self.done: set[int] = set()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.generate(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.cfg.every_n_steps > 0 and state.global_step % self.cfg.every_n_steps == 0:
+            self.generate(model, state.global_step)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self.generate(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.generate(model, state.global_step)
+
+    def generate(self, model, step: int) -> Path | None:
+        out = self.out_dir / f"step_{step}.txt"
+        # A resumed run starts at a step whose answers its checkpoint save already wrote.
+        if not self.cfg.prompts or not is_main_process() or step in self.done or out.exists():
+            return None
+        self.done.add(step)
+        answers = self.answer_all(model)
+        text = "".join(f"### Prompt {i}\n{p}\n### Answer {i}\n{a}\n\n" for i, (p, a) in enumerate(answers, 1))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+        self.log(f"evaluation prompts at step {step} -> {out}\n" + text.rstrip())
+        return out
+
+    def answer_all(self, model) -> list[tuple[str, str]]:
+        from common.templates import Turn, encode_turns, stop_words
+
+        was_training = model.training
+        config = model.config
+        cache = config.use_cache
+        checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+        stops = stop_words(self.template, self.tokenizer)
+        stop_ids, stop_strings = {self.tokenizer.eos_token_id}, []
+        for word in stops:  # single-token stop words stop by id; the costlier string matcher only for the rest
+            ids = self.tokenizer.encode(word, add_special_tokens=False)
+            (stop_ids.add(ids[0]) if len(ids) == 1 else stop_strings.append(word))
+        sample = self.cfg.temperature > 0
+        gen = dict(max_new_tokens=self.cfg.max_new_tokens, do_sample=sample, eos_token_id=sorted(stop_ids),
+                   pad_token_id=self.tokenizer.pad_token_id)
+        if stop_strings:
+            gen.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
+        if sample:
+            gen.update(temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k)
+        else:  # greedy: silence the checkpoint's sampling defaults
+            gen.update(temperature=None, top_p=None, top_k=None)
+        device = next(model.parameters()).device
+        answers = []
+        try:
+            model.eval()
+            config.use_cache = True
+            for m in checkpointed:
+                m.gradient_checkpointing = False
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                for prompt in self.cfg.prompts:
+                    ids, _ = encode_turns(self.tokenizer, self.template, [Turn(input=prompt, output=None, system=self.system)])
+                    input_ids = torch.tensor([ids], device=device)
+                    new = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **gen)[0, len(ids):]
+                    answer = self.tokenizer.decode(new, skip_special_tokens=True)
+                    for word in stops:  # stop strings end the text but stay in it
+                        answer = answer.split(word)[0] if word else answer
+                    answers.append((prompt, answer.strip()))
+        finally:
+            config.use_cache = cache
+            for m in checkpointed:
+                m.gradient_checkpointing = True
+            model.train(was_training)
+        return answers
+
+
+class InterruptCallback(TrainerCallback):
+    """Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop. A second Ctrl-C aborts at once.
+    Under DDP the flag is agreed on by all ranks, so every rank stops at the same step and the save cannot hang."""
+
+    def __init__(self, log: RunLog):
+        self.log = log
+        self.signal: int | None = None
+        self._previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second signal acts as usual
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to abort)", file=sys.stderr, flush=True)
+
+    def _agreed(self) -> int:
+        flag = self.signal or 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor([flag], dtype=torch.int64)
+            if torch.distributed.get_backend() == "nccl":
+                t = t.cuda()
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = int(t.item())
+        return flag
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = self._agreed()
+        if flag:
+            self.signal = flag
+            control.should_save = True
+            control.should_training_stop = True
+            self.log(f"interrupted by {signal.Signals(flag).name} at step {state.global_step}: saving checkpoint-{state.global_step}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore_handlers()
+
+    def restore_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signal if self.signal else 0

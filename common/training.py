@@ -1,0 +1,316 @@
+"""Trainer construction from a recipe: TRL SFTConfig/SFTTrainer on pre-tokenized rows, packing, atomic checkpoints
+with rotation, resume, the final self-describing output directory, DeepSpeed configs."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from common.cli import UserError
+from common.recipe import Recipe, save_recipe
+from common.rundir import FINAL_DIR, RECIPE_FILE
+
+STAGING_PREFIX = ".saving-"  # never matches `checkpoint-*`, so resume and rotation ignore half-written saves
+
+# The Trainer fills the "auto" values from its own arguments (batch sizes, accumulation, clipping, precision).
+DEEPSPEED_PRESETS = {
+    "zero2": {"zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                                    "reduce_bucket_size": "auto"}},
+    "zero3": {"zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                                    "stage3_gather_16bit_weights_on_model_save": True}},
+}
+DEEPSPEED_AUTO = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                  "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                  "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
+
+
+def deepspeed_config(value: str | None) -> dict | None:
+    """`train.deepspeed`: zero2 | zero3 | a JSON file. Checked here so a GPU user hears about mistakes before loading."""
+    if value is None:
+        return None
+    if value in DEEPSPEED_PRESETS:
+        config = {**DEEPSPEED_AUTO, **DEEPSPEED_PRESETS[value]}
+    else:
+        path = Path(value)
+        if not path.is_file():
+            raise UserError(f"`train.deepspeed`: {value} is neither zero2, zero3 nor an existing JSON file")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"`train.deepspeed`: {value} is not valid JSON: {e}") from None
+        stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+        if stage not in (0, 1, 2, 3):
+            raise UserError(f"`train.deepspeed`: {value} needs `zero_optimization.stage` set to 0, 1, 2 or 3")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError("`train.deepspeed` needs the deepspeed package (pip install deepspeed) on a CUDA machine")
+    if not torch.cuda.is_available():
+        raise UserError("`train.deepspeed` is for GPU training; this machine has no CUDA device (drop the key on CPU)")
+    return config
+
+
+def check_schedule(recipe: Recipe) -> None:
+    t = recipe.train
+    problems = []
+    try:
+        SchedulerType(t.scheduler)
+    except ValueError:
+        names = ", ".join(s.value for s in SchedulerType)
+        problems.append(f"`train.scheduler`: unknown scheduler `{t.scheduler}` (one of: {names})")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        problems.append(f"`train.warmup_ratio`: got {t.warmup_ratio}, expected 0 <= x < 1")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        problems.append("`train.epochs` must be > 0 unless `train.max_steps` is set")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def check_setup(recipe: Recipe, dtype: torch.dtype) -> None:
+    """The training setup's problems (schedule, DeepSpeed, model/hardware combinations) before any weights load."""
+    from common.modeling import check_combination
+
+    check_schedule(recipe)
+    deepspeed_config(recipe.train.deepspeed)
+    check_combination(recipe, dtype)
+
+
+def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tqdm: bool) -> SFTConfig:
+    t, d = recipe.train, recipe.data
+    check_schedule(recipe)
+    every = recipe.evaluation.every_n_steps
+    return SFTConfig(
+        output_dir=t.output_dir,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        optim="adamw_torch",
+        adam_beta1=t.betas[0],
+        adam_beta2=t.betas[1],
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        warmup_steps=t.warmup_ratio,  # a value below 1 is a fraction of the total steps
+        lr_scheduler_type=t.scheduler,
+        seed=t.seed,
+        data_seed=t.seed,
+        # bf16 weights train under bf16 autocast (the LoRA weights stay fp32); fp16 is GPU-only.
+        bf16=dtype == torch.bfloat16,
+        use_cpu=not torch.cuda.is_available(),  # also what lets bf16 autocast run on a CPU
+        fp16=dtype == torch.float16,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=t.logging_steps,
+        logging_first_step=True,  # the loss at the start is the reference for "is it learning"
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # rotation is ours: it also protects the checkpoint a run resumed from
+        eval_strategy="steps" if has_eval and every > 0 else "no",  # train.py also evaluates once at the end
+        eval_steps=every if has_eval and every > 0 else None,
+        report_to=["tensorboard"],
+        disable_tqdm=disable_tqdm,
+        deepspeed=deepspeed_config(t.deepspeed),
+        # Our rows are final: TRL keeps input_ids/labels as they are (it tokenizes and masks only rows without
+        # input_ids/labels): no chat template, no completion/assistant masks, no EOS appended. Packing is ours
+        # (pack_rows); padding-free collation turns each row's seq_lengths into position ids that restart per sample,
+        # which keeps attention inside samples. Rows are already cut to max_length, so TRL's truncation is off.
+        max_length=None if d.pack else d.max_length,
+        packing=False,
+        padding_free=d.pack,
+        shuffle_dataset=False,  # pack_rows shuffled before packing; the sampler shuffles rows every epoch
+        completion_only_loss=False,
+        assistant_only_loss=False,
+        dataset_num_proc=None,
+        dataloader_num_workers=0,
+        use_cache=False,
+        ddp_find_unused_parameters=False,
+        save_only_model=False,
+        include_num_input_tokens_seen="no",
+    )
+
+
+class Trainer(SFTTrainer):
+    """SFTTrainer whose checkpoints appear atomically (written under .saving-N/, renamed when complete) and carry
+    recipe.yaml; rotation keeps the newest `save_total_limit` and never deletes the newest or the resumed-from one."""
+
+    def __init__(self, *args, recipe: Recipe, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self.resumed_from: str | None = None
+        self._staging: Path | None = None
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        self.resumed_from = resume_from_checkpoint
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(self.args.output_dir)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging = run_dir / f"{STAGING_PREFIX}{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            staging, self._staging = self._staging, None
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging dir
+        if self.args.should_save:
+            save_recipe(self.recipe, staging / name / RECIPE_FILE)
+            replace_dir(staging / name, run_dir / name)
+            shutil.rmtree(staging, ignore_errors=True)
+            self.rotate(run_dir)
+
+    def rotate(self, run_dir: Path) -> None:
+        limit = self.recipe.train.save_total_limit
+        if not limit or limit <= 0:
+            return
+        checkpoints = sorted(run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=checkpoint_step)
+        keep = set(checkpoints[-limit:]) | set(checkpoints[-1:])
+        if self.resumed_from:
+            keep.add(Path(self.resumed_from))
+        for path in checkpoints:
+            if path not in keep and path.resolve() not in {k.resolve() for k in keep}:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def checkpoint_step(path: Path) -> int:
+    try:
+        return int(path.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename src to dst; an existing dst is moved aside first and removed after (rename cannot replace a dir)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".old-{dst.name}-{os.getpid()}")
+        os.rename(dst, old)
+    os.rename(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _PackedRowsHint(logging.Filter):
+    """TRL warns that padding-free with batch size 1 gains nothing; our rows arrive already packed, so it does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "padding-free training" not in record.getMessage()
+
+
+logging.getLogger("trl.trainer.sft_trainer").addFilter(_PackedRowsHint())
+
+
+def build_trainer(recipe: Recipe, model, tokenizer, train_rows: list[dict], eval_rows: list[dict] | None,
+                  callbacks: list, dtype: torch.dtype, disable_tqdm: bool) -> Trainer:
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from common.callbacks import QuietProgressCallback
+
+    if not train_rows:
+        raise UserError("no training rows: every record was empty or skipped")
+    d = recipe.data
+    if d.pack:
+        train = pack_rows(train_rows, d.max_length, d.shuffle_before_pack, recipe.train.seed)
+        evals = pack_rows(eval_rows, d.max_length, False, recipe.train.seed) if eval_rows else None
+    else:
+        columns = lambda rows: {k: [r[k] for r in rows] for k in ("input_ids", "labels")}  # noqa: E731
+        train = Dataset.from_dict(columns(train_rows))
+        evals = Dataset.from_dict(columns(eval_rows)) if eval_rows else None
+    args = sft_config(recipe, dtype, has_eval=evals is not None, disable_tqdm=disable_tqdm)
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
+                      callbacks=callbacks, recipe=recipe)
+    # Our own line logs replace the Trainer's dict printing; the tqdm bar stays on a TTY.
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(QuietProgressCallback)
+    return trainer
+
+
+def pack_rows(rows: list[dict], max_length: int, shuffle: bool, seed: int):
+    """Whole samples packed best-fit-decreasing into rows of max_length (TRL's `bfd`), never cut: a cut sample
+    would train its continuation without its prompt. `seq_lengths` lists each row's samples, so the padding-free
+    collator restarts position ids per sample and attention stays inside each."""
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    order = list(range(len(rows)))
+    if shuffle:  # decides which of equally long samples share a row
+        random.Random(seed).shuffle(order)
+    data = Dataset.from_dict({"input_ids": [rows[i]["input_ids"] for i in order],
+                              "labels": [rows[i]["labels"] for i in order]})
+    return pack_dataset(data, max_length, strategy="bfd")
+
+
+def packing_efficiency(trainer: Trainer, max_length: int) -> tuple[int, int, float]:
+    """(real tokens, rows, real tokens / (rows * max_length)) of the prepared training set."""
+    data = trainer.train_dataset
+    if "seq_lengths" in data.column_names:
+        real = sum(sum(lengths) for lengths in data["seq_lengths"])
+    else:
+        real = sum(len(ids) for ids in data["input_ids"])
+    rows = len(data)
+    return real, rows, real / max(rows * max_length, 1)
+
+
+def resolve_resume(run_dir: str | Path, resume: str | None) -> str | None:
+    """--resume auto: the newest complete checkpoint of the run (None: nothing to resume, start fresh);
+    --resume PATH: that checkpoint, or the newest one inside a run directory."""
+    if resume is None:
+        return None
+    path = Path(run_dir) if resume == "auto" else Path(resume)
+    if (path / "trainer_state.json").is_file():
+        return str(path)
+    last = get_last_checkpoint(str(path)) if path.is_dir() else None
+    if last is None and resume != "auto":
+        raise UserError(f"--resume {resume}: not a checkpoint directory (no trainer_state.json) nor a run holding checkpoint-N/")
+    return last
+
+
+def prepare_run_dir(run_dir: str | Path, resuming: bool, force: bool) -> Path:
+    """Refuse to train over an earlier run unless resuming it or told to (--force starts the run over)."""
+    run_dir = Path(run_dir)
+    earlier = sorted(p.name for p in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")) + (
+        [FINAL_DIR] if (run_dir / FINAL_DIR).exists() else [])
+    if earlier and not resuming:
+        if not force:
+            raise UserError(f"{run_dir} already holds a run ({', '.join(earlier[:3])}); "
+                            "--resume auto continues it, --force starts over, or set train.output_dir")
+        shutil.rmtree(run_dir)
+    for stale in run_dir.glob(f"{STAGING_PREFIX}*"):  # a save killed half-way
+        shutil.rmtree(stale, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def save_final(trainer: Trainer, recipe: Recipe, tokenizer) -> Path:
+    """OUTPUT_DIR/final/: adapter (or full model) + tokenizer with its chat template + recipe.yaml, renamed into
+    place when complete."""
+    run_dir = Path(trainer.args.output_dir)
+    final, tmp = run_dir / FINAL_DIR, run_dir / f"{STAGING_PREFIX}{FINAL_DIR}"
+    trainer.save_model(str(tmp))  # the tokenizer rides along (processing_class); DDP-safe: rank 0 writes
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(str(tmp))
+        save_recipe(recipe, tmp / RECIPE_FILE)
+        replace_dir(tmp, final)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def set_chat_template(tokenizer, template_name: str) -> None:
+    """Saved tokenizers carry the recipe's template as Jinja, so chat/merge render prompts exactly as training did."""
+    from common.templates import TEMPLATES, to_jinja
+
+    if template_name in TEMPLATES:
+        tokenizer.chat_template = to_jinja(TEMPLATES[template_name])

@@ -1,0 +1,437 @@
+"""train.py end to end on a 2-layer random llama (LoRA, QLoRA, full), packing, eval prompts, checkpoints, resume,
+Ctrl-C, DDP, bad combinations; and SmolLM2-135M learning for a few steps."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+from common.templates import IGNORE  # noqa: E402
+
+SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
+PROMPTS = ["最近工作压力很大，晚上总是睡不着，怎么办？", "我和父母总是吵架，觉得他们不理解我。"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """Eight counselling conversations: enough rows for a few steps, fast to encode."""
+    records = json.loads((ROOT / "data" / "psych_sample.json").read_text(encoding="utf-8"))[:8]
+    path = tmp_path_factory.mktemp("data") / "sample.json"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def write_recipe(tmp_path: Path, model_dir, data_file, name="recipe", **sections) -> Path:
+    recipe = {
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"path": str(data_file), "template": "qwen_chat", "max_length": 128},
+        "train": {"output_dir": str(tmp_path / name), "batch_size": 2, "max_steps": 4, "lr": 1e-3, "save_steps": 2,
+                  "save_total_limit": 2, "logging_steps": 1, "warmup_ratio": 0.0},
+        "evaluation": {"every_n_steps": 3, "prompts": PROMPTS[:1], "max_new_tokens": 6, "temperature": 0.7},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(_merge(recipe, sections), allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def run(*argv) -> int:
+    try:
+        return train.main([str(a) for a in argv])
+    except SystemExit as e:  # main_guard: UserError -> exit 2
+        return e.code
+
+
+def adapter_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+# ---------------------------------------------------------------- end to end: LoRA, QLoRA, full
+
+
+def test_lora_run_writes_a_self_describing_run_dir(tmp_path, monkeypatch, tiny_model_dir, data_file, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.templates import TEMPLATES, to_jinja
+
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, data={"eval_fraction": 0.25})
+    assert run(recipe) == 0
+    out = tmp_path / "recipe"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    ckpt = {p.name for p in (out / "checkpoint-4").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+            "recipe.yaml", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= ckpt
+    final = out / "final"
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "recipe.yaml"} <= {p.name for p in final.iterdir()}
+    tok = AutoTokenizer.from_pretrained(final)
+    assert tok.chat_template == to_jinja(TEMPLATES["qwen_chat"])  # named template exported for chat/merge
+    assert yaml.safe_load((final / "recipe.yaml").read_text())["data"]["template"] == "qwen_chat"
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final)  # loads as PEFT
+    assert (tmp_path / "work_dirs" / "latest").resolve() == out.resolve()
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"} <= set(train_rows[0])
+    assert any("eval_loss" in r for r in rows)  # eval_fraction gave an eval set, evaluated at step 3 and the end
+    assert (out / "loss.png").stat().st_size > 1000
+    assert list((out / "runs").rglob("events.out.tfevents.*"))
+    # before training, every_n_steps (3), each save (2, 4) and the end (4, already written)
+    assert sorted(p.name for p in (out / "eval_outputs").iterdir()) == ["step_0.txt", "step_2.txt", "step_3.txt", "step_4.txt"]
+    assert PROMPTS[0] in (out / "eval_outputs" / "step_4.txt").read_text(encoding="utf-8")
+    log = (out / "train.log").read_text(encoding="utf-8")
+    assert "trainable parameters:" in log and "packing efficiency" in log and "effective batch size: 2 x 1" in log
+    assert "step 4/4" in log
+    # not a TTY here: plain timestamped lines on stdout
+    assert any(line.startswith("[20") and "step 2/4" in line for line in capsys.readouterr().out.splitlines())
+
+
+def test_qlora_4bit_trains_on_cpu(tmp_path, monkeypatch, tiny_model_dir, data_file):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, model={"quantization": "4bit"}, lora={"use_dora": True},
+                          train={"max_steps": 2, "save_steps": 10, "gradient_checkpointing": True},
+                          evaluation={"prompts": PROMPTS[:1], "every_n_steps": 1})
+    assert run(recipe) == 0
+    final = tmp_path / "recipe" / "final"
+    tensors = adapter_tensors(final)
+    assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["use_dora"]
+    assert any("lora_magnitude_vector" in name for name in tensors)
+    assert "packing efficiency" in (tmp_path / "recipe" / "train.log").read_text()
+
+
+def test_8bit_with_rslora_and_bias(tmp_path, monkeypatch, tiny_model_dir, data_file):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, model={"quantization": "8bit"},
+                          lora={"use_rslora": True, "bias": "lora_only", "target_modules": ["q_proj", "v_proj"]},
+                          train={"max_steps": 2, "save_steps": 10}, evaluation={"prompts": []})
+    assert run(recipe) == 0
+    final = tmp_path / "recipe" / "final"
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["use_rslora"] and not config["use_dora"] and config["bias"] == "lora_only"
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert not any("mlp" in name for name in adapter_tensors(final))
+
+
+def test_full_finetune_saves_a_whole_model(tmp_path, monkeypatch, tiny_model_dir, data_file):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, lora=None, data={"template": "tokenizer"},
+                          train={"max_steps": 2, "save_steps": 2}, evaluation={"prompts": []})
+    assert run(recipe) == 0
+    final = tmp_path / "recipe" / "final"
+    assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
+    assert not (final / "adapter_config.json").exists()
+    assert (tmp_path / "recipe" / "checkpoint-2" / "model.safetensors").is_file()
+    tuned = AutoModelForCausalLM.from_pretrained(final)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_dry_run_and_dump_stop_before_loading_weights(tmp_path, monkeypatch, tiny_model_dir, data_file, capsys):
+    import common.modeling
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(common.modeling, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file)
+    assert run(recipe, "--dry-run", "data.max_length=64") == 0
+    assert "max_length 64" in capsys.readouterr().out
+    assert run(recipe, "--dump-dataset", tmp_path / "rows.jsonl") == 0
+    first = json.loads((tmp_path / "rows.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"input_ids", "labels"}
+    assert not (tmp_path / "recipe").exists()
+    assert run(recipe, "--dump-dataset", tmp_path / "rows.jsonl") == 2  # exists: not replaced without --force
+    assert "--force" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- packing
+
+
+def test_packed_loss_is_the_token_weighted_mean_of_sample_losses(tmp_path, tiny_model_dir, tokenizer, data_file):
+    """Through SFTTrainer's own collator and loss: no attention crosses samples, labels arrive unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from common.recipe import load_recipe
+    from common.training import build_trainer
+
+    torch.manual_seed(0)
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir, data_file, lora=None,
+                                      data={"max_length": 96, "shuffle_before_pack": False}))
+    samples = []
+    for n in (30, 41, 35, 20):  # rows of 96: best fit puts 41 + 35 + 20 in row 1 and 30 in row 2, none cut
+        ids = torch.randint(10, len(tokenizer), (n,)).tolist()
+        samples.append({"input_ids": ids, "labels": [IGNORE] * 7 + ids[7:]})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trainer = build_trainer(recipe, model, tokenizer, samples, None, [], torch.float32, disable_tqdm=True)
+    data = trainer.train_dataset
+    assert sorted(map(sorted, data["seq_lengths"])) == [[20, 35, 41], [30]]
+    row = max(range(len(data)), key=lambda i: len(data["seq_lengths"][i]))
+    lengths, ids, labels = data["seq_lengths"][row], data["input_ids"][row], data["labels"][row]
+    pieces, start = [], 0
+    for n in lengths:  # every piece is one whole sample, labels unchanged
+        piece = (ids[start:start + n], labels[start:start + n])
+        assert {"input_ids": piece[0], "labels": piece[1]} in samples
+        pieces.append(piece)
+        start += n
+
+    batch = trainer.data_collator([data[row]])
+    assert "attention_mask" not in batch
+    assert batch["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    model.eval()
+    with torch.no_grad():
+        packed = trainer.compute_loss(model, dict(batch)).item()
+        losses, counts = [], []
+        for ids, labels in pieces:
+            out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]), use_cache=False)
+            losses.append(out.loss.item())
+            counts.append(sum(label != IGNORE for label in labels[1:]))  # the model shifts labels by one
+        expected = sum(loss * n for loss, n in zip(losses, counts)) / sum(counts)
+        assert abs(packed - expected) < 1e-4
+        # Sensitivity: the same row as one running sequence (attention across samples) gives another loss.
+        crossed = dict(batch, position_ids=torch.arange(96)[None])
+        assert abs(trainer.compute_loss(model, crossed).item() - expected) > 1e-3
+
+
+def test_packing_efficiency_on_psych_sample_at_512():
+    """With the demo model's tokenizer, as the demo trains: whole samples, >= 97% of the slots filled."""
+    from transformers import AutoTokenizer
+
+    from common.data import encode_conversations, load_conversations, packing_stats
+    from common.training import pack_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
+    conversations = load_conversations([str(ROOT / "data" / "psych_sample.json")])
+    rows, _ = encode_conversations(conversations, tokenizer, "tokenizer", 512, "split")
+    packed = pack_rows(rows, 512, shuffle=True, seed=0)
+    real = sum(len(r["input_ids"]) for r in rows)
+    assert sum(sum(r["seq_lengths"]) for r in packed) == real and all(len(r["input_ids"]) <= 512 for r in packed)
+    assert sorted(n for r in packed for n in r["seq_lengths"]) == sorted(len(r["input_ids"]) for r in rows)
+    assert real / (len(packed) * 512) >= 0.97
+    assert packing_stats(rows, 512) == (len(packed), real / (len(packed) * 512))  # --dry-run reports the same
+
+
+# ---------------------------------------------------------------- evaluation prompts
+
+
+def test_eval_callback_writes_answers_and_restores_state(tmp_path, tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from common.callbacks import EvalPromptsCallback, RunLog
+    from common.recipe import EvaluationConfig
+    from common.templates import get_template
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable()
+    model.train()
+    cfg = EvaluationConfig(prompts=PROMPTS, max_new_tokens=5, temperature=0.8)
+    callback = EvalPromptsCallback(tokenizer, get_template("qwen_chat"), cfg, "你是心理咨询师。", tmp_path, RunLog(tmp_path))
+    state = torch.random.get_rng_state()
+    out = callback.generate(model, 7)
+    assert out == tmp_path / "eval_outputs" / "step_7.txt"
+    text = out.read_text(encoding="utf-8")
+    assert all(p in text for p in PROMPTS) and text.count("### Answer") == 2
+    assert model.training and model.config.use_cache is False and model.is_gradient_checkpointing
+    assert torch.equal(torch.random.get_rng_state(), state)  # sampling did not move the training RNG
+    assert callback.generate(model, 7) is None  # once per step
+    assert "step 7" in (tmp_path / "train.log").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------- checkpoints, resume, interruption
+
+
+class Killed(Exception):
+    pass
+
+
+def test_rotation_keeps_the_newest_and_the_resumed_from(tmp_path, monkeypatch, tiny_model_dir, data_file):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, train={"max_steps": 5, "save_steps": 1, "save_total_limit": 2},
+                          evaluation={"prompts": []})
+    assert run(recipe) == 0
+    out = tmp_path / "recipe"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    assert not list(out.glob(".saving-*"))
+    # Resume from checkpoint-4 with a limit of 1: the run's new checkpoints rotate, checkpoint-4 stays.
+    assert run(recipe, "train.max_steps=7", "train.save_total_limit=1", "--resume", out / "checkpoint-4") == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-7"]
+
+
+def test_resume_after_kills_matches_an_uninterrupted_run(tmp_path, monkeypatch, tiny_model_dir, data_file):
+    """Killed after checkpoint-4, then killed half-way through writing checkpoint-6: the half-written save is
+    invisible, resume picks checkpoint-4, and the final adapter equals the uninterrupted run's (dropout and
+    sampled eval answers included: the RNG state travels with the checkpoint)."""
+    from common.callbacks import MetricsCallback
+    from common.training import Trainer
+
+    monkeypatch.chdir(tmp_path)
+    same = dict(train={"max_steps": 6, "save_steps": 2, "save_total_limit": 3},
+                evaluation={"prompts": PROMPTS[:1], "every_n_steps": 1})
+    assert run(write_recipe(tmp_path, tiny_model_dir, data_file, name="whole", **same)) == 0
+    killed = write_recipe(tmp_path, tiny_model_dir, data_file, name="killed", **same)
+    out = tmp_path / "killed"
+
+    real_on_save = MetricsCallback.on_save
+
+    def die_after_checkpoint_4(self, args, state, control, **kwargs):
+        real_on_save(self, args, state, control, **kwargs)
+        if state.global_step == 4:
+            raise Killed
+
+    real_rng = Trainer._save_rng_state
+
+    def die_mid_save(self, output_dir):
+        if self.state.global_step == 6:
+            raise Killed
+        real_rng(self, output_dir)
+
+    with monkeypatch.context() as m:
+        m.setattr(MetricsCallback, "on_save", die_after_checkpoint_4)
+        with pytest.raises(Killed):
+            run(killed)
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_save_rng_state", die_mid_save)
+        with pytest.raises(Killed):
+            run(killed, "--resume", "auto")
+    assert (out / ".saving-6").is_dir() and not (out / "checkpoint-6").exists()
+    assert run(killed, "--resume", "auto") == 0
+    assert "resuming from" in (out / "train.log").read_text() and not (out / ".saving-6").exists()
+
+    expected, got = adapter_tensors(tmp_path / "whole" / "final"), adapter_tensors(out / "final")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-5, rtol=0), name
+    assert not torch.allclose(expected[name], torch.zeros_like(expected[name]))
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, tiny_model_dir, data_file):
+    from common.callbacks import InterruptCallback
+
+    monkeypatch.chdir(tmp_path)
+    real = InterruptCallback.on_step_end
+
+    def ctrl_c_during_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered to the handler before the check below
+        return real(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(InterruptCallback, "on_step_end", ctrl_c_during_step_3)
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, train={"max_steps": 10, "save_steps": 100},
+                          evaluation={"prompts": []})
+    assert run(recipe) == 130
+    out = tmp_path / "recipe"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    assert not (out / "final").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert "--resume auto" in (out / "train.log").read_text()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lora=null", "model.quantization=4bit"], "quantization"),
+    (["model.dtype=float16"], "float16` needs a GPU"),
+    (["model.quantization=8bit", "lora.use_dora=true"], "use 4bit or drop DoRA"),
+    (["train.deepspeed=zero2"], "train.deepspeed"),
+    (["train.deepspeed=nope.json"], "neither zero2, zero3 nor an existing JSON file"),
+    (["train.scheduler=cosine_sometimes"], "unknown scheduler"),
+    (["train.warmup_ratio=1.5"], "warmup_ratio"),
+    (["--resume", "no/such/dir"], "--resume no/such/dir"),
+    (["model.path=/no/such/model"], "model.path"),
+])
+def test_bad_combinations_fail_with_one_clear_line(tmp_path, monkeypatch, tiny_model_dir, data_file, capsys,
+                                                   overrides, message):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file)
+    assert run(recipe, *overrides) == 2
+    err = capsys.readouterr().err
+    assert any(line.startswith("error: ") for line in err.splitlines()) and message in err and "Traceback" not in err
+
+
+def test_an_earlier_run_is_not_overwritten(tmp_path, monkeypatch, tiny_model_dir, data_file, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipe" / "final").mkdir(parents=True)
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file)
+    assert run(recipe) == 2
+    assert "--resume auto continues it, --force starts over" in capsys.readouterr().err
+
+
+def test_deepspeed_json_is_validated(tmp_path):
+    from common.cli import UserError
+    from common.training import deepspeed_config
+
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 7}}')
+    with pytest.raises(UserError, match="zero_optimization.stage"):
+        deepspeed_config(str(bad))
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        deepspeed_config(str(bad))
+
+
+# ---------------------------------------------------------------- distributed and the real model
+
+
+def test_ddp_two_processes_on_cpu(tmp_path, tiny_model_dir, data_file):
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, train={"max_steps": 3, "save_steps": 2},
+                          evaluation={"prompts": PROMPTS[:1], "every_n_steps": 100})
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), str(recipe)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    finally:  # a hung rendezvous must not leave workers behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output[-3000:]
+    out = tmp_path / "recipe"
+    log = (out / "train.log").read_text()
+    assert "x 2 process(es)" in log
+    assert log.count("step 3/3") == 1  # only the main process writes
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert steps == [1, 2, 3]
+    assert (out / "final" / "adapter_model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
+    assert sorted(p.name for p in (out / "eval_outputs").iterdir()) == ["step_0.txt", "step_2.txt", "step_3.txt"]
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make demo-model` first")
+def test_smollm2_loss_falls(tmp_path, monkeypatch, data_file):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, SMOLLM2, data_file, model={"dtype": "bfloat16"}, lora={"r": 8, "alpha": 16, "dropout": 0.0},
+                          data={"template": "tokenizer", "max_length": 256},
+                          train={"batch_size": 1, "max_steps": 8, "lr": 1e-3, "save_steps": 100},
+                          evaluation={"prompts": PROMPTS[:1], "max_new_tokens": 8, "every_n_steps": 100})
+    assert run(recipe) == 0
+    rows = [json.loads(line) for line in (tmp_path / "recipe" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 8
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses

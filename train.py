@@ -1,0 +1,125 @@
+"""Fine-tune a chat model from a YAML recipe: LoRA, QLoRA or full SFT on TRL's SFTTrainer.
+
+    python train.py RECIPE [section.key=value ...] [--dry-run] [--dump-dataset OUT.jsonl] [--resume auto|PATH] [--force]
+    torchrun --nproc_per_node 2 train.py RECIPE        data-parallel (gloo on CPU, NCCL on GPU)
+    accelerate launch --multi_gpu --num_processes 2 train.py RECIPE      the same through accelerate (CPU too)
+
+Writes OUTPUT_DIR (train.output_dir): recipe.yaml, train.log, metrics.jsonl, loss.png, runs/ (TensorBoard),
+eval_outputs/step_N.txt, checkpoint-N/ and final/ (adapter or model + tokenizer + recipe.yaml); work_dirs/latest
+points at it. Ctrl-C saves a checkpoint and exits 130; `--resume auto` continues from the newest checkpoint.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from common.cli import UserError, main_guard
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.max_length=1024 train.lr=1e-4 lora=null")
+    p.add_argument("--dry-run", action="store_true", help="encode the data, print statistics and a sample, and stop")
+    p.add_argument("--dump-dataset", metavar="OUT.jsonl", help="write the encoded training rows and stop")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue the run: `auto` = its newest checkpoint")
+    p.add_argument("--force", action="store_true", help="start over in an OUTPUT_DIR that holds an earlier run")
+    args = p.parse_intermixed_args(argv)  # overrides may follow the flags
+    if args.force and args.resume:
+        p.error("--force starts the run over and --resume continues it: pick one")
+    return args
+
+
+def summary(recipe, trainer, dtype, stats: dict, packing: tuple, resume) -> str:
+    from common.modeling import parameter_counts
+
+    trainable, total = parameter_counts(trainer.model)
+    m, t, d = recipe.model, recipe.train, recipe.data
+    kind = "full fine-tuning" if recipe.lora is None else (
+        f"{'QLoRA' if m.quantization else 'LoRA'} r={recipe.lora.r} alpha={recipe.lora.alpha} on {recipe.lora.target_modules}")
+    world = trainer.args.world_size
+    real, rows, efficiency = packing
+    lines = [f"model: {m.path} ({str(dtype).replace('torch.', '')}{', ' + m.quantization if m.quantization else ''}), {kind}",
+             f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
+             "dataset: " + ", ".join(f"{k}={v}" for k, v in stats.items() if not k.startswith("pack")),
+             f"{'packed' if d.pack else 'unpacked'}: {real:,} tokens in {rows:,} rows of {d.max_length}, "
+             f"packing efficiency {100 * efficiency:.1f}%",
+             f"effective batch size: {t.batch_size} x {t.grad_accum} accumulation x {world} process(es) = "
+             f"{t.batch_size * t.grad_accum * world} rows/step",
+             f"schedule: {'max_steps ' + str(t.max_steps) if t.max_steps > 0 else f'{t.epochs} epoch(s)'}, lr {t.lr}, "
+             f"{t.scheduler} after {t.warmup_ratio:.0%} warmup, save every {t.save_steps} (keep {t.save_total_limit})"]
+    if resume:
+        lines.append(f"resuming from {resume}")
+    return "\n".join(lines)
+
+
+@main_guard
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import datasets
+
+    from common import data
+
+    datasets.disable_progress_bars()  # per-map bars drown the run's own log lines
+    from common.modeling import load_tokenizer
+    from common.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    tokenizer = load_tokenizer(recipe)
+    train_rows, eval_rows, stats = data.build_datasets(recipe, tokenizer)
+    if args.dry_run:
+        data.print_dry_run(recipe, tokenizer, train_rows, stats)
+        return 0
+    if args.dump_dataset:
+        if Path(args.dump_dataset).exists() and not args.force:
+            raise UserError(f"{args.dump_dataset} exists; pass --force to replace it")
+        data.dump_dataset(train_rows, args.dump_dataset)
+        return 0
+
+    from transformers import set_seed
+
+    from common.callbacks import EvalPromptsCallback, InterruptCallback, MetricsCallback, RunLog, is_main_process
+    from common.modeling import load_model, resolve_dtype
+    from common.recipe import save_recipe
+    from common.rundir import RECIPE_FILE, set_latest
+    from common.templates import get_template
+    from common.training import build_trainer, check_setup, packing_efficiency, prepare_run_dir, resolve_resume, save_final, set_chat_template
+
+    dtype = resolve_dtype(recipe)
+    check_setup(recipe, dtype)
+    run_dir = Path(recipe.train.output_dir)
+    if is_main_process():
+        prepare_run_dir(run_dir, resuming=args.resume is not None, force=args.force)
+        save_recipe(recipe, run_dir / RECIPE_FILE)
+    resume = resolve_resume(run_dir, args.resume)
+    log = RunLog(run_dir)
+    set_seed(recipe.train.seed)  # LoRA's random init comes before the Trainer seeds anything
+    model = load_model(recipe, dtype)
+    set_chat_template(tokenizer, recipe.data.template)
+    interrupt = InterruptCallback(log)
+    callbacks = [MetricsCallback(run_dir, log), interrupt,
+                 EvalPromptsCallback(tokenizer, get_template(recipe.data.template), recipe.evaluation,
+                                     recipe.evaluation.system or recipe.data.system, run_dir, log)]
+    trainer = build_trainer(recipe, model, tokenizer, train_rows, eval_rows, callbacks, dtype,
+                            disable_tqdm=not sys.stderr.isatty())
+    packing = packing_efficiency(trainer, recipe.data.max_length)
+    log(summary(recipe, trainer, dtype, stats, packing, resume))
+
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        interrupt.restore_handlers()
+    if interrupt.signal:
+        log(f"stopped at step {trainer.state.global_step}; continue with: python train.py {args.recipe} "
+            f"{' '.join(args.overrides)} --resume auto".replace("  ", " "))
+        return interrupt.exit_code
+    if eval_rows:
+        trainer.evaluate()
+    final = save_final(trainer, recipe, tokenizer)
+    if is_main_process():
+        set_latest(run_dir)
+    log(f"done: {trainer.state.global_step} steps; final adapter/model in {final}; metrics in {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
