@@ -1,6 +1,8 @@
 """Shared fixtures: a byte-level BPE tokenizer trained in-process on the project's data, and a tiny llama."""
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -11,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # Encoded-dataset caches of the tests stay out of the user's HF cache (set before `datasets` is imported).
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="sft-test-cache-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
