@@ -194,9 +194,10 @@ class StopWordStream(StoppingCriteria):
             self._show(len(self.text) - self._unresolved_tail())
 
     def finish(self) -> None:
-        """Generation ended without a stop word (EOS or max-new-tokens): the held-back tail is plain text."""
+        """Generation ended without a stop word (EOS or max-new-tokens): the held-back tail is plain text, except
+        half a character cut off by max-new-tokens, which would print as U+FFFD."""
         if not self.stopped:
-            self._show(len(self.text))
+            self._show(len(self.text.rstrip("\ufffd")))
 
     @property
     def answer(self) -> str:

@@ -329,3 +329,13 @@ def test_latest_run_prefers_merged_and_answers_as_the_adapter_does(run_dir, toke
     assert generation.resolve_model(str(run), None).model == merged  # a run directory as MODEL
     code2, from_merged, _ = run_main(monkeypatch, capsys, ["--once", "我最近很焦虑", "--max-new-tokens", "8"])
     assert code == code2 == 0 and from_merged == from_adapter and from_merged.strip()
+
+
+def test_half_a_character_cut_by_max_new_tokens_is_not_printed(tokenizer):
+    ids = tokenizer.encode("你好🙂", add_special_tokens=False)
+    cut = next(n for n in range(len(ids), 0, -1) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
+    chunks = []
+    stream = generation.StopWordStream(tokenizer, 0, [], {tokenizer.eos_token_id}, chunks.append)
+    stream.feed(ids[:cut])
+    stream.finish()  # generation ended here (max-new-tokens), mid-character
+    assert "\ufffd" not in "".join(chunks) and "".join(chunks) == tokenizer.decode(ids[:cut]).rstrip("\ufffd")
