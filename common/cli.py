@@ -1,6 +1,10 @@
 """What every script shares at its edges: one-line errors with exit status 2, never a traceback."""
+import logging
 import sys
 from functools import wraps
+
+# PEFT imports bitsandbytes, which warns on every CPU start about an optional kernel package it can do without.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 class UserError(Exception):

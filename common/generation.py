@@ -5,7 +5,6 @@ the REPL around it (multi-line input, commands, plain output when piped).
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -21,8 +20,6 @@ from common.cli import UserError
 from common.recipe import EvaluationConfig, ModelConfig, Recipe, from_dict
 from common.templates import SYSTEM_TEMPLATES, Template, Turn, encode_turns, get_template, stop_words
 
-# PEFT imports bitsandbytes, which warns on CPU about an optional kernel package: noise in a chat's stderr.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 MAX_LENGTH_CAP = 4096  # without a recipe: max_position_embeddings can be 128k, which CPU chat never needs
 
