@@ -7,11 +7,8 @@
 Memory stays near one output shard plus the adapter (XTuner's `convert merge` loads the whole model).
 """
 import argparse
-import os
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -70,18 +67,6 @@ def print_verify(report: dict, out: Path) -> bool:
     return report["ok"]
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temp dir to OUT. With --force, the old OUT is moved aside first and removed last,
-    so an interruption never leaves the user with neither."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)
-
-
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
@@ -99,10 +84,7 @@ def main(argv=None):
     base_dir = merging.resolve_base(base_arg or merging.base_model_path(adapter_dir))
     if not (base_dir / "config.json").is_file():
         raise UserError(f"{base_dir}: no config.json; BASE must be a Hugging Face model directory")
-    if out.exists() and not args.force:
-        raise UserError(f"{out}: already exists; pass --force to replace it")
-    if any(out.resolve() == p or out.resolve() in p.parents for p in (adapter_dir.resolve(), base_dir.resolve())):
-        raise UserError(f"{out}: OUT would replace the adapter or the base; choose another directory")
+    rundir.check_output(out, [adapter_dir, base_dir], args.force)
 
     quantization = merging.quantized_training(adapter_dir)
     if quantization:
@@ -120,9 +102,7 @@ def main(argv=None):
     elif plan.skipped_tied:
         print(f"tied weights stay tied: {', '.join(plan.skipped_tied)} is not written (transformers re-ties it on load)")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # same filesystem: rename is atomic
-    try:
+    with rundir.atomic_dir(out) as tmp:  # a failed or interrupted merge leaves OUT as it was
         start = time.time()
         shards = merging.write_shards(plan, tmp, max_shard_size)
         seconds = time.time() - start
@@ -132,10 +112,7 @@ def main(argv=None):
         print(f"{len(shards)} shard(s), {sum(s for _, s in shards) / 1e6:.1f} MB (limit {max_shard_size / 1e6:.1f} MB per shard), "
               f"merged in {seconds:.1f}s, process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
         if args.verify and not print_verify(merging.verify(plan, tmp, device), out):
-            return 1
-        publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            raise SystemExit(1)
     print(f"wrote {out}")
     return 0
 

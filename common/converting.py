@@ -12,12 +12,10 @@ from __future__ import annotations
 import ast
 import json
 import math
-import os
 import re
 import shutil
 import sys
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -499,37 +497,6 @@ def copy_recipe(out: Path, ckpt: Checkpoint) -> None:
 
 def default_output(src: Path) -> Path:
     return src.resolve().parent / OUTPUT_NAME
-
-
-def check_output(dst: Path, src: Path, force: bool) -> None:
-    """Refuse before any work: an existing output without --force, or an output that would replace the source."""
-    d, s = dst.resolve(), src.resolve()
-    if d == s or d in s.parents:
-        raise UserError(f"{dst}: the output would replace the source {src}; choose another DST")
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise UserError(f"{dst}: already exists; pass --force to replace it, or choose another DST")
-
-
-@contextmanager
-def atomic_dir(dst: Path):
-    """Yield a temp dir next to dst; on success it becomes dst (replacing an old one), on failure it is removed."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    if dst.exists() or dst.is_symlink():
-        os.rename(dst, old)
-    os.rename(tmp, dst)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    elif old.exists() or old.is_symlink():
-        old.unlink()
 
 
 def verify(out: Path, base: str | None, is_adapter: bool) -> str:

@@ -728,7 +728,7 @@ def test_existing_output_needs_force_and_source_is_never_the_output(tmp_path, ba
     code, out, err = run([src, dst, "--base", base, "--force"], capsys)
     assert code == 0 and not (dst / "mine.txt").exists() and (dst / "adapter_model.safetensors").is_file()
     code, out, err = run([tmp_path, tmp_path, "--force"], capsys)
-    assert code == 2 and "would replace the source" in err
+    assert code == 2 and "would replace the input" in err
 
 
 def test_cli_refusal_exits_2_without_traceback(tmp_path):

@@ -269,8 +269,8 @@ def test_mismatched_base_lists_modules_and_shapes(tmp_path, base, capsys):
     (["{base}", "{tmp}/missing", "{tmp}/out"], "adapter directory not found"),
     (["{tmp}/nowhere", "{adapter}", "{tmp}/out"], "base model directory not found"),
     (["{base}", "{adapter}", "{tmp}/out", "--max-shard-size", "2GiB"], "--max-shard-size"),
-    (["{base}", "{adapter}", "{adapter}", "--force"], "would replace the adapter"),
-    (["{base}", "{adapter}", "{base}"], "already exists"),
+    (["{base}", "{adapter}", "{adapter}", "--force"], "would replace the input"),
+    (["{base}", "{adapter}", "{base}"], "would replace the input"),
     (["{base}", "{tmp}", "{tmp}/out"], "not a PEFT adapter directory"),
 ])
 def test_bad_inputs_exit_2_with_one_clear_line(tmp_path, base, capsys, args, message):
