@@ -3,6 +3,7 @@ with rotation, resume, the final self-describing output directory, DeepSpeed con
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from common.cli import UserError
 from common.recipe import Recipe, save_recipe
-from common.rundir import FINAL_DIR, RECIPE_FILE
+from common.rundir import FINAL_DIR, RECIPE_FILE, replace_dir
 
 STAGING_PREFIX = ".saving-"  # never matches `checkpoint-*`, so resume and rotation ignore half-written saves
 
@@ -146,6 +147,35 @@ class Trainer(SFTTrainer):
         self.recipe = recipe
         self.resumed_from: str | None = None
         self._staging: Path | None = None
+        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        # TRL's fused head scores only labelled positions, in tiles, on CUDA/XPU (Triton); elsewhere it projects
+        # every position through the LM head and adds entropy and accuracy over the full vocabulary.
+        self.labelled_head = (self.args.device.type not in ("cuda", "xpu")
+                              and "logits_to_keep" in inspect.signature(causal_lm.forward).parameters)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Cross-entropy computed only at the positions that carry a label. In SFT most positions are prompt, so this
+        skips most of the LM head's matmul and softmax (on SmolLM2 the head is a fifth of the model's FLOPs); the
+        loss is the same sum over labelled tokens divided by the same count."""
+        if return_outputs or not self.labelled_head or self.compute_loss_func is not None or self.label_smoother:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != -100  # position i predicts token i + 1
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (labelled positions, vocab)
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                                 labels[:, 1:][keep[:, :-1]], reduction="sum")
+        count = keep.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer: DDP averages, num_items counts every rank
+        if self.model.training:  # the tokens-fed counter that metrics.jsonl turns into tokens/s
+            ids = inputs["input_ids"]
+            fed = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(ids.numel())
+            self._total_train_tokens += self.accelerator.gather_for_metrics(fed.to(ids.device)).sum().item()
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return loss
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         self.resumed_from = resume_from_checkpoint
@@ -187,17 +217,6 @@ def checkpoint_step(path: Path) -> int:
         return int(path.name.rsplit("-", 1)[1])
     except (IndexError, ValueError):
         return -1
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename src to dst; an existing dst is moved aside first and removed after (rename cannot replace a dir)."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".old-{dst.name}-{os.getpid()}")
-        os.rename(dst, old)
-    os.rename(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class _PackedRowsHint(logging.Filter):

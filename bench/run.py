@@ -1,0 +1,205 @@
+"""Side-by-side performance figures on this machine: each measured against a baseline in the same run, interleaved
+(A B A B, 3 rounds), medians and ratios. Prints a table and writes bench/results.json.
+
+    python bench/run.py                 # all five (~15 minutes on 2 cores)
+    python bench/run.py --only training,chat
+    python bench/run.py --quick         # everything shrunk (tiny steps, one round): checks that the benches run
+
+1 training   train.py vs a plain TRL SFTTrainer script (bench/trl_baseline.py), and train.py with one default reverted
+2 packing    packing efficiency and padding share of the packed rows of both
+3 dataprep   records/s to encode the conversations, cold vs from the cache (bench/dataprep.py)
+4 merge      merge.py vs PEFT merge_and_unload + save_pretrained, peak RSS and time (bench/merge_memory.py)
+5 chat       chat.py's generation path vs bare model.generate (bench/chat_latency.py)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ITEMS = ("training", "dataprep", "merge", "chat")  # packing comes with training: same rows
+BASELINE = "TRL SFTTrainer (plain script)"
+TARGETS = {"training_ratio": 2.0, "ceiling_share": 0.5, "packing": 0.97, "cached_seconds": 2.0,
+           "merge_rss_ratio": 0.5, "chat_overhead": 0.05}
+
+
+def matmul_gflops(dtype_name: str, n: int = 2048, reps: int = 5) -> float:
+    """Median GFLOP/s of an n x n matmul on this machine, now (it is shared: the ceiling moves with the load)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def model_params() -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.training import MODEL
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL))
+    return sum(p.numel() for p in model.parameters())  # tied embeddings count once
+
+
+def ceiling(params: int) -> dict:
+    """LoRA training ~ 4 x params FLOPs per token (forward, backward through the activations only)."""
+    out = {"params": params}
+    for name in ("float32", "bfloat16"):
+        gflops = matmul_gflops(name)
+        out[name] = {"matmul_gflops": round(gflops, 1), "tokens_per_s": round(gflops * 1e9 / (4 * params), 1)}
+    return out
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def summarise(results: dict) -> list[dict]:
+    """One row per figure: what, ours, baseline, ratio, target, met."""
+    rows = []
+    if "training" in results:
+        t = results["training"]["runs"]
+        ours, base = t["train.py"], t[BASELINE]
+        share = ours["tokens_per_s"] / results["ceiling"]["bfloat16"]["tokens_per_s"]
+        results["training"]["ceiling_share"] = round(share, 3)
+        rows += [
+            {"item": "1 training: trained (labelled) tokens/s", "ours": ours["trained_tokens_per_s"],
+             "baseline": base["trained_tokens_per_s"], "ratio": ours["ratio_trained_tokens_per_s"],
+             "target": f">= {TARGETS['training_ratio']}x",
+             "met": verdict(ours["ratio_trained_tokens_per_s"] >= TARGETS["training_ratio"])},
+            {"item": "1 training: all tokens/s", "ours": ours["tokens_per_s"], "baseline": base["tokens_per_s"],
+             "ratio": ours["ratio_tokens_per_s"], "target": "", "met": ""},
+            {"item": "1 training: share of the bf16 matmul ceiling", "ours": round(share, 3), "baseline": "",
+             "ratio": "", "target": f"> {TARGETS['ceiling_share']}", "met": verdict(share > TARGETS["ceiling_share"])},
+            {"item": "1 training: trained tokens per step", "ours": ours["trained_tokens_per_step"],
+             "baseline": base["trained_tokens_per_step"], "ratio": "", "target": "", "met": ""},
+            {"item": "1 training: peak RSS MB", "ours": ours["peak_rss_mb"], "baseline": base["peak_rss_mb"],
+             "ratio": ours["ratio_peak_rss"], "target": "", "met": ""},
+            {"item": "2 packing: efficiency (padding share)",
+             "ours": f"{ours['packing_efficiency']:.4f} ({1 - ours['packing_efficiency']:.2%})",
+             "baseline": f"{base['packing_efficiency']:.4f} ({1 - base['packing_efficiency']:.2%})", "ratio": "",
+             "target": f">= {TARGETS['packing']}", "met": verdict(ours["packing_efficiency"] >= TARGETS["packing"])},
+            {"item": "2 packing: tokens in the packed rows (one epoch)", "ours": ours["packed_tokens"],
+             "baseline": base["packed_tokens"], "ratio": round(ours["packed_tokens"] / base["packed_tokens"], 2),
+             "target": "", "met": ""},
+        ]
+    if "dataprep" in results:
+        d = results["dataprep"]
+        rows += [
+            {"item": f"3 data prep: records/s ({d['records']} conversations)", "ours": d["cached_records_per_s"],
+             "baseline": d["cold_records_per_s"], "ratio": d["speedup_cached"], "target": "", "met": ""},
+            {"item": "3 data prep: cached re-run seconds", "ours": d["median_cached_seconds"],
+             "baseline": d["median_cold_seconds"], "ratio": "", "target": f"< {TARGETS['cached_seconds']} s",
+             "met": verdict(d["median_cached_seconds"] < TARGETS["cached_seconds"])},
+        ]
+    if "merge" in results:
+        m = results["merge"]
+        s, p = m["streaming"], m["peft"]
+        rss_ratio = s["median_peak_rss_mb"] / p["median_peak_rss_mb"]
+        rows += [
+            {"item": "4 merge: peak RSS MB", "ours": s["median_peak_rss_mb"], "baseline": p["median_peak_rss_mb"],
+             "ratio": round(rss_ratio, 2), "target": f"<= {TARGETS['merge_rss_ratio']}x",
+             "met": verdict(rss_ratio <= TARGETS["merge_rss_ratio"])},
+            {"item": "4 merge: RSS growth over the imports MB", "ours": s["median_growth_mb"],
+             "baseline": p["median_growth_mb"], "ratio": round(s["median_growth_mb"] / max(p["median_growth_mb"], 1), 2),
+             "target": "", "met": ""},
+            {"item": "4 merge: seconds", "ours": s["median_seconds"], "baseline": p["median_seconds"],
+             "ratio": round(s["median_seconds"] / p["median_seconds"], 2), "target": "<= 1.0x",
+             "met": verdict(s["median_seconds"] <= p["median_seconds"])},
+        ]
+    if "chat" in results:
+        c = results["chat"]
+        rows += [
+            {"item": "5 chat: time to first token s", "ours": c["chat.py"]["median_ttft_s"],
+             "baseline": c["model.generate"]["median_ttft_s"], "ratio": round(1 + c["ttft_overhead"], 3),
+             "target": "overhead <= 5%", "met": verdict(c["ttft_overhead"] <= TARGETS["chat_overhead"])},
+            {"item": "5 chat: decode tokens/s", "ours": c["chat.py"]["median_decode_tokens_per_s"],
+             "baseline": c["model.generate"]["median_decode_tokens_per_s"],
+             "ratio": round(1 / (1 + c["decode_overhead"]), 3), "target": "overhead <= 5%",
+             "met": verdict(c["decode_overhead"] <= TARGETS["chat_overhead"])},
+        ]
+    return rows
+
+
+def candidates_table(results: dict) -> list[str]:
+    runs = results["training"]["runs"]
+    ours = runs["train.py"]
+    lines = []
+    for name, r in runs.items():
+        if name in ("train.py", BASELINE):
+            continue
+        lines.append(f"  {name:<42} {r['trained_tokens_per_s']:>8.1f} trained tok/s  {r['tokens_per_s']:>7.1f} tok/s  "
+                     f"peak RSS {r['peak_rss_mb']:>7.0f} MB   default is {ours['tokens_per_s'] / r['tokens_per_s']:.2f}x faster")
+    return lines
+
+
+def render(rows: list[dict]) -> str:
+    head = ("figure", "ours", "baseline", "ratio", "target", "")
+    cells = [head] + [tuple(str(r[k]) for k in ("item", "ours", "baseline", "ratio", "target", "met")) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(head))).rstrip() for c in cells)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="shrink everything: checks that the benches run")
+    p.add_argument("--only", default=",".join(ITEMS), help=f"comma-separated subset of {','.join(ITEMS)}")
+    p.add_argument("--out", help="results file (default bench/results.json; --quick: bench/results-quick.json)")
+    args = p.parse_args()
+    only = [i for i in args.only.split(",") if i]
+    unknown = set(only) - set(ITEMS)
+    if unknown:
+        p.error(f"--only: unknown {', '.join(sorted(unknown))} (one of {', '.join(ITEMS)})")
+    out = Path(args.out or ROOT / "bench" / ("results-quick.json" if args.quick else "results.json"))
+
+    import torch
+
+    results = {"quick": args.quick, "torch_threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if set(only) != set(ITEMS) and out.is_file():  # a partial re-run updates its items, keeps the others
+        results = {**json.loads(out.read_text(encoding="utf-8")), **results}
+    if "training" in only:
+        from bench import training
+
+        results["ceiling"] = ceiling(model_params())
+        results["training"] = training.run(args.quick)
+    if "dataprep" in only:
+        from bench import dataprep
+
+        results["dataprep"] = dataprep.run(args.quick)
+    if "merge" in only:
+        from bench import merge_memory
+
+        if args.quick:
+            merge_memory.PAIRS = 1
+        results["merge"] = merge_memory.run(args.quick)
+    if "chat" in only:
+        from bench import chat_latency
+
+        results["chat"] = chat_latency.run(args.quick)
+    rows = summarise(results)
+    results["table"] = rows
+    out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(render(rows))
+    if "training" in results and not args.quick:
+        print("train.py with one default reverted (same run, interleaved):")
+        print("\n".join(candidates_table(results)))
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Training throughput: train.py (the demo recipe's defaults) against the plain TRL script (bench/trl_baseline.py),
+and train.py with one default changed at a time (the candidates), each run in a fresh process, interleaved.
+
+    python bench/training.py [--quick]
+
+Both train SmolLM2-135M-Instruct with LoRA r=16 on all linear layers, on the same conversations, in packed rows of
+512 tokens, one row per optimizer step; a warm-up step, then the same number of timed steps. Model loading and data
+preparation are outside the timed steps; the peak RSS is the whole process's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
+RECIPE = ROOT / "recipes" / "demo_smollm2.yaml"
+SHARED_DATA = ROOT.parent / "shared" / "data" / "psych_multiturn.json"
+PAIRS, STEPS, QUICK_STEPS = 3, 6, 1
+
+# train.py with one default reverted: what each default buys. `overrides` are recipe overrides; `revert: head` puts
+# SFTTrainer's own loss back (every position through the LM head, plus entropy/accuracy metrics).
+VARIANTS = {
+    "train.py": {"overrides": []},
+    "train.py, LM head at every position": {"overrides": [], "revert": "head"},
+    "train.py, float32": {"overrides": ["model.dtype=float32"]},
+    "train.py, gradient checkpointing": {"overrides": ["train.gradient_checkpointing=true"]},
+}
+
+
+def data_path() -> Path:
+    return SHARED_DATA if SHARED_DATA.is_file() else ROOT / "data" / "psych_sample.json"
+
+
+def child_ours(result_file: str, revert: str, recipe_args: list[str]) -> None:
+    """Runs train.py's main() with the step timer attached to the trainer it builds."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+    import common.training as training
+    from steptimer import instrument
+
+    build = training.build_trainer
+
+    def build_and_instrument(recipe, *args, **kwargs):
+        trainer = build(recipe, *args, **kwargs)
+        instrument(trainer, result_file, recipe.data.max_length)
+        return trainer
+
+    training.build_trainer = build_and_instrument
+    if revert == "head":
+        from trl import SFTTrainer
+
+        training.Trainer.compute_loss = SFTTrainer.compute_loss
+    import train
+
+    sys.exit(train.main(recipe_args))
+
+
+def run_child(cmd: list[str], result_file: Path, env: dict) -> dict:
+    result_file.unlink(missing_ok=True)
+    start = time.time()
+    # Run in the scratch dir: train.py points work_dirs/latest at its run, and the user's latest run must stay latest.
+    proc = subprocess.run(cmd, cwd=result_file.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0 or not result_file.is_file():
+        raise RuntimeError(f"{' '.join(cmd[:3])} exited {proc.returncode}: {proc.stderr[-3000:]}")
+    return {**json.loads(result_file.read_text()), "process_seconds": time.time() - start}
+
+
+def run(quick: bool, work: Path | None = None, variants: list[str] | None = None, pairs: int = PAIRS) -> dict:
+    steps = QUICK_STEPS if quick else STEPS
+    max_length = 256 if quick else 512  # 256: a first answer fits in TRL's truncated conversations
+    data = data_path()
+    limit = 40 if quick else None
+    with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
+        tmp = Path(tmp)
+        if limit:  # --quick: the first conversations only
+            subset = tmp / "data.json"
+            subset.write_text(json.dumps(json.loads(data.read_text(encoding="utf-8"))[:limit], ensure_ascii=False),
+                              encoding="utf-8")
+            data_file = subset
+        else:
+            data_file = data
+        # Encoded rows (ours) and TRL's mapped datasets cache here, warmed by the first run of each.
+        env = {**os.environ, "HF_DATASETS_CACHE": str(work or tmp / "cache"), "TOKENIZERS_PARALLELISM": "false"}
+        result_file = tmp / "result.json"
+        recipe_args = [str(RECIPE), f"model.path={MODEL}", f"data.path={data_file}", f"data.max_length={max_length}",
+                       f"train.max_steps={steps + 1}", "train.batch_size=1", "train.grad_accum=1",
+                       "train.save_steps=100000", f"train.output_dir={tmp / 'run'}", "evaluation.prompts=[]",
+                       "evaluation.every_n_steps=0"]
+        commands = {"TRL SFTTrainer (plain script)": [
+            sys.executable, str(ROOT / "bench" / "trl_baseline.py"), str(MODEL), str(data_file), "--max-steps", str(steps + 1),
+            "--max-length", str(max_length), "--timing", str(result_file)]}
+        names = ["train.py"] if quick else variants or list(VARIANTS)
+        for name in names:
+            v = VARIANTS[name]
+            commands[name] = [sys.executable, str(Path(__file__).resolve()), "--child", str(result_file), v.get("revert", "-"),
+                              *recipe_args, *v["overrides"], "--force"]
+        runs = {name: [] for name in commands}
+        for _ in range(1 if quick else pairs):  # interleaved, so drift in the machine's load hits all alike
+            for name, cmd in commands.items():
+                runs[name].append(run_child(cmd, result_file, env))
+
+    result = {"bench": "training", "quick": quick, "model": str(MODEL.relative_to(ROOT)), "data": str(data),
+              "conversations": limit or len(json.loads(data.read_text(encoding="utf-8"))),
+              "max_length": max_length, "timed_steps": steps, "rounds": len(next(iter(runs.values()))), "runs": {}}
+    for name, rs in runs.items():
+        med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+        result["runs"][name] = {
+            "tokens_per_s": round(med("tokens_per_s"), 1), "trained_tokens_per_s": round(med("trained_tokens_per_s"), 1),
+            "trained_tokens_per_step": round(med("trained_tokens_per_step"), 1),
+            "tokens_per_step": round(statistics.median(r["tokens"] / r["steps"] for r in rs), 1),
+            "peak_rss_mb": round(med("peak_rss_mb"), 1), "packing_efficiency": rs[0].get("packing_efficiency"),
+            "rows": rs[0]["rows"], "packed_tokens": rs[0].get("packed_tokens"),
+            "samples": [{k: r[k] for k in ("tokens_per_s", "trained_tokens_per_s", "peak_rss_mb", "step_seconds",
+                                           "losses", "process_seconds")} for r in rs],
+        }
+    base = result["runs"]["TRL SFTTrainer (plain script)"]
+    for name, r in result["runs"].items():
+        r["ratio_tokens_per_s"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
+        r["ratio_trained_tokens_per_s"] = round(r["trained_tokens_per_s"] / base["trained_tokens_per_s"], 2)
+        r["ratio_peak_rss"] = round(r["peak_rss_mb"] / base["peak_rss_mb"], 2)
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child_ours(sys.argv[2], sys.argv[3], sys.argv[4:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--variants", help=f"comma-separated subset of: {'; '.join(VARIANTS)}")
+    parser.add_argument("--pairs", type=int, default=PAIRS)
+    args = parser.parse_args()
+    chosen = args.variants.split(",") if args.variants else None
+    print(json.dumps(run(args.quick, variants=chosen, pairs=args.pairs), indent=2))
