@@ -25,7 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--adapter", help="PEFT adapter directory to load on MODEL")
     p.add_argument("--prompt-template", metavar="NAME", help=f"`tokenizer` or one of: {', '.join(TEMPLATES)} "
                    "(default: the run's data.template, else `tokenizer`)")
-    p.add_argument("--system", help="system prompt (default: the run's data.system or evaluation.system; '' for none)")
+    p.add_argument("--system", help="system prompt (default: the run's data.system; '' for none)")
     p.add_argument("--system-template", metavar="NAME", help="a system prompt from XTuner's SYSTEM_TEMPLATE table: "
                    + ", ".join(SYSTEM_TEMPLATES))
     p.add_argument("--bot-name", default="BOT", help="fills {bot_name} in --system-template (default BOT)")

@@ -124,8 +124,9 @@ def default_template(source: ModelSource) -> str:
 
 
 def default_system(source: ModelSource) -> Optional[str]:
-    r = source.recipe
-    return (r.data.system or r.evaluation.system) if r else None
+    """The system prompt training gave records without one (data.system). Not evaluation.system: a prompt the model
+    never trained under can pull a small model off course (the demo model repeats it back)."""
+    return source.recipe.data.system if source.recipe else None
 
 
 def sampling_defaults(source: ModelSource) -> EvaluationConfig:
