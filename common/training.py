@@ -6,7 +6,6 @@ import importlib.util
 import inspect
 import json
 import logging
-import os
 import random
 import shutil
 from pathlib import Path

@@ -1,7 +1,6 @@
 """chat.py and common/generation.py on a tiny random llama: prompts equal training's, stop words and EOS are never
 shown, the history is trimmed to the budget, piped and --once modes, run-directory resolution."""
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from common import generation, rundir
 from common.cli import UserError
 from common.data import encode_conversations, load_conversations
 from common.recipe import DataConfig, EvaluationConfig, ModelConfig, Recipe, save_recipe
-from common.templates import IGNORE, Turn
+from common.templates import IGNORE
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = "你是一位心理咨询师。"
