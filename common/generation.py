@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import yaml
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from common import rundir
 from common.cli import UserError
-from common.recipe import EvaluationConfig, ModelConfig, Recipe, from_dict
+from common.recipe import EvaluationConfig, ModelConfig, Recipe, load_recipe
 from common.templates import SYSTEM_TEMPLATES, Template, Turn, encode_turns, get_template, stop_words
 
 
@@ -74,18 +73,12 @@ def resolve_model(model: Optional[str], adapter: Optional[str]) -> ModelSource:
         raise UserError(f"{path}: no config.json (not a Hugging Face model directory)")
     recipe_file = rundir.find_recipe_file(adapter_dir) if adapter_dir else None
     recipe_file = recipe_file or rundir.find_recipe_file(path)
-    return ModelSource(path, adapter_dir, run_settings(recipe_file, path) if recipe_file else None)
+    return ModelSource(path, adapter_dir, run_settings(recipe_file) if recipe_file else None)
 
 
-def run_settings(recipe_file: Path, model_dir: Path) -> Recipe:
-    """The run's recipe, for its settings (template, system, max_length, sampling). Its paths belong to training:
-    the base model and data files are relative to where training ran, so they are not required to exist here."""
-    raw = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
-    if isinstance(raw.get("model"), dict):
-        raw["model"]["path"] = str(model_dir)  # the model chat loads
-    if isinstance(raw.get("data"), dict):
-        raw["data"]["path"] = raw["data"].get("path") or "(not needed to chat)"
-    return from_dict(raw, where=str(recipe_file))
+def run_settings(recipe_file: Path) -> Recipe:
+    """The run's recipe, for its settings (template, system, max_length, sampling)."""
+    return load_recipe(recipe_file, check_paths=False)
 
 
 def load(source: ModelSource, dtype: str = "auto", bits: Optional[int] = None):

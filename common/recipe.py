@@ -191,15 +191,15 @@ def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
     return cls(**values)
 
 
-def _check_values(recipe: Recipe, problems: list[str]) -> None:
+def _check_values(recipe: Recipe, problems: list[str], check_paths: bool = True) -> None:
     from common.templates import TEMPLATES  # local: templates imports nothing from here
 
     d, t = recipe.data, recipe.train
     if not recipe.model.path:
         problems.append("`model.path` is required")
-    elif not Path(recipe.model.path).exists() and not _could_be_hub_id(recipe.model.path):
+    elif check_paths and not Path(recipe.model.path).exists() and not _could_be_hub_id(recipe.model.path):
         problems.append(f"`model.path`: {recipe.model.path} does not exist (download the model there first)")
-    if not d.paths:
+    if check_paths and not d.paths:
         problems.append("`data.path` is required")
     if d.template != "tokenizer" and d.template not in TEMPLATES:
         problems.append(f"`data.template`: unknown template `{d.template}`{_nearest(d.template, list(TEMPLATES) + ['tokenizer'])}")
@@ -229,7 +229,9 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> Recipe:
+    """check_paths=False: a run's saved recipe read for its settings elsewhere (its model and data paths are
+    relative to where training ran)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
@@ -250,14 +252,14 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             raw[keys[0]][keys[1]] = value
         else:
             problems.append(f"override `{text}`: expected SECTION.KEY=VALUE")
-    recipe = from_dict(raw, problems, where=str(path))
+    recipe = from_dict(raw, problems, where=str(path), check_paths=check_paths)
     recipe.source = str(path)
     if recipe.train.output_dir is None:
         recipe.train.output_dir = f"work_dirs/{path.stem}"
     return recipe
 
 
-def from_dict(raw: dict, problems: list[str] | None = None, where: str = "recipe") -> Recipe:
+def from_dict(raw: dict, problems: list[str] | None = None, where: str = "recipe", check_paths: bool = True) -> Recipe:
     problems = [] if problems is None else problems
     sections = {}
     for name, value in raw.items():
@@ -275,7 +277,7 @@ def from_dict(raw: dict, problems: list[str] | None = None, where: str = "recipe
             continue
         sections[name] = _build_section(cls, value, name, problems)
     recipe = Recipe(**sections)
-    _check_values(recipe, problems)
+    _check_values(recipe, problems, check_paths)
     if problems:
         n = len(problems)
         raise UserError(f"{where}: {n} problem{'s' if n > 1 else ''}:\n  - " + "\n  - ".join(problems))

@@ -80,3 +80,13 @@ def test_shipped_recipes_are_valid_apart_from_model(name):
         load_recipe(path)
     except UserError as e:  # the Qwen weights are not on this machine: that must be the only problem
         assert "1 problem:" in str(e) and "`model.path`" in str(e)
+
+
+def test_run_recipe_read_elsewhere_needs_no_paths(tmp_path):
+    path = write(tmp_path, "model: {path: models/elsewhere}\ndata: {template: qwen_chat, max_length: 300}\n")
+    with pytest.raises(UserError, match="does not exist"):
+        load_recipe(path)
+    r = load_recipe(path, check_paths=False)  # chat/merge reading a run's recipe.yaml from another directory
+    assert r.data.template == "qwen_chat" and r.data.max_length == 300
+    with pytest.raises(UserError, match="unknown template"):  # everything else is still checked
+        load_recipe(path, ["data.template=nope"], check_paths=False)
