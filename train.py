@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.cli import UserError, main_guard
+from common.cli import main_guard
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,8 +70,9 @@ def main(argv=None) -> int:
         data.print_dry_run(recipe, tokenizer, train_rows, stats)
         return 0
     if args.dump_dataset:
-        if Path(args.dump_dataset).exists() and not args.force:
-            raise UserError(f"{args.dump_dataset} exists; pass --force to replace it")
+        from common.rundir import check_output
+
+        check_output(Path(args.dump_dataset), [], args.force)
         data.dump_dataset(train_rows, args.dump_dataset)
         return 0
 

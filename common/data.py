@@ -347,16 +347,27 @@ def encode_conversations(conversations, tokenizer, template_name: str, max_lengt
     return rows, stats
 
 
-def packing_stats(rows: list[dict], max_length: int) -> tuple[int, float]:
-    """Rows and efficiency (real tokens / slots) of best-fit-decreasing packing, as TRL's `bfd` packs."""
+def pack_rows(rows: list[dict], max_length: int, shuffle: bool, seed: int):
+    """Whole samples packed best-fit-decreasing into rows of max_length (TRL's `bfd`), never cut: a cut sample
+    would train its continuation without its prompt. `seq_lengths` lists each row's samples, so the padding-free
+    collator restarts position ids per sample and attention stays inside each."""
     from datasets import Dataset
     from trl.data_utils import pack_dataset
 
+    order = list(range(len(rows)))
+    if shuffle:  # decides which of equally long samples share a row
+        random.Random(seed).shuffle(order)
+    data = Dataset.from_dict({"input_ids": [rows[i]["input_ids"] for i in order],
+                              "labels": [rows[i]["labels"] for i in order]})
+    return pack_dataset(data, max_length, strategy="bfd")
+
+
+def packing_stats(rows: list[dict], max_length: int) -> tuple[int, float]:
+    """Rows and efficiency (real tokens / slots) of the packing training does."""
     if not rows:
         return 0, 0.0
-    packed = pack_dataset(Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows]}), max_length, strategy="bfd")
-    tokens = sum(len(r["input_ids"]) for r in rows)
-    return len(packed), tokens / (len(packed) * max_length)
+    packed = pack_rows(rows, max_length, shuffle=False, seed=0)
+    return len(packed), sum(len(r["input_ids"]) for r in rows) / (len(packed) * max_length)
 
 
 def _encode_recipe_data(recipe, tokenizer, report: LoadReport) -> tuple[list[dict], list[dict], Stats]:

@@ -6,7 +6,6 @@ import importlib.util
 import inspect
 import json
 import logging
-import random
 import shutil
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, get
 from trl import SFTConfig, SFTTrainer
 
 from common.cli import UserError
+from common.data import pack_rows
 from common.recipe import Recipe, save_recipe
 from common.rundir import FINAL_DIR, RECIPE_FILE, replace_dir
 
@@ -120,12 +120,12 @@ def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tqdm:
         deepspeed=deepspeed_config(t.deepspeed),
         # Our rows are final: TRL keeps input_ids/labels as they are (it tokenizes and masks only rows without
         # input_ids/labels): no chat template, no completion/assistant masks, no EOS appended. Packing is ours
-        # (pack_rows); padding-free collation turns each row's seq_lengths into position ids that restart per sample,
+        # (data.pack_rows); padding-free collation turns each row's seq_lengths into position ids that restart per sample,
         # which keeps attention inside samples. Rows are already cut to max_length, so TRL's truncation is off.
         max_length=None if d.pack else d.max_length,
         packing=False,
         padding_free=d.pack,
-        shuffle_dataset=False,  # pack_rows shuffled before packing; the sampler shuffles rows every epoch
+        shuffle_dataset=False,  # data.pack_rows shuffled before packing; the sampler shuffles rows every epoch
         completion_only_loss=False,
         assistant_only_loss=False,
         dataset_num_proc=None,
@@ -253,21 +253,6 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_rows: list[dict], eval
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(QuietProgressCallback)
     return trainer
-
-
-def pack_rows(rows: list[dict], max_length: int, shuffle: bool, seed: int):
-    """Whole samples packed best-fit-decreasing into rows of max_length (TRL's `bfd`), never cut: a cut sample
-    would train its continuation without its prompt. `seq_lengths` lists each row's samples, so the padding-free
-    collator restarts position ids per sample and attention stays inside each."""
-    from datasets import Dataset
-    from trl.data_utils import pack_dataset
-
-    order = list(range(len(rows)))
-    if shuffle:  # decides which of equally long samples share a row
-        random.Random(seed).shuffle(order)
-    data = Dataset.from_dict({"input_ids": [rows[i]["input_ids"] for i in order],
-                              "labels": [rows[i]["labels"] for i in order]})
-    return pack_dataset(data, max_length, strategy="bfd")
 
 
 def packing_efficiency(trainer: Trainer, max_length: int) -> tuple[int, int, float]:

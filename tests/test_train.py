@@ -220,8 +220,7 @@ def test_packing_efficiency_on_psych_sample_at_512():
     """With the demo model's tokenizer, as the demo trains: whole samples, >= 97% of the slots filled."""
     from transformers import AutoTokenizer
 
-    from common.data import encode_conversations, load_conversations, packing_stats
-    from common.training import pack_rows
+    from common.data import encode_conversations, load_conversations, pack_rows, packing_stats
 
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
     conversations = load_conversations([str(ROOT / "data" / "psych_sample.json")])
