@@ -59,9 +59,9 @@ def check_output(dst: Path, sources: list[Path], force: bool) -> None:
     for src in sources:
         s = Path(src).resolve()
         if d == s or d in s.parents:
-            raise UserError(f"{dst}: the output would replace the input {src}; choose another output directory")
+            raise UserError(f"{dst}: the output would replace the input {src}; choose another output")
     if (Path(dst).exists() or Path(dst).is_symlink()) and not force:
-        raise UserError(f"{dst}: already exists; pass --force to replace it, or choose another output directory")
+        raise UserError(f"{dst}: already exists; pass --force to replace it, or choose another output")
 
 
 def replace_dir(src: Path, dst: Path) -> None:
