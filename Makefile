@@ -21,7 +21,7 @@ $(DEMO_MODEL)/config.json: | $(STAMP)
 demo-model: $(DEMO_MODEL)/config.json
 
 test: $(STAMP) demo-model
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 # Train (starting over if an earlier demo run exists), merge into shards with a logit check, then ask one question.
 demo: $(STAMP) demo-model

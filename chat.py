@@ -14,9 +14,8 @@ import sys
 
 from common import generation
 from common.cli import main_guard
+from common.precision import CHOICES, canonical
 from common.templates import SYSTEM_TEMPLATES, TEMPLATES
-
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # XTuner's spellings
 
 
 def parse_args(argv=None):
@@ -30,8 +29,8 @@ def parse_args(argv=None):
                    + ", ".join(SYSTEM_TEMPLATES))
     p.add_argument("--bot-name", default="BOT", help="fills {bot_name} in --system-template (default BOT)")
     p.add_argument("--bits", type=int, choices=[4, 8], help="load the model quantized (bitsandbytes)")
-    p.add_argument("--torch-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", *DTYPE_ALIASES],
-                   help="auto: the model's own dtype")
+    p.add_argument("--torch-dtype", default="auto", choices=CHOICES,
+                   help="auto: bfloat16 where the GPU or CPU has it natively, else float16 on a GPU, float32 on a CPU")
     p.add_argument("--max-length", type=int, help="context (prompt + answer) in tokens; default: the run's "
                    f"data.max_length, else the model's max_position_embeddings capped at {generation.MAX_LENGTH_CAP}. "
                    "Older turns are dropped to fit")
@@ -48,7 +47,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.system is not None and args.system_template:
         p.error("give --system or --system-template, not both")
-    args.torch_dtype = DTYPE_ALIASES.get(args.torch_dtype, args.torch_dtype)
+    args.torch_dtype = canonical(args.torch_dtype)
     return args
 
 

@@ -14,13 +14,15 @@ from pathlib import Path
 
 from common import merging, rundir
 from common.cli import UserError, main_guard
+from common.precision import CHOICES, DTYPES, canonical
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", metavar="PATH", help="BASE ADAPTER OUT, or ADAPTER, or nothing (latest run)")
     p.add_argument("--max-shard-size", default="2GB", help="per output shard: 2GB, 500MB or bytes (default 2GB)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: the base's dtype")
+    p.add_argument("--dtype", default="auto", choices=CHOICES,
+                   help="dtype the merged weights are stored in (the merge itself runs in float32); auto: the base's")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where B @ A is computed")
     p.add_argument("--verify", action="store_true", help="compare logits with PEFT's base + adapter (loads both, float64)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")
@@ -92,7 +94,7 @@ def main(argv=None):
               f"full-precision base {base_dir}, as QLoRA intends, so outputs can differ slightly from training's")
     adapter = merging.load_adapter(adapter_dir)
     base = merging.BaseCheckpoint(base_dir)
-    plan = merging.plan_merge(base, adapter, merging.tied_weights(base_dir), merging.DTYPES[args.dtype], device)
+    plan = merging.plan_merge(base, adapter, merging.tied_weights(base_dir), DTYPES.get(canonical(args.dtype)), device)
     print(f"merging {adapter_dir} ({len(adapter.loras)} LoRA layers, {len(adapter.tensors)} saved tensors) "
           f"into {base_dir} ({len(base.files)} file(s), {len(base.shape)} tensors) -> {out}")
     if plan.untied:

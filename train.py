@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def summary(recipe, trainer, dtype, stats: dict, packing: tuple, resume) -> str:
+def summary(recipe, trainer, precision, stats: dict, packing: tuple, resume) -> str:
     from common.modeling import parameter_counts
 
     trainable, total = parameter_counts(trainer.model)
@@ -38,7 +38,8 @@ def summary(recipe, trainer, dtype, stats: dict, packing: tuple, resume) -> str:
         f"{'QLoRA' if m.quantization else 'LoRA'} r={recipe.lora.r} alpha={recipe.lora.alpha} on {recipe.lora.target_modules}")
     world = trainer.args.world_size
     real, rows, efficiency = packing
-    lines = [f"model: {m.path} ({str(dtype).replace('torch.', '')}{', ' + m.quantization if m.quantization else ''}), {kind}",
+    lines = [f"model: {m.path} ({precision.name}{', ' + m.quantization if m.quantization else ''}), {kind}",
+             f"precision: {precision.reason}",
              f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
              "dataset: " + ", ".join(f"{k}={v}" for k, v in stats.items() if not k.startswith("pack")),
              f"{'packed' if d.pack else 'unpacked'}: {real:,} tokens in {rows:,} rows of {d.max_length}, "
@@ -79,13 +80,15 @@ def main(argv=None) -> int:
     from transformers import set_seed
 
     from common.callbacks import EvalPromptsCallback, InterruptCallback, MetricsCallback, RunLog, is_main_process
-    from common.modeling import load_model, resolve_dtype
+    from common.modeling import load_model
+    from common.precision import resolve
     from common.recipe import save_recipe
     from common.rundir import RECIPE_FILE, set_latest
     from common.templates import get_template
     from common.training import build_trainer, check_setup, packing_efficiency, prepare_run_dir, resolve_resume, save_final, set_chat_template
 
-    dtype = resolve_dtype(recipe)
+    precision = resolve(recipe.model.dtype)
+    dtype = precision.dtype
     check_setup(recipe, dtype)
     run_dir = Path(recipe.train.output_dir)
     if is_main_process():
@@ -93,6 +96,8 @@ def main(argv=None) -> int:
         save_recipe(recipe, run_dir / RECIPE_FILE)
     resume = resolve_resume(run_dir, args.resume)
     log = RunLog(run_dir)
+    if precision.warning:
+        log(f"warning: {precision.warning}")
     set_seed(recipe.train.seed)  # LoRA's random init comes before the Trainer seeds anything
     model = load_model(recipe, dtype)
     set_chat_template(tokenizer, recipe.data.template)
@@ -103,7 +108,7 @@ def main(argv=None) -> int:
     trainer = build_trainer(recipe, model, tokenizer, train_rows, eval_rows, callbacks, dtype,
                             disable_tqdm=not sys.stderr.isatty())
     packing = packing_efficiency(trainer, recipe.data.max_length)
-    log(summary(recipe, trainer, dtype, stats, packing, resume))
+    log(summary(recipe, trainer, precision, stats, packing, resume))
 
     try:
         trainer.train(resume_from_checkpoint=resume)

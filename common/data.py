@@ -75,11 +75,15 @@ def read_xtuner(record: dict) -> list[Turn]:
 
 def read_alpaca(record: dict) -> list[Turn]:
     instruction = _text(_require(record, "instruction", object), "instruction", allow_empty=True)
-    extra = _text(record.get("input"), "input", allow_empty=True, allow_null=True)
+    extra = record.get("input")
+    if extra is not None:
+        extra = _text(extra, "input", allow_empty=True)
     output = _text(_require(record, "output", object), "output")
     if output == "<nooutput>":  # Alpaca's marker for unanswerable rows; XTuner drops them too
         return []
-    return [Turn(input=instruction + "\n" + extra if extra else instruction, output=output)]
+    # XTuner's alpaca_map_fn builds f"{instruction}\n{input}" even for input "" (the newline stays). Without an
+    # input (missing or null, where XTuner fails or writes "None") the instruction stands alone.
+    return [Turn(input=instruction if extra is None else instruction + "\n" + extra, output=output)]
 
 
 def _read_messages(messages: list, role_key: str, content_key: str, roles: dict[str, str], list_key: str) -> list[Turn]:

@@ -86,7 +86,8 @@ def load(source: ModelSource, dtype: str = "auto", bits: Optional[int] = None):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from common.modeling import load_tokenizer, quantization_config, resolve_dtype
+    from common.modeling import load_tokenizer, quantization_config
+    from common.precision import resolve
 
     hf_logging.disable_progress_bar()  # a chat's stderr is for the conversation
 
@@ -94,7 +95,10 @@ def load(source: ModelSource, dtype: str = "auto", bits: Optional[int] = None):
     recipe = Recipe(model=ModelConfig(path=str(source.model), tokenizer=str(source.tokenizer_dir), dtype=dtype,
                                       quantization=f"{bits}bit" if bits else None, trust_remote_code=trust))
     tokenizer = load_tokenizer(recipe)
-    torch_dtype = resolve_dtype(recipe)
+    precision = resolve(dtype)
+    if precision.warning:
+        print(f"warning: {precision.warning}", file=sys.stderr)
+    torch_dtype = precision.dtype
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust)
     quant = quantization_config(recipe, torch_dtype)
     if quant is not None:

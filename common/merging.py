@@ -40,8 +40,6 @@ UNSUPPORTED = {
     "trainable_token_indices": "trainable-token deltas",
     "use_qalora": "QA-LoRA pools inputs before A",
 }
-DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 VERIFY_PROMPTS = ["Hello! Who are you?", "Write a haiku about the sea.", "What is 17 times 23? Explain briefly."]
 VERIFY_TOLERANCE = 1e-4  # max |logit difference| allowed between the fp32 merge and PEFT's unmerged adapter model
 # Logits are computed in float64: in float32, x @ (W + dW) and x @ W + (x @ A) @ B * s round differently, and over

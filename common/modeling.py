@@ -8,8 +8,6 @@ import torch
 from common.cli import UserError
 from common.recipe import Recipe
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def _load_error(key: str, path: str, e: Exception) -> UserError:
     where = "" if Path(path).is_dir() else " (not a local directory, and no hub copy could be fetched)"
@@ -27,22 +25,6 @@ def load_tokenizer(recipe: Recipe):
     if tokenizer.pad_token is None:  # batching needs one; padded positions carry label -100 anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def resolve_dtype(recipe: Recipe) -> torch.dtype:
-    """model.dtype, with `auto` read from the checkpoint's config (float32 when it names none)."""
-    if recipe.model.dtype != "auto":
-        return DTYPES[recipe.model.dtype]
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise _load_error("model.path", recipe.model.path, e) from None
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype)
-    return dtype if dtype in DTYPES.values() else torch.float32
 
 
 def quantization_config(recipe: Recipe, compute_dtype: torch.dtype):
@@ -78,11 +60,10 @@ def check_combination(recipe: Recipe, dtype: torch.dtype) -> None:
         raise UserError("; ".join(problems))
 
 
-def load_model(recipe: Recipe, dtype: torch.dtype | None = None):
+def load_model(recipe: Recipe, dtype: torch.dtype):
     """The model ready for training: quantized + k-bit prepared and wrapped in LoRA as the recipe says."""
     from transformers import AutoModelForCausalLM
 
-    dtype = dtype or resolve_dtype(recipe)
     check_combination(recipe, dtype)
     kwargs = dict(dtype=dtype, trust_remote_code=recipe.model.trust_remote_code)
     if recipe.model.attn_implementation:

@@ -18,7 +18,7 @@ from common.cli import UserError
 class ModelConfig:
     path: str = ""  # local directory (or hub id on a machine with network)
     tokenizer: Optional[str] = None  # default: model.path
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"] = "auto"  # auto: by the hardware
     quantization: Optional[Literal["4bit", "8bit"]] = None  # 4bit = NF4 + double quant (QLoRA)
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None  # e.g. sdpa, eager, flash_attention_2
@@ -194,7 +194,10 @@ def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
 def _check_values(recipe: Recipe, problems: list[str], check_paths: bool = True) -> None:
     from common.templates import TEMPLATES  # local: templates imports nothing from here
 
+    from common.precision import canonical
+
     d, t = recipe.data, recipe.train
+    recipe.model.dtype = canonical(recipe.model.dtype)  # one spelling from here on: fp32 -> float32
     if not recipe.model.path:
         problems.append("`model.path` is required")
     elif check_paths and not Path(recipe.model.path).exists() and not _could_be_hub_id(recipe.model.path):

@@ -139,12 +139,11 @@ def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tqdm:
 
 class Trainer(SFTTrainer):
     """SFTTrainer whose checkpoints appear atomically (written under .saving-N/, renamed when complete) and carry
-    recipe.yaml; rotation keeps the newest `save_total_limit` and never deletes the newest or the resumed-from one."""
+    recipe.yaml; rotation keeps the newest `save_total_limit` complete ones."""
 
     def __init__(self, *args, recipe: Recipe, **kwargs):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
-        self.resumed_from: str | None = None
         self._staging: Path | None = None
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         # TRL's fused head scores only labelled positions, in tiles, on CUDA/XPU (Triton); elsewhere it projects
@@ -176,10 +175,6 @@ class Trainer(SFTTrainer):
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return loss
 
-    def train(self, resume_from_checkpoint=None, **kwargs):
-        self.resumed_from = resume_from_checkpoint
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
     def _get_output_dir(self, trial) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
 
@@ -203,12 +198,10 @@ class Trainer(SFTTrainer):
         if not limit or limit <= 0:
             return
         checkpoints = sorted(run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=checkpoint_step)
-        keep = set(checkpoints[-limit:]) | set(checkpoints[-1:])
-        if self.resumed_from:
-            keep.add(Path(self.resumed_from))
-        for path in checkpoints:
-            if path not in keep and path.resolve() not in {k.resolve() for k in keep}:
-                shutil.rmtree(path, ignore_errors=True)
+        # Rotation runs after the new checkpoint is complete, so the one a run resumed from needs no protection:
+        # it is deleted once `limit` newer complete ones exist, like any other.
+        for path in checkpoints[:-limit]:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def checkpoint_step(path: Path) -> int:

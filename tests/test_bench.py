@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def test_bench_quick_runs_and_reports_every_item(tmp_path):
@@ -22,5 +23,9 @@ def test_bench_quick_runs_and_reports_every_item(tmp_path):
         assert runs[name]["tokens_per_s"] > 0 and runs[name]["trained_tokens_per_step"] > 0
         assert runs[name]["peak_rss_mb"] > 100
     assert results["chat"]["same_tokens"]  # both generation paths produced the same answer
-    assert results["dataprep"]["records"] == 100
+    # --quick reads the first 100 conversations of the bench's data: ../shared/data where it exists, else data/
+    from bench.training import data_path
+
+    expected = min(100, len(json.loads(data_path().read_text(encoding="utf-8"))))
+    assert results["dataprep"]["records"] == expected and results["dataprep"]["data"] == str(data_path())
     assert "1 training: trained (labelled) tokens/s" in proc.stdout

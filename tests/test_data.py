@@ -38,9 +38,13 @@ def test_xtuner_json_and_jsonl(tmp_path):
 def test_alpaca(tmp_path):
     path = write(tmp_path, "a.json", [{"instruction": "问", "input": "补充", "output": "答"},
                                       {"instruction": "只有指令", "output": "答2"},
+                                      {"instruction": "空输入", "input": "", "output": "答3"},
+                                      {"instruction": "null 输入", "input": None, "output": "答4"},
                                       {"instruction": "x", "input": "", "output": "<nooutput>"}])
     convs, report = load(path)
-    assert convs == [[Turn("问\n补充", "答")], [Turn("只有指令", "答2")]]
+    # XTuner 0.2.0's alpaca_map_fn: f"{instruction}\n{input}", so an empty input keeps the newline
+    assert convs == [[Turn("问\n补充", "答")], [Turn("只有指令", "答2")], [Turn("空输入\n", "答3")],
+                     [Turn("null 输入", "答4")]]
     assert report.dropped_empty == 1
 
 

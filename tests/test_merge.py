@@ -131,6 +131,9 @@ def test_output_is_a_standalone_model_with_tokenizer_and_configs(tmp_path, base)
     from transformers import AutoTokenizer
     assert AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    # one spelling of dtypes everywhere: the recipe's `float32` works here too
+    assert run(base, adapter, tmp_path / "out32", "--dtype", "float32") == 0
+    assert json.loads((tmp_path / "out32" / "config.json").read_text())["dtype"] == "float32"
 
 
 # ----------------------------------------------------------------------------------------------------- shards, index

@@ -47,7 +47,7 @@ def test_missing_model_path_and_bad_choice(tmp_path):
     with pytest.raises(UserError) as e:
         load_recipe(path)
     assert f"{tmp_path}/nope does not exist" in str(e.value)
-    assert "`model.dtype`: got 'float64', expected auto | float32 | float16 | bfloat16" in str(e.value)
+    assert "`model.dtype`: got 'float64', expected auto | float32 | float16 | bfloat16 | fp32 | fp16 | bf16" in str(e.value)
 
 
 def test_quantized_full_finetune_refused(tmp_path):

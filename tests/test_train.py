@@ -267,17 +267,20 @@ class Killed(Exception):
     pass
 
 
-def test_rotation_keeps_the_newest_and_the_resumed_from(tmp_path, monkeypatch, tiny_model_dir, data_file):
+def test_rotation_keeps_the_limit_also_after_a_resume(tmp_path, monkeypatch, tiny_model_dir, data_file):
     monkeypatch.chdir(tmp_path)
-    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, train={"max_steps": 5, "save_steps": 1, "save_total_limit": 2},
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, train={"max_steps": 2, "save_steps": 1, "save_total_limit": 3},
                           evaluation={"prompts": []})
-    assert run(recipe) == 0
+    assert run(recipe) == 0  # stands for a run killed after 2 checkpoints
     out = tmp_path / "recipe"
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    # Resumed from checkpoint-2: once newer checkpoints are complete it is rotated out like any other.
+    assert run(recipe, "train.max_steps=6", "--resume", "auto") == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5", "checkpoint-6"]
     assert not list(out.glob(".saving-*"))
-    # Resume from checkpoint-4 with a limit of 1: the run's new checkpoints rotate, checkpoint-4 stays.
-    assert run(recipe, "train.max_steps=7", "train.save_total_limit=1", "--resume", out / "checkpoint-4") == 0
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-7"]
+    # Resumed from an older checkpoint than the newest, limit 1: only the newest complete one stays.
+    assert run(recipe, "train.max_steps=7", "train.save_total_limit=1", "--resume", out / "checkpoint-5") == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-7"]
 
 
 def test_resume_after_kills_matches_an_uninterrupted_run(tmp_path, monkeypatch, tiny_model_dir, data_file):
@@ -425,7 +428,7 @@ def test_ddp_two_processes_on_cpu(tmp_path, tiny_model_dir, data_file):
 @pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make demo-model` first")
 def test_smollm2_loss_falls(tmp_path, monkeypatch, data_file):
     monkeypatch.chdir(tmp_path)
-    recipe = write_recipe(tmp_path, SMOLLM2, data_file, model={"dtype": "bfloat16"}, lora={"r": 8, "alpha": 16, "dropout": 0.0},
+    recipe = write_recipe(tmp_path, SMOLLM2, data_file, model={"dtype": "auto"}, lora={"r": 8, "alpha": 16, "dropout": 0.0},
                           data={"template": "tokenizer", "max_length": 256},
                           train={"batch_size": 1, "max_steps": 8, "lr": 1e-3, "save_steps": 100},
                           evaluation={"prompts": PROMPTS[:1], "max_new_tokens": 8, "every_n_steps": 100})

@@ -1,0 +1,106 @@
+"""`auto` precision is chosen by the hardware (the capability query mocked both ways), one spelling of dtypes is
+accepted everywhere, and an explicit emulated bf16 warns; on a real run, train.log says what was chosen and why."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common import precision  # noqa: E402
+from common.recipe import from_dict  # noqa: E402
+
+NATIVE = precision.cpu_has_native_bf16()
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Pretend to be a CPU with or without native bf16: cpu(True) / cpu(False)."""
+    def set_native(native: bool, slowdown: float = 150.0):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(precision, "slowdown", lambda dtype, n=256: slowdown)
+    return set_native
+
+
+def test_auto_on_a_cpu_without_native_bf16_is_float32(cpu):
+    cpu(False)
+    p = precision.resolve("auto", "cpu")
+    assert p.dtype == torch.float32 and p.reason == "float32: this CPU has no native bfloat16" and p.warning is None
+
+
+def test_auto_on_a_cpu_with_native_bf16_is_bfloat16(cpu):
+    cpu(True)
+    p = precision.resolve("auto", "cpu")
+    assert p.dtype == torch.bfloat16 and "native bfloat16" in p.reason and p.warning is None
+
+
+def test_explicit_bf16_without_native_support_warns_how_much_slower(cpu):
+    cpu(False, slowdown=180.0)
+    p = precision.resolve("bf16", "cpu")
+    assert p.dtype == torch.bfloat16
+    assert "emulated" in p.warning and "180x slower than float32" in p.warning and "`auto` would choose float32" in p.warning
+    cpu(True)
+    assert precision.resolve("bfloat16", "cpu").warning is None
+    assert precision.resolve("float32", "cpu") == precision.Precision(torch.float32, "float32: as asked")
+
+
+@pytest.mark.parametrize("bf16,expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_on_cuda_follows_the_gpu(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    p = precision.resolve("auto", "cuda")
+    assert p.dtype == expected and ("loss scaling" in p.reason) == (not bf16)
+
+
+def test_the_real_query_agrees_with_the_cpu_flags():
+    """On Linux, /proc/cpuinfo names the same features the query reads (oneDNN may still be capped below them)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo on this system")
+    flags = set(cpuinfo.read_text().split())
+    if NATIVE:
+        assert flags & {"avx512_bf16", "amx_bf16"}
+    assert precision.cpu_description().startswith(torch.backends.cpu.get_cpu_capability())
+
+
+def test_one_spelling_with_aliases():
+    assert [precision.canonical(n) for n in ("fp32", "fp16", "bf16", "float32", "auto")] == \
+        ["float32", "float16", "bfloat16", "float32", "auto"]
+    with pytest.raises(ValueError):
+        precision.canonical("float64")
+    recipe = from_dict({"model": {"path": "m", "dtype": "bf16"}, "data": {"path": "d.json"}}, check_paths=False)
+    assert recipe.model.dtype == "bfloat16"
+
+
+def test_train_log_says_what_auto_chose(tmp_path, monkeypatch, cpu, tiny_model_dir):
+    import train
+    from tests.test_train import write_recipe
+
+    cpu(False)
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(json.loads((ROOT / "data" / "psych_sample.json").read_text(encoding="utf-8"))[:4],
+                               ensure_ascii=False), encoding="utf-8")
+    recipe = write_recipe(tmp_path, tiny_model_dir, data, model={"dtype": "auto"},
+                          train={"max_steps": 1, "save_steps": 10}, evaluation={"prompts": []})
+    assert train.main([str(recipe)]) == 0
+    log = (tmp_path / "recipe" / "train.log").read_text()
+    assert "precision: float32: this CPU has no native bfloat16" in log
+    assert "(float32)" in log  # the model line
+
+
+@pytest.mark.skipif(not NATIVE, reason="this CPU has no native bf16: bf16 training would be emulated (~200x slower)")
+def test_bf16_training_where_native(tmp_path, monkeypatch, tiny_model_dir):
+    import train
+    from tests.test_train import write_recipe
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(json.loads((ROOT / "data" / "psych_sample.json").read_text(encoding="utf-8"))[:4],
+                               ensure_ascii=False), encoding="utf-8")
+    recipe = write_recipe(tmp_path, tiny_model_dir, data, model={"dtype": "auto"},
+                          train={"max_steps": 1, "save_steps": 10}, evaluation={"prompts": []})
+    assert train.main([str(recipe)]) == 0
+    assert "precision: bfloat16: this CPU has native bfloat16" in (tmp_path / "recipe" / "train.log").read_text()
