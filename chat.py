@@ -12,17 +12,17 @@ system prompt, /exit (EXIT) or Ctrl-D leaves; Ctrl-C stops the current answer.
 import argparse
 import sys
 
-from common import generation
 from common.cli import main_guard
+from common.generation import MAX_LENGTH_CAP
 from common.precision import CHOICES, canonical
-from common.templates import SYSTEM_TEMPLATES, TEMPLATES
+from common.templates import NAMES, SYSTEM_TEMPLATES
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="model, adapter or run directory (default: the latest run)")
     p.add_argument("--adapter", help="PEFT adapter directory to load on MODEL")
-    p.add_argument("--prompt-template", metavar="NAME", help=f"`tokenizer` or one of: {', '.join(TEMPLATES)} "
+    p.add_argument("--prompt-template", metavar="NAME", help=f"one of: {', '.join(NAMES)} "
                    "(default: the run's data.template, else `tokenizer`)")
     p.add_argument("--system", help="system prompt (default: the run's data.system; '' for none)")
     p.add_argument("--system-template", metavar="NAME", help="a system prompt from XTuner's SYSTEM_TEMPLATE table: "
@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--torch-dtype", default="auto", choices=CHOICES,
                    help="auto: bfloat16 where the GPU or CPU has it natively, else float16 on a GPU, float32 on a CPU")
     p.add_argument("--max-length", type=int, help="context (prompt + answer) in tokens; default: the run's "
-                   f"data.max_length, else the model's max_position_embeddings capped at {generation.MAX_LENGTH_CAP}. "
+                   f"data.max_length, else the model's max_position_embeddings capped at {MAX_LENGTH_CAP}. "
                    "Older turns are dropped to fit")
     p.add_argument("--max-new-tokens", type=int, help="default: the run's evaluation.max_new_tokens (256)")
     p.add_argument("--temperature", type=float, help="0 = greedy (default: the run's evaluation.temperature, 0.1)")
@@ -51,38 +51,51 @@ def parse_args(argv=None):
     return args
 
 
+def chat_settings(args, source):
+    """(template, system prompt, Sampling) from the flags, else the run's recipe, else the schema's defaults."""
+    from common.generation import Sampling
+    from common.recipe import EvaluationConfig
+    from common.templates import TOKENIZER, get_template, system_from_template
+
+    recipe = source.recipe
+    template = get_template(args.prompt_template or (recipe.data.template if recipe else TOKENIZER.name))
+    if args.system_template:
+        system = system_from_template(args.system_template, args.bot_name)
+    else:
+        # Not evaluation.system: a prompt the model never trained under can pull a small model off course.
+        system = args.system if args.system is not None else (recipe.data.system if recipe else None)
+    sampling = Sampling.from_evaluation(recipe.evaluation if recipe else EvaluationConfig(),
+                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                        repetition_penalty=args.repetition_penalty)
+    return template, system or None, sampling
+
+
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
-    source = generation.resolve_model(args.model, args.adapter)
-    template = args.prompt_template or generation.default_template(source)
-    generation.get_template(template)  # an unknown name fails before the model loads
-    system = (generation.system_from_template(args.system_template, args.bot_name) if args.system_template
-              else args.system if args.system is not None else generation.default_system(source))
-    if args.seed is not None:
-        from transformers import set_seed
+    from common import artifacts, repl
+    from common.generation import Generator, context_length
+    from common.modeling import load_for_generation
 
-        set_seed(args.seed)
-    model, tokenizer = generation.load(source, args.torch_dtype, args.bits)
-    defaults = generation.sampling_defaults(source)  # the options not given: the run's evaluation settings
-    sampling = {key: getattr(defaults, key) if getattr(args, key) is None else getattr(args, key)
-                for key in ("max_new_tokens", "temperature", "top_k", "top_p")}
-    session = generation.ChatSession(
-        model, tokenizer, template, generation.max_length(source, model.config, args.max_length), system=system or None,
-        repetition_penalty=args.repetition_penalty, extra_stop_words=args.stop_words, **sampling)
-    if session.system and isinstance(session.template, generation.Template) and session.template.system is None:
-        print(f"note: template `{template}` has no system slot: the system prompt is not used", file=sys.stderr)
+    source = artifacts.resolve_model(args.model, args.adapter)
+    template, system, sampling = chat_settings(args, source)  # an unknown name fails before the model loads
+    model, tokenizer = load_for_generation(source, args.torch_dtype, args.bits)
+    generator = Generator(model, tokenizer, template, context_length(source.recipe, model.config, args.max_length),
+                          args.stop_words)
+    if system and not template.has_system:
+        print(f"note: template `{template.name}` has no system slot: the system prompt is not used", file=sys.stderr)
+    session = repl.ChatSession(generator, sampling, system)
     if args.once is not None:
-        console = generation.Console(interactive=False, stream=not args.no_stream)
-        return generation.converse(session, console, [("--once", args.once)])
-    console = generation.Console(interactive=sys.stdin.isatty(), stream=not args.no_stream)
+        console = repl.Console(interactive=False, stream=not args.no_stream)
+        return repl.converse(session, console, [("--once", args.once)])
+    console = repl.Console(interactive=sys.stdin.isatty(), stream=not args.no_stream)
     if console.interactive:
         import readline  # noqa: F401  (line editing and history for input())
 
-        name = f"{source.model}" + (f" + {source.adapter}" if source.adapter else "")
-        console.note(f"{name} | template {template} | context {session.max_length} tokens | "
+        console.note(f"{source.name} | template {template.name} | context {generator.max_length} tokens | "
                      r"end a line with \ to continue | /reset /system TEXT /exit | Ctrl-C stops an answer, Ctrl-D exits")
-    generation.converse(session, console, generation.repl_messages(console))
+    repl.converse(session, console, repl.repl_messages(console))
 
 
 if __name__ == "__main__":

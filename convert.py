@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import converting, rundir
+from common import artifacts, converting
 from common.cli import UserError, main_guard
 
 
@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     dst = args.dst or converting.default_output(args.src)
-    rundir.check_output(dst, [args.src], args.force)  # before the (possibly long) load
+    artifacts.check_output(dst, [args.src], args.force)  # before the (possibly long) load
 
     ckpt = converting.read_source(args.src, trust=args.trust_checkpoint)
     base = converting.resolve_base(args.base, ckpt)
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     notes = [] if base is None or converting.is_local(base) else [
         f"base `{base}` is not a local directory: recorded as is (a hub id?); pass --base DIR if it moved"]
 
-    with rundir.atomic_dir(dst) as tmp:
+    with artifacts.atomic_dir(dst) as tmp:
         if ckpt.is_adapter:
             config, n = converting.write_adapter(tmp, ckpt, base, args.alpha, notes)
             what = f"{n} adapter tensors (r={getattr(config, 'r', '?')}, alpha={getattr(config, 'lora_alpha', '?')})"

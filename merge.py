@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import merging, rundir
+from common import artifacts, merging
 from common.cli import UserError, main_guard
 from common.precision import CHOICES, DTYPES, canonical
 
@@ -32,12 +32,12 @@ def parse_args(argv=None):
 def resolve_paths(paths: list[str]) -> tuple[str | None, Path, Path]:
     """(base or None = from adapter_config.json, adapter dir, output dir)."""
     if not paths:
-        run = rundir.latest_run()
-        return None, run / rundir.FINAL_DIR, run / rundir.MERGED_DIR
+        run = artifacts.latest_run()
+        return None, run / artifacts.FINAL_DIR, run / artifacts.MERGED_DIR
     if len(paths) == 1:
         adapter = Path(paths[0]).resolve()  # resolved, so `merge.py .` has a name to derive OUT from
         # final/ of a run merges into the run's merged/; any other adapter dir into a sibling ADAPTER-merged/
-        out = adapter.parent / rundir.MERGED_DIR if adapter.name == rundir.FINAL_DIR else adapter.with_name(adapter.name + "-merged")
+        out = adapter.parent / artifacts.MERGED_DIR if adapter.name == artifacts.FINAL_DIR else adapter.with_name(adapter.name + "-merged")
         return None, adapter, out
     if len(paths) == 3:
         return paths[0], Path(paths[1]), Path(paths[2])
@@ -75,20 +75,21 @@ def main(argv=None):
     base_arg, adapter_dir, out = resolve_paths(args.paths)
     if not adapter_dir.is_dir():
         raise UserError(f"{adapter_dir}: adapter directory not found")
-    if merging.is_full_model(adapter_dir):  # a full fine-tune: merging is idempotent, not an error
-        print(f"{adapter_dir} is already a full model (config.json + weights, no {merging.ADAPTER_CONFIG}): "
+    if artifacts.is_full_model(adapter_dir):  # a full fine-tune: merging is idempotent, not an error
+        print(f"{adapter_dir} is already a full model (config.json + weights, no {artifacts.ADAPTER_CONFIG}): "
               f"nothing to merge; load it directly, e.g. python chat.py {adapter_dir}")
         return 0
-    if not merging.is_adapter(adapter_dir):
-        raise UserError(f"{adapter_dir}: not a PEFT adapter directory (no {merging.ADAPTER_CONFIG}) and not a model")
+    if not artifacts.is_adapter(adapter_dir):
+        raise UserError(f"{adapter_dir}: not a PEFT adapter directory (no {artifacts.ADAPTER_CONFIG}) and not a model")
     max_shard_size = merging.parse_size(args.max_shard_size)
     device = resolve_device(args.device)
-    base_dir = merging.resolve_base(base_arg or merging.base_model_path(adapter_dir))
+    base_dir = artifacts.resolve_base(base_arg or artifacts.adapter_base(adapter_dir))
     if not (base_dir / "config.json").is_file():
         raise UserError(f"{base_dir}: no config.json; BASE must be a Hugging Face model directory")
-    rundir.check_output(out, [adapter_dir, base_dir], args.force)
+    artifacts.check_output(out, [adapter_dir, base_dir], args.force)
 
-    quantization = merging.quantized_training(adapter_dir)
+    recipe = artifacts.run_recipe(adapter_dir)
+    quantization = recipe.model.quantization if recipe else None
     if quantization:
         print(f"note: this adapter was trained on a {quantization} quantized base (QLoRA); it is merged into the "
               f"full-precision base {base_dir}, as QLoRA intends, so outputs can differ slightly from training's")
@@ -104,7 +105,7 @@ def main(argv=None):
     elif plan.skipped_tied:
         print(f"tied weights stay tied: {', '.join(plan.skipped_tied)} is not written (transformers re-ties it on load)")
 
-    with rundir.atomic_dir(out) as tmp:  # a failed or interrupted merge leaves OUT as it was
+    with artifacts.atomic_dir(out) as tmp:  # a failed or interrupted merge leaves OUT as it was
         start = time.time()
         shards = merging.write_shards(plan, tmp, max_shard_size)
         seconds = time.time() - start

@@ -58,23 +58,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import datasets
 
-    from common import data
-
-    datasets.disable_progress_bars()  # per-map bars drown the run's own log lines
-    from common.modeling import load_tokenizer
+    from common import artifacts, report
+    from common.dataset import build_datasets
+    from common.modeling import recipe_tokenizer
     from common.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    tokenizer = load_tokenizer(recipe)
-    train_rows, eval_rows, stats = data.build_datasets(recipe, tokenizer)
+    datasets.disable_progress_bars()  # per-map bars drown the run's own log lines
+    # every recipe problem at once, and what this machine cannot do (unless only the data is asked for)
+    recipe = load_recipe(args.recipe, args.overrides, check_machine=not (args.dry_run or args.dump_dataset))
+    tokenizer = recipe_tokenizer(recipe)
+    train_rows, eval_rows, stats = build_datasets(recipe, tokenizer)
     if args.dry_run:
-        data.print_dry_run(recipe, tokenizer, train_rows, stats)
+        report.print_dry_run(recipe, tokenizer, train_rows, stats)
         return 0
     if args.dump_dataset:
-        from common.rundir import check_output
-
-        check_output(Path(args.dump_dataset), [], args.force)
-        data.dump_dataset(train_rows, args.dump_dataset)
+        artifacts.check_output(Path(args.dump_dataset), [], args.force)
+        report.dump_dataset(train_rows, args.dump_dataset)
         return 0
 
     from transformers import set_seed
@@ -83,29 +82,27 @@ def main(argv=None) -> int:
     from common.modeling import load_model
     from common.precision import resolve
     from common.recipe import save_recipe
-    from common.rundir import RECIPE_FILE, set_latest
     from common.templates import get_template
-    from common.training import build_trainer, check_setup, packing_efficiency, prepare_run_dir, resolve_resume, save_final, set_chat_template
+    from common.training import build_trainer, packing_efficiency, save_final, set_chat_template
 
     precision = resolve(recipe.model.dtype)
-    dtype = precision.dtype
-    check_setup(recipe, dtype)
     run_dir = Path(recipe.train.output_dir)
     if is_main_process():
-        prepare_run_dir(run_dir, resuming=args.resume is not None, force=args.force)
-        save_recipe(recipe, run_dir / RECIPE_FILE)
-    resume = resolve_resume(run_dir, args.resume)
+        artifacts.prepare_run_dir(run_dir, resuming=args.resume is not None, force=args.force)
+        save_recipe(recipe, run_dir / artifacts.RECIPE_FILE)
+    resume = artifacts.resolve_resume(run_dir, args.resume)
     log = RunLog(run_dir)
     if precision.warning:
         log(f"warning: {precision.warning}")
     set_seed(recipe.train.seed)  # LoRA's random init comes before the Trainer seeds anything
-    model = load_model(recipe, dtype)
-    set_chat_template(tokenizer, recipe.data.template)
+    model = load_model(recipe, precision.dtype)
+    template = get_template(recipe.data.template)
+    set_chat_template(tokenizer, template)
     interrupt = InterruptCallback(log)
     callbacks = [MetricsCallback(run_dir, log), interrupt,
-                 EvalPromptsCallback(tokenizer, get_template(recipe.data.template), recipe.evaluation,
+                 EvalPromptsCallback(tokenizer, template, recipe.evaluation,
                                      recipe.evaluation.system or recipe.data.system, run_dir, log)]
-    trainer = build_trainer(recipe, model, tokenizer, train_rows, eval_rows, callbacks, dtype,
+    trainer = build_trainer(recipe, model, tokenizer, train_rows, eval_rows, callbacks, precision.dtype,
                             disable_tqdm=not sys.stderr.isatty())
     packing = packing_efficiency(trainer, recipe.data.max_length)
     log(summary(recipe, trainer, precision, stats, packing, resume))
@@ -122,7 +119,7 @@ def main(argv=None) -> int:
         trainer.evaluate()
     final = save_final(trainer, recipe, tokenizer)
     if is_main_process():
-        set_latest(run_dir)
+        artifacts.set_latest(run_dir)
     log(f"done: {trainer.state.global_step} steps; final adapter/model in {final}; metrics in {run_dir}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Chat: time to first token and decode tokens/s of chat.py's generation path (common.generation.ChatSession: the
+"""Chat: time to first token and decode tokens/s of chat.py's generation path (common.generation.Generator: the
 template rendering, the stop-word criterion that decodes every step, the streaming) against bare `model.generate`
 with a streamer, on the same prompt ids, greedy, the same EOS ids and max_new_tokens. Alternating A B A B.
 
@@ -44,27 +44,29 @@ class FirstToken:
 def run(quick: bool, pairs: int = PAIRS) -> dict:
     import torch
 
-    from common import generation
+    from common.artifacts import resolve_model
+    from common.generation import Generator, Sampling
+    from common.modeling import load_for_generation
+    from common.templates import get_template
 
-    source = generation.resolve_model(str(MODEL), None)
-    model, tokenizer = generation.load(source)  # chat.py's loader and its default dtype (auto)
+    model, tokenizer = load_for_generation(resolve_model(str(MODEL)))  # chat.py's loader, its default dtype (auto)
     max_new = 8 if quick else 64
     conversations = json.loads(data_path().read_text(encoding="utf-8"))
     questions = [c["conversation"][0]["input"] for c in conversations[: (1 if quick else PROMPTS)]]
-    session = generation.ChatSession(model, tokenizer, "tokenizer", max_length=2048, max_new_tokens=max_new)
-    config = session.generation_config()
+    generator = Generator(model, tokenizer, get_template("tokenizer"), max_length=2048)
+    sampling = Sampling(max_new_tokens=max_new)
+    config = generator.generation_config(sampling)
 
     def chat(question):
-        session.reset()
         marks = []
         start = time.perf_counter()
-        reply = session.reply(question, on_text=lambda text: marks.append(time.perf_counter()))
+        completion = generator.generate([{"role": "user", "content": question}], sampling,
+                                        on_text=lambda text: marks.append(time.perf_counter()))
         end = time.perf_counter()
-        return start, marks[0], end, reply.text
+        return start, marks[0], end, completion.text
 
     def bare(question):
-        session.reset()  # the same single-turn prompt as chat() renders
-        ids, _ = session.prompt_ids(question)
+        ids = generator.prompt_ids([{"role": "user", "content": question}])  # the same prompt chat() renders
         input_ids = torch.tensor([ids])
         streamer = FirstToken()
         start = time.perf_counter()
@@ -72,7 +74,7 @@ def run(quick: bool, pairs: int = PAIRS) -> dict:
             out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                  generation_config=config, streamer=streamer)
         end = time.perf_counter()
-        text = tokenizer.decode([t for t in out[0, len(ids):].tolist() if t not in session.eos_ids],
+        text = tokenizer.decode([t for t in out[0, len(ids):].tolist() if t not in generator.eos_ids],
                                 skip_special_tokens=False, clean_up_tokenization_spaces=False)
         return start, streamer.first, end, text, out.shape[1] - len(ids)
 

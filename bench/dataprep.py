@@ -1,4 +1,4 @@
-"""Data preparation: records/s of common.data.build_datasets on the counselling conversations, cold (read, template,
+"""Data preparation: records/s of common.dataset.build_datasets on the counselling conversations, cold (read, template,
 tokenize, write the Arrow cache) against cached (read the Arrow cache), alternating.
 
     python bench/dataprep.py [--quick]
@@ -26,15 +26,15 @@ PAIRS = 3
 def _timed_build(data_file: Path, cache: Path, max_length: int) -> tuple[float, int, int]:
     import datasets
 
-    from common import data
-    from common.modeling import load_tokenizer
+    from common.dataset import build_datasets
+    from common.modeling import recipe_tokenizer
     from common.recipe import load_recipe
 
-    datasets.config.HF_DATASETS_CACHE = str(cache)  # read by common.data.cache_dir() at each call
+    datasets.config.HF_DATASETS_CACHE = str(cache)  # read by common.dataset.cache_dir() at each call
     recipe = load_recipe(RECIPE, [f"model.path={MODEL}", f"data.path={data_file}", f"data.max_length={max_length}"])
-    tokenizer = load_tokenizer(recipe)
+    tokenizer = recipe_tokenizer(recipe)
     start = time.perf_counter()
-    rows, _, stats = data.build_datasets(recipe, tokenizer)
+    rows, _, stats = build_datasets(recipe, tokenizer)
     return time.perf_counter() - start, stats["records"], len(rows)
 
 

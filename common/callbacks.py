@@ -13,9 +13,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from common.rundir import EVAL_DIR
-
-METRICS_FILE, LOG_FILE, PLOT_FILE = "metrics.jsonl", "train.log", "loss.png"
+from common.artifacts import EVAL_OUTPUTS_DIR, LOG_FILE, METRICS_FILE, PLOT_FILE, write_text
 
 
 def is_main_process() -> bool:
@@ -147,19 +145,23 @@ class MetricsCallback(TrainerCallback):
 
 class EvalPromptsCallback(TrainerCallback):
     """Answers evaluation.prompts before training, every `every_n_steps`, at each save and at the end; writes
-    eval_outputs/step_N.txt. Generation runs with the cache on and in eval mode, then every touched setting is put
-    back, and the RNG is forked so sampling does not shift the training run (resume stays exact)."""
+    eval_outputs/step_N.txt. Answers come from the generation core, as chat's do. Generation runs with the cache on
+    and in eval mode, then every touched setting is put back, and the RNG is forked so sampling does not shift the
+    training run (resume stays exact)."""
 
     def __init__(self, tokenizer, template, evaluation, system: str | None, run_dir: str | Path, log: RunLog):
-        self.tokenizer, self.template, self.cfg, self.system = tokenizer, template, evaluation, system
-        self.out_dir, self.log = Path(run_dir) / EVAL_DIR, log
+        from common.generation import Sampling
+
+        self.tokenizer, self.template, self.prompts, self.system = tokenizer, template, evaluation.prompts, system
+        self.every, self.sampling = evaluation.every_n_steps, Sampling.from_evaluation(evaluation)
+        self.out_dir, self.log = Path(run_dir) / EVAL_OUTPUTS_DIR, log
         self.done: set[int] = set()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.generate(model, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.cfg.every_n_steps > 0 and state.global_step % self.cfg.every_n_steps == 0:
+        if self.every > 0 and state.global_step % self.every == 0:
             self.generate(model, state.global_step)
 
     def on_save(self, args, state, control, model=None, **kwargs):
@@ -171,39 +173,24 @@ class EvalPromptsCallback(TrainerCallback):
     def generate(self, model, step: int) -> Path | None:
         out = self.out_dir / f"step_{step}.txt"
         # A resumed run starts at a step whose answers its checkpoint save already wrote.
-        if not self.cfg.prompts or not is_main_process() or step in self.done or out.exists():
+        if not self.prompts or not is_main_process() or step in self.done or out.exists():
             return None
         self.done.add(step)
         answers = self.answer_all(model)
         text = "".join(f"### Prompt {i}\n{p}\n### Answer {i}\n{a}\n\n" for i, (p, a) in enumerate(answers, 1))
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
+        write_text(out, text)
         self.log(f"evaluation prompts at step {step} -> {out}\n" + text.rstrip())
         return out
 
     def answer_all(self, model) -> list[tuple[str, str]]:
-        from common.templates import Turn, encode_turns, stop_words
+        from common.generation import Generator
 
         was_training = model.training
         config = model.config
         cache = config.use_cache
         checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
-        stops = stop_words(self.template, self.tokenizer)
-        stop_ids, stop_strings = {self.tokenizer.eos_token_id}, []
-        for word in stops:  # single-token stop words stop by id; the costlier string matcher only for the rest
-            ids = self.tokenizer.encode(word, add_special_tokens=False)
-            (stop_ids.add(ids[0]) if len(ids) == 1 else stop_strings.append(word))
-        sample = self.cfg.temperature > 0
-        gen = dict(max_new_tokens=self.cfg.max_new_tokens, do_sample=sample, eos_token_id=sorted(stop_ids),
-                   pad_token_id=self.tokenizer.pad_token_id)
-        if stop_strings:
-            gen.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
-        if sample:
-            gen.update(temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k)
-        else:  # greedy: silence the checkpoint's sampling defaults
-            gen.update(temperature=None, top_p=None, top_k=None)
+        generator = Generator(model, self.tokenizer, self.template)
+        system = [{"role": "system", "content": self.system}] if self.system else []
         device = next(model.parameters()).device
         answers = []
         try:
@@ -211,15 +198,10 @@ class EvalPromptsCallback(TrainerCallback):
             config.use_cache = True
             for m in checkpointed:
                 m.gradient_checkpointing = False
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-                for prompt in self.cfg.prompts:
-                    ids, _ = encode_turns(self.tokenizer, self.template, [Turn(input=prompt, output=None, system=self.system)])
-                    input_ids = torch.tensor([ids], device=device)
-                    new = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **gen)[0, len(ids):]
-                    answer = self.tokenizer.decode(new, skip_special_tokens=True)
-                    for word in stops:  # stop strings end the text but stay in it
-                        answer = answer.split(word)[0] if word else answer
-                    answers.append((prompt, answer.strip()))
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                for prompt in self.prompts:
+                    messages = system + [{"role": "user", "content": prompt}]
+                    answers.append((prompt, generator.generate(messages, self.sampling).text))
         finally:
             config.use_cache = cache
             for m in checkpointed:

@@ -9,9 +9,7 @@ pickles of a Trainer checkpoint are never opened at all.
 """
 from __future__ import annotations
 
-import ast
 import json
-import math
 import re
 import shutil
 import sys
@@ -20,18 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from common import safeload
+from common import artifacts, safeload
+from common.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from common.cli import UserError
-from common.rundir import RECIPE_FILE, find_recipe_file
+from common.xtuner_config import xtuner_config_hints
+from common.zero import zero_fp32_weights, zero_stage
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-MODEL_WEIGHTS_GLOBS = ("model*.safetensors", "pytorch_model*.bin")
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 DS_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-OUTPUT_NAME = "hf"
+OUTPUT_NAME = "hf"  # convert.py's default output: SRC's sibling hf/
 
 
 @dataclass
@@ -58,7 +53,7 @@ def read_source(src: Path, trust: bool = False) -> Checkpoint:
     for reader in READERS:
         if reader.matches(src):
             ckpt = reader.read(src, trust)
-            ckpt.recipe = ckpt.recipe or find_recipe_file(src if src.is_dir() else src.parent)
+            ckpt.recipe = ckpt.recipe or artifacts.find_recipe_file(src if src.is_dir() else src.parent)
             _add_recipe_hints(ckpt)
             return ckpt
     raise UserError(
@@ -76,7 +71,7 @@ class PeftDir:
 
     @staticmethod
     def read(src: Path, trust: bool) -> Checkpoint:
-        weights = next((src / n for n in ADAPTER_WEIGHTS if (src / n).is_file()), None)
+        weights = artifacts.adapter_weights(src)
         if weights is None:
             raise UserError(f"{src}: has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}")
         config = _read_json(src / ADAPTER_CONFIG)
@@ -85,7 +80,7 @@ class PeftDir:
             tensors=safeload.load_tensors(weights, trust=trust),
             base_candidates=[config.get("base_model_name_or_path") or ""],
             peft_dir=src,
-            tokenizer_dir=_tokenizer_dir(src),
+            tokenizer_dir=src if artifacts.has_tokenizer(src) else None,
         )
 
 
@@ -94,15 +89,15 @@ class HFModelDir:
 
     @staticmethod
     def matches(src: Path) -> bool:
-        return src.is_dir() and (src / "config.json").is_file() and any(_model_files(src))
+        return src.is_dir() and (src / artifacts.MODEL_CONFIG).is_file() and bool(artifacts.model_weight_files(src))
 
     @staticmethod
     def read(src: Path, trust: bool) -> Checkpoint:
         tensors = {}
-        for f in _model_files(src):
+        for f in artifacts.model_weight_files(src):
             tensors.update(safeload.load_tensors(f, trust=trust))
         return Checkpoint(kind="HF model directory", tensors=tensors,
-                          model_config_dir=src, tokenizer_dir=_tokenizer_dir(src))
+                          model_config_dir=src, tokenizer_dir=src if artifacts.has_tokenizer(src) else None)
 
 
 class DeepSpeedDir:
@@ -127,7 +122,7 @@ class DeepSpeedDir:
         if optim_files:
             shards = [safeload.load(f, trust=trust) for f in optim_files]
             tensors = zero_fp32_weights(state, shards, src)
-            kind = f"XTuner DeepSpeed ZeRO-{_zero_stage(shards[0], optim_files[0])} directory ({len(shards)} ranks)"
+            kind = f"XTuner DeepSpeed ZeRO-{zero_stage(shards[0], optim_files[0])} directory ({len(shards)} ranks)"
         else:  # saved without optimizer: fine for ZeRO-1/2, where `module` holds the full weights
             tensors = {k: v for k, v in (safeload.state_dict_in(state) or {}).items() if v.numel() > 0}
             if not tensors:
@@ -174,91 +169,12 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _model_files(src: Path) -> list[Path]:
-    for pattern in MODEL_WEIGHTS_GLOBS:  # safetensors first: never unpickle when there is no need
-        files = sorted(src.glob(pattern))
-        if files:
-            return files
-    return []
-
-
-def _tokenizer_dir(src: Path) -> Path | None:
-    return src if any((src / n).is_file() for n in TOKENIZER_FILES) else None
-
-
 def _natural_key(path: Path):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
-# --- DeepSpeed ZeRO: fp32 master weights from the per-rank optimizer shards -------------------------------------
-
-def _zero_stage(shard: dict, where: Path) -> int:
-    try:
-        stage = shard["optimizer_state_dict"]["zero_stage"]
-    except (KeyError, TypeError):
-        raise UserError(f"{where}: not a ZeRO optimizer shard (no optimizer_state_dict.zero_stage)") from None
-    return int(getattr(stage, "value", stage))  # ZeroStageEnum is a stand-in (or an IntEnum under trust)
-
-
-def zero_fp32_weights(model_state: dict, shards: list[dict], where: Path) -> dict[str, torch.Tensor]:
-    """Rebuild full fp32 parameters from ZeRO-1/2/3 shards, in the order of the model states' `param_shapes`."""
-    stage = _zero_stage(shards[0], where)
-    world = shards[0]["optimizer_state_dict"]["partition_count"]
-    world = max(world) if isinstance(world, (list, tuple)) else int(world)
-    if world != len(shards):
-        raise UserError(f"{where}: ZeRO ran on {world} ranks but {len(shards)} *_optim_states.pt files are here; "
-                        "a shard is missing or left from another run")
-    shapes = model_state.get("param_shapes")
-    if not isinstance(shapes, list):
-        raise UserError(f"{where}: model states have no `param_shapes`; cannot place the ZeRO shards")
-    groups = [[torch.as_tensor(t) for t in s["optimizer_state_dict"][
-        "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"]] for s in shards]
-    out = _unshard_zero12(shapes, groups, world, where) if stage <= 2 else _unshard_zero3(shapes, groups, world, where)
-    for name, partner in (model_state.get("shared_params") or {}).items():  # tied weights are stored once
-        if partner in out:
-            out[name] = out[partner]
-    return out
-
-
-def _unshard_zero12(shapes, groups, world, where) -> dict[str, torch.Tensor]:
-    # Each param group was flattened, padded to a multiple of 2*world, and cut into `world` equal slices.
-    out = {}
-    for g, group_shapes in enumerate(shapes):
-        flat = torch.cat([rank_groups[g] for rank_groups in groups])
-        offset = 0
-        for name, shape in group_shapes.items():
-            n = math.prod(shape)
-            out[name] = flat[offset:offset + n].view(tuple(shape)).clone()
-            offset += n
-        if _align(offset, 2 * world) != _align(flat.numel(), 2 * world):
-            raise UserError(f"{where}: param group {g} has {flat.numel()} values in its shards but its shapes "
-                            f"need {offset}; the shards do not belong to these model states")
-    return out
-
-
-def _unshard_zero3(shapes, groups, world, where) -> dict[str, torch.Tensor]:
-    # Every parameter is split on its own: rank i holds elements [i*k, (i+1)*k) with k = ceil(numel/world),
-    # the last slice zero-padded; a rank's flat buffer is its slices of all params in order.
-    flats = [torch.cat(rank_groups) for rank_groups in groups]
-    out, offset = {}, 0
-    for name, shape in ((n, s) for group_shapes in shapes for n, s in group_shapes.items()):
-        n = math.prod(shape)
-        k = math.ceil(n / world)
-        out[name] = torch.cat([f[offset:offset + k] for f in flats])[:n].view(tuple(shape)).clone()
-        offset += k
-    if offset != flats[0].numel():
-        raise UserError(f"{where}: each ZeRO-3 shard has {flats[0].numel()} values but the shapes need {offset}; "
-                        "the shards do not belong to these model states")
-    return out
-
-
-def _align(n: int, to: int) -> int:
-    return to * math.ceil(n / to)
-
-
 # --- hints: base model and LoRA hyper-parameters from mmengine meta, XTuner config text, or our recipe ----------
 
-LORA_KEYWORDS = ("r", "lora_alpha", "lora_dropout", "bias", "target_modules", "use_dora", "use_rslora")
 RECIPE_LORA_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "use_dora": "use_dora",
                     "use_rslora": "use_rslora", "bias": "bias"}
 
@@ -272,64 +188,18 @@ def _add_mmengine_meta(ckpt: Checkpoint, obj) -> None:
         ckpt.lora_hints = {**lora, **ckpt.lora_hints}
 
 
-def xtuner_config_hints(text: str) -> tuple[str | None, dict]:
-    """(pretrained_model_name_or_path, LoRA fields) from an XTuner config text. Parsed, never executed."""
-    try:
-        tree = ast.parse(text)
-    except (SyntaxError, ValueError):
-        return None, {}
-    constants = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                constants[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass
-
-    def value(node):
-        if isinstance(node, ast.Name):
-            return constants.get(node.id)
-        try:
-            return ast.literal_eval(node)
-        except ValueError:
-            return None
-
-    base, lora = constants.get("pretrained_model_name_or_path"), {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.keyword) and node.arg == "pretrained_model_name_or_path" and base is None:
-            base = value(node.value)
-        lora_call = _lora_call(node)
-        if lora_call is not None:
-            lora.update({kw.arg: value(kw.value) for kw in lora_call.keywords
-                         if kw.arg in LORA_KEYWORDS and value(kw.value) is not None})
-    return (base if isinstance(base, str) else None), lora
-
-
-def _lora_call(node) -> ast.Call | None:
-    """The `dict(...)` of `lora=dict(...)` (a keyword or a top-level assignment)."""
-    if isinstance(node, ast.keyword) and node.arg == "lora":
-        value = node.value
-    elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "lora" for t in node.targets):
-        value = node.value
-    else:
-        return None
-    return value if isinstance(value, ast.Call) else None
-
-
 def _add_recipe_hints(ckpt: Checkpoint) -> None:
     if ckpt.recipe is None:
         return
     try:
-        raw = yaml.safe_load(ckpt.recipe.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return  # the recipe is a hint here; train.py is where a broken one is an error
-    if not isinstance(raw, dict):
+        recipe = artifacts.run_recipe(ckpt.recipe.parent)
+    except UserError as e:  # the recipe is a hint here; train.py is where a broken one is an error
+        print(f"note: {ckpt.recipe} not used: {e}", file=sys.stderr)
         return
-    model, lora = raw.get("model") or {}, raw.get("lora") or {}
-    if isinstance(model, dict) and model.get("path"):
-        ckpt.base_candidates.append(str(model["path"]))
-    if isinstance(lora, dict):
-        from_recipe = {RECIPE_LORA_KEYS[k]: v for k, v in lora.items() if k in RECIPE_LORA_KEYS}
+    if recipe.model.path:
+        ckpt.base_candidates.append(recipe.model.path)
+    if recipe.lora is not None:
+        from_recipe = {RECIPE_LORA_KEYS[k]: getattr(recipe.lora, k) for k in RECIPE_LORA_KEYS}
         ckpt.lora_hints = {**from_recipe, **ckpt.lora_hints}  # the checkpoint's own config text wins
 
 
@@ -490,7 +360,7 @@ def copy_tokenizer(out: Path, ckpt: Checkpoint, base: str | None, notes: list[st
 
 def copy_recipe(out: Path, ckpt: Checkpoint) -> None:
     if ckpt.recipe is not None:
-        shutil.copy2(ckpt.recipe, out / RECIPE_FILE)
+        shutil.copy2(ckpt.recipe, out / artifacts.RECIPE_FILE)
 
 
 # --- output ------------------------------------------------------------------------------------------------------

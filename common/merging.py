@@ -15,18 +15,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import yaml
 from huggingface_hub import split_torch_state_dict_into_shards
 from huggingface_hub.serialization._base import parse_size_to_int  # the parser split_* uses; not re-exported
 from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import _getdtype, load_file, save_file
 
+from common import artifacts
 from common.cli import UserError
-from common.rundir import find_recipe_file
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model in adapter tensor names
 # Adapter tensor name suffix -> its part in the merge. lora_embedding_* are the Embedding layer's A and B.
 LORA_PARTS = {
@@ -62,46 +59,6 @@ def parse_size(text: str) -> int:
 def _problems(header: str, problems: list[str]) -> UserError:
     shown = problems[:MAX_PROBLEMS] + ([f"... and {len(problems) - MAX_PROBLEMS} more"] if len(problems) > MAX_PROBLEMS else [])
     return UserError(f"{header}: {len(problems)} problem{'s' * (len(problems) > 1)}:\n  - " + "\n  - ".join(shown))
-
-
-def is_adapter(path: Path) -> bool:
-    return (path / ADAPTER_CONFIG).is_file()
-
-
-def is_full_model(path: Path) -> bool:
-    return not is_adapter(path) and (path / "config.json").is_file()
-
-
-def base_model_path(adapter_dir: Path) -> str:
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: no `base_model_name_or_path`; pass it: merge.py BASE ADAPTER OUT")
-    return base
-
-
-def resolve_base(base: str) -> Path:
-    """A local model directory, or a hub id fetched (or found in the cache) through huggingface_hub."""
-    path = Path(base)
-    if path.is_dir():
-        return path
-    if path.is_absolute() or base.startswith(".") or base.count("/") != 1:
-        raise UserError(f"{base}: base model directory not found")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.jinja", "*.txt"]))
-    except Exception as e:  # offline, unknown repo, gated: all mean the same thing to the user
-        raise UserError(f"{base}: not a local directory and not downloadable from the hub ({type(e).__name__})") from None
-
-
-def quantized_training(adapter_dir: Path) -> str | None:
-    """The recipe's `model.quantization` (4bit/8bit) when the adapter comes from one of our runs."""
-    recipe = find_recipe_file(adapter_dir)
-    if recipe is None:
-        return None
-    raw = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
-    return (raw.get("model") or {}).get("quantization")
 
 
 # ----------------------------------------------------------------------------------------------------- base weights
@@ -216,13 +173,13 @@ class Adapter:
 
 
 def load_adapter(path: Path) -> Adapter:
-    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    config = json.loads((path / artifacts.ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "LORA":
-        raise UserError(f"{path / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r}; only LoRA adapters (LORA) can be merged")
+        raise UserError(f"{path / artifacts.ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r}; only LoRA adapters (LORA) can be merged")
     problems = [f"`{key}` is set: {why}; not supported by this merge" for key, why in UNSUPPORTED.items() if config.get(key)]
-    weights = next((path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()), None)
+    weights = artifacts.adapter_weights(path)
     if weights is None:
-        raise UserError(f"{path}: no adapter weights (expected {' or '.join(ADAPTER_WEIGHTS)})")
+        raise UserError(f"{path}: no adapter weights (expected {' or '.join(artifacts.ADAPTER_WEIGHTS)})")
     state = load_state(weights)
 
     parts: dict[str, dict] = {}
@@ -396,10 +353,6 @@ def write_shards(plan: MergePlan, out_dir: Path, max_shard_size: int) -> list[tu
     return written
 
 
-def has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
-
-
 def write_side_files(plan: MergePlan, out_dir: Path) -> str:
     """config.json and generation_config.json from the base; the tokenizer (with its chat template) from the adapter
     directory when it has one (our final/ does: the template used in training), else from the base. Returns a note."""
@@ -413,7 +366,7 @@ def write_side_files(plan: MergePlan, out_dir: Path) -> str:
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if (base_dir / "generation_config.json").is_file():
         shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
-    source = adapter_dir if has_tokenizer(adapter_dir) else base_dir if has_tokenizer(base_dir) else None
+    source = next((d for d in (adapter_dir, base_dir) if artifacts.has_tokenizer(d)), None)
     if source is None:
         return "no tokenizer in the adapter or base directory: the merged model has none"
     tokenizer = AutoTokenizer.from_pretrained(source)

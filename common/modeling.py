@@ -1,44 +1,66 @@
-"""Tokenizer and model loading from a recipe: dtype, bitsandbytes quantization, PEFT LoRA (or full fine-tuning)."""
+"""Tokenizer and model loading: the precision, bitsandbytes quantization, PEFT LoRA for training; the same loaders,
+plus an adapter on top, for generation (chat, eval, the server)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from common.cli import UserError
-from common.recipe import Recipe
 
 
-def _load_error(key: str, path: str, e: Exception) -> UserError:
+def _load_error(what: str, path, e: Exception) -> UserError:
     where = "" if Path(path).is_dir() else " (not a local directory, and no hub copy could be fetched)"
-    return UserError(f"`{key}`: cannot load {path}{where}: {str(e).splitlines()[0]}")
+    return UserError(f"{what}: cannot load {path}{where}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
 
 
-def load_tokenizer(recipe: Recipe):
+def load_tokenizer(path, trust_remote_code: bool = False, what: str = "`model.path`"):
     from transformers import AutoTokenizer
 
-    path = recipe.model.tokenizer or recipe.model.path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _load_error("model.tokenizer" if recipe.model.tokenizer else "model.path", path, e) from None
+        raise _load_error(what, path, e) from None
     if tokenizer.pad_token is None:  # batching needs one; padded positions carry label -100 anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def quantization_config(recipe: Recipe, compute_dtype: torch.dtype):
+def recipe_tokenizer(recipe):
+    m = recipe.model
+    return load_tokenizer(m.tokenizer or m.path, m.trust_remote_code, "`model.tokenizer`" if m.tokenizer else "`model.path`")
+
+
+def quantization_config(quantization: Optional[str], compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
-    if recipe.model.quantization == "4bit":  # QLoRA: NF4 storage, double-quantized scales
+    if quantization == "4bit":  # QLoRA: NF4 storage, double-quantized scales
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)
-    if recipe.model.quantization == "8bit":
+    if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
 
-def lora_config(recipe: Recipe):
+def load_causal_lm(path, dtype: torch.dtype, quantization: Optional[str] = None, trust_remote_code: bool = False,
+                   attn_implementation: Optional[str] = None, what: str = "`model.path`"):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    quant = quantization_config(quantization, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, ImportError, RuntimeError) as e:
+        raise _load_error(what, path, e) from None
+
+
+def lora_config(recipe):
     from peft import LoraConfig
 
     lora = recipe.lora
@@ -46,39 +68,15 @@ def lora_config(recipe: Recipe):
                       use_dora=lora.use_dora, use_rslora=lora.use_rslora, bias=lora.bias, task_type="CAUSAL_LM")
 
 
-def check_combination(recipe: Recipe, dtype: torch.dtype) -> None:
-    problems = []
-    if recipe.lora is None and recipe.model.quantization:
-        problems.append("`model.quantization` needs LoRA: quantized weights cannot be fully fine-tuned")
-    if dtype == torch.float16 and not torch.cuda.is_available():
-        problems.append("`model.dtype: float16` needs a GPU (fp16 mixed precision); use bfloat16 or float32 on CPU")
-    if recipe.model.quantization == "8bit" and recipe.lora is not None and recipe.lora.use_dora and not torch.cuda.is_available():
-        problems.append("`lora.use_dora` with `model.quantization: 8bit` fails in bitsandbytes' CPU backend; use 4bit or drop DoRA")
-    if recipe.model.attn_implementation in ("flash_attention_2", "flash_attention_3") and not torch.cuda.is_available():
-        problems.append(f"`model.attn_implementation: {recipe.model.attn_implementation}` needs a CUDA GPU")
-    if problems:
-        raise UserError("; ".join(problems))
-
-
-def load_model(recipe: Recipe, dtype: torch.dtype):
-    """The model ready for training: quantized + k-bit prepared and wrapped in LoRA as the recipe says."""
-    from transformers import AutoModelForCausalLM
-
-    check_combination(recipe, dtype)
-    kwargs = dict(dtype=dtype, trust_remote_code=recipe.model.trust_remote_code)
-    if recipe.model.attn_implementation:
-        kwargs["attn_implementation"] = recipe.model.attn_implementation
-    quant = quantization_config(recipe, dtype)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    try:
-        model = AutoModelForCausalLM.from_pretrained(recipe.model.path, **kwargs)
-    except (OSError, ValueError, ImportError) as e:
-        raise _load_error("model.path", recipe.model.path, e) from None
+def load_model(recipe, dtype: torch.dtype):
+    """The model ready for training: quantized + k-bit prepared and wrapped in LoRA as the recipe says (the recipe's
+    checks ran when it was loaded)."""
+    m = recipe.model
+    model = load_causal_lm(m.path, dtype, m.quantization, m.trust_remote_code, m.attn_implementation)
     # A KV cache during training makes transformers skip its packed-sequence mask: samples would attend across
     # boundaries. Generation (the eval callback) turns it back on for its own calls.
     model.config.use_cache = False
-    if quant is not None:
+    if m.quantization:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
@@ -88,6 +86,30 @@ def load_model(recipe: Recipe, dtype: torch.dtype):
 
         model = get_peft_model(model, lora_config(recipe))
     return model
+
+
+def load_for_generation(source, dtype: str = "auto", bits: Optional[int] = None):
+    """(model, tokenizer) of an artifacts.ModelSource, ready to generate: the precision chosen as for training
+    (`auto` by the hardware), an adapter loaded on top with PEFT."""
+    from transformers.utils import logging as hf_logging
+
+    from common.precision import resolve
+
+    hf_logging.disable_progress_bar()  # a chat's stderr is for the conversation
+    precision = resolve(dtype)
+    if precision.warning:
+        print(f"warning: {precision.warning}", file=sys.stderr)
+    trust = source.recipe.model.trust_remote_code if source.recipe else False
+    tokenizer = load_tokenizer(source.tokenizer_dir, trust, "tokenizer")
+    model = load_causal_lm(source.model, precision.dtype, f"{bits}bit" if bits else None, trust, what="model")
+    if source.adapter is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, source.adapter)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise _load_error("adapter", source.adapter, e) from None
+    return model.eval(), tokenizer
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -38,7 +38,7 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     path: Union[str, list[str]] = field(default_factory=list)
-    format: Literal["auto", "xtuner", "alpaca", "sharegpt", "openai"] = "auto"
+    format: str = "auto"  # auto (per file) or a reader of common/formats.py: xtuner | alpaca | sharegpt | openai
     template: str = "tokenizer"  # one of the XTuner names, or `tokenizer` for the tokenizer's chat template
     system: Optional[str] = None  # default system prompt for records without one
     max_length: int = 2048
@@ -191,21 +191,25 @@ def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
     return cls(**values)
 
 
-def _check_values(recipe: Recipe, problems: list[str], check_paths: bool = True) -> None:
-    from common.templates import TEMPLATES  # local: templates imports nothing from here
+def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check_machine: bool) -> None:
+    from transformers.trainer_utils import SchedulerType
 
+    from common.formats import READERS  # local: these import nothing from here
     from common.precision import canonical
+    from common.templates import NAMES
 
     d, t = recipe.data, recipe.train
     recipe.model.dtype = canonical(recipe.model.dtype)  # one spelling from here on: fp32 -> float32
     if not recipe.model.path:
         problems.append("`model.path` is required")
-    elif check_paths and not Path(recipe.model.path).exists() and not _could_be_hub_id(recipe.model.path):
+    elif for_training and not Path(recipe.model.path).exists() and not _could_be_hub_id(recipe.model.path):
         problems.append(f"`model.path`: {recipe.model.path} does not exist (download the model there first)")
-    if check_paths and not d.paths:
+    if for_training and not d.paths:
         problems.append("`data.path` is required")
-    if d.template != "tokenizer" and d.template not in TEMPLATES:
-        problems.append(f"`data.template`: unknown template `{d.template}`{_nearest(d.template, list(TEMPLATES) + ['tokenizer'])}")
+    if d.format != "auto" and d.format not in READERS:
+        problems.append(f"`data.format`: unknown format `{d.format}` (one of: auto, {', '.join(READERS)})")
+    if d.template not in NAMES:
+        problems.append(f"`data.template`: unknown template `{d.template}`{_nearest(d.template, NAMES)}")
     if d.max_length < 8:
         problems.append(f"`data.max_length`: got {d.max_length}, expected at least 8")
     if not 0.0 <= d.eval_fraction < 1.0:
@@ -217,6 +221,52 @@ def _check_values(recipe: Recipe, problems: list[str], check_paths: bool = True)
             problems.append(f"`train.{key}`: got {getattr(t, key)}, expected at least 1")
     if recipe.lora is None and recipe.model.quantization:
         problems.append("`model.quantization` needs LoRA: quantized weights cannot be fully fine-tuned (set `lora:` or drop quantization)")
+    if t.scheduler not in {s.value for s in SchedulerType}:
+        problems.append(f"`train.scheduler`: unknown scheduler `{t.scheduler}` (one of: {', '.join(s.value for s in SchedulerType)})")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        problems.append(f"`train.warmup_ratio`: got {t.warmup_ratio}, expected 0 <= x < 1")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        problems.append("`train.epochs` must be > 0 unless `train.max_steps` is set")
+    if check_machine:
+        _check_machine(recipe, problems)
+
+
+DEEPSPEED_PRESETS = ("zero2", "zero3")
+
+
+def _check_machine(recipe: Recipe, problems: list[str]) -> None:
+    """What this machine can do with the recipe: GPU-only features, the precision, DeepSpeed."""
+    import importlib.util
+    import json
+
+    import torch
+
+    from common.precision import resolve
+
+    cuda = torch.cuda.is_available()
+    m, ds = recipe.model, recipe.train.deepspeed
+    if resolve(m.dtype).dtype == torch.float16 and not cuda:
+        problems.append("`model.dtype: float16` needs a GPU (fp16 mixed precision); use auto, bfloat16 or float32 on CPU")
+    if m.quantization == "8bit" and recipe.lora is not None and recipe.lora.use_dora and not cuda:
+        problems.append("`lora.use_dora` with `model.quantization: 8bit` fails in bitsandbytes' CPU backend; use 4bit or drop DoRA")
+    if m.attn_implementation in ("flash_attention_2", "flash_attention_3") and not cuda:
+        problems.append(f"`model.attn_implementation: {m.attn_implementation}` needs a CUDA GPU")
+    if ds is None:
+        return
+    if ds not in DEEPSPEED_PRESETS:
+        try:
+            config = json.loads(Path(ds).read_text(encoding="utf-8"))
+            stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+            if stage not in (0, 1, 2, 3):
+                problems.append(f"`train.deepspeed`: {ds} needs `zero_optimization.stage` set to 0, 1, 2 or 3")
+        except OSError:
+            problems.append(f"`train.deepspeed`: {ds} is neither zero2, zero3 nor an existing JSON file")
+        except json.JSONDecodeError as e:
+            problems.append(f"`train.deepspeed`: {ds} is not valid JSON: {e}")
+    if importlib.util.find_spec("deepspeed") is None:
+        problems.append("`train.deepspeed` needs the deepspeed package (pip install deepspeed) on a CUDA machine")
+    elif not cuda:
+        problems.append("`train.deepspeed` is for GPU training; this machine has no CUDA device (drop the key on CPU)")
 
 
 def _could_be_hub_id(path: str) -> bool:
@@ -232,9 +282,11 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> Recipe:
-    """check_paths=False: a run's saved recipe read for its settings elsewhere (its model and data paths are
-    relative to where training ran)."""
+def load_recipe(path: str | Path, overrides: list[str] = (), for_training: bool = True,
+                check_machine: bool | None = None) -> Recipe:
+    """for_training=False: a run's saved recipe read for its settings elsewhere (its model and data paths are
+    relative to where training ran). check_machine (default: for_training): can this machine train it (GPU-only
+    features, precision, DeepSpeed); --dry-run checks the data without asking."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
@@ -255,14 +307,15 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_paths: bool =
             raw[keys[0]][keys[1]] = value
         else:
             problems.append(f"override `{text}`: expected SECTION.KEY=VALUE")
-    recipe = from_dict(raw, problems, where=str(path), check_paths=check_paths)
+    recipe = from_dict(raw, problems, where=str(path), for_training=for_training, check_machine=check_machine)
     recipe.source = str(path)
     if recipe.train.output_dir is None:
         recipe.train.output_dir = f"work_dirs/{path.stem}"
     return recipe
 
 
-def from_dict(raw: dict, problems: list[str] | None = None, where: str = "recipe", check_paths: bool = True) -> Recipe:
+def from_dict(raw: dict, problems: list[str] | None = None, where: str = "recipe", for_training: bool = True,
+              check_machine: bool | None = None) -> Recipe:
     problems = [] if problems is None else problems
     sections = {}
     for name, value in raw.items():
@@ -280,7 +333,7 @@ def from_dict(raw: dict, problems: list[str] | None = None, where: str = "recipe
             continue
         sections[name] = _build_section(cls, value, name, problems)
     recipe = Recipe(**sections)
-    _check_values(recipe, problems, check_paths)
+    _check_values(recipe, problems, for_training, for_training if check_machine is None else check_machine)
     if problems:
         n = len(problems)
         raise UserError(f"{where}: {n} problem{'s' if n > 1 else ''}:\n  - " + "\n  - ".join(problems))

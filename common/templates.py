@@ -1,10 +1,16 @@
-"""Prompt templates (data, in prompt_templates.json) and the one function that turns turns into tokens + labels.
+"""Prompt templates: one interface, two implementations, and the one place that turns turns into tokens + labels.
 
-Named templates reproduce XTuner's `template_map_fn` + `encode_fn` token for token. `tokenizer` uses the
-tokenizer's own chat template; its loss mask is derived by rendering growing prefixes of the conversation.
+- `TableTemplate`: an entry of XTuner's PROMPT_TEMPLATE table (data, in prompt_templates.json), encoded as XTuner's
+  `template_map_fn` + `encode_fn` encode it, token for token.
+- `TokenizerTemplate` (the name `tokenizer`): the tokenizer's own Jinja chat template; the loss mask is derived by
+  rendering growing prefixes of the conversation.
+
+Everything else (data, chat, evaluation, export) holds a `Template` and calls its methods; nothing outside this
+module asks which kind it has.
 """
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -14,24 +20,7 @@ from typing import Optional
 from common.cli import UserError
 
 IGNORE = -100
-TOKENIZER_TEMPLATE = "tokenizer"
-
-
-@dataclass(frozen=True)
-class Template:
-    name: str
-    instruction: str
-    system: Optional[str] = None  # None: the template has no place for a system prompt
-    suffix: str = ""
-    suffix_as_eos: bool = False
-    sep: str = ""
-    stop_words: tuple[str, ...] = ()
-
-    def prompt(self, input: str, round: int, system: Optional[str] = None) -> str:
-        text = self.instruction.format(input=input, round=round)
-        if system and self.system is not None:
-            text = self.system.format(system=system) + text
-        return text
+Segment = tuple[list[int], list[int]]  # one turn's (input_ids, labels)
 
 
 @dataclass
@@ -42,40 +31,44 @@ class Turn:
     train: bool = True  # False: the output is context only (openai `"loss": false`)
 
 
-def _load_table() -> tuple[dict[str, Template], dict[str, str]]:
-    raw = json.loads((Path(__file__).with_name("prompt_templates.json")).read_text(encoding="utf-8"))
-    keys = {"INSTRUCTION": "instruction", "SYSTEM": "system", "SUFFIX": "suffix",
-            "SUFFIX_AS_EOS": "suffix_as_eos", "SEP": "sep", "STOP_WORDS": "stop_words"}
-    templates = {
-        name: Template(name=name, **{keys[k]: tuple(v) if k == "STOP_WORDS" else v for k, v in fields.items()})
-        for name, fields in raw["PROMPT_TEMPLATE"].items()
-    }
-    return templates, raw["SYSTEM_TEMPLATE"]
+class Template:
+    """What every template offers. `encode` is the only way turns become tokens, for training, chat and export."""
+
+    name: str
+    has_system: bool  # False: the template has no place for a system prompt (it is dropped)
+
+    def encode(self, tokenizer, turns: list[Turn]) -> list[Segment]:
+        """Per turn: (input_ids, labels). Concatenated, they are the training sequence (or, when the last turn has
+        no output, the prompt to generate from)."""
+        raise NotImplementedError
+
+    def encode_ids(self, tokenizer, turns: list[Turn]) -> tuple[list[int], list[int]]:
+        ids, labels = [], []
+        for seg_ids, seg_labels in self.encode(tokenizer, turns):
+            ids += seg_ids
+            labels += seg_labels
+        return ids, labels
+
+    def own_stop_words(self) -> tuple[str, ...]:
+        return ()
+
+    def stop_words(self, tokenizer) -> list[str]:
+        """Text that ends an answer: the template's stop words and the tokenizer's EOS."""
+        words = list(self.own_stop_words())
+        if tokenizer.eos_token and tokenizer.eos_token not in words:
+            words.append(tokenizer.eos_token)
+        return words
+
+    def chat_template(self, tokenizer) -> str | None:
+        """The Jinja chat template that renders exactly what `encode` encodes (saved with the tokenizer)."""
+        raise NotImplementedError
+
+    def notes(self, tokenizer, conversations: list[list[Turn]]) -> list[str]:
+        """Things worth telling the user about this template on this tokenizer and data."""
+        return []
 
 
-TEMPLATES, SYSTEM_TEMPLATES = _load_table()
-
-
-def get_template(name: str) -> Template | str:
-    """A Template, or the string `tokenizer` for the tokenizer's own chat template."""
-    if name == TOKENIZER_TEMPLATE:
-        return name
-    if name not in TEMPLATES:
-        import difflib
-
-        near = difflib.get_close_matches(name, list(TEMPLATES), n=1)
-        raise UserError(f"unknown template `{name}`" + (f" (did you mean `{near[0]}`?)" if near else ""))
-    return TEMPLATES[name]
-
-
-def stop_words(template: Template | str, tokenizer) -> list[str]:
-    words = list(template.stop_words) if isinstance(template, Template) else []
-    if tokenizer.eos_token and tokenizer.eos_token not in words:
-        words.append(tokenizer.eos_token)
-    return words
-
-
-# ---------------------------------------------------------------- encoding
+# ---------------------------------------------------------------- XTuner's table
 
 @lru_cache(maxsize=200_000)
 def _encode_text(tokenizer, text: str) -> tuple[int, ...]:
@@ -83,105 +76,81 @@ def _encode_text(tokenizer, text: str) -> tuple[int, ...]:
     return tuple(tokenizer.encode(text, add_special_tokens=False))
 
 
-def encode_segments(tokenizer, template: Template | str, turns: list[Turn]) -> list[tuple[list[int], list[int]]]:
-    """Per turn: (input_ids, labels). Concatenated, they are the training sequence."""
-    if not turns:
-        return []
-    if template == TOKENIZER_TEMPLATE:
-        return _encode_with_chat_template(tokenizer, turns)
-    return _encode_with_template(tokenizer, template, turns)
+@dataclass(frozen=True)
+class TableTemplate(Template):
+    name: str
+    instruction: str
+    system: Optional[str] = None  # None: the template has no place for a system prompt
+    suffix: str = ""
+    suffix_as_eos: bool = False
+    sep: str = ""
+    stop_word_list: tuple[str, ...] = ()
 
+    @property
+    def has_system(self) -> bool:
+        return self.system is not None
 
-def encode_turns(tokenizer, template: Template | str, turns: list[Turn]) -> tuple[list[int], list[int]]:
-    ids, labels = [], []
-    for seg_ids, seg_labels in encode_segments(tokenizer, template, turns):
-        ids += seg_ids
-        labels += seg_labels
-    return ids, labels
+    def own_stop_words(self) -> tuple[str, ...]:
+        return self.stop_word_list
 
+    def prompt(self, input: str, round: int, system: Optional[str] = None) -> str:
+        text = self.instruction.format(input=input, round=round)
+        if system and self.system is not None:
+            text = self.system.format(system=system) + text
+        return text
 
-def _encode_with_template(tokenizer, template: Template, turns: list[Turn]):
-    # XTuner: BOS before the first turn and after every turn that ended with EOS; no BOS if the tokenizer has none.
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    eos = [] if template.suffix_as_eos else [tokenizer.eos_token_id]
-    if None in eos:
-        raise UserError(f"template `{template.name}` appends EOS, but the tokenizer has no eos_token")
-    segments, needs_bos = [], True
-    for i, turn in enumerate(turns, start=1):
-        prompt = list(_encode_text(tokenizer, template.prompt(turn.input, i, turn.system)))
-        ids = (bos if needs_bos else []) + prompt
-        labels = [IGNORE] * len(ids)
-        if turn.output is not None:
-            answer = list(_encode_text(tokenizer, turn.output + template.suffix)) + eos
-            sep = list(_encode_text(tokenizer, template.sep)) if template.sep else []
-            ids += answer + sep
-            labels += (answer if turn.train else [IGNORE] * len(answer)) + [IGNORE] * len(sep)
-            needs_bos = bool(eos)
-        segments.append((ids, labels))
-    return segments
+    def encode(self, tokenizer, turns: list[Turn]) -> list[Segment]:
+        # XTuner: BOS before the first turn and after every turn that ended with EOS; no BOS if the tokenizer has none.
+        bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+        eos = [] if self.suffix_as_eos else [tokenizer.eos_token_id]
+        if None in eos:
+            raise UserError(f"template `{self.name}` appends EOS, but the tokenizer has no eos_token")
+        segments, needs_bos = [], True
+        for i, turn in enumerate(turns, start=1):
+            prompt = list(_encode_text(tokenizer, self.prompt(turn.input, i, turn.system)))
+            ids = (bos if needs_bos else []) + prompt
+            labels = [IGNORE] * len(ids)
+            if turn.output is not None:
+                answer = list(_encode_text(tokenizer, turn.output + self.suffix)) + eos
+                sep = list(_encode_text(tokenizer, self.sep)) if self.sep else []
+                ids += answer + sep
+                labels += (answer if turn.train else [IGNORE] * len(answer)) + [IGNORE] * len(sep)
+                needs_bos = bool(eos)
+            segments.append((ids, labels))
+        return segments
 
+    def chat_template(self, tokenizer=None) -> str:
+        """Jinja that renders exactly what `encode` encodes (BOS/EOS as the tokenizer's tokens)."""
+        system = _format_jinja(self.system, system="ns.system") if self.system else ""
+        instruction = _format_jinja(self.instruction, input="message['content']", round="ns.round")
+        eos = "" if self.suffix_as_eos else "{{ eos_token }}{%- set ns.bos = true -%}"
+        return (
+            "{%- set ns = namespace(system='', round=0, bos=true) -%}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] -%}"
+            "{%- elif message['role'] == 'user' -%}"
+            "{%- if ns.bos and bos_token -%}{{ bos_token }}{%- endif -%}{%- set ns.bos = false -%}"
+            "{%- set ns.round = ns.round + 1 -%}"
+            + ("{%- if ns.system -%}" + system + "{%- endif -%}" if system else "")
+            + "{%- set ns.system = '' -%}"
+            + instruction
+            + "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}"
+            + (_lit(self.suffix) if self.suffix else "")
+            + eos
+            + (_lit(self.sep) if self.sep else "")
+            + "{%- endif -%}{%- endfor -%}"
+        )
 
-def chat_messages(turns: list[Turn]) -> list[dict]:
-    messages = []
-    for turn in turns:
-        if turn.system:
-            messages.append({"role": "system", "content": turn.system})
-        messages.append({"role": "user", "content": turn.input})
-        if turn.output is not None:
-            messages.append({"role": "assistant", "content": turn.output})
-    return messages
+    def notes(self, tokenizer, conversations: list[list[Turn]]) -> list[str]:
+        notes = []
+        bos = tokenizer.bos_token
+        if bos and tokenizer.bos_token_id is not None and self.prompt("", 1, "x").startswith(bos):
+            notes.append(f"the tokenizer's BOS token {bos} also starts template `{self.name}`, and XTuner's encoding "
+                         f"prepends BOS: samples start with it twice (use `template: tokenizer` for this model)")
+        if self.system is None and any(t.system for c in conversations for t in c):
+            notes.append(f"template `{self.name}` has no system format: system prompts in the data are ignored")
+        return notes
 
-
-def _render(tokenizer, messages, generation_prompt: bool) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception as e:  # jinja raises whatever the template author chose (often TemplateError)
-        raise UserError(f"the tokenizer's chat template cannot render this conversation: {e}") from None
-
-
-def _encode_with_chat_template(tokenizer, turns: list[Turn]):
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError("template `tokenizer` needs a tokenizer with a chat_template; name a template instead")
-    # Render growing prefixes: the text a turn adds after its generation prompt is its answer. Each render
-    # must extend the previous one, or the template rewrites history and no mask can be derived.
-    turn_starts, spans, text = [], [], ""
-    for k, turn in enumerate(turns):
-        upto = chat_messages(turns[: k + 1])
-        turn_starts.append(len(text))
-        if turn.output is None:
-            upto_prompt = upto
-        else:
-            upto_prompt = upto[:-1]
-        prompt = _render(tokenizer, upto_prompt, True)
-        if not prompt.startswith(text):
-            raise UserError(f"the tokenizer's chat template does not render turn {k + 1} as an extension of the earlier turns")
-        text = prompt
-        if turn.output is None:
-            break
-        full = _render(tokenizer, upto, False)
-        if not full.startswith(prompt):
-            raise UserError(f"the tokenizer's chat template renders turn {k + 1}'s answer so that the prompt is not its prefix")
-        # Train on the answer and its end-of-turn marker; trailing whitespace is the separator, as SEP is in XTuner.
-        if turn.train:
-            spans.append((len(prompt), len(full.rstrip())))
-        text = full
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = [IGNORE] * len(ids)
-    for n, (start, _) in enumerate(offsets):
-        if any(s <= start < e for s, e in spans):
-            labels[n] = ids[n]
-    # Split into per-turn segments at the first token of each turn's text.
-    cuts, t = [], 0
-    for n, (start, _) in enumerate(offsets):
-        while t < len(turn_starts) and start >= turn_starts[t]:
-            cuts.append(n)
-            t += 1
-    cuts = [0] + cuts[1:] + [len(ids)]
-    return [(ids[a:b], labels[a:b]) for a, b in zip(cuts, cuts[1:])]
-
-
-# ---------------------------------------------------------------- chat template export
 
 def _lit(text: str) -> str:
     return "{{ " + json.dumps(text) + " }}"
@@ -200,24 +169,110 @@ def _format_jinja(fmt: str, **variables: str) -> str:
     return "".join(out)
 
 
-def to_jinja(template: Template) -> str:
-    """A Jinja chat_template that renders exactly what encode_turns encodes (BOS/EOS as the tokenizer's tokens)."""
-    system = _format_jinja(template.system, system="ns.system") if template.system else ""
-    instruction = _format_jinja(template.instruction, input="message['content']", round="ns.round")
-    eos = "" if template.suffix_as_eos else "{{ eos_token }}{%- set ns.bos = true -%}"
-    return (
-        "{%- set ns = namespace(system='', round=0, bos=true) -%}"
-        "{%- for message in messages -%}"
-        "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] -%}"
-        "{%- elif message['role'] == 'user' -%}"
-        "{%- if ns.bos and bos_token -%}{{ bos_token }}{%- endif -%}{%- set ns.bos = false -%}"
-        "{%- set ns.round = ns.round + 1 -%}"
-        + ("{%- if ns.system -%}" + system + "{%- endif -%}" if system else "")
-        + "{%- set ns.system = '' -%}"
-        + instruction
-        + "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}"
-        + (_lit(template.suffix) if template.suffix else "")
-        + eos
-        + (_lit(template.sep) if template.sep else "")
-        + "{%- endif -%}{%- endfor -%}"
-    )
+# ---------------------------------------------------------------- the tokenizer's own chat template
+
+def chat_messages(turns: list[Turn]) -> list[dict]:
+    messages = []
+    for turn in turns:
+        if turn.system:
+            messages.append({"role": "system", "content": turn.system})
+        messages.append({"role": "user", "content": turn.input})
+        if turn.output is not None:
+            messages.append({"role": "assistant", "content": turn.output})
+    return messages
+
+
+class TokenizerTemplate(Template):
+    name = "tokenizer"
+    has_system = True  # whatever the Jinja does with it is the tokenizer author's choice
+
+    def chat_template(self, tokenizer) -> str | None:
+        return getattr(tokenizer, "chat_template", None)
+
+    @staticmethod
+    def _render(tokenizer, messages, generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja raises whatever the template author chose (often TemplateError)
+            raise UserError(f"the tokenizer's chat template cannot render this conversation: {e}") from None
+
+    def encode(self, tokenizer, turns: list[Turn]) -> list[Segment]:
+        if not turns:
+            return []
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("template `tokenizer` needs a tokenizer with a chat_template; name a template instead")
+        # Render growing prefixes: the text a turn adds after its generation prompt is its answer. Each render
+        # must extend the previous one, or the template rewrites history and no mask can be derived.
+        turn_starts, spans, text = [], [], ""
+        for k, turn in enumerate(turns):
+            upto = chat_messages(turns[: k + 1])
+            turn_starts.append(len(text))
+            prompt = self._render(tokenizer, upto if turn.output is None else upto[:-1], True)
+            if not prompt.startswith(text):
+                raise UserError(f"the tokenizer's chat template does not render turn {k + 1} as an extension of the earlier turns")
+            text = prompt
+            if turn.output is None:
+                break
+            full = self._render(tokenizer, upto, False)
+            if not full.startswith(prompt):
+                raise UserError(f"the tokenizer's chat template renders turn {k + 1}'s answer so that the prompt is not its prefix")
+            # Train on the answer and its end-of-turn marker; trailing whitespace is the separator, as SEP is in XTuner.
+            if turn.train:
+                spans.append((len(prompt), len(full.rstrip())))
+            text = full
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        labels = [IGNORE] * len(ids)
+        span = 0  # spans and token offsets both ascend: one pass
+        for n, (start, _) in enumerate(offsets):
+            while span < len(spans) and spans[span][1] <= start:
+                span += 1
+            if span < len(spans) and spans[span][0] <= start:
+                labels[n] = ids[n]
+        # Split into per-turn segments at the first token of each turn's text.
+        cuts, t = [], 0
+        for n, (start, _) in enumerate(offsets):
+            while t < len(turn_starts) and start >= turn_starts[t]:
+                cuts.append(n)
+                t += 1
+        cuts = [0] + cuts[1:] + [len(ids)]
+        return [(ids[a:b], labels[a:b]) for a, b in zip(cuts, cuts[1:])]
+
+
+# ---------------------------------------------------------------- the table, and finding a template by name
+
+def _load_table() -> tuple[dict[str, TableTemplate], dict[str, str]]:
+    raw = json.loads((Path(__file__).with_name("prompt_templates.json")).read_text(encoding="utf-8"))
+    keys = {"INSTRUCTION": "instruction", "SYSTEM": "system", "SUFFIX": "suffix",
+            "SUFFIX_AS_EOS": "suffix_as_eos", "SEP": "sep", "STOP_WORDS": "stop_word_list"}
+    templates = {
+        name: TableTemplate(name=name, **{keys[k]: tuple(v) if k == "STOP_WORDS" else v for k, v in fields.items()})
+        for name, fields in raw["PROMPT_TEMPLATE"].items()
+    }
+    return templates, raw["SYSTEM_TEMPLATE"]
+
+
+TEMPLATES, SYSTEM_TEMPLATES = _load_table()
+TOKENIZER = TokenizerTemplate()
+NAMES = [*TEMPLATES, TOKENIZER.name]  # every name a recipe or --prompt-template may use
+
+
+def nearest(name: str, options) -> str:
+    near = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean `{near[0]}`?)" if near else ""
+
+
+def get_template(name: str) -> Template:
+    if name == TOKENIZER.name:
+        return TOKENIZER
+    if name not in TEMPLATES:
+        raise UserError(f"unknown template `{name}`{nearest(name, NAMES)}")
+    return TEMPLATES[name]
+
+
+def system_from_template(name: str, bot_name: str) -> str:
+    """A system prompt from XTuner's SYSTEM_TEMPLATE table, with {bot_name} filled in."""
+    if name not in SYSTEM_TEMPLATES:
+        raise UserError(f"unknown system template `{name}`{nearest(name, SYSTEM_TEMPLATES)}; "
+                        f"known: {', '.join(SYSTEM_TEMPLATES)}")
+    return SYSTEM_TEMPLATES[name].format(bot_name=bot_name)

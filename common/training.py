@@ -1,8 +1,8 @@
-"""Trainer construction from a recipe: TRL SFTConfig/SFTTrainer on pre-tokenized rows, packing, atomic checkpoints
-with rotation, resume, the final self-describing output directory, DeepSpeed configs."""
+"""Trainer construction from a recipe: TRL SFTConfig/SFTTrainer on pre-tokenized rows, packing, checkpoints that
+appear whole (names and rotation from common.artifacts), the final self-describing output directory, DeepSpeed
+configs."""
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import logging
@@ -10,15 +10,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+from common import artifacts
 from common.cli import UserError
-from common.data import pack_rows
 from common.recipe import Recipe, save_recipe
-from common.rundir import FINAL_DIR, RECIPE_FILE, replace_dir
-
-STAGING_PREFIX = ".saving-"  # never matches `checkpoint-*`, so resume and rotation ignore half-written saves
+from common.samples import pack_rows
 
 # The Trainer fills the "auto" values from its own arguments (batch sizes, accumulation, clipping, precision).
 DEEPSPEED_PRESETS = {
@@ -33,57 +30,16 @@ DEEPSPEED_AUTO = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": 
 
 
 def deepspeed_config(value: str | None) -> dict | None:
-    """`train.deepspeed`: zero2 | zero3 | a JSON file. Checked here so a GPU user hears about mistakes before loading."""
+    """`train.deepspeed` (zero2 | zero3 | a JSON file, checked with the recipe) as the config the Trainer takes."""
     if value is None:
         return None
     if value in DEEPSPEED_PRESETS:
-        config = {**DEEPSPEED_AUTO, **DEEPSPEED_PRESETS[value]}
-    else:
-        path = Path(value)
-        if not path.is_file():
-            raise UserError(f"`train.deepspeed`: {value} is neither zero2, zero3 nor an existing JSON file")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"`train.deepspeed`: {value} is not valid JSON: {e}") from None
-        stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
-        if stage not in (0, 1, 2, 3):
-            raise UserError(f"`train.deepspeed`: {value} needs `zero_optimization.stage` set to 0, 1, 2 or 3")
-    if importlib.util.find_spec("deepspeed") is None:
-        raise UserError("`train.deepspeed` needs the deepspeed package (pip install deepspeed) on a CUDA machine")
-    if not torch.cuda.is_available():
-        raise UserError("`train.deepspeed` is for GPU training; this machine has no CUDA device (drop the key on CPU)")
-    return config
-
-
-def check_schedule(recipe: Recipe) -> None:
-    t = recipe.train
-    problems = []
-    try:
-        SchedulerType(t.scheduler)
-    except ValueError:
-        names = ", ".join(s.value for s in SchedulerType)
-        problems.append(f"`train.scheduler`: unknown scheduler `{t.scheduler}` (one of: {names})")
-    if not 0.0 <= t.warmup_ratio < 1.0:
-        problems.append(f"`train.warmup_ratio`: got {t.warmup_ratio}, expected 0 <= x < 1")
-    if t.max_steps <= 0 and t.epochs <= 0:
-        problems.append("`train.epochs` must be > 0 unless `train.max_steps` is set")
-    if problems:
-        raise UserError("; ".join(problems))
-
-
-def check_setup(recipe: Recipe, dtype: torch.dtype) -> None:
-    """The training setup's problems (schedule, DeepSpeed, model/hardware combinations) before any weights load."""
-    from common.modeling import check_combination
-
-    check_schedule(recipe)
-    deepspeed_config(recipe.train.deepspeed)
-    check_combination(recipe, dtype)
+        return {**DEEPSPEED_AUTO, **DEEPSPEED_PRESETS[value]}
+    return json.loads(Path(value).read_text(encoding="utf-8"))
 
 
 def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tqdm: bool) -> SFTConfig:
     t, d = recipe.train, recipe.data
-    check_schedule(recipe)
     every = recipe.evaluation.every_n_steps
     return SFTConfig(
         output_dir=t.output_dir,
@@ -112,7 +68,7 @@ def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tqdm:
         logging_first_step=True,  # the loss at the start is the reference for "is it learning"
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=None,  # rotation is ours: it also protects the checkpoint a run resumed from
+        save_total_limit=None,  # rotation is ours (artifacts.rotate), after each save is complete
         eval_strategy="steps" if has_eval and every > 0 else "no",  # train.py also evaluates once at the end
         eval_steps=every if has_eval and every > 0 else None,
         report_to=["tensorboard"],
@@ -120,12 +76,12 @@ def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tqdm:
         deepspeed=deepspeed_config(t.deepspeed),
         # Our rows are final: TRL keeps input_ids/labels as they are (it tokenizes and masks only rows without
         # input_ids/labels): no chat template, no completion/assistant masks, no EOS appended. Packing is ours
-        # (data.pack_rows); padding-free collation turns each row's seq_lengths into position ids that restart per sample,
+        # (samples.pack_rows); padding-free collation turns each row's seq_lengths into position ids that restart per sample,
         # which keeps attention inside samples. Rows are already cut to max_length, so TRL's truncation is off.
         max_length=None if d.pack else d.max_length,
         packing=False,
         padding_free=d.pack,
-        shuffle_dataset=False,  # data.pack_rows shuffled before packing; the sampler shuffles rows every epoch
+        shuffle_dataset=False,  # samples.pack_rows shuffled before packing; the sampler shuffles rows every epoch
         completion_only_loss=False,
         assistant_only_loss=False,
         dataset_num_proc=None,
@@ -180,35 +136,18 @@ class Trainer(SFTTrainer):
 
     def _save_checkpoint(self, model, trial):
         run_dir = Path(self.args.output_dir)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self._staging = run_dir / f"{STAGING_PREFIX}{self.state.global_step}"
+        name = f"{artifacts.CHECKPOINT_PREFIX}{self.state.global_step}"
+        self._staging = run_dir / f"{artifacts.STAGING_PREFIX}{self.state.global_step}"
         try:
             super()._save_checkpoint(model, trial)
         finally:
             staging, self._staging = self._staging, None
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging dir
         if self.args.should_save:
-            save_recipe(self.recipe, staging / name / RECIPE_FILE)
-            replace_dir(staging / name, run_dir / name)
+            save_recipe(self.recipe, staging / name / artifacts.RECIPE_FILE)
+            artifacts.replace_dir(staging / name, run_dir / name)
             shutil.rmtree(staging, ignore_errors=True)
-            self.rotate(run_dir)
-
-    def rotate(self, run_dir: Path) -> None:
-        limit = self.recipe.train.save_total_limit
-        if not limit or limit <= 0:
-            return
-        checkpoints = sorted(run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=checkpoint_step)
-        # Rotation runs after the new checkpoint is complete, so the one a run resumed from needs no protection:
-        # it is deleted once `limit` newer complete ones exist, like any other.
-        for path in checkpoints[:-limit]:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def checkpoint_step(path: Path) -> int:
-    try:
-        return int(path.name.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
+            artifacts.rotate(run_dir, self.recipe.train.save_total_limit)
 
 
 class _PackedRowsHint(logging.Filter):
@@ -259,54 +198,22 @@ def packing_efficiency(trainer: Trainer, max_length: int) -> tuple[int, int, flo
     return real, rows, real / max(rows * max_length, 1)
 
 
-def resolve_resume(run_dir: str | Path, resume: str | None) -> str | None:
-    """--resume auto: the newest complete checkpoint of the run (None: nothing to resume, start fresh);
-    --resume PATH: that checkpoint, or the newest one inside a run directory."""
-    if resume is None:
-        return None
-    path = Path(run_dir) if resume == "auto" else Path(resume)
-    if (path / "trainer_state.json").is_file():
-        return str(path)
-    last = get_last_checkpoint(str(path)) if path.is_dir() else None
-    if last is None and resume != "auto":
-        raise UserError(f"--resume {resume}: not a checkpoint directory (no trainer_state.json) nor a run holding checkpoint-N/")
-    return last
-
-
-def prepare_run_dir(run_dir: str | Path, resuming: bool, force: bool) -> Path:
-    """Refuse to train over an earlier run unless resuming it or told to (--force starts the run over)."""
-    run_dir = Path(run_dir)
-    earlier = sorted(p.name for p in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")) + (
-        [FINAL_DIR] if (run_dir / FINAL_DIR).exists() else [])
-    if earlier and not resuming:
-        if not force:
-            raise UserError(f"{run_dir} already holds a run ({', '.join(earlier[:3])}); "
-                            "--resume auto continues it, --force starts over, or set train.output_dir")
-        shutil.rmtree(run_dir)
-    for stale in run_dir.glob(f"{STAGING_PREFIX}*"):  # a save killed half-way
-        shutil.rmtree(stale, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def save_final(trainer: Trainer, recipe: Recipe, tokenizer) -> Path:
     """OUTPUT_DIR/final/: adapter (or full model) + tokenizer with its chat template + recipe.yaml, renamed into
     place when complete."""
     run_dir = Path(trainer.args.output_dir)
-    final, tmp = run_dir / FINAL_DIR, run_dir / f"{STAGING_PREFIX}{FINAL_DIR}"
+    final, tmp = run_dir / artifacts.FINAL_DIR, run_dir / f"{artifacts.STAGING_PREFIX}{artifacts.FINAL_DIR}"
     trainer.save_model(str(tmp))  # the tokenizer rides along (processing_class); DDP-safe: rank 0 writes
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         tokenizer.save_pretrained(str(tmp))
-        save_recipe(recipe, tmp / RECIPE_FILE)
-        replace_dir(tmp, final)
+        save_recipe(recipe, tmp / artifacts.RECIPE_FILE)
+        artifacts.replace_dir(tmp, final)
     trainer.accelerator.wait_for_everyone()
     return final
 
 
-def set_chat_template(tokenizer, template_name: str) -> None:
-    """Saved tokenizers carry the recipe's template as Jinja, so chat/merge render prompts exactly as training did."""
-    from common.templates import TEMPLATES, to_jinja
-
-    if template_name in TEMPLATES:
-        tokenizer.chat_template = to_jinja(TEMPLATES[template_name])
+def set_chat_template(tokenizer, template) -> None:
+    """Saved tokenizers carry the recipe's template as Jinja, so chat/merge/export render prompts exactly as training
+    did."""
+    tokenizer.chat_template = template.chat_template(tokenizer)

@@ -1,4 +1,4 @@
-"""chat.py and common/generation.py on a tiny random llama: prompts equal training's, stop words and EOS are never
+"""chat.py, common/repl.py and the generation core on a tiny random llama: prompts equal training's, stop words and EOS are never
 shown, the history is trimmed to the budget, piped and --once modes, run-directory resolution."""
 import io
 import subprocess
@@ -9,11 +9,14 @@ import pytest
 import torch
 
 import chat
-from common import generation, rundir
+from common import artifacts, generation, repl
 from common.cli import UserError
-from common.data import encode_conversations, load_conversations
+from common.formats import load_conversations
+from common.generation import Generator, Sampling
+from common.modeling import load_for_generation
 from common.recipe import DataConfig, EvaluationConfig, ModelConfig, Recipe, save_recipe
-from common.templates import IGNORE
+from common.samples import encode_conversations
+from common.templates import IGNORE, get_template, system_from_template
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = "你是一位心理咨询师。"
@@ -21,13 +24,24 @@ SYSTEM = "你是一位心理咨询师。"
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    return generation.load(generation.resolve_model(str(tiny_model_dir), None))
+    return load_for_generation(artifacts.resolve_model(str(tiny_model_dir)))
 
 
-def session(loaded, template="qwen_chat", max_length=512, **kwargs):
+def session(loaded, template="qwen_chat", max_length=512, system=None, extra_stop_words=(), **sampling):
     model, tokenizer = loaded
-    kwargs.setdefault("max_new_tokens", 16)
-    return generation.ChatSession(model, tokenizer, template, max_length, **kwargs)
+    sampling.setdefault("max_new_tokens", 16)
+    generator = Generator(model, tokenizer, get_template(template), max_length, list(extra_stop_words))
+    return repl.ChatSession(generator, Sampling(**sampling), system)
+
+
+def history(pairs):
+    """(user, answer) pairs as the session keeps them: messages."""
+    return [m for user, answer in pairs for m in ({"role": "user", "content": user}, {"role": "assistant", "content": answer})]
+
+
+def prompt_ids(chat_session, message):
+    messages, dropped = chat_session.fit(message)
+    return chat_session.generator.prompt_ids(messages), dropped
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +59,10 @@ def answer_start(labels):
 
 def greedy_ids(chat_session, message):
     """The answer ids generate() produces for message, without our stopping criterion."""
-    ids, _ = chat_session.prompt_ids(message)
-    out = chat_session.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                      generation_config=chat_session.generation_config())
+    ids, _ = prompt_ids(chat_session, message)
+    g = chat_session.generator
+    out = g.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           generation_config=g.generation_config(chat_session.sampling))
     return out[0, len(ids):].tolist()
 
 
@@ -58,12 +73,12 @@ def test_prompt_is_the_prompt_part_of_the_training_encoding(loaded, conversation
     _, tokenizer = loaded
     # Training's own path (data.encode_conversations, default system applied as train.py does), one row per
     # conversation; the chat, fed the same history, must produce that row up to where the last answer starts.
-    rows, _ = encode_conversations(conversations, tokenizer, template, 100_000, "split", default_system=SYSTEM)
+    rows, _ = encode_conversations(conversations, tokenizer, get_template(template), 100_000, "split", default_system=SYSTEM)
     assert len(rows) == len(conversations)
     for turns, row in zip(conversations, rows):
         s = session(loaded, template, max_length=100_000, system=turns[0].system or SYSTEM)
-        s.history = [(t.input, t.output) for t in turns[:-1]]
-        ids, dropped = s.prompt_ids(turns[-1].input)
+        s.history = history((t.input, t.output) for t in turns[:-1])
+        ids, dropped = prompt_ids(s, turns[-1].input)
         assert dropped == 0
         assert ids == row["input_ids"][: answer_start(row["labels"])]
 
@@ -72,27 +87,26 @@ def test_trimming_drops_oldest_turns_and_keeps_the_system_as_training_windows_do
     _, tokenizer = loaded
     turns = max(conversations, key=len)
     s = session(loaded, max_length=260, max_new_tokens=60, system=SYSTEM)
-    s.history = [(t.input, t.output) for t in turns[:-1]]
+    s.history = history((t.input, t.output) for t in turns[:-1])
     before = len(s.history)
-    ids, dropped = s.prompt_ids(turns[-1].input)
-    assert dropped >= 1 and len(s.history) == before - dropped
+    ids, dropped = prompt_ids(s, turns[-1].input)
+    assert dropped >= 1 and len(s.history) == before - 2 * dropped
     assert len(ids) <= s.budget == 200
     # Kept turns are the newest, with the system prompt moved onto the first of them (training's `split` windows).
     kept = turns[dropped:]
-    assert s.history == [(t.input, t.output) for t in kept[:-1]]
-    row = encode_conversations([kept], tokenizer, "qwen_chat", 100_000, "split", default_system=SYSTEM)[0][0]
+    assert s.history == history((t.input, t.output) for t in kept[:-1])
+    row = encode_conversations([kept], tokenizer, get_template("qwen_chat"), 100_000, "split", default_system=SYSTEM)[0][0]
     assert ids == row["input_ids"][: answer_start(row["labels"])]
     # One more dropped turn would also fit, so exactly the minimum was dropped.
-    longer = [(t.input, t.output) for t in turns[dropped - 1:-1]]
-    s.history = longer
-    assert s.prompt_ids(turns[-1].input)[1] == 1
+    s.history = history((t.input, t.output) for t in turns[dropped - 1:-1])
+    assert prompt_ids(s, turns[-1].input)[1] == 1
 
 
 def test_reply_reports_dropped_turns_and_a_message_alone_too_long_is_refused(loaded):
     s = session(loaded, max_length=120, max_new_tokens=20, temperature=0)
-    s.history = [("我最近很焦虑" * 5, "听起来你压力很大" * 5)] * 3
+    s.history = history([("我最近很焦虑" * 5, "听起来你压力很大" * 5)] * 3)
     reply = s.reply("你好")
-    assert reply.dropped >= 1 and s.history[-1] == ("你好", reply.text)
+    assert reply.dropped >= 1 and s.history[-2:] == history([("你好", reply.text)])
     kept = list(s.history)
     with pytest.raises(generation.PromptTooLong, match="more than the 100 the context allows"):
         s.reply("焦虑" * 200)
@@ -155,11 +169,11 @@ def whole_characters_only(loaded):
 def test_generation_stops_at_a_multi_token_stop_word_and_hides_it(loaded, whole_characters_only):
     _, tokenizer = loaded
     s = session(loaded, temperature=0, max_new_tokens=40)
-    s.history = [("你好", "你好，我在听。")]
+    s.history = history([("你好", "你好，我在听。")])
     ids = greedy_ids(s, "我最近很焦虑")
     j, word, before = clean_pair(tokenizer, ids)
     s = session(loaded, temperature=0, max_new_tokens=40, extra_stop_words=[word])
-    s.history = [("你好", "你好，我在听。")]
+    s.history = history([("你好", "你好，我在听。")])
     chunks = []
     reply = s.reply("我最近很焦虑", chunks.append)
     assert reply.text == "".join(chunks) == before and word not in reply.text
@@ -182,20 +196,21 @@ def test_generation_stops_at_eos_ids_from_generation_config_and_hides_them(loade
 
 def test_temperature_zero_is_greedy_and_repeatable(loaded):
     s = session(loaded, temperature=0, max_new_tokens=12)
-    assert s.generation_config().do_sample is False
+    assert s.generator.generation_config(s.sampling).do_sample is False
     first = s.reply("你好")
     assert first.cut and not first.interrupted  # 12 tokens, no stop word or EOS: reported as cut
     s.reset()
     assert s.reply("你好").text == first.text
-    sampled = session(loaded, temperature=0.7, top_k=40, top_p=0.9).generation_config()
+    sampled = session(loaded, temperature=0.7, top_k=40, top_p=0.9)
+    sampled = sampled.generator.generation_config(sampled.sampling)
     assert (sampled.do_sample, sampled.temperature, sampled.top_k, sampled.top_p) == (True, 0.7, 40, 0.9)
 
 
 def test_ctrl_c_stops_the_answer_and_keeps_what_was_shown(loaded, whole_characters_only):
     s = session(loaded, temperature=0, max_new_tokens=40)
-    s.history = [("你好", "你好，我在听。")]
+    s.history = history([("你好", "你好，我在听。")])
     full = s.reply("我最近很焦虑").text
-    s.history = [("你好", "你好，我在听。")]
+    s.history = history([("你好", "你好，我在听。")])
     shown = []
 
     def interrupt_after_first(text):  # Ctrl-C arriving while the answer streams
@@ -204,7 +219,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_what_was_shown(loaded, whole_characte
 
     reply = s.reply("我最近很焦虑", interrupt_after_first)
     assert reply.interrupted and reply.text == shown[0] and len(reply.text) < len(full)
-    assert s.history[-1] == ("我最近很焦虑", shown[0])
+    assert s.history[-2:] == history([("我最近很焦虑", shown[0])])
     assert s.reply("你好").text  # the session goes on
 
 
@@ -272,17 +287,17 @@ def test_no_run_yet_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 
 def test_system_template_fills_bot_name(tiny_model_dir):
-    assert "whose name is Ada" in generation.system_from_template("moss_sft", "Ada")
+    assert "whose name is Ada" in system_from_template("moss_sft", "Ada")
     args = chat.parse_args([str(tiny_model_dir), "--torch-dtype", "bf16"])
     assert args.torch_dtype == "bfloat16"
 
 
 def test_commands_act_on_the_session(loaded):
     s = session(loaded, temperature=0, max_new_tokens=4)
-    console = generation.Console(interactive=False, stream=True)
+    console = repl.Console(interactive=False, stream=True)
     lines = ["/system 你是一位心理咨询师。", "你好", "RESET", "你好", "/system", "EXIT", "never sent"]
-    generation.converse(s, console, enumerate(lines))
-    assert s.system is None and len(s.history) == 1  # RESET cleared the first turn; EXIT stopped before the last
+    repl.converse(s, console, enumerate(lines))
+    assert s.system is None and len(s.history) == 2  # RESET cleared the first turn; EXIT stopped before the last
 
 
 # ---------------------------------------------------------------- run directories
@@ -295,7 +310,7 @@ def run_dir(tmp_path_factory, tiny_model_dir, tokenizer):
 
     work = tmp_path_factory.mktemp("chat_run")
     run = work / "work_dirs" / "demo"
-    final = run / rundir.FINAL_DIR
+    final = run / artifacts.FINAL_DIR
     torch.manual_seed(1)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
@@ -307,22 +322,21 @@ def run_dir(tmp_path_factory, tiny_model_dir, tokenizer):
                                     max_length=300),
                     evaluation=EvaluationConfig(max_new_tokens=10, temperature=0))
     for d in (run, final):
-        save_recipe(recipe, d / rundir.RECIPE_FILE)
-    rundir.set_latest(run, work / "work_dirs")
+        save_recipe(recipe, d / artifacts.RECIPE_FILE)
+    artifacts.set_latest(run, work / "work_dirs")
     return work, run, model
 
 
 def test_latest_run_without_merge_is_the_adapter_on_its_base(run_dir, loaded, tiny_model_dir, monkeypatch, capsys):
     work, run, _ = run_dir
     monkeypatch.chdir(work)
-    source = generation.resolve_model(None, None)
+    source = artifacts.resolve_model(None)
     assert source.adapter == run / "final" and source.model == tiny_model_dir
-    assert generation.default_template(source) == "internlm2_chat" and generation.default_system(source) == SYSTEM
-    assert generation.max_length(source, None) == 300
+    assert source.recipe.data.template == "internlm2_chat" and source.recipe.data.system == SYSTEM
+    assert generation.context_length(source.recipe, None) == 300
     code, out, err = run_main(monkeypatch, capsys, ["--once", "你好"])
     assert code == 0, err
-    model, tokenizer = generation.load(source)
-    expected = generation.ChatSession(model, tokenizer, "internlm2_chat", 300, max_new_tokens=10, system=SYSTEM)
+    expected = session(load_for_generation(source), "internlm2_chat", 300, max_new_tokens=10, system=SYSTEM)
     assert out == expected.reply("你好").text + "\n"
     base = session(loaded, "internlm2_chat", 300, max_new_tokens=10, system=SYSTEM, temperature=0)
     assert out != base.reply("你好").text + "\n"  # the adapter is applied (its LoRA B is non-zero)
@@ -332,12 +346,12 @@ def test_latest_run_prefers_merged_and_answers_as_the_adapter_does(run_dir, toke
     work, run, peft_model = run_dir
     monkeypatch.chdir(work)
     code, from_adapter, _ = run_main(monkeypatch, capsys, ["--once", "我最近很焦虑", "--max-new-tokens", "8"])
-    merged = run / rundir.MERGED_DIR
+    merged = run / artifacts.MERGED_DIR
     peft_model.merge_and_unload().save_pretrained(merged)  # what merge.py writes
     tokenizer.save_pretrained(merged)
-    (merged / rundir.RECIPE_FILE).write_bytes((run / rundir.RECIPE_FILE).read_bytes())
-    assert generation.resolve_model(None, None).model == merged
-    assert generation.resolve_model(str(run), None).model == merged  # a run directory as MODEL
+    (merged / artifacts.RECIPE_FILE).write_bytes((run / artifacts.RECIPE_FILE).read_bytes())
+    assert artifacts.resolve_model(None).model == merged
+    assert artifacts.resolve_model(str(run)).model == merged  # a run directory as MODEL
     code2, from_merged, _ = run_main(monkeypatch, capsys, ["--once", "我最近很焦虑", "--max-new-tokens", "8"])
     assert code == code2 == 0 and from_merged == from_adapter and from_merged.strip()
 

@@ -33,7 +33,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import convert
 from common import safeload
-from common.converting import peft_key, xtuner_config_hints
+from common.converting import peft_key
+from common.xtuner_config import xtuner_config_hints
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.tensor([[1, 5, 9, 33, 4, 17, 2, 40, 41, 42]])

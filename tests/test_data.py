@@ -4,8 +4,9 @@ import json
 import pytest
 
 from common.cli import UserError
-from common.data import LoadReport, Stats, encode_conversations, load_conversations, make_samples, packing_stats
-from common.templates import IGNORE, TEMPLATES, Turn, encode_segments, encode_turns
+from common.formats import LoadReport, load_conversations
+from common.samples import Stats, encode_conversations, make_samples, packing_stats
+from common.templates import IGNORE, TEMPLATES, Turn, get_template
 
 
 def write(tmp_path, name, content):
@@ -76,7 +77,7 @@ def test_auto_detect_mixes_formats_in_order(tmp_path):
 
 def test_default_system_only_where_missing(tokenizer):
     convs = [[Turn("q", "r")], [Turn("q", "r", system="own")]]
-    rows, _ = encode_conversations(convs, tokenizer, "qwen_chat", 512, "cut", default_system="DEFAULT")
+    rows, _ = encode_conversations(convs, tokenizer, TEMPLATES["qwen_chat"], 512, "cut", default_system="DEFAULT")
     texts = [tokenizer.decode(r["input_ids"]) for r in rows]
     assert "system\nDEFAULT" in texts[0] and "system\nown" in texts[1] and "DEFAULT" not in texts[1]
 
@@ -176,12 +177,12 @@ CONV = [Turn(f"问题{k}" * 3, f"回答{k}" * 6, system="系统提示" if k == 0
 
 
 def seg_lengths(tokenizer, turns):
-    return [len(s[0]) for s in encode_segments(tokenizer, TEMPLATES["qwen_chat"], turns)]
+    return [len(s[0]) for s in TEMPLATES["qwen_chat"].encode(tokenizer, turns)]
 
 
 def samples(tokenizer, turns, max_length, mode, template="qwen_chat"):
     stats = Stats()
-    t = TEMPLATES[template] if template != "tokenizer" else template
+    t = get_template(template)
     return make_samples(tokenizer, t, turns, max_length, mode, stats), stats
 
 
@@ -191,13 +192,13 @@ def trained_text(tokenizer, sample):
 
 
 def test_cut_equals_foundation_encoding_truncated(tokenizer):
-    ids, labels = encode_turns(tokenizer, TEMPLATES["qwen_chat"], CONV)
+    ids, labels = TEMPLATES["qwen_chat"].encode_ids(tokenizer, CONV)
     out, stats = samples(tokenizer, CONV, 100, "cut")
     assert out == [(ids[:100], labels[:100])] and stats.truncated == 1
 
 
 def test_cut_drops_sample_without_trained_token(tokenizer):
-    first_prompt = len(encode_turns(tokenizer, TEMPLATES["qwen_chat"], [Turn(CONV[0].input, None, CONV[0].system)])[0])
+    first_prompt = len(TEMPLATES["qwen_chat"].encode_ids(tokenizer, [Turn(CONV[0].input, None, CONV[0].system)])[0])
     out, stats = samples(tokenizer, CONV, first_prompt, "cut")
     assert out == [] and stats.dropped == 1
 
@@ -238,7 +239,7 @@ def test_split_windows_system_and_each_answer_once(tokenizer):
 
 def test_split_restarts_round_numbers(tokenizer):
     t = TEMPLATES["chatglm2"]
-    out, _ = samples(tokenizer, CONV, len(encode_turns(tokenizer, t, CONV[:2])[0]), "split", template="chatglm2")
+    out, _ = samples(tokenizer, CONV, len(t.encode_ids(tokenizer, CONV[:2])[0]), "split", template="chatglm2")
     texts = [tokenizer.decode(ids) for ids, _ in out]
     assert len(texts) > 1 and all(t.count("[Round 1]") == 1 and "系统提示" in t for t in texts)
     assert "[Round 2]" in texts[0]  # a window of several turns numbers them from 1
@@ -252,7 +253,7 @@ def test_split_with_tokenizer_chat_template(tokenizer):
 
 def test_packing_split_samples(tokenizer):
     convs = [CONV, CONV[:2], CONV[:3]]
-    rows, stats = encode_conversations(convs, tokenizer, "qwen_chat", 90, "split")
+    rows, stats = encode_conversations(convs, tokenizer, TEMPLATES["qwen_chat"], 90, "split")
     n_rows, efficiency = packing_stats(rows, 300)
     assert stats.samples == len(rows) > 3 and n_rows < len(rows) and 0 < efficiency <= 1
 
@@ -269,7 +270,7 @@ def recipe_for(tmp_path, tiny_model_dir, *overrides):
 
 
 def test_encoded_rows_are_cached(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
-    import common.data as data
+    import common.dataset as data
 
     recipe = recipe_for(tmp_path, tiny_model_dir)
     rows, _, stats = data.build_datasets(recipe, tokenizer)
@@ -282,7 +283,7 @@ def test_encoded_rows_are_cached(tmp_path, tiny_model_dir, tokenizer, monkeypatc
 
 
 def test_eval_fraction_holds_out_conversations(tmp_path, tiny_model_dir, tokenizer):
-    from common.data import build_datasets
+    from common.dataset import build_datasets
 
     train, evals, stats = build_datasets(recipe_for(tmp_path, tiny_model_dir, "data.eval_fraction=0.25", "data.max_length=4096"), tokenizer)
     assert stats["records"] == 60 and len(evals) == 20 and len(train) == 60

@@ -33,8 +33,8 @@ def test_dry_run_prints_stats_and_marked_preview(tmp_path, tiny_model_dir):
 
 
 def test_dump_dataset_is_the_encoding_in_input_order(tmp_path, tiny_model_dir, tokenizer):
-    from common.data import load_conversations
-    from common.templates import TEMPLATES, encode_turns
+    from common.formats import load_conversations
+    from common.templates import TEMPLATES
 
     dump = tmp_path / "rows.jsonl"
     out = run(recipe(tmp_path, tiny_model_dir), "--dump-dataset", dump, "data.max_length=4096")
@@ -43,7 +43,7 @@ def test_dump_dataset_is_the_encoding_in_input_order(tmp_path, tiny_model_dir, t
     conversations = load_conversations([str(ROOT / "data" / "psych_sample.json")])
     assert len(rows) == len(conversations) == 80
     for row, turns in zip(rows, conversations):
-        ids, labels = encode_turns(tokenizer, TEMPLATES["qwen_chat"], turns)
+        ids, labels = TEMPLATES["qwen_chat"].encode_ids(tokenizer, turns)
         assert row == {"input_ids": ids, "labels": labels}
 
 

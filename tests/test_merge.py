@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import merge
-from common import rundir
+from common import artifacts
 
 warnings.filterwarnings("ignore", category=UserWarning)
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}> {{ m.content }} </s> {% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -231,23 +231,23 @@ def test_verify_catches_a_wrong_merge(tmp_path, base, monkeypatch):
 def test_no_arguments_merges_latest_run_final_into_merged(tmp_path, base, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "work_dirs" / "demo"
-    adapter = save_adapter(base, run_dir / rundir.FINAL_DIR)
+    adapter = save_adapter(base, run_dir / artifacts.FINAL_DIR)
     tok = tiny_tokenizer()
     tok.chat_template = "{{ 'trained template' }}"  # final/ carries the template used in training
     tok.save_pretrained(adapter)
-    (run_dir / rundir.RECIPE_FILE).write_text(f"model:\n  path: {base}\n  quantization: 4bit\n")
+    (run_dir / artifacts.RECIPE_FILE).write_text(f"model:\n  path: {base}\n  quantization: 4bit\n")
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
-    rundir.set_latest(run_dir)
+    artifacts.set_latest(run_dir)
     assert run() == 0
     text = capsys.readouterr().out
     assert "4bit" in text and "full-precision base" in text
     from transformers import AutoTokenizer
-    assert AutoTokenizer.from_pretrained(run_dir / rundir.MERGED_DIR).chat_template == "{{ 'trained template' }}"
+    assert AutoTokenizer.from_pretrained(run_dir / artifacts.MERGED_DIR).chat_template == "{{ 'trained template' }}"
     assert run() == 2  # merged/ exists now
     assert "--force" in capsys.readouterr().err
     assert run("--force") == 0  # the adapter alone also works, base from adapter_config.json
-    assert run(adapter, "--force") == 0 and (run_dir / rundir.MERGED_DIR / "config.json").is_file()
+    assert run(adapter, "--force") == 0 and (run_dir / artifacts.MERGED_DIR / "config.json").is_file()
 
 
 # ------------------------------------------------------------------------------------------------------- bad inputs

@@ -70,7 +70,7 @@ def test_one_spelling_with_aliases():
         ["float32", "float16", "bfloat16", "float32", "auto"]
     with pytest.raises(ValueError):
         precision.canonical("float64")
-    recipe = from_dict({"model": {"path": "m", "dtype": "bf16"}, "data": {"path": "d.json"}}, check_paths=False)
+    recipe = from_dict({"model": {"path": "m", "dtype": "bf16"}, "data": {"path": "d.json"}}, for_training=False)
     assert recipe.model.dtype == "bfloat16"
 
 

@@ -86,7 +86,7 @@ def test_run_recipe_read_elsewhere_needs_no_paths(tmp_path):
     path = write(tmp_path, "model: {path: models/elsewhere}\ndata: {template: qwen_chat, max_length: 300}\n")
     with pytest.raises(UserError, match="does not exist"):
         load_recipe(path)
-    r = load_recipe(path, check_paths=False)  # chat/merge reading a run's recipe.yaml from another directory
+    r = load_recipe(path, for_training=False)  # chat/merge reading a run's recipe.yaml from another directory
     assert r.data.template == "qwen_chat" and r.data.max_length == 300
     with pytest.raises(UserError, match="unknown template"):  # everything else is still checked
-        load_recipe(path, ["data.template=nope"], check_paths=False)
+        load_recipe(path, ["data.template=nope"], for_training=False)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from common.templates import IGNORE, SYSTEM_TEMPLATES, TEMPLATES, Turn, chat_messages, encode_segments, encode_turns, to_jinja
+from common.templates import IGNORE, SYSTEM_TEMPLATES, TEMPLATES, TOKENIZER, Turn, chat_messages, get_template
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "prompt_templates.json"
 
@@ -53,7 +53,7 @@ def test_table_equals_reference():
     assert len(TEMPLATES) == 27
     for name, spec in reference["PROMPT_TEMPLATE"].items():
         t = TEMPLATES[name]
-        assert (t.instruction, t.system, t.suffix, t.suffix_as_eos, t.sep, list(t.stop_words)) == (
+        assert (t.instruction, t.system, t.suffix, t.suffix_as_eos, t.sep, list(t.own_stop_words())) == (
             spec["INSTRUCTION"], spec.get("SYSTEM"), spec.get("SUFFIX", ""), spec.get("SUFFIX_AS_EOS", False),
             spec.get("SEP", ""), spec.get("STOP_WORDS", []))
     assert SYSTEM_TEMPLATES == reference["SYSTEM_TEMPLATE"]
@@ -65,11 +65,11 @@ def test_every_template_matches_xtuner_encoding(tokenizer, name):
     spec = {"INSTRUCTION": t.instruction, "SYSTEM": t.system or "", "SUFFIX": t.suffix,
             "SUFFIX_AS_EOS": t.suffix_as_eos, "SEP": t.sep}
     turns = CONVERSATION if t.system else [Turn(x.input, x.output) for x in CONVERSATION]
-    assert encode_turns(tokenizer, t, turns) == xtuner_reference(tokenizer, spec, turns)
+    assert t.encode_ids(tokenizer, turns) == xtuner_reference(tokenizer, spec, turns)
 
 
 def test_qwen_chat_text_and_mask(tokenizer):
-    ids, labels = encode_turns(tokenizer, TEMPLATES["qwen_chat"], CONVERSATION[:2])
+    ids, labels = TEMPLATES["qwen_chat"].encode_ids(tokenizer, CONVERSATION[:2])
     assert tokenizer.decode(ids) == (
         "<s><|im_start|>system\n你是一位心理咨询师<|im_end|>\n<|im_start|>user\n我最近总是失眠<|im_end|>\n"
         "<|im_start|>assistant\n我能理解你的困扰。能说说通常几点睡吗？<|im_end|>\n"
@@ -80,7 +80,7 @@ def test_qwen_chat_text_and_mask(tokenizer):
 
 def test_eos_and_bos_between_turns_when_suffix_is_not_eos(tokenizer):
     # llama2_chat has no SUFFIX and SUFFIX_AS_EOS false: EOS after each answer (trained), BOS again after it.
-    ids, labels = encode_turns(tokenizer, TEMPLATES["llama2_chat"], CONVERSATION[:2])
+    ids, labels = TEMPLATES["llama2_chat"].encode_ids(tokenizer, CONVERSATION[:2])
     text = tokenizer.decode(ids)
     assert text.count("<s>") == 2 and text.count("</s>") == 2
     assert text.startswith("<s>[INST] <<SYS>>\n") and "[/INST]我能理解" in text
@@ -89,19 +89,19 @@ def test_eos_and_bos_between_turns_when_suffix_is_not_eos(tokenizer):
 
 
 def test_chatglm2_round_numbers(tokenizer):
-    ids, _ = encode_turns(tokenizer, TEMPLATES["chatglm2"], CONVERSATION)
+    ids, _ = TEMPLATES["chatglm2"].encode_ids(tokenizer, CONVERSATION)
     text = tokenizer.decode(ids)
     assert "[Round 1]\n\n问：我最近总是失眠" in text and "[Round 3]\n\n问：好的，谢谢" in text
 
 
 def test_untrained_turn_and_no_bos_tokenizer(tokenizer):
     turns = [Turn("a", "b", train=False), Turn("c", "d")]
-    ids, labels = encode_turns(tokenizer, TEMPLATES["qwen_chat"], turns)
+    ids, labels = TEMPLATES["qwen_chat"].encode_ids(tokenizer, turns)
     assert tokenizer.decode([i for i, lab in zip(ids, labels) if lab != IGNORE]) == "d<|im_end|>"
     old = tokenizer.bos_token
     try:
         tokenizer.bos_token = None  # Qwen tokenizers have no BOS: nothing is prepended
-        ids2, _ = encode_turns(tokenizer, TEMPLATES["qwen_chat"], turns)
+        ids2, _ = TEMPLATES["qwen_chat"].encode_ids(tokenizer, turns)
     finally:
         tokenizer.bos_token = old
     assert ids2 == ids[1:]
@@ -111,20 +111,20 @@ def test_untrained_turn_and_no_bos_tokenizer(tokenizer):
 def test_jinja_chat_template_renders_the_training_text(tokenizer, name):
     t = TEMPLATES[name]
     turns = CONVERSATION if t.system else [Turn(x.input, x.output) for x in CONVERSATION]
-    ids, _ = encode_turns(tokenizer, t, turns)
-    rendered = tokenizer.apply_chat_template(chat_messages(turns), tokenize=False, chat_template=to_jinja(t))
+    ids, _ = t.encode_ids(tokenizer, turns)
+    rendered = tokenizer.apply_chat_template(chat_messages(turns), tokenize=False, chat_template=t.chat_template(tokenizer))
     assert rendered == tokenizer.decode(ids)
 
 
 def test_generation_prompt_is_prefix_of_training_encoding(tokenizer):
-    for template in [TEMPLATES["qwen_chat"], TEMPLATES["llama2_chat"], "tokenizer"]:
-        full, _ = encode_turns(tokenizer, template, CONVERSATION)
-        prompt, _ = encode_turns(tokenizer, template, CONVERSATION[:2] + [Turn(CONVERSATION[2].input, None)])
+    for template in [TEMPLATES["qwen_chat"], TEMPLATES["llama2_chat"], get_template("tokenizer")]:
+        full, _ = template.encode_ids(tokenizer, CONVERSATION)
+        prompt, _ = template.encode_ids(tokenizer, CONVERSATION[:2] + [Turn(CONVERSATION[2].input, None)])
         assert full[: len(prompt)] == prompt
 
 
 def test_tokenizer_template_mask_from_growing_prefixes(tokenizer):
-    segments = encode_segments(tokenizer, "tokenizer", CONVERSATION[:2])
+    segments = TOKENIZER.encode(tokenizer, CONVERSATION[:2])
     assert len(segments) == 2
     texts = [tokenizer.decode(s[0]) for s in segments]
     assert texts[0].startswith("<|im_start|>system\n你是一位心理咨询师<|im_end|>\n<|im_start|>user\n")
@@ -142,6 +142,6 @@ def test_tokenizer_template_that_rewrites_history_is_refused(tokenizer):
     tokenizer.chat_template = rewriting
     try:
         with pytest.raises(UserError, match="extension of the earlier turns|prefix"):
-            encode_segments(tokenizer, "tokenizer", CONVERSATION)
+            TOKENIZER.encode(tokenizer, CONVERSATION)
     finally:
         tokenizer.chat_template = old

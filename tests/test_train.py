@@ -73,7 +73,7 @@ def test_lora_run_writes_a_self_describing_run_dir(tmp_path, monkeypatch, tiny_m
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from common.templates import TEMPLATES, to_jinja
+    from common.templates import TEMPLATES
 
     monkeypatch.chdir(tmp_path)
     recipe = write_recipe(tmp_path, tiny_model_dir, data_file, data={"eval_fraction": 0.25})
@@ -86,7 +86,7 @@ def test_lora_run_writes_a_self_describing_run_dir(tmp_path, monkeypatch, tiny_m
     final = out / "final"
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "recipe.yaml"} <= {p.name for p in final.iterdir()}
     tok = AutoTokenizer.from_pretrained(final)
-    assert tok.chat_template == to_jinja(TEMPLATES["qwen_chat"])  # named template exported for chat/merge
+    assert tok.chat_template == TEMPLATES["qwen_chat"].chat_template(tok)  # named template exported for chat/merge
     assert yaml.safe_load((final / "recipe.yaml").read_text())["data"]["template"] == "qwen_chat"
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final)  # loads as PEFT
     assert (tmp_path / "work_dirs" / "latest").resolve() == out.resolve()
@@ -220,11 +220,13 @@ def test_packing_efficiency_on_psych_sample_at_512():
     """With the demo model's tokenizer, as the demo trains: whole samples, >= 97% of the slots filled."""
     from transformers import AutoTokenizer
 
-    from common.data import encode_conversations, load_conversations, pack_rows, packing_stats
+    from common.formats import load_conversations
+    from common.samples import encode_conversations, pack_rows, packing_stats
+    from common.templates import get_template
 
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
     conversations = load_conversations([str(ROOT / "data" / "psych_sample.json")])
-    rows, _ = encode_conversations(conversations, tokenizer, "tokenizer", 512, "split")
+    rows, _ = encode_conversations(conversations, tokenizer, get_template("tokenizer"), 512, "split")
     packed = pack_rows(rows, 512, shuffle=True, seed=0)
     real = sum(len(r["input_ids"]) for r in rows)
     assert sum(sum(r["seq_lengths"]) for r in packed) == real and all(len(r["input_ids"]) <= 512 for r in packed)
@@ -258,6 +260,27 @@ def test_eval_callback_writes_answers_and_restores_state(tmp_path, tiny_model_di
     assert torch.equal(torch.random.get_rng_state(), state)  # sampling did not move the training RNG
     assert callback.generate(model, 7) is None  # once per step
     assert "step 7" in (tmp_path / "train.log").read_text(encoding="utf-8")
+
+
+def test_eval_prompt_answers_equal_chat_once_greedy(tmp_path, monkeypatch, tiny_model_dir, data_file, capsys):
+    """One generation core: the answer written at the end of training and `chat.py --once` on the finished run are
+    the same text for the same prompt (greedy, the run's system prompt and stop words)."""
+    import re
+
+    import chat
+
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, data={"system": "你是心理咨询师。"},
+                          train={"max_steps": 2, "save_steps": 10},
+                          evaluation={"prompts": PROMPTS, "max_new_tokens": 16, "temperature": 0, "every_n_steps": 100})
+    assert run(recipe) == 0
+    written = (tmp_path / "recipe" / "eval_outputs" / "step_2.txt").read_text(encoding="utf-8")
+    answers = re.findall(r"### Answer \d+\n(.*?)\n\n(?=### Prompt|\Z)", written, flags=re.S)
+    assert len(answers) == 2 and any(a.strip() for a in answers), answers
+    capsys.readouterr()
+    for prompt, answer in zip(PROMPTS, answers):
+        chat.main(["--once", prompt, "--no-stream"])  # the latest run: final/ on its base, the run's settings
+        assert capsys.readouterr().out == answer + "\n"
 
 
 # ---------------------------------------------------------------- checkpoints, resume, interruption
@@ -384,17 +407,19 @@ def test_an_earlier_run_is_not_overwritten(tmp_path, monkeypatch, tiny_model_dir
     assert "--resume auto continues it, --force starts over" in capsys.readouterr().err
 
 
-def test_deepspeed_json_is_validated(tmp_path):
+def test_deepspeed_json_is_validated_with_the_recipe(tmp_path):
     from common.cli import UserError
-    from common.training import deepspeed_config
+    from common.recipe import from_dict
 
     bad = tmp_path / "ds.json"
+    raw = {"model": {"path": str(tmp_path)}, "data": {"path": "d.json"}, "train": {"deepspeed": str(bad), "warmup_ratio": 2}}
     bad.write_text('{"zero_optimization": {"stage": 7}}')
-    with pytest.raises(UserError, match="zero_optimization.stage"):
-        deepspeed_config(str(bad))
+    with pytest.raises(UserError, match="zero_optimization.stage") as e:
+        from_dict(raw)
+    assert "`train.warmup_ratio`" in str(e.value)  # reported together with the recipe's other problems
     bad.write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
-        deepspeed_config(str(bad))
+        from_dict(raw)
 
 
 # ---------------------------------------------------------------- distributed and the real model

@@ -1,0 +1,296 @@
+"""What a folder is: the one place that knows the on-disk artifacts, their file names, how to tell them apart, and
+how to read the run's recipe from any of them. Every script asks here.
+
+  OUTPUT_DIR/                   a run directory (train.output_dir)
+    recipe.yaml                 the run's resolved recipe
+    train.log  metrics.jsonl  loss.png  runs/ (TensorBoard)
+    eval_outputs/step_N.txt     evaluation-prompt answers during training
+    checkpoint-N/               Trainer checkpoints (adapter or full model, tokenizer, recipe.yaml, optimizer/RNG state)
+    final/                      PEFT adapter (or full model) + tokenizer with its chat template + recipe.yaml
+    merged/                     merge.py's default output: a full HF model (+ model-<type>.gguf, Modelfile)
+    eval/                       eval.py's report.md and report.json
+  work_dirs/latest -> OUTPUT_DIR (symlink to the newest run)
+
+Outputs appear whole or not at all: written under a temporary name beside their destination, then renamed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from common.cli import UserError
+
+WORK_DIRS = Path("work_dirs")
+LATEST = "latest"
+RECIPE_FILE = "recipe.yaml"
+LOG_FILE, METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR = "train.log", "metrics.jsonl", "loss.png", "runs"
+EVAL_OUTPUTS_DIR = "eval_outputs"
+FINAL_DIR, MERGED_DIR, EVAL_DIR = "final", "merged", "eval"
+CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's PREFIX_CHECKPOINT_DIR + "-"
+STAGING_PREFIX = ".saving-"  # never matches `checkpoint-*`, so resume and rotation ignore half-written saves
+TRAINER_STATE = "trainer_state.json"
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+MODEL_CONFIG = "config.json"
+MODEL_WEIGHTS_GLOBS = ("model*.safetensors", "pytorch_model*.bin")  # safetensors first: never unpickle needlessly
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+# ---------------------------------------------------------------- what a directory holds
+
+def is_adapter(path: Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def model_weight_files(path: Path) -> list[Path]:
+    for pattern in MODEL_WEIGHTS_GLOBS:
+        files = sorted(Path(path).glob(pattern))
+        if files:
+            return files
+    return []
+
+
+def is_full_model(path: Path) -> bool:
+    """config.json + weights, and no adapter config (a full fine-tune, a merged model, a base model)."""
+    path = Path(path)
+    return not is_adapter(path) and (path / MODEL_CONFIG).is_file() and bool(model_weight_files(path))
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def adapter_weights(path: Path) -> Path | None:
+    return next((Path(path) / name for name in ADAPTER_WEIGHTS if (Path(path) / name).is_file()), None)
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    """`base_model_name_or_path` of an adapter directory."""
+    try:
+        config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: not readable JSON ({e})") from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not base:
+        raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: no `base_model_name_or_path`; name the base model explicitly")
+    return base
+
+
+def resolve_base(base: str) -> Path:
+    """A local model directory, or a hub id fetched (or found in the cache) through huggingface_hub."""
+    path = Path(base)
+    if path.is_dir():
+        return path
+    if path.is_absolute() or base.startswith(".") or base.count("/") != 1:
+        raise UserError(f"{base}: base model directory not found")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.jinja", "*.txt"]))
+    except Exception as e:  # offline, unknown repo, gated: all mean the same thing to the user
+        raise UserError(f"{base}: not a local directory and not downloadable from the hub ({type(e).__name__})") from None
+
+
+# ---------------------------------------------------------------- runs and their recipe
+
+def find_recipe_file(path: str | Path) -> Path | None:
+    """recipe.yaml in the directory itself or in its run directory (for checkpoint-N/, final/, merged/)."""
+    path = Path(path)
+    for d in (path, path.parent):
+        if (d / RECIPE_FILE).is_file():
+            return d / RECIPE_FILE
+    return None
+
+
+def run_recipe(path: str | Path):
+    """The recipe of the run that `path` (a run dir, checkpoint, final/ or merged/) belongs to, or None. Its model and
+    data paths are relative to where training ran, so they are not checked here."""
+    from common.recipe import load_recipe
+
+    file = find_recipe_file(path)
+    return load_recipe(file, for_training=False) if file else None
+
+
+def set_latest(run_dir: str | Path, work_dirs: Path = WORK_DIRS) -> None:
+    """Point work_dirs/latest at run_dir, atomically (a symlink renamed over the old one)."""
+    work_dirs.mkdir(parents=True, exist_ok=True)
+    link, tmp = work_dirs / LATEST, work_dirs / f".{LATEST}.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(Path(run_dir).resolve(), target_is_directory=True)
+    os.replace(tmp, link)
+
+
+def latest_run(work_dirs: Path = WORK_DIRS) -> Path:
+    link = work_dirs / LATEST
+    if not link.exists():
+        raise UserError(f"{link}: no run recorded yet; train first (python train.py RECIPE) or pass a path")
+    return link.resolve()
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / RECIPE_FILE).is_file() and not (path / MODEL_CONFIG).is_file() and not is_adapter(path)
+
+
+def run_model(run: Path) -> Path:
+    """A run directory means its merged model, else its final adapter (or full model)."""
+    for name in (MERGED_DIR, FINAL_DIR):
+        if (run / name / MODEL_CONFIG).is_file() or is_adapter(run / name):
+            return run / name
+    raise UserError(f"{run}: neither {MERGED_DIR}/ nor {FINAL_DIR}/ holds a model (has training finished?)")
+
+
+@dataclass
+class ModelSource:
+    """What to load for generation: a full model, optionally an adapter on it, and the run's recipe if any."""
+
+    model: Path  # a full HF model directory
+    adapter: Optional[Path] = None  # a PEFT adapter loaded on top of `model`
+    recipe: Optional[object] = None  # the run's Recipe, when the model comes from one of our runs
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        # final/ holds the tokenizer saved with the chat template training used; the base may lack it
+        return self.adapter if self.adapter is not None and has_tokenizer(self.adapter) else self.model
+
+    @property
+    def run_dir(self) -> Path | None:
+        file = find_recipe_file(self.adapter or self.model) if self.recipe else None
+        return file.parent if file else None
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}" + (f" + {self.adapter}" if self.adapter else "")
+
+
+def resolve_model(model: Optional[str], adapter: Optional[str] = None) -> ModelSource:
+    """MODEL [--adapter DIR] -> what to load. No MODEL: the latest run. A run directory means its merged model (else
+    final/); an adapter directory as MODEL is loaded on the base named in its adapter_config.json."""
+    path = Path(model) if model else run_model(latest_run())
+    if model and not path.exists():
+        raise UserError(f"{path}: no such model directory")
+    if path.is_dir() and is_run_dir(path):
+        path = run_model(path)
+    adapter_dir = Path(adapter) if adapter else None
+    if adapter_dir is not None and not is_adapter(adapter_dir):
+        raise UserError(f"--adapter {adapter_dir}: no {ADAPTER_CONFIG} there (not a PEFT adapter directory)")
+    if adapter_dir is None and is_adapter(path):
+        adapter_dir, path = path, None
+    if path is None:
+        try:
+            path = resolve_base(adapter_base(adapter_dir))
+        except UserError as e:  # the base was named relative to where training ran
+            raise UserError(f"{e} (named in {adapter_dir}/{ADAPTER_CONFIG}); pass the base: "
+                            f"MODEL --adapter {adapter_dir}") from None
+    elif not (path / MODEL_CONFIG).is_file():
+        raise UserError(f"{path}: no {MODEL_CONFIG} (not a Hugging Face model directory)")
+    recipe = (run_recipe(adapter_dir) if adapter_dir and find_recipe_file(adapter_dir) else None) or run_recipe(path)
+    return ModelSource(path, adapter_dir, recipe)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def checkpoint_step(path: Path) -> int:
+    try:
+        return int(Path(path).name.removeprefix(CHECKPOINT_PREFIX))
+    except ValueError:
+        return -1
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    return sorted(Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*"), key=checkpoint_step)
+
+
+def rotate(run_dir: Path, limit: int | None) -> None:
+    """Keep the newest `limit` checkpoints. Called after a save is complete, so the one a run resumed from needs no
+    protection: it goes once `limit` newer complete ones exist, like any other."""
+    if limit and limit > 0:
+        for path in checkpoints(run_dir)[:-limit]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_resume(run_dir: str | Path, resume: str | None) -> str | None:
+    """--resume auto: the newest complete checkpoint of the run (None: nothing to resume, start fresh);
+    --resume PATH: that checkpoint, or the newest one inside a run directory."""
+    if resume is None:
+        return None
+    path = Path(run_dir) if resume == "auto" else Path(resume)
+    if (path / TRAINER_STATE).is_file():
+        return str(path)
+    found = [c for c in checkpoints(path) if (c / TRAINER_STATE).is_file()] if path.is_dir() else []
+    if not found and resume != "auto":
+        raise UserError(f"--resume {resume}: not a checkpoint directory (no {TRAINER_STATE}) nor a run holding {CHECKPOINT_PREFIX}N/")
+    return str(found[-1]) if found else None
+
+
+def prepare_run_dir(run_dir: str | Path, resuming: bool, force: bool) -> Path:
+    """Refuse to train over an earlier run unless resuming it or told to (--force starts the run over)."""
+    run_dir = Path(run_dir)
+    earlier = [p.name for p in checkpoints(run_dir)] + ([FINAL_DIR] if (run_dir / FINAL_DIR).exists() else [])
+    if earlier and not resuming:
+        if not force:
+            raise UserError(f"{run_dir} already holds a run ({', '.join(earlier[:3])}); "
+                            "--resume auto continues it, --force starts over, or set train.output_dir")
+        shutil.rmtree(run_dir)
+    for stale in run_dir.glob(f"{STAGING_PREFIX}*"):  # a save killed half-way
+        shutil.rmtree(stale, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+# ---------------------------------------------------------------- outputs appear whole or not at all
+
+def check_output(dst: Path, sources: list[Path], force: bool) -> None:
+    """Refuse before any work: an existing output without --force, or one that would replace an input."""
+    d = Path(dst).resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        if d == s or d in s.parents:
+            raise UserError(f"{dst}: the output would replace the input {src}; choose another output")
+    if (Path(dst).exists() or Path(dst).is_symlink()) and not force:
+        raise UserError(f"{dst}: already exists; pass --force to replace it, or choose another output")
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename src to dst. An existing dst is moved aside first and removed last (rename cannot replace a
+    directory), so an interruption never leaves neither."""
+    old = None
+    if dst.exists() or dst.is_symlink():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, old)
+    os.rename(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
+@contextmanager
+def atomic_dir(dst: Path):
+    """Yield a temp dir next to dst (same filesystem); when the block completes it becomes dst, and when the block
+    raises (SystemExit and Ctrl-C included) it is removed and dst is untouched."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, dst)
+
+
+def write_text(path: Path, text: str) -> None:
+    """A text file that appears whole: written beside its destination, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,83 @@
+"""What `train.py --dry-run` prints (statistics, the three truncation modes side by side, the first sample with its
+trained spans marked) and what `--dump-dataset` writes."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from common.formats import load_conversations
+from common.samples import encode_conversations
+from common.templates import IGNORE, get_template
+
+
+def format_stats(stats: dict, pack: bool) -> str:
+    answer = stats["answer_tokens"] or 1
+    lines = [
+        ("records", stats["records"]), ("turns", stats["turns"]), ("samples", stats["samples"]),
+        ("tokens", stats["tokens"]), ("trained tokens", stats["trained_tokens"]),
+        ("answer tokens trained", f"{stats['trained_tokens']} / {stats['answer_tokens']} "
+                                  f"({100 * stats['trained_tokens'] / answer:.1f}%)"),
+        ("answer tokens lost to shortening", stats["lost_to_shortening"]),
+        ("truncated", stats["truncated"]), ("dropped", stats["dropped"]), ("skipped", stats["skipped"]),
+    ]
+    if pack:
+        lines += [("packed rows", stats["packed_rows"]), ("packing efficiency", f"{100 * stats['packing_efficiency']:.1f}%")]
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)
+
+
+def preview(tokenizer, row: dict, color: bool) -> str:
+    """The sample as text with its trained spans marked: green on a terminal, [[...]] otherwise."""
+    start, end = ("\033[32m", "\033[0m") if color else ("[[", "]]")
+    out, span, trained = [], [], False
+    for token, label in zip(row["input_ids"], row["labels"]):
+        if (label != IGNORE) != trained and span:
+            text = tokenizer.decode(span)
+            out.append(f"{start}{text}{end}" if trained else text)
+            span = []
+        trained = label != IGNORE
+        span.append(token)
+    if span:
+        text = tokenizer.decode(span)
+        out.append(f"{start}{text}{end}" if trained else text)
+    return "".join(out)
+
+
+def compare_truncation(recipe, tokenizer) -> str:
+    """The three truncation modes side by side on the recipe's data: what each trains and loses."""
+    d = recipe.data
+    conversations = load_conversations(d.paths, d.format, "skip")
+    template = get_template(d.template)
+    lines = [f"  {'mode':<6}  {'answer tokens trained':>22}  {'dropped':>7}  {'samples':>7}  {'lost to shortening':>18}"]
+    for mode in ("cut", "turns", "split"):
+        _, st = encode_conversations(conversations, tokenizer, template, d.max_length, mode, d.system)
+        share = f"{100 * st.trained_tokens / max(st.answer_tokens, 1):.1f}%"
+        mark = " <- recipe" if mode == d.truncation else ""
+        lines.append(f"  {mode:<6}  {share:>22}  {st.dropped:>7}  {st.samples:>7}  {st.lost_to_shortening:>18}{mark}")
+    return "\n".join(lines)
+
+
+def print_dry_run(recipe, tokenizer, train_rows: list[dict], stats: dict) -> None:
+    d = recipe.data
+    print(f"recipe {recipe.source}: template {d.template}, max_length {d.max_length}, truncation {d.truncation}, "
+          f"pack {d.pack}")
+    print(format_stats(stats, d.pack))
+    print(f"\ntruncation modes at max_length {d.max_length}:")
+    print(compare_truncation(recipe, tokenizer))
+    print("\nfirst sample (trained spans marked):")
+    print(preview(tokenizer, train_rows[0], sys.stdout.isatty()))
+
+
+def dump_dataset(rows: list[dict], path: str | Path) -> None:
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {len(rows)} samples to {path}")
