@@ -23,11 +23,13 @@ demo-model: $(DEMO_MODEL)/config.json
 test: $(STAMP) demo-model
 	$(PY) -m pytest -q --durations=10 tests
 
-# Train (starting over if an earlier demo run exists), merge into shards with a logit check, then ask one question.
+# Train (starting over if an earlier demo run exists), merge into shards with a logit check, ask one question, then
+# compare the tuned model with its base on held-out conversations.
 demo: $(STAMP) demo-model
 	$(PY) train.py recipes/demo_smollm2.yaml --force
 	$(PY) merge.py --verify --max-shard-size 200MB
 	$(PY) chat.py --once "我最近总是失眠，晚上躺在床上脑子停不下来，怎么办？"
+	$(PY) eval.py --limit 1 --max-new-tokens 48
 
 bench: $(STAMP) demo-model
 	$(PY) bench/run.py

@@ -115,8 +115,9 @@ def main(argv=None) -> int:
         log(f"stopped at step {trainer.state.global_step}; continue with: python train.py {args.recipe} "
             f"{' '.join(args.overrides)} --resume auto".replace("  ", " "))
         return interrupt.exit_code
-    if eval_rows:
-        trainer.evaluate()
+    step = trainer.state.global_step
+    if eval_rows and not any("eval_loss" in h and h.get("step") == step for h in trainer.state.log_history):
+        trainer.evaluate()  # the final model's eval loss, unless the schedule just computed it
     final = save_final(trainer, recipe, tokenizer)
     if is_main_process():
         artifacts.set_latest(run_dir)

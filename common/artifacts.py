@@ -138,9 +138,10 @@ def is_run_dir(path: Path) -> bool:
     return (path / RECIPE_FILE).is_file() and not (path / MODEL_CONFIG).is_file() and not is_adapter(path)
 
 
-def run_model(run: Path) -> Path:
-    """A run directory means its merged model, else its final adapter (or full model)."""
-    for name in (MERGED_DIR, FINAL_DIR):
+def run_model(run: Path, adapter_first: bool = False) -> Path:
+    """A run directory means its merged model, else its final adapter (or full model); adapter_first: the other way
+    round (eval.py switches the adapter off to get the base)."""
+    for name in (FINAL_DIR, MERGED_DIR) if adapter_first else (MERGED_DIR, FINAL_DIR):
         if (run / name / MODEL_CONFIG).is_file() or is_adapter(run / name):
             return run / name
     raise UserError(f"{run}: neither {MERGED_DIR}/ nor {FINAL_DIR}/ holds a model (has training finished?)")
@@ -161,22 +162,24 @@ class ModelSource:
 
     @property
     def run_dir(self) -> Path | None:
-        file = find_recipe_file(self.adapter or self.model) if self.recipe else None
-        return file.parent if file else None
+        """The run directory the adapter (or model) is part of (final/, merged/, checkpoint-N/ of a run)."""
+        path = Path(self.adapter or self.model)
+        return next((d for d in (path, path.parent) if is_run_dir(d)), None)
 
     @property
     def name(self) -> str:
         return f"{self.model}" + (f" + {self.adapter}" if self.adapter else "")
 
 
-def resolve_model(model: Optional[str], adapter: Optional[str] = None) -> ModelSource:
+def resolve_model(model: Optional[str], adapter: Optional[str] = None, adapter_first: bool = False) -> ModelSource:
     """MODEL [--adapter DIR] -> what to load. No MODEL: the latest run. A run directory means its merged model (else
-    final/); an adapter directory as MODEL is loaded on the base named in its adapter_config.json."""
-    path = Path(model) if model else run_model(latest_run())
+    final/; adapter_first: final/ first); an adapter directory as MODEL is loaded on the base named in its
+    adapter_config.json."""
+    path = Path(model) if model else run_model(latest_run(), adapter_first)
     if model and not path.exists():
         raise UserError(f"{path}: no such model directory")
     if path.is_dir() and is_run_dir(path):
-        path = run_model(path)
+        path = run_model(path, adapter_first)
     adapter_dir = Path(adapter) if adapter else None
     if adapter_dir is not None and not is_adapter(adapter_dir):
         raise UserError(f"--adapter {adapter_dir}: no {ADAPTER_CONFIG} there (not a PEFT adapter directory)")
