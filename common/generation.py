@@ -182,12 +182,14 @@ class Generator:
         return config
 
     def generate(self, messages: list[dict], sampling: Sampling, on_text: Callable[[str], None] = lambda text: None,
-                 cancelled: Callable[[], bool] = lambda: False) -> Completion:
+                 cancelled: Callable[[], bool] = lambda: False, stop: list[str] = ()) -> Completion:
         """Answer the conversation. The visible text streams to on_text as it becomes safe to show; `cancelled()` is
-        asked after each token (a client that went away). Ctrl-C ends the answer early with what was shown."""
+        asked after each token (a client that went away); `stop` adds stop words for this call. Ctrl-C ends the
+        answer early with what was shown."""
         ids = self.prompt_ids(messages)
         self.check_fits(len(ids), sampling)
-        stream = StopWordStream(self.tokenizer, len(ids), self.stop_words, self.eos_ids, on_text, cancelled)
+        stop_words = self.stop_words + [w for w in stop if w]
+        stream = StopWordStream(self.tokenizer, len(ids), stop_words, self.eos_ids, on_text, cancelled)
         input_ids = torch.tensor([ids], device=self.model.device)
         interrupted = False
         device = input_ids.device
