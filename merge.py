@@ -3,8 +3,11 @@
     python merge.py                                   # latest run: RUN/final -> RUN/merged
     python merge.py work_dirs/demo/final              # base from adapter_config.json; output work_dirs/demo/merged
     python merge.py BASE ADAPTER OUT --max-shard-size 2GB --dtype bf16 --verify
+    python merge.py --gguf q8_0 --verify              # also OUT/model-q8_0.gguf + an Ollama Modelfile, proved
+    python merge.py work_dirs/demo/merged --gguf f16  # a model merged earlier (or a full fine-tune): GGUF only
 
-Memory stays near one output shard plus the adapter (XTuner's `convert merge` loads the whole model).
+Memory stays near one output shard plus the adapter (XTuner's `convert merge` loads the whole model); the GGUF
+export streams tensor by tensor too.
 """
 import argparse
 import resource
@@ -12,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import artifacts, merging
+from common import artifacts, gguf_export, merging, ollama
 from common.cli import UserError, main_guard
 from common.precision import CHOICES, DTYPES, canonical
 
@@ -24,7 +27,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=CHOICES,
                    help="dtype the merged weights are stored in (the merge itself runs in float32); auto: the base's")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where B @ A is computed")
-    p.add_argument("--verify", action="store_true", help="compare logits with PEFT's base + adapter (loads both, float64)")
+    p.add_argument("--gguf", choices=gguf_export.TYPES, help="also write OUT/model-TYPE.gguf (llama, qwen2) and an "
+                   "Ollama Modelfile, from the training template")
+    p.add_argument("--verify", action="store_true", help="compare logits with PEFT's base + adapter (loads both, float64); "
+                   "with --gguf, also load the GGUF back and compare it with the merged model")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")
     return p.parse_args(argv)
 
@@ -69,13 +75,45 @@ def print_verify(report: dict, out: Path) -> bool:
     return report["ok"]
 
 
+def ship_gguf(model_dir: Path, out: Path, qtype: str, recipe, verify: bool) -> bool:
+    """The GGUF + Modelfile in model_dir (which becomes OUT); with verify, loaded back and checked."""
+    start = time.time()
+    path, modelfile, why = gguf_export.ship(model_dir, qtype, recipe, out.resolve().parent.name)
+    print(f"GGUF: {out / path.name} ({path.stat().st_size / 1e6:.1f} MB) in {time.time() - start:.1f}s, "
+          f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(f"Modelfile: {out / modelfile.name} (ollama create NAME -f {out / modelfile.name})" if modelfile
+          else f"note: no Modelfile: {why}")
+    if not verify:
+        return True
+    r = gguf_export.verify(model_dir, path, qtype, recipe)
+    if qtype == "q8_0":
+        print(f"verify: GGUF q8_0 vs the merged model, greedy answers to the evaluation prompts: the GGUF picks the "
+              f"same token at {100 * r['greedy_token_agreement']:.1f}% of {r['tokens']} positions (limit 90%)")
+    else:
+        print(f"verify: GGUF {qtype} vs the merged model{' rounded to f16 (what the file stores)' * (qtype == 'f16')}: "
+              f"max |logit diff| {r['max_abs_diff']:.3g} (limit {r['limit']:g}); vs float32: {r['max_abs_diff_vs_float32']:.3g}")
+    print(f"verify: the GGUF's chat template gives the training token ids: {'yes' if r['chat_template_ids_equal'] else 'NO'}"
+          + (f"; the Modelfile's TEMPLATE too: {'yes' if r['modelfile_ids_equal'] else 'NO'}" if "modelfile_ids_equal" in r else ""))
+    print("verify: OK" if r["ok"] else f"verify FAILED: the GGUF does not match; nothing written to {out}", file=sys.stdout if r["ok"] else sys.stderr)
+    return r["ok"]
+
+
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the report is the merge's own lines
     base_arg, adapter_dir, out = resolve_paths(args.paths)
     if not adapter_dir.is_dir():
         raise UserError(f"{adapter_dir}: adapter directory not found")
     if artifacts.is_full_model(adapter_dir):  # a full fine-tune: merging is idempotent, not an error
+        if args.gguf:  # export the model in place: its GGUF and Modelfile appear beside its shards
+            artifacts.check_output(gguf_export.gguf_path(adapter_dir, args.gguf), [], args.force)
+            modelfile = adapter_dir / "Modelfile"  # ours is regenerated for the newest GGUF; one edited by hand is kept
+            if modelfile.is_file() and not modelfile.read_text(encoding="utf-8").startswith(ollama.HEADER):
+                artifacts.check_output(modelfile, [], args.force)
+            return 0 if ship_gguf(adapter_dir, adapter_dir, args.gguf, artifacts.run_recipe(adapter_dir), args.verify) else 1
         print(f"{adapter_dir} is already a full model (config.json + weights, no {artifacts.ADAPTER_CONFIG}): "
               f"nothing to merge; load it directly, e.g. python chat.py {adapter_dir}")
         return 0
@@ -115,6 +153,8 @@ def main(argv=None):
         print(f"{len(shards)} shard(s), {sum(s for _, s in shards) / 1e6:.1f} MB (limit {max_shard_size / 1e6:.1f} MB per shard), "
               f"merged in {seconds:.1f}s, process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
         if args.verify and not print_verify(merging.verify(plan, tmp, device), out):
+            raise SystemExit(1)
+        if args.gguf and not ship_gguf(tmp, out, args.gguf, recipe, args.verify):
             raise SystemExit(1)
     print(f"wrote {out}")
     return 0

@@ -1,0 +1,281 @@
+"""A merged HF model directory -> one GGUF file, with the `gguf` package's writer, tensor-name maps and vocab helpers
+(no llama.cpp build). Tensors stream from the memory-mapped safetensors one at a time, so memory stays near the
+largest tensor; the file is written under a temporary name and renamed when complete.
+
+The GGUF carries the tokenizer (byte-level BPE: tokens, types, merges, special ids, the pre-tokenizer's name) and,
+as `tokenizer.chat_template`, the training template as Jinja, so llama.cpp, Ollama and transformers render prompts
+as training did.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.cli import UserError
+
+TYPES = ("f32", "f16", "q8_0")
+FILE_NAME = "model-{type}.gguf"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    gguf_arch: object  # gguf.MODEL_ARCH
+    permute_qk: bool  # llama.cpp's llama graph expects q/k rows in Meta's rotary order; transformers undoes it on load
+
+
+def architectures() -> dict[str, Architecture]:
+    import gguf
+
+    return {"llama": Architecture(gguf.MODEL_ARCH.LLAMA, True), "qwen2": Architecture(gguf.MODEL_ARCH.QWEN2, False)}
+
+
+def gguf_path(out_dir: Path, qtype: str) -> Path:
+    return Path(out_dir) / FILE_NAME.format(type=qtype)
+
+
+def _permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF's rotary layout (halves) -> the interleaved pairs llama.cpp's llama graph rotates."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def pre_tokenizer_name(tokenizer) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for the way this tokenizer splits text before BPE: GPT-2's built-in
+    regex, or a Split regex that transformers' GGUF reader knows by name. Anything else would tokenize differently
+    in llama.cpp, so it is refused rather than guessed."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = steps[0].get("pattern", {}).get("Regex")
+        names = [name for name, split in GGUF_PRE_TOKENIZER_SPLITS.items() if split == regex]
+        if names:
+            return names[0]
+    raise UserError(f"GGUF export: the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) is not one "
+                    "llama.cpp knows by name (GPT-2's, Qwen2's, Llama-3's...): the GGUF would tokenize differently")
+
+
+def _vocab(tokenizer, model_dir: Path, vocab_size: int):
+    """(tokens, token types): the BPE vocabulary as gguf's BpeVocab reads it, special added tokens as CONTROL,
+    other added tokens as USER_DEFINED, and padding rows up to the embedding size as UNUSED."""
+    import gguf
+    from gguf.vocab import BpeVocab
+
+    try:
+        vocab = BpeVocab(model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"GGUF export needs a byte-level BPE tokenizer (tokenizer.json): {e}") from None
+    tokens = [t if isinstance(t, str) else t.decode("utf-8") for t, _, _ in vocab.all_tokens()]
+    types = [int(gguf.TokenType.NORMAL)] * len(tokens)
+    for token_id, added in tokenizer.added_tokens_decoder.items():
+        if token_id < len(types):
+            types[token_id] = int(gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED)
+    if len(tokens) > vocab_size:
+        raise UserError(f"GGUF export: the tokenizer has {len(tokens)} tokens, the model's embedding only {vocab_size}")
+    for i in range(len(tokens), vocab_size):  # rows the model has but the tokenizer never produces
+        tokens.append(f"[PAD{i}]")
+        types.append(int(gguf.TokenType.UNUSED))
+    return tokens, types
+
+
+def _ggml_type(qtype: str, shape: tuple[int, ...]):
+    """Norms and biases stay float32 (as llama.cpp keeps them); a Q8_0 row must hold whole 32-value blocks."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if len(shape) == 1 or qtype == "f32":
+        return T.F32
+    return T.Q8_0 if qtype == "q8_0" and shape[-1] % 32 == 0 else T.F16
+
+
+def _tensor_info(shape: tuple[int, ...], ggml_type) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, numpy dtype, bytes) as GGUFWriter.add_tensor_info takes them: quantized data as its uint8 blocks."""
+    import gguf
+    from gguf.quants import quant_shape_to_byte_shape
+
+    T = gguf.GGMLQuantizationType
+    if ggml_type in (T.F32, T.F16):
+        dtype = np.dtype(np.float32 if ggml_type == T.F32 else np.float16)
+        return shape, dtype, int(np.prod(shape)) * dtype.itemsize
+    byte_shape = quant_shape_to_byte_shape(shape, ggml_type)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
+
+
+def _encode(tensor: torch.Tensor, ggml_type) -> np.ndarray:
+    import gguf
+    from gguf.quants import quantize
+
+    data = tensor.to(torch.float32).contiguous().numpy()
+    if ggml_type == gguf.GGMLQuantizationType.F32:
+        return data
+    if ggml_type == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16)
+    return quantize(data, ggml_type)
+
+
+def export(model_dir: Path, qtype: str, chat_template: str | None, name: str) -> Path:
+    """Write MODEL_DIR/model-<qtype>.gguf from the HF model in MODEL_DIR; returns its path."""
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+
+    from common.merging import BaseCheckpoint
+
+    config = AutoConfig.from_pretrained(model_dir)
+    arch = architectures().get(config.model_type)
+    if arch is None:
+        raise UserError(f"GGUF export supports the {' and '.join(architectures())} architectures "
+                        f"(SmolLM2, Llama, Qwen1.5/2/2.5); {model_dir} is `{config.model_type}`")
+    if getattr(config, "rope_scaling", None) and (config.rope_scaling or {}).get("rope_type", "default") != "default":
+        raise UserError(f"GGUF export: rope scaling {config.rope_scaling} is not written by this exporter")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pre = pre_tokenizer_name(tokenizer)
+    base = BaseCheckpoint(model_dir)
+    names = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+
+    def plan():  # (HF name, GGUF name, shape, ggml type) in file order
+        for key, shape in base.shape.items():
+            gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise UserError(f"GGUF export: no GGUF name for tensor `{key}` of {config.model_type}")
+            yield key, gguf_name, shape, _ggml_type(qtype, shape)
+
+    out = gguf_path(model_dir, qtype)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+    tokens, types = _vocab(tokenizer, model_dir, config.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+    special.chat_template = chat_template  # the training template, whatever tokenizer_config.json says
+    special.add_special_token = {"bos": False, "eos": False}  # the template writes BOS/EOS itself, as in training
+    special.add_to_gguf(writer, quiet=True)
+    for key, gguf_name, shape, ggml_type in plan():  # the header lists every tensor before any data is written
+        writer.add_tensor_info(gguf_name, *_tensor_info(shape, ggml_type), raw_dtype=ggml_type)
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with base.reader() as read:
+            for key, gguf_name, shape, ggml_type in plan():
+                tensor = read(key)
+                if arch.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+                    tensor = _permute(tensor, heads if "attn_q" in gguf_name else kv_heads)
+                writer.write_tensor_data(_encode(tensor, ggml_type))
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def ship(model_dir: Path, qtype: str, recipe, name: str) -> tuple[Path, Path | None, str | None]:
+    """The GGUF and, beside it, an Ollama Modelfile, both from the run's template, system prompt and sampling
+    settings. Returns (gguf, Modelfile or None, why there is no Modelfile)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from common.generation import context_length
+    from common.ollama import write_modelfile
+    from common.recipe import EvaluationConfig
+    from common.templates import TOKENIZER, get_template
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    template = get_template(recipe.data.template if recipe else TOKENIZER.name)
+    path = export(model_dir, qtype, template.chat_template(tokenizer), name)
+    num_ctx = context_length(recipe, AutoConfig.from_pretrained(model_dir))
+    try:
+        modelfile = write_modelfile(model_dir, path.name, template, tokenizer, recipe.data.system if recipe else None,
+                                    recipe.evaluation if recipe else EvaluationConfig(), num_ctx)
+    except UserError as e:
+        return path, None, str(e)
+    return path, modelfile, None
+
+
+@torch.no_grad()
+def verify(model_dir: Path, gguf_file: Path, qtype: str, recipe, max_new_tokens: int = 32) -> dict:
+    """Load the GGUF back through transformers and compare it with the HF model it came from: logits (f32, f16),
+    greedy answers on the evaluation prompts (q8_0), the chat template's token ids, the Modelfile's TEMPLATE."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.merging import VERIFY_PROMPTS
+    from common.ollama import render_go
+    from common.templates import TOKENIZER, Turn, chat_messages, get_template
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    template = get_template(recipe.data.template if recipe else TOKENIZER.name)
+    system = recipe.data.system if recipe else None
+    with tempfile.TemporaryDirectory() as alone:  # the GGUF by itself: no tokenizer files beside it to mask its own
+        (Path(alone) / gguf_file.name).symlink_to(gguf_file.resolve())
+        import transformers.modeling_gguf_pytorch_utils as loader
+
+        bar, loader.tqdm = loader.tqdm, lambda items, **kwargs: items  # its plain tqdm ignores transformers' switch
+        try:
+            g_tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=gguf_file.name)
+            g_model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+        finally:
+            loader.tqdm = bar
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    report = {"type": qtype}
+
+    conversation = [Turn("我最近总是失眠", "能说说通常几点睡吗？", system or "你是一位心理咨询师。"),
+                    Turn("一般凌晨两点", "我们先从固定起床时间开始。"), Turn("好的，谢谢", "不客气。")]
+    training_ids = template.encode_ids(tokenizer, conversation)[0]
+    rendered = g_tokenizer.apply_chat_template(chat_messages(conversation), tokenize=True, return_dict=True)["input_ids"]
+    report["chat_template_ids_equal"] = list(rendered) == training_ids
+    modelfile = model_dir / "Modelfile"
+    if modelfile.is_file():
+        go = modelfile.read_text(encoding="utf-8").split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+        text = render_go(go, conversation[0].system, chat_messages(conversation)[1:])
+        report["modelfile_ids_equal"] = tokenizer(text, add_special_tokens=False)["input_ids"] == training_ids
+
+    prompts = (recipe.evaluation.prompts if recipe and recipe.evaluation.prompts else VERIFY_PROMPTS)
+    inputs = [torch.tensor([template.encode_ids(tokenizer, [Turn(p, None, system)])[0]]) for p in prompts]
+    if qtype == "q8_0":  # quantized: the greedy answers, the GGUF scored on the HF model's answer tokens
+        agree = total = 0
+        for ids in inputs:
+            answer = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                    do_sample=False, pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
+            picks = g_model(torch.cat([ids, answer], 1)).logits[0, ids.shape[1] - 1:-1].argmax(-1)
+            agree, total = agree + int((picks == answer[0]).sum()), total + answer.shape[1]
+        report.update(greedy_token_agreement=agree / max(total, 1), tokens=total, limit=0.9)
+        report["ok"] = report["greedy_token_agreement"] >= 0.9
+    else:
+        diff = max((g_model(ids).logits - model(ids).logits).abs().max().item() for ids in inputs)
+        report["max_abs_diff_vs_float32"] = diff
+        if qtype == "f16":  # the file stores f16 matrices: compare with the same rounding, report the rounding too
+            for p in model.parameters():
+                if p.ndim == 2:
+                    p.copy_(p.half().float())
+            diff = max((g_model(ids).logits - model(ids).logits).abs().max().item() for ids in inputs)
+        report.update(max_abs_diff=diff, limit=1e-4 if qtype == "f32" else 1e-2)
+        report["ok"] = diff <= report["limit"]
+    report["ok"] = report["ok"] and report["chat_template_ids_equal"] and report.get("modelfile_ids_equal", True)
+    return report

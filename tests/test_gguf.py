@@ -1,0 +1,216 @@
+"""merge.py --gguf: the GGUF loads back through transformers with the merged model's logits (llama and qwen2, f32 /
+f16 / q8_0), its chat template gives the training token ids, the Modelfile's TEMPLATE renders the training text,
+and the output appears whole or not at all; on the demo model too."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import merge  # noqa: E402
+from common import gguf_export, ollama  # noqa: E402
+from common.recipe import DataConfig, EvaluationConfig, ModelConfig, Recipe, save_recipe  # noqa: E402
+from common.templates import TEMPLATES, TOKENIZER, Turn, chat_messages  # noqa: E402
+
+SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
+SYSTEM = "你是一位心理咨询师。"
+CONVERSATION = [Turn("我最近总是失眠", "能说说通常几点睡吗？", SYSTEM), Turn("一般凌晨两点", "我们先从固定起床时间开始。"),
+                Turn("好的，谢谢", "不客气，有需要随时来聊。")]
+
+
+def run(*args):
+    try:
+        return merge.main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+
+
+def make_run(root: Path, config, tokenizer, template="qwen_chat"):
+    """A finished run: base model, final/ adapter (random B) + tokenizer with the template + recipe.yaml."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = root / "base"
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    run_dir = root / "run"
+    final = run_dir / "final"
+    model.save_pretrained(final)
+    saved = tokenizer.__class__.from_pretrained(base)
+    saved.chat_template = (TEMPLATES[template] if template in TEMPLATES else TOKENIZER).chat_template(saved)
+    saved.save_pretrained(final)
+    recipe = Recipe(model=ModelConfig(path=str(base)), data=DataConfig(path="d.json", template=template, system=SYSTEM,
+                                                                        max_length=256),
+                    evaluation=EvaluationConfig(prompts=["我最近很焦虑", "你好"], temperature=0.3, max_new_tokens=20))
+    for d in (run_dir, final):
+        save_recipe(recipe, d / "recipe.yaml")
+    return final
+
+
+def tiny_config(kind: str, tokenizer):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=len(tokenizer) + 8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
+
+
+def load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    alone = path.parent / f"alone-{path.stem}"
+    alone.mkdir(exist_ok=True)
+    (alone / path.name).unlink(missing_ok=True)
+    (alone / path.name).symlink_to(path)
+    return (AutoModelForCausalLM.from_pretrained(alone, gguf_file=path.name, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(alone, gguf_file=path.name))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_f32_gguf_has_the_merged_logits_and_the_training_template(tmp_path, tokenizer, kind, capsys):
+    from transformers import AutoModelForCausalLM
+
+    final = make_run(tmp_path, tiny_config(kind, tokenizer), tokenizer)
+    out = final.parent / "merged"
+    assert run(final, "--gguf", "f32", "--verify") == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "verify: GGUF f32 vs the merged model: max |logit diff|" in text and text.count("verify: OK") == 2
+    gguf_file = out / "model-f32.gguf"
+    assert gguf_file.is_file() and (out / "model.safetensors").is_file() and (out / "Modelfile").is_file()
+    model, g_tokenizer = load_gguf(gguf_file)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([TEMPLATES["qwen_chat"].encode_ids(tokenizer, CONVERSATION)[0]])
+    with torch.no_grad():
+        diff = (model(ids).logits - merged(ids).logits).abs().max().item()
+        assert diff <= 1e-4 and merged(ids).logits.abs().max() > 0.1
+    rendered = g_tokenizer.apply_chat_template(chat_messages(CONVERSATION), tokenize=True, return_dict=True)["input_ids"]
+    assert list(rendered) == ids[0].tolist()  # the training template travelled inside the GGUF
+
+
+def test_gguf_reads_back_as_the_exporter_meant(tmp_path, tokenizer):
+    """Metadata a GGUF reader relies on: architecture, the tokenizer's pre-split name, special ids, control tokens."""
+    from gguf import GGUFReader
+
+    final = make_run(tmp_path, tiny_config("llama", tokenizer), tokenizer)
+    assert run(final, "--gguf", "q8_0") == 0
+    reader = GGUFReader(final.parent / "merged" / "model-q8_0.gguf")
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("general.architecture") == "llama" and field("tokenizer.ggml.pre") == "gpt-2"
+    assert field("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+    assert field("tokenizer.ggml.add_bos_token") is False  # the template writes BOS itself, as training did
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    assert len(tokens) == len(tokenizer) + 8 and tokens[-1] == f"[PAD{len(tokenizer) + 7}]" and types[-1] == 5
+    assert types[tokenizer.convert_tokens_to_ids("<|im_start|>")] == 3  # special -> CONTROL
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
+    assert len(reader.tensors) == 2 * 9 + 3  # 9 per layer, embeddings, final norm, untied output
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_f16_and_q8_0_verify(tmp_path, tokenizer, qtype, capsys):
+    final = make_run(tmp_path, tiny_config("qwen2", tokenizer), tokenizer)
+    assert run(final, "--gguf", qtype, "--verify") == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "the GGUF's chat template gives the training token ids: yes; the Modelfile's TEMPLATE too: yes" in text
+    assert ("rounded to f16" in text) if qtype == "f16" else ("same token at" in text)
+
+
+def test_an_existing_model_exports_in_place_and_unsupported_architectures_are_refused(tmp_path, tokenizer, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    final = make_run(tmp_path, tiny_config("llama", tokenizer), tokenizer)
+    assert run(final) == 0
+    merged = final.parent / "merged"
+    assert run(merged, "--gguf", "f16") == 0 and (merged / "model-f16.gguf").is_file()
+    assert run(merged, "--gguf", "f16") == 2 and "--force" in capsys.readouterr().err  # nothing overwritten
+    (merged / "Modelfile").write_text("FROM ./mine.gguf\n")  # edited by hand: kept without --force
+    assert run(merged, "--gguf", "q8_0") == 2 and "Modelfile: already exists" in capsys.readouterr().err
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tokenizer))).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    assert run(gpt2, "--gguf", "q8_0") == 2
+    err = capsys.readouterr().err
+    assert "supports the llama and qwen2 architectures" in err and "`gpt2`" in err and len(err.strip().splitlines()) == 1
+    assert not list(gpt2.glob("*.gguf")) and not list(gpt2.glob(".*tmp*"))
+
+
+def test_an_interrupted_export_leaves_nothing(tmp_path, tokenizer, monkeypatch):
+    final = make_run(tmp_path, tiny_config("llama", tokenizer), tokenizer)
+    assert run(final) == 0
+    merged = final.parent / "merged"
+    calls = []
+
+    def fail_midway(self, tensor, *a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(self, tensor, *a, **k)
+
+    import gguf
+    real = gguf.GGUFWriter.write_tensor_data
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", fail_midway)
+    with pytest.raises(KeyboardInterrupt):
+        run(merged, "--gguf", "f32")
+    assert sorted(p.name for p in merged.iterdir() if "gguf" in p.name) == []
+
+
+# ---------------------------------------------------------------- the Modelfile's TEMPLATE
+
+def test_go_renderer_on_a_known_template():
+    template = ('{{ if .System }}S:{{ .System }}|{{ else }}none|{{ end }}{{ $first := true }}{{ range .Messages }}'
+                '{{ if eq .Role "user" }}{{ if not $first }}+{{ end }}{{ $first = false }}U:{{ .Content }}>'
+                '{{ else if eq .Role "assistant" }}A:{{ .Content }};{{ end }}{{ end }}{{ "{{" }}')
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert ollama.render_go(template, "sys", messages) == "S:sys|U:a>A:b;+U:c>{{"
+    assert ollama.render_go(template, None, messages[:1]) == "none|U:a>{{"
+
+
+@pytest.mark.parametrize("name", ["qwen_chat", "llama2_chat", "internlm2_chat", "vicuna", "llama3_chat", "tokenizer"])
+def test_modelfile_template_renders_the_training_text(tmp_path, tokenizer, name):
+    """For a 3-turn conversation, with and without a system prompt: Ollama's rendering (our renderer of the subset
+    we write) equals the text training encodes, token for token."""
+    template = TEMPLATES.get(name) or TOKENIZER
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path) if tokenizer.name_or_path else tokenizer
+    path = ollama.write_modelfile(tmp_path, "model-q8_0.gguf", template, tokenizer, SYSTEM, EvaluationConfig(), 512)
+    text = path.read_text(encoding="utf-8")
+    go = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert f'SYSTEM """{SYSTEM}"""' in text and "FROM ./model-q8_0.gguf" in text
+    for stop in template.stop_words(tokenizer):
+        assert f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}" in text
+    assert "PARAMETER temperature 0.1" in text and "PARAMETER num_ctx 512" in text
+    for system in (SYSTEM, None):
+        turns = [Turn(t.input, t.output, system if i == 0 else None) for i, t in enumerate(CONVERSATION)]
+        prompt = turns[:-1] + [Turn(turns[-1].input, None)]
+        ids = template.encode_ids(tokenizer, prompt)[0]
+        rendered = ollama.render_go(go, system, chat_messages(prompt)[1 if system else 0:])
+        assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == ids
+
+
+def test_a_template_with_a_round_counter_gets_no_modelfile(tmp_path, tokenizer, capsys):
+    final = make_run(tmp_path, tiny_config("llama", tokenizer), tokenizer, template="chatglm2")
+    assert run(final, "--gguf", "f16") == 0
+    assert "no Modelfile" in capsys.readouterr().out and not (final.parent / "merged" / "Modelfile").exists()
+    assert (final.parent / "merged" / "model-f16.gguf").is_file()
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make demo-model` first")
+def test_the_demo_model_exports_and_loads_back(tmp_path, capsys):
+    """SmolLM2-135M-Instruct (llama, tied embeddings, ChatML) as a full model: the q8_0 export verifies (f32 and f16
+    are checked on the tiny models above; reading a GGUF back costs ~10 s here, so one type)."""
+    model = tmp_path / "smollm2"
+    model.mkdir()
+    for f in SMOLLM2.iterdir():
+        (model / f.name).symlink_to(f)  # read-only use: the export writes only new files beside them
+    assert run(model, "--gguf", "q8_0", "--verify") == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "verify: OK" in text and "the Modelfile's TEMPLATE too: yes" in text, text
+    assert os.path.getsize(model / "model-q8_0.gguf") < 0.3 * sum(f.stat().st_size for f in SMOLLM2.glob("*.safetensors"))
