@@ -12,7 +12,7 @@ setup: $(STAMP)
 # Re-install only when the pins change; a present, up-to-date .venv makes this a no-op.
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt pytest==9.2.0
+	$(PY) -m pip install --quiet -r requirements.txt pytest==9.2.0 openai==3.57.0
 	touch $(STAMP)
 
 $(DEMO_MODEL)/config.json: | $(STAMP)

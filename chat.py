@@ -4,6 +4,7 @@
     python chat.py work_dirs/demo/merged              # a merged (or any Hugging Face) model
     python chat.py models/Qwen1.5-1.8B-Chat --adapter work_dirs/psych_qwen/final --prompt-template qwen_chat
     python chat.py --once "你好"                      # answer one question and exit
+    python chat.py --serve --port 8000                # an OpenAI-compatible API at http://127.0.0.1:8000/v1
     printf '你好\\n我最近很焦虑\\n' | python chat.py    # piped: one user turn per line, plain answers
 
 In the REPL: end a line with \\ to continue it on the next; /reset (RESET) clears the history, /system TEXT sets the
@@ -44,9 +45,23 @@ def parse_args(argv=None):
                    "and EOS always apply)")
     p.add_argument("--no-stream", action="store_true", help="print each answer whole instead of token by token")
     p.add_argument("--once", metavar="QUESTION", help="answer QUESTION and exit")
+    serving = p.add_argument_group("API server (--serve)")
+    serving.add_argument("--serve", action="store_true", help="serve the model as an OpenAI-compatible API "
+                         "(/v1/chat/completions, /v1/models, /health)")
+    serving.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    serving.add_argument("--port", type=int, default=8000, help="(default 8000)")
+    serving.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on /v1")
+    serving.add_argument("--queue-size", type=int, default=16, metavar="N", help="requests that may wait while one "
+                         "is answered; more get 429 (default 16)")
     args = p.parse_args(argv)
     if args.system is not None and args.system_template:
         p.error("give --system or --system-template, not both")
+    if args.serve and args.once is not None:
+        p.error("give --serve or --once, not both")
+    if args.queue_size < 1:
+        p.error("--queue-size must be at least 1")
+    if args.api_key == "":
+        p.error("--api-key is empty (leave it out to serve without a key)")
     args.torch_dtype = canonical(args.torch_dtype)
     return args
 
@@ -85,7 +100,11 @@ def main(argv=None):
                           args.stop_words)
     if system and not template.has_system:
         print(f"note: template `{template.name}` has no system slot: the system prompt is not used", file=sys.stderr)
-    session = repl.ChatSession(generator, sampling, system)
+    session = repl.ChatSession(generator, sampling, system)  # checks the settings fit the context (--serve too)
+    if args.serve:
+        from common.serving import serve
+
+        return serve(generator, sampling, system, source, args.host, args.port, args.api_key, args.queue_size)
     if args.once is not None:
         console = repl.Console(interactive=False, stream=not args.no_stream)
         return repl.converse(session, console, [("--once", args.once)])

@@ -1,0 +1,432 @@
+"""`chat.py --serve`: the model behind an OpenAI-compatible HTTP API (FastAPI + uvicorn).
+
+    POST /v1/chat/completions   (stream: true for server-sent events)
+    GET  /v1/models
+    GET  /health                {"status", "model", "running", "waiting", "cancelled"}
+
+One model answers one request at a time (a model and its tokenizer are not thread-safe): requests wait in a bounded
+queue for a single worker thread that runs the generation core; the text it produces is handed to the event loop
+with call_soon_threadsafe. A client that disconnects cancels its generation at the next token. Every error reaches the
+client in OpenAI's shape, {"error": {"message", "type", "param", "code"}}; tracebacks stay in the server's log.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import queue
+import secrets
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from common.cli import UserError
+from common.formats import BadRecord, messages_to_turns
+from common.generation import Completion, Generator, Sampling
+
+SEED_LIMIT = 2 ** 63  # torch.manual_seed takes 64-bit seeds; OpenAI's seed is a non-negative integer
+
+
+# ---------------------------------------------------------------- errors
+
+class ApiError(Exception):
+    """An error for the client, in OpenAI's vocabulary."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+                 code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def bad_request(message: str, param: Optional[str] = None) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+# ---------------------------------------------------------------- the request
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]  # as the model sees them: the server's system prompt added when the client sent none
+    sampling: Sampling
+    stop: list[str]  # added to the template's stop words for this request
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
+
+
+def parse_request(body: bytes, defaults: Sampling, system: Optional[str] = None,
+                  context: Optional[int] = None) -> ChatRequest:
+    """The request body -> what to generate, or an ApiError (400) that names the offending field. `context`: the
+    model's context in tokens, which max_tokens must leave room in."""
+    try:
+        data = json.loads(body)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError alike
+        raise bad_request(f"the body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"the body must be a JSON object, got {json_type(data)}")
+    messages = parse_messages(data.get("messages"))
+    if integer(data, "n", minimum=1) not in (None, 1):
+        raise bad_request("n > 1 is not supported: the server gives one answer per request", "n")
+    max_tokens = integer(data, "max_completion_tokens", minimum=1) or integer(data, "max_tokens", minimum=1)
+    if max_tokens and context and max_tokens >= context:
+        raise bad_request(f"max_tokens {max_tokens} leaves no room for the prompt in a context of {context} tokens",
+                          "max_tokens")
+    sampling = dataclasses.replace(defaults, **{k: v for k, v in {
+        "max_new_tokens": max_tokens,
+        "temperature": number(data, "temperature", 0, 2),
+        "top_p": number(data, "top_p", 0, 1),
+        "seed": integer(data, "seed", minimum=0, limit=SEED_LIMIT),
+    }.items() if v is not None})
+    stream = flag(data, "stream")
+    options = data.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request(f"`stream_options` must be an object, got {json_type(options)}", "stream_options")
+    include_usage = stream and flag(options or {}, "include_usage", "stream_options.include_usage")
+    if system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system}] + messages
+    return ChatRequest(messages, sampling, stop_words(data.get("stop")), stream, include_usage)
+
+
+def parse_messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("`messages` must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+    try:
+        # Roles, string contents and a last user message to answer: the same rules the generation core applies,
+        # checked here so that a bad conversation is refused before it waits in the queue.
+        messages_to_turns(messages, open_end=True)
+    except BadRecord as e:
+        raise bad_request(str(e), "messages") from None
+    return messages
+
+
+def json_type(value) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def number(data: dict, name: str, low: float, high: float) -> Optional[float]:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise bad_request(f"`{name}` must be a number from {low} to {high}, got {json.dumps(value)}", name)
+    return float(value)
+
+
+def integer(data: dict, name: str, minimum: int, limit: Optional[int] = None) -> Optional[int]:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (limit and value >= limit):
+        bound = f"from {minimum} to {limit - 1}" if limit else f"of at least {minimum}"
+        raise bad_request(f"`{name}` must be an integer {bound}, got {json.dumps(value)}", name)
+    return value
+
+
+def flag(data: dict, name: str, param: Optional[str] = None) -> bool:
+    value = data.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request(f"`{param or name}` must be true or false, got {json.dumps(value)}", param or name)
+    return value
+
+
+def stop_words(stop) -> list[str]:
+    if stop is None:
+        return []
+    words = [stop] if isinstance(stop, str) else stop
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise bad_request(f"`stop` must be a string or a list of strings, got {json.dumps(stop)}", "stop")
+    return words
+
+
+# ---------------------------------------------------------------- the worker
+
+@dataclass
+class Started:
+    """The prompt fits: generation begins (a streaming response may now be sent)."""
+
+
+@dataclass
+class Finished:
+    completion: Optional[Completion] = None  # None: refused (error), or dropped because its client had gone
+    error: Optional[ApiError] = None
+
+
+class Job:
+    """One request's generation, and the channel (an asyncio queue) its events take back to the event loop:
+    Started, then text chunks (str), then Finished. Nothing else is sent after an error or a drop."""
+
+    def __init__(self, request: ChatRequest, loop: asyncio.AbstractEventLoop):
+        self.request, self.loop = request, loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    def post(self, event) -> None:
+        """From the worker thread: asyncio queues are not thread-safe, so the loop's own thread does the put."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop has closed: the server is shutting down, nobody is listening
+            pass
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class Worker:
+    """The one thread that touches the model, fed by a queue of jobs: one answered, up to queue_size waiting."""
+
+    def __init__(self, generator: Generator, queue_size: int):
+        self.generator, self.queue_size = generator, queue_size
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        # Accepted and not yet finished, counted here rather than by the queue's own bound: a job the worker has not
+        # picked up yet would otherwise take a waiting place on an idle server.
+        self.pending, self.lock = 0, threading.Lock()
+        self.cancelled = 0  # jobs stopped, or never started, because their client went away
+        threading.Thread(target=self._run, name="generation", daemon=True).start()
+
+    @property
+    def running(self) -> int:
+        return min(self.pending, 1)
+
+    @property
+    def waiting(self) -> int:
+        return max(self.pending - 1, 0)
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if self.pending > self.queue_size:
+                raise ApiError(429, f"the server is busy: {self.queue_size} request(s) already waiting for the model; "
+                                    "retry later", type="rate_limit_error", code="queue_full")
+            self.pending += 1
+        self.jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                job.post(self._answer(job))
+            finally:
+                with self.lock:
+                    self.pending -= 1
+
+    def _answer(self, job: Job) -> Finished:
+        if job.cancelled():
+            self.cancelled += 1
+            return Finished()
+        request = job.request
+        try:
+            # Checked before generate() (which checks again) so that a prompt too long is a 400, not a broken stream.
+            self.generator.check_fits(len(self.generator.prompt_ids(request.messages)), request.sampling)
+            job.post(Started())
+            completion = self.generator.generate(request.messages, request.sampling, on_text=job.post,
+                                                 cancelled=job.cancelled, stop=request.stop)
+        except UserError as e:  # BadMessages, PromptTooLong
+            return Finished(error=bad_request(str(e), "messages"))
+        except Exception as e:
+            traceback.print_exc()  # for the operator; the client gets one line and the server goes on
+            first_line = next(iter(str(e).splitlines()), "")  # torch's messages run to many lines
+            return Finished(error=ApiError(500, f"generation failed: {type(e).__name__}: {first_line}",
+                                           type="server_error"))
+        if completion.ended_by == "cancelled":
+            self.cancelled += 1
+        return Finished(completion)
+
+
+async def cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Cancel the job when the client goes away. After the body is read, the server's receive() returns only on a
+    disconnect, or once the response is complete (when cancelling a finished job does nothing)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+
+
+# ---------------------------------------------------------------- responses
+
+class Reply:
+    """The OpenAI-shaped bodies of one completion."""
+
+    def __init__(self, model: str):
+        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def usage(completion: Completion) -> dict:
+        return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+                "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+    def whole(self, completion: Completion) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": completion.text},
+                  "finish_reason": completion.finish_reason, "logprobs": None}
+        return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage(completion)}
+
+    def chunk(self, delta: dict, finish_reason: Optional[str] = None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return sse({**self._head("chat.completion.chunk"), "choices": [choice]})
+
+    def usage_chunk(self, completion: Completion) -> str:
+        return sse({**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage(completion)})
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def stream_events(job: Job, watcher: asyncio.Task, reply: Reply):
+    """The server-sent events of a started job: role, content deltas, finish_reason, [usage], [DONE]."""
+    try:
+        yield reply.chunk({"role": "assistant"})
+        while isinstance(event := await job.events.get(), str):
+            yield reply.chunk({"content": event})
+        if event.error is not None:  # a crash mid-answer: the status line has gone, so the error goes in the stream
+            yield sse(event.error.body())
+            return
+        completion = event.completion
+        if completion is None or completion.ended_by == "cancelled":
+            return  # the client has gone
+        yield reply.chunk({}, completion.finish_reason)
+        if job.request.include_usage:
+            yield reply.usage_chunk(completion)
+        yield "data: [DONE]\n\n"
+    finally:
+        finish(job, watcher)
+
+
+async def collect(job: Job) -> Finished:
+    while not isinstance(event := await job.events.get(), Finished):
+        pass  # the text chunks: the completion carries the whole text
+    return event
+
+
+def finish(job: Job, watcher: asyncio.Task) -> None:
+    """The handler is done with the job, normally or not (an exception, a cancelled task): no more tokens."""
+    job.cancel()
+    watcher.cancel()
+
+
+# ---------------------------------------------------------------- the app
+
+def create_app(worker: Worker, model: str, defaults: Sampling, system: Optional[str] = None,
+               api_key: Optional[str] = None) -> FastAPI:
+    # No /docs or /openapi.json: they would be reachable without the key and describe nothing a client needs.
+    app = FastAPI(title="chat.py --serve", docs_url=None, redoc_url=None, openapi_url=None)
+    add_error_handlers(app)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(key_check(api_key))])
+    created = int(time.time())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model, "running": worker.running, "waiting": worker.waiting,
+                "cancelled": worker.cancelled}
+
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "local"}]}
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        chat = parse_request(await request.body(), defaults, system, worker.generator.max_length)
+        job = Job(chat, asyncio.get_running_loop())
+        worker.submit(job)
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+        try:
+            first = await job.events.get()  # Started, or Finished: refused, or dropped after its client left
+            if isinstance(first, Finished):
+                raise first.error or ApiError(499, "the client closed the request", code="client_closed")
+            reply = Reply(model)
+            if chat.stream:
+                headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of events
+                return StreamingResponse(stream_events(job, watcher, reply), media_type="text/event-stream",
+                                         headers=headers)
+            finished = await collect(job)
+        except BaseException:
+            finish(job, watcher)
+            raise
+        finish(job, watcher)
+        if finished.error is not None:
+            raise finished.error
+        return reply.whole(finished.completion)
+
+    app.include_router(v1)
+    return app
+
+
+def key_check(api_key: Optional[str]):
+    """A dependency for the /v1 routes: `Authorization: Bearer KEY`, when the server has a key."""
+
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise ApiError(401, "missing API key: send the header `Authorization: Bearer KEY`", code="invalid_api_key")
+        if not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+            raise ApiError(401, "incorrect API key", code="invalid_api_key")
+
+    return check
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's body shape, including the framework's own (404, 405) and unexpected ones (500)."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):  # uvicorn logs the traceback; the client gets one line
+        return ApiError(500, f"internal error: {type(e).__name__}", type="server_error").response()
+
+
+# ---------------------------------------------------------------- serve
+
+def model_id(source) -> str:
+    """A readable id: the run's name for a model from one of our runs, else the model directory's name (with the
+    adapter's, when one is loaded on it)."""
+    if source.run_dir is not None:
+        return source.run_dir.name
+    name = Path(source.model).name
+    return f"{name}+{Path(source.adapter).name}" if source.adapter else name
+
+
+def serve(generator: Generator, sampling: Sampling, system: Optional[str], source, host: str = "127.0.0.1",
+          port: int = 8000, api_key: Optional[str] = None, queue_size: int = 16) -> None:
+    """Serve until Ctrl-C (SIGINT) or SIGTERM."""
+    import uvicorn
+
+    model = model_id(source)
+    app = create_app(Worker(generator, queue_size), model, sampling, system, api_key)
+    print(f"serving {model} at http://{host}:{port}/v1 | template {generator.template.name} | context "
+          f"{generator.max_length} tokens | one request at a time, up to {queue_size} waiting"
+          + ("" if api_key else " | no API key"), file=sys.stderr, flush=True)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
+              file=sys.stderr, flush=True)
+    # A bounded graceful shutdown: requests still open after it are cancelled, and with them their generation.
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3)

@@ -1,0 +1,391 @@
+"""`chat.py --serve` as a real process on a free local port, talked to with the official `openai` client and with raw
+HTTP (httpx2, the client's own HTTP library): answers equal `chat.py --once`, streaming equals non-streaming, requests
+queue one at a time (429 when the queue is full), a client that leaves cancels its generation, every bad input is a
+400 in OpenAI's error shape, and the server goes on serving."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx2
+import openai
+import pytest
+import torch
+
+import chat
+from common.generation import Generator
+from common.modeling import load_tokenizer
+from common.templates import get_template
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
+KEY = "sk-test-key"
+SYSTEM = "你是一位心理咨询师。"
+QUESTION = "我最近很焦虑"
+START_TIMEOUT = 120  # seconds for the process to load the model and answer /health
+POLL = 0.1  # seconds between /health polls
+# One torch thread in the server (and in the --once reference, for the same arithmetic): two processes whose thread
+# pools spin against each other on a busy 2-core machine generate up to 50 times slower.
+SERVER_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+LONG = 900  # max_tokens that keep the tiny model busy for a second or two on 2 cores (its context is 1024)
+
+
+class Server:
+    """A `chat.py --serve` process on a free port; its output goes to a file (a pipe nobody reads could fill up
+    and stall it) that failures show."""
+
+    def __init__(self, log_dir: Path, model: Path, *flags: str, key: str = None):
+        self.port, self.key, self.log = free_port(), key, log_dir / "server.log"
+        argv = [sys.executable, "chat.py", str(model), "--serve", "--port", str(self.port), *flags]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(argv + (["--api-key", key] if key else []), cwd=ROOT, stdout=log,
+                                         stderr=subprocess.STDOUT, env={**os.environ, **SERVER_ENV})
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        for _ in range(int(START_TIMEOUT / POLL)):
+            assert self.proc.poll() is None, f"the server exited with {self.proc.returncode}:\n{self.output()}"
+            try:
+                if httpx2.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx2.TransportError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                break
+            time.sleep(POLL)
+        raise AssertionError(f"no /health within {START_TIMEOUT}s:\n{self.output()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")[-4000:]
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.key or "unused", max_retries=0, timeout=60,
+                             **kwargs)
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+    def post(self, body, **kwargs) -> httpx2.Response:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx2.post(f"{self.url}/v1/chat/completions", content=content, timeout=kwargs.pop("timeout", 60),
+                           headers={"Content-Type": "application/json", **self.headers()}, **kwargs)
+
+    def health(self) -> dict:
+        return httpx2.get(f"{self.url}/health", timeout=10).json()
+
+    def wait_health(self, condition, what: str, seconds: float = 30) -> dict:
+        for _ in range(int(seconds / POLL)):
+            health = self.health()
+            if condition(health):
+                return health
+            time.sleep(POLL)
+        raise AssertionError(f"/health never showed {what}: last {health}")
+
+    def wait_idle(self) -> None:
+        self.wait_health(lambda h: h["running"] == 0 and h["waiting"] == 0, "an idle server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(request, tmp_path_factory, model, *flags, key=None) -> Server:
+    server = Server(tmp_path_factory.mktemp("serve"), model, *flags, key=key)
+    request.addfinalizer(server.stop)  # registered before waiting: a server that never gets ready is killed too
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture(scope="module")
+def tiny(request, tmp_path_factory, tiny_model_dir):
+    """The tiny model behind a key, a system prompt and room for one waiting request."""
+    return start(request, tmp_path_factory, tiny_model_dir, "--system", SYSTEM, "--queue-size", "1", key=KEY)
+
+
+@pytest.fixture(scope="module")
+def demo(request, tmp_path_factory):
+    if not (DEMO_MODEL / "config.json").is_file():
+        pytest.skip(f"{DEMO_MODEL} is missing (make demo-model)")
+    return start(request, tmp_path_factory, DEMO_MODEL)
+
+
+def once(capsys, model, question, max_new_tokens, *flags) -> str:
+    """What `chat.py MODEL --once QUESTION --temperature 0` prints, without its final newline."""
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server runs (SERVER_ENV)
+    try:
+        chat.main([str(model), "--once", question, "--temperature", "0", "--max-new-tokens", str(max_new_tokens),
+                   "--no-stream", *flags])
+    except SystemExit as e:
+        assert e.code in (0, None), capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert out.endswith("\n")
+    return out[:-1]
+
+
+def ask(client, question, **kwargs):
+    return client.chat.completions.create(model="any", messages=[{"role": "user", "content": question}], **kwargs)
+
+
+def ask_streaming(client, question, **kwargs):
+    """(first chunk, the content deltas, the chunk with finish_reason, a usage chunk or None)."""
+    chunks = list(ask(client, question, stream=True, **kwargs))
+    assert len(chunks) < 10_000
+    usage = chunks.pop() if chunks[-1].usage is not None and not chunks[-1].choices else None
+    deltas = [c.choices[0].delta.content for c in chunks[1:-1]]
+    return chunks[0], deltas, chunks[-1], usage
+
+
+def is_openai_error(response: httpx2.Response, status: int) -> dict:
+    body = response.json()
+    assert response.status_code == status, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "\n" not in error["message"] and "Traceback" not in error["message"]
+    return error
+
+
+# ---------------------------------------------------------------- the tiny model
+
+def test_models_health_and_the_key(tiny, tiny_model_dir):
+    health = tiny.health()  # no key needed: a liveness probe
+    assert health == {"status": "ok", "model": tiny_model_dir.name, "running": 0, "waiting": 0,
+                      "cancelled": health["cancelled"]}
+    models = tiny.client().models.list()
+    assert [m.id for m in models.data] == [tiny_model_dir.name]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for response in (httpx2.get(f"{tiny.url}/v1/models", headers=headers, timeout=10),
+                         httpx2.post(f"{tiny.url}/v1/chat/completions", headers=headers, timeout=10,
+                                     json={"messages": [{"role": "user", "content": "hi"}]})):
+            assert is_openai_error(response, 401)["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{tiny.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_greedy_answer_equals_chat_once_with_usage_and_length(tiny, tiny_model_dir, capsys):
+    expected = once(capsys, tiny_model_dir, QUESTION, 16, "--system", SYSTEM)
+    answer = ask(tiny.client(), QUESTION, temperature=0, max_tokens=16)
+    choice = answer.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == expected
+    assert choice.finish_reason == "length" and answer.usage.completion_tokens == 16  # cut by max_tokens
+    # The prompt counted is the --once prompt: the server's system prompt, then the question.
+    prompt = Generator(None, load_tokenizer(tiny_model_dir), get_template("tokenizer")).prompt_ids(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}])
+    assert answer.usage.prompt_tokens == len(prompt)
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + 16
+    assert answer.model == tiny_model_dir.name and answer.id.startswith("chatcmpl-")
+
+
+def test_a_system_message_in_the_request_replaces_the_servers(tiny):
+    client = tiny.client()
+    default = ask(client, QUESTION, temperature=0, max_tokens=4)
+    own = client.chat.completions.create(model="any", temperature=0, max_tokens=4, messages=[
+        {"role": "system", "content": "hi"}, {"role": "user", "content": QUESTION}])
+    both = client.chat.completions.create(model="any", temperature=0, max_tokens=4, messages=[
+        {"role": "system", "content": SYSTEM + "hi"}, {"role": "user", "content": QUESTION}])
+    # One system prompt either way: the request's, not the server's on top of it.
+    assert own.usage.prompt_tokens < default.usage.prompt_tokens < both.usage.prompt_tokens
+
+
+def test_streaming_deltas_join_to_the_non_streaming_answer(tiny):
+    client = tiny.client()
+    whole = ask(client, QUESTION, temperature=0, max_tokens=120)
+    first, deltas, last, usage = ask_streaming(client, QUESTION, temperature=0, max_tokens=120,
+                                               stream_options={"include_usage": True})
+    assert first.choices[0].delta.role == "assistant" and not first.choices[0].delta.content
+    assert all(deltas) and "".join(deltas) == whole.choices[0].message.content
+    assert last.choices[0].finish_reason == "length" and last.choices[0].delta.content is None
+    assert usage.usage.model_dump() == whole.usage.model_dump()
+    assert first.id == last.id and first.object == "chat.completion.chunk"
+    # On the wire: data lines, the last one [DONE].
+    with httpx2.stream("POST", f"{tiny.url}/v1/chat/completions", headers=tiny.headers(), timeout=60, json={
+            "messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": 4,
+            "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: {") for line in lines[:-1])
+
+
+def test_stop_words_temperature_top_p_and_seed(tiny):
+    client = tiny.client()
+    full = ask(client, QUESTION, temperature=0, max_tokens=120).choices[0].message.content
+    # A clean two-character piece of the greedy answer as a stop word: the answer ends just before it.
+    at = next(i for i in range(1, len(full) - 1) if "\ufffd" not in full[i:i + 2] and full.find(full[i:i + 2]) == i)
+    for stop in (full[at:at + 2], ["never in the answer", full[at:at + 2]]):
+        answer = ask(client, QUESTION, temperature=0, max_tokens=120, stop=stop)
+        assert answer.choices[0].message.content == full[:at]
+        assert answer.choices[0].finish_reason == "stop" and answer.usage.completion_tokens < 120
+    sampled = [ask(client, QUESTION, temperature=1.5, top_p=0.9, seed=seed, max_tokens=24).choices[0].message.content
+               for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2]  # a seed makes sampling repeatable
+
+
+def test_two_concurrent_clients_both_get_complete_answers(tiny):
+    tiny.wait_idle()
+    client = tiny.client()
+    questions = [QUESTION, "你好"]
+    expected = [ask(client, q, temperature=0, max_tokens=200).choices[0].message.content for q in questions]
+    results = [None, None]
+
+    def non_streaming():
+        results[0] = ask(client, questions[0], temperature=0, max_tokens=200).choices[0].message.content
+
+    def streaming():
+        results[1] = "".join(ask_streaming(client, questions[1], temperature=0, max_tokens=200)[1])
+
+    threads = [threading.Thread(target=non_streaming), threading.Thread(target=streaming)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert results == expected
+
+
+def test_a_full_queue_answers_429_and_the_server_goes_on(tiny):
+    tiny.wait_idle()
+    queued = {}
+
+    def short_request():
+        queued["response"] = tiny.post({"messages": [{"role": "user", "content": "你好"}], "temperature": 0,
+                                        "max_tokens": 8})
+
+    # --queue-size 1: one long answer streaming, one request waiting, then several more at once: all refused.
+    running = tiny.client().chat.completions.create(model="any", stream=True, max_tokens=LONG, temperature=0,
+                                                    messages=[{"role": "user", "content": QUESTION}])
+    waiting = threading.Thread(target=short_request)
+    try:
+        next(iter(running))  # the role chunk: this one is being answered
+        waiting.start()
+        tiny.wait_health(lambda h: h["waiting"] == 1, "a waiting request")
+        refused = []
+        more = [threading.Thread(target=lambda: refused.append(tiny.post(
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))) for _ in range(3)]
+        for t in more:
+            t.start()
+        for t in more:
+            t.join(timeout=60)
+        assert len(refused) == 3
+        for response in refused:
+            error = is_openai_error(response, 429)
+            assert error["type"] == "rate_limit_error" and "retry later" in error["message"]
+        with pytest.raises(openai.RateLimitError):  # the openai client's view of it
+            ask(tiny.client(), QUESTION, max_tokens=4)
+    finally:
+        running.close()  # hanging up cancels the long answer: the waiting request goes next
+        waiting.join(timeout=60)
+    body = queued["response"].json()
+    assert queued["response"].status_code == 200 and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 8
+    tiny.wait_idle()
+    assert ask(tiny.client(), QUESTION, max_tokens=4).usage.completion_tokens == 4
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_its_generation(tiny):
+    tiny.wait_idle()
+    before = tiny.health()["cancelled"]
+    body = {"messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": LONG, "stream": True}
+    with httpx2.stream("POST", f"{tiny.url}/v1/chat/completions", headers=tiny.headers(), json=body,
+                       timeout=60) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        for _, line in zip(range(LONG), lines):  # read until the first content arrives, then hang up
+            if '"content"' in line:
+                break
+    tiny.wait_health(lambda h: h["cancelled"] == before + 1, "the generation cancelled")
+    tiny.wait_idle()
+    # A client gone while its request was still waiting in the queue: dropped before it starts.
+    running = tiny.client().chat.completions.create(model="any", stream=True, max_tokens=LONG, temperature=0,
+                                                    messages=[{"role": "user", "content": QUESTION}])
+    try:
+        next(iter(running))
+        with pytest.raises(httpx2.TimeoutException):
+            tiny.post({**body, "stream": False}, timeout=0.5)  # waits behind `running`, gives up first
+        tiny.wait_health(lambda h: h["waiting"] == 1 and h["cancelled"] == before + 1, "the dropped request queued")
+    finally:
+        running.close()
+    tiny.wait_health(lambda h: h["cancelled"] == before + 3, "both later requests cancelled")
+    tiny.wait_idle()
+
+
+LONG_PROMPT = "我最近很焦虑，晚上睡不着，白天也没有精神。" * 200
+
+
+@pytest.mark.parametrize("body, param, words", [
+    (b"{not json", None, "not valid JSON"),
+    (b"[1, 2]", None, "must be a JSON object, got a list"),
+    ({}, "messages", "non-empty list"),
+    ({"messages": []}, "messages", "non-empty list"),
+    ({"messages": "hi"}, "messages", "non-empty list"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages", "unknown role 'tool'"),
+    ({"messages": [{"content": "hi"}]}, "messages", "role: missing"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, "messages", "expected a string"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages", "expected a string"),
+    ({"messages": ["hi"]}, "messages", "expected an object"),
+    ({"messages": [{"role": "system", "content": "x"}]}, "messages", "no user message to answer"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}, "messages",
+     "no user message to answer"),
+    ({"messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 16}, "messages", "the context allows"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n", "n > 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}, "max_tokens", "leaves no room"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens", "integer of at least 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "8"}, "max_tokens", "integer"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature", "from 0 to 2"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": "high"}, "top_p", "from 0 to 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, "seed", "integer"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop", "string or a list of strings"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream", "true or false"),
+])
+def test_bad_input_is_a_400_in_openai_shape(tiny, body, param, words):
+    bodies = [body] if not isinstance(body, dict) or "stream" in body else [body, {**body, "stream": True}]
+    for sent in bodies:  # refused before any event: a plain JSON error, streaming or not
+        error = is_openai_error(tiny.post(sent), 400)
+        assert words in error["message"] and error["param"] == param
+        assert error["type"] == "invalid_request_error"
+
+
+def test_errors_reach_the_openai_client_and_the_server_goes_on(tiny):
+    client = tiny.client()
+    with pytest.raises(openai.BadRequestError, match="unknown role"):
+        client.chat.completions.create(model="any", messages=[{"role": "tool", "content": "x"}])
+    for path, status in (("/v1/nothing", 404), ("/nothing", 404)):
+        is_openai_error(httpx2.get(tiny.url + path, headers=tiny.headers(), timeout=10), status)
+    is_openai_error(httpx2.get(f"{tiny.url}/v1/chat/completions", headers=tiny.headers(), timeout=10), 405)
+    assert tiny.proc.poll() is None and tiny.health()["status"] == "ok"
+    assert "Traceback" not in tiny.output()
+    assert ask(client, QUESTION, max_tokens=4).choices[0].message.content is not None
+
+
+# ---------------------------------------------------------------- the demo model
+
+@pytest.mark.parametrize("question, max_tokens, finish_reason", [
+    ("What is the capital of France? Answer in one word.", 24, "stop"),  # ends with EOS
+    ("Say hello.", 12, "length"),
+])
+def test_demo_model_answers_as_chat_once(demo, capsys, question, max_tokens, finish_reason):
+    expected = once(capsys, DEMO_MODEL, question, max_tokens)
+    answer = ask(demo.client(), question, temperature=0, max_tokens=max_tokens)
+    assert answer.choices[0].message.content == expected and expected.strip()
+    assert answer.choices[0].finish_reason == finish_reason
+    assert (answer.usage.completion_tokens == max_tokens) == (finish_reason == "length")
+    _, deltas, last, _ = ask_streaming(demo.client(), question, temperature=0, max_tokens=max_tokens)
+    assert "".join(deltas) == expected and last.choices[0].finish_reason == finish_reason
+    assert answer.model == DEMO_MODEL.name
