@@ -89,7 +89,7 @@ def run(quick: bool, work: Path | None = None, variants: list[str] | None = None
         # Encoded rows (ours) and TRL's mapped datasets cache here, warmed by the first run of each.
         env = {**os.environ, "HF_DATASETS_CACHE": str(work or tmp / "cache"), "TOKENIZERS_PARALLELISM": "false"}
         result_file = tmp / "result.json"
-        recipe_args = [str(RECIPE), f"model.path={MODEL}", f"data.path={data_file}", f"data.max_length={max_length}", "data.eval_path=null",
+        recipe_args = [str(RECIPE), f"model.path={MODEL}", f"data.path={data_file}", f"data.max_length={max_length}", "data.eval_path=null", "lora.dropout=0.0", "model.dtype=float32",
                        f"train.max_steps={steps + 1}", "train.batch_size=1", "train.grad_accum=1",
                        "train.save_steps=100000", f"train.output_dir={tmp / 'run'}", "evaluation.prompts=[]",
                        "evaluation.every_n_steps=0"]

@@ -10,7 +10,7 @@ What it does, exactly:
 - packing=True (TRL's default strategy `bfd`: each conversation truncated to max_length, then packed best-fit;
   padding-free), max_length 512, one packed row per optimizer step (batch 1, no accumulation).
 - fp32 weights and compute (bf16=False: TRL would otherwise turn bf16 autocast on), gradient checkpointing off
-  (TRL's default is on), LoRA r=16 alpha=32 dropout 0.05 on all linear layers.
+  (TRL's default is on), LoRA r=16 alpha=32 dropout 0 on all linear layers (the peer job: dropout off for all).
 - everything else at TRL 1.16 defaults (AdamW, lr 2e-5, linear schedule, logging every 10 steps, no evaluation).
 """
 import argparse
@@ -65,7 +65,7 @@ def main():
                        per_device_train_batch_size=1, max_steps=args.max_steps, save_strategy="no", report_to="none",
                        use_cpu=True, disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"))
     if args.timing:
         from steptimer import instrument

@@ -7,12 +7,14 @@ import inspect
 import json
 import logging
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from trl import SFTConfig, SFTTrainer
 
 from common import artifacts
+from common.acceleration import linear_cross_entropy
 from common.cli import UserError
 from common.recipe import Recipe, save_recipe
 from common.samples import pack_rows
@@ -101,11 +103,12 @@ class Trainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
         self._staging: Path | None = None
-        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         # TRL's fused head scores only labelled positions, in tiles, on CUDA/XPU (Triton); elsewhere it projects
         # every position through the LM head and adds entropy and accuracy over the full vocabulary.
         self.labelled_head = (self.args.device.type not in ("cuda", "xpu")
-                              and "logits_to_keep" in inspect.signature(causal_lm.forward).parameters)
+                              and "logits_to_keep" in inspect.signature(self.causal_lm.forward).parameters)
+        self.fused_head = self.labelled_head and head_is_plain_linear(self.causal_lm)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Cross-entropy computed only at the positions that carry a label. In SFT most positions are prompt, so this
@@ -117,9 +120,16 @@ class Trainer(SFTTrainer):
         keep = torch.zeros_like(labels, dtype=torch.bool)
         keep[:, :-1] = labels[:, 1:] != -100  # position i predicts token i + 1
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (labelled positions, vocab)
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                                                 labels[:, 1:][keep[:, :-1]], reduction="sum")
+        targets = labels[:, 1:][keep[:, :-1]]
+        if self.fused_head:  # the model stops at the hidden states of the labelled positions; head + loss in chunks
+            head = self.causal_lm.get_output_embeddings()
+            with output_embeddings(self.causal_lm, torch.nn.Identity()):
+                hidden = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+            loss = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head.weight, targets)
+        else:
+            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (labelled positions, vocab)
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets,
+                                                     reduction="sum")
         count = keep.sum() if num_items_in_batch is None else num_items_in_batch
         loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -148,6 +158,38 @@ class Trainer(SFTTrainer):
             artifacts.replace_dir(staging / name, run_dir / name)
             shutil.rmtree(staging, ignore_errors=True)
             artifacts.rotate(run_dir, self.recipe.train.save_total_limit)
+
+
+@contextmanager
+def output_embeddings(causal_lm, module):
+    """The model with another output head for the duration (set_output_embeddings is transformers' own switch)."""
+    head = causal_lm.get_output_embeddings()
+    causal_lm.set_output_embeddings(module)
+    try:
+        yield
+    finally:
+        causal_lm.set_output_embeddings(head)
+
+
+@torch.no_grad()
+def head_is_plain_linear(causal_lm) -> bool:
+    """Whether logits = hidden @ W^T exactly: a bias-free, frozen linear head, and no scaling or capping of the logits
+    after it (asked of the model itself on a short input, so no list of architectures is needed)."""
+    head = causal_lm.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
+        return False
+    ids = torch.arange(1, 9, device=head.weight.device)[None] % causal_lm.config.get_text_config().vocab_size
+    was_training = causal_lm.training
+    causal_lm.eval()
+    half = head.weight.dtype in (torch.bfloat16, torch.float16)  # trained under autocast: checked under it
+    try:
+        with torch.autocast(head.weight.device.type, dtype=head.weight.dtype, enabled=half):
+            logits = causal_lm(input_ids=ids, use_cache=False).logits
+            with output_embeddings(causal_lm, torch.nn.Identity()):
+                hidden = causal_lm(input_ids=ids, use_cache=False).logits
+            return torch.equal(torch.nn.functional.linear(hidden, head.weight), logits)
+    finally:
+        causal_lm.train(was_training)
 
 
 class _PackedRowsHint(logging.Filter):

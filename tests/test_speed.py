@@ -1,5 +1,7 @@
-"""The training speed-ups keep the loss exact: the LM head run only at labelled positions gives SFTTrainer's own loss
-and gradients, on packed rows (position ids restarting per sample) and on padded batches."""
+"""The training speed-ups keep the loss exact. Against SFTTrainer's own loss on a plain model (transformers' sdpa
+attention with the packed-sequence mask, PEFT's LoRA forward, the LM head at every position): our path (attention
+sample by sample, LoRA as one addmm, the head and loss at labelled positions only, in chunks) gives the same loss and
+gradients, on packed rows (several samples, position ids restarting) and on padded batches."""
 import sys
 from pathlib import Path
 
@@ -10,16 +12,17 @@ from trl import SFTTrainer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import acceleration  # noqa: E402
 from common.templates import IGNORE  # noqa: E402
 
 
-def _trainer(tmp_path, model_dir, tokenizer, pack: bool, lora: bool):
+def _trainer(tmp_path, model_dir, tokenizer, pack: bool, lora: bool, fast: bool):
     from common.modeling import load_model
     from common.recipe import from_dict
     from common.training import build_trainer
 
     recipe = from_dict({
-        "model": {"path": str(model_dir), "dtype": "float32"},
+        "model": {"path": str(model_dir), "dtype": "float32", "attn_implementation": None if fast else "sdpa"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0} if lora else None,
         "data": {"path": "unused.json", "max_length": 96, "pack": pack, "shuffle_before_pack": False},
         "train": {"output_dir": str(tmp_path / "run"), "batch_size": 2, "max_steps": 1},
@@ -30,7 +33,13 @@ def _trainer(tmp_path, model_dir, tokenizer, pack: bool, lora: bool):
         ids = torch.randint(10, len(tokenizer), (n,)).tolist()
         samples.append({"input_ids": ids, "labels": [IGNORE] * 9 + ids[9:n - 3] + [IGNORE] * 3})
     model = load_model(recipe, torch.float32)
+    fused = sum("forward" in vars(m) for m in model.modules())  # fuse_lora sets forward on the instance
+    if not fast:  # PEFT's own LoRA forward
+        for m in model.modules():
+            vars(m).pop("forward", None)
+    assert (fused > 0) == lora
     if lora:  # a non-zero B, so the adapter's gradient path is exercised
+        torch.manual_seed(1)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
@@ -47,25 +56,56 @@ def _loss_and_grads(trainer, batch, fn):
 
 
 @pytest.mark.parametrize("pack,lora", [(True, True), (False, True), (True, False)])
-def test_labelled_head_matches_the_full_loss(tmp_path, tiny_model_dir, tokenizer, pack, lora):
+def test_fast_paths_match_the_plain_loss(tmp_path, tiny_model_dir, tokenizer, pack, lora):
     from common.training import Trainer
 
-    trainer = _trainer(tmp_path, tiny_model_dir, tokenizer, pack, lora)
-    assert trainer.labelled_head
-    data = trainer.train_dataset
-    batch = trainer.data_collator([data[i] for i in range(min(2, len(data)))])
+    fast = _trainer(tmp_path, tiny_model_dir, tokenizer, pack, lora, fast=True)
+    plain = _trainer(tmp_path, tiny_model_dir, tokenizer, pack, lora, fast=False)
+    assert fast.labelled_head and fast.fused_head == lora  # full fine-tuning trains the head: not fused
+    assert fast.model.config._attn_implementation == (acceleration.PACKED_ATTENTION if pack else "sdpa")
+    data = fast.train_dataset
+    batch = fast.data_collator([data[i] for i in range(min(2, len(data)))])
     if pack:
-        assert "attention_mask" not in batch and batch["position_ids"][0, 0] == 0
+        assert "attention_mask" not in batch and int((batch["position_ids"] == 0).sum()) >= 2  # several samples
     else:
         assert (batch["labels"] == IGNORE).any(dim=1).all()  # padded rows
-    fast, fast_grads = _loss_and_grads(trainer, batch, Trainer.compute_loss)
-    full, full_grads = _loss_and_grads(trainer, batch, SFTTrainer.compute_loss)
-    assert abs(fast - full) < 1e-5, (fast, full)
-    assert fast_grads.keys() == full_grads.keys() and fast_grads
+    ours, our_grads = _loss_and_grads(fast, batch, Trainer.compute_loss)
+    full, full_grads = _loss_and_grads(plain, batch, SFTTrainer.compute_loss)
+    assert abs(ours - full) < 1e-5, (ours, full)
+    assert our_grads.keys() == full_grads.keys() and our_grads
     for name in full_grads:
-        torch.testing.assert_close(fast_grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(our_grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     # Sensitivity: labels one position off (a wrong shift) give other gradients, so the comparison above can fail.
     moved = dict(batch, labels=batch["labels"].roll(1, dims=1))
-    _, moved_grads = _loss_and_grads(trainer, moved, Trainer.compute_loss)
+    _, moved_grads = _loss_and_grads(fast, moved, Trainer.compute_loss)
     assert any(not torch.allclose(moved_grads[n], full_grads[n], rtol=1e-2, atol=1e-5) for n in full_grads)
 
+
+def test_packed_attention_keeps_samples_apart_and_steps_aside_when_decoding(tiny_model_dir):
+    """A sample's outputs do not depend on what is packed before it; with a KV cache the usual sdpa path runs."""
+    from transformers import AutoModelForCausalLM
+
+    name = acceleration.register_packed_attention()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=name).eval()
+    a, b = torch.randint(10, 300, (1, 17)), torch.randint(10, 300, (1, 23))
+    with torch.no_grad():
+        alone = model(input_ids=b, position_ids=torch.arange(23)[None], use_cache=False).logits
+        packed = model(input_ids=torch.cat([a, b], 1), use_cache=False,
+                       position_ids=torch.cat([torch.arange(17), torch.arange(23)])[None]).logits
+        torch.testing.assert_close(packed[:, 17:], alone, rtol=1e-5, atol=1e-5)
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+        out = model.generate(b, max_new_tokens=5, do_sample=False)
+        assert torch.equal(out, plain.generate(b, max_new_tokens=5, do_sample=False))
+
+
+def test_linear_cross_entropy_equals_the_plain_loss():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16)
+    target = torch.randint(0, 50, (37,))
+    ours = acceleration.linear_cross_entropy(hidden, weight, target, chunk=8)
+    (grad,) = torch.autograd.grad(ours * 0.5, hidden)
+    hidden2 = hidden.detach().clone().requires_grad_()
+    plain = torch.nn.functional.cross_entropy(hidden2 @ weight.t(), target, reduction="sum")
+    (plain * 0.5).backward()
+    assert abs(ours.item() - plain.item()) < 1e-4 and torch.allclose(grad, hidden2.grad, atol=1e-5)

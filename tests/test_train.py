@@ -146,6 +146,7 @@ def test_full_finetune_saves_a_whole_model(tmp_path, monkeypatch, tiny_model_dir
     final = tmp_path / "recipe" / "final"
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
     assert not (final / "adapter_config.json").exists()
+    assert "sdpa_packed" not in (final / "config.json").read_text()  # training's attention stays in training
     assert (tmp_path / "recipe" / "checkpoint-2" / "model.safetensors").is_file()
     tuned = AutoModelForCausalLM.from_pretrained(final)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
