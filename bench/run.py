@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 ITEMS = ("training", "dataprep", "merge", "chat")  # packing comes with training: same rows
 BASELINE = "TRL SFTTrainer (plain script)"
-TARGETS = {"training_ratio": 2.0, "ceiling_share": 0.5, "packing": 0.97, "cached_seconds": 2.0,
+TARGETS = {"training_ratio": 2.0, "ceiling_share": {"float32": 0.7, "bfloat16": 0.25}, "packing": 0.97, "cached_seconds": 2.0,
            "merge_rss_ratio": 0.5, "chat_overhead": 0.05}
 
 
@@ -94,18 +94,28 @@ def summarise(results: dict) -> list[dict]:
     if "training" in results:
         t = results["training"]["runs"]
         ours, base = t["train.py"], t[BASELINE]
-        chosen = results["machine"]["auto_dtype"]  # the demo recipe's `auto`, as train.py resolved it
-        share = ours["tokens_per_s"] / results["machine"][chosen]["tokens_per_s"]
-        results["training"]["ceiling_share"] = round(share, 3)
+        # The peer job is float32; on a CPU whose `auto` is bf16, the auto-precision run is held to the bf16 ceiling.
+        jobs = {"float32": ours}
+        if "train.py, auto precision" in t:
+            jobs[results["machine"]["auto_dtype"]] = t["train.py, auto precision"]
+        results["training"]["ceiling_share"] = {}
         rows += [
-            {"item": "1 training: trained (labelled) tokens/s", "ours": ours["trained_tokens_per_s"],
-             "baseline": base["trained_tokens_per_s"], "ratio": ours["ratio_trained_tokens_per_s"],
+            {"item": "1 training: all (non-padding) tokens/s, steady steps", "ours": ours["tokens_per_s"],
+             "baseline": base["tokens_per_s"], "ratio": ours["ratio_tokens_per_s"],
              "target": f">= {TARGETS['training_ratio']}x",
-             "met": verdict(ours["ratio_trained_tokens_per_s"] >= TARGETS["training_ratio"])},
-            {"item": "1 training: all tokens/s", "ours": ours["tokens_per_s"], "baseline": base["tokens_per_s"],
-             "ratio": ours["ratio_tokens_per_s"], "target": "", "met": ""},
-            {"item": f"1 training: share of the {chosen} matmul ceiling", "ours": round(share, 3), "baseline": "",
-             "ratio": "", "target": f"> {TARGETS['ceiling_share']}", "met": verdict(share > TARGETS["ceiling_share"])},
+             "met": verdict(ours["ratio_tokens_per_s"] >= TARGETS["training_ratio"])},
+            {"item": "1 training: trained (labelled) tokens/s", "ours": ours["trained_tokens_per_s"],
+             "baseline": base["trained_tokens_per_s"], "ratio": ours["ratio_trained_tokens_per_s"], "target": "",
+             "met": ""},
+        ]
+        for dtype, run in jobs.items():
+            share = run["tokens_per_s"] / results["machine"][dtype]["tokens_per_s"]
+            results["training"]["ceiling_share"][dtype] = round(share, 3)
+            goal = TARGETS["ceiling_share"][dtype]
+            rows.append({"item": f"1 training: share of the {dtype} matmul ceiling ({run['tokens_per_s']} tok/s)",
+                         "ours": round(share, 3), "baseline": "", "ratio": "", "target": f">= {goal}",
+                         "met": verdict(share >= goal)})
+        rows += [
             {"item": "1 training: trained tokens per step", "ours": ours["trained_tokens_per_step"],
              "baseline": base["trained_tokens_per_step"], "ratio": "", "target": "", "met": ""},
             {"item": "1 training: peak RSS MB", "ours": ours["peak_rss_mb"], "baseline": base["peak_rss_mb"],

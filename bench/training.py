@@ -20,23 +20,36 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 RECIPE = ROOT / "recipes" / "demo_smollm2.yaml"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "psych_multiturn.json"
-PAIRS, STEPS, QUICK_STEPS = 3, 6, 1
+PAIRS, STEPS, QUICK_STEPS = 3, 7, 1  # the peer job: 8 steps, the first a warm-up, steps 2-8 timed
 
 # train.py with one default reverted: what each default buys. `overrides` are recipe overrides; `revert: head` puts
-# SFTTrainer's own loss back (every position through the LM head, plus entropy/accuracy metrics).
+# SFTTrainer's own loss back (every position through the LM head, plus entropy/accuracy metrics); `revert: plain`
+# turns common/acceleration.py off (sdpa over the packed row with its mask, PEFT's LoRA forward, the head unchunked).
 VARIANTS = {
     "train.py": {"overrides": []},
+    "train.py, plain paths (no common/acceleration.py)": {"overrides": ["model.attn_implementation=sdpa"], "revert": "plain"},
     "train.py, LM head at every position": {"overrides": [], "revert": "head"},
-    "train.py, float32": {"overrides": ["model.dtype=float32"]},
+    "train.py, auto precision": {"overrides": ["model.dtype=auto"]},
     "train.py, gradient checkpointing": {"overrides": ["train.gradient_checkpointing=true"]},
+    "train.py, logging every 10 steps": {"overrides": ["train.logging_steps=10"]},
 }
 
 
 def data_path() -> Path:
     return SHARED_DATA if SHARED_DATA.is_file() else ROOT / "data" / "psych_sample.json"
+
+
+def peer_job_args(tmp: Path, steps: int, max_length: int, data_file: Path | None = None) -> list[str]:
+    """train.py's arguments for the peer job: SmolLM2-135M, LoRA r16 on the seven linear kinds, dropout 0, float32,
+    sdpa-based attention, packed rows of max_length, batch 1, no accumulation, no evaluation, steps + 1 steps."""
+    return [str(RECIPE), f"model.path={MODEL}", f"data.path={data_file or data_path()}", f"data.max_length={max_length}",
+            "data.eval_path=null", "lora.dropout=0.0", "model.dtype=float32", f"train.max_steps={steps + 1}",
+            "train.batch_size=1", "train.grad_accum=1", "train.save_steps=100000", f"train.output_dir={tmp / 'run'}",
+            "evaluation.prompts=[]", "evaluation.every_n_steps=0"]
 
 
 def child_ours(result_file: str, revert: str, recipe_args: list[str]) -> None:
@@ -57,6 +70,11 @@ def child_ours(result_file: str, revert: str, recipe_args: list[str]) -> None:
         from trl import SFTTrainer
 
         training.Trainer.compute_loss = SFTTrainer.compute_loss
+    if revert == "plain":
+        from common import acceleration
+
+        acceleration.fuse_lora = lambda model: 0
+        training.head_is_plain_linear = lambda causal_lm: False
     import train
 
     sys.exit(train.main(recipe_args))
@@ -89,14 +107,15 @@ def run(quick: bool, work: Path | None = None, variants: list[str] | None = None
         # Encoded rows (ours) and TRL's mapped datasets cache here, warmed by the first run of each.
         env = {**os.environ, "HF_DATASETS_CACHE": str(work or tmp / "cache"), "TOKENIZERS_PARALLELISM": "false"}
         result_file = tmp / "result.json"
-        recipe_args = [str(RECIPE), f"model.path={MODEL}", f"data.path={data_file}", f"data.max_length={max_length}", "data.eval_path=null", "lora.dropout=0.0", "model.dtype=float32",
-                       f"train.max_steps={steps + 1}", "train.batch_size=1", "train.grad_accum=1",
-                       "train.save_steps=100000", f"train.output_dir={tmp / 'run'}", "evaluation.prompts=[]",
-                       "evaluation.every_n_steps=0"]
+        recipe_args = peer_job_args(tmp, steps, max_length, data_file)
         commands = {"TRL SFTTrainer (plain script)": [
             sys.executable, str(ROOT / "bench" / "trl_baseline.py"), str(MODEL), str(data_file), "--max-steps", str(steps + 1),
             "--max-length", str(max_length), "--timing", str(result_file)]}
+        from common import precision
+
         names = ["train.py"] if quick else variants or list(VARIANTS)
+        if precision.resolve("auto", "cpu").name == "float32":  # auto is the float32 run itself here
+            names = [n for n in names if n != "train.py, auto precision"]
         for name in names:
             v = VARIANTS[name]
             commands[name] = [sys.executable, str(Path(__file__).resolve()), "--child", str(result_file), v.get("revert", "-"),
@@ -133,8 +152,8 @@ if __name__ == "__main__":
         child_ours(sys.argv[2], sys.argv[3], sys.argv[4:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--variants", help=f"comma-separated subset of: {'; '.join(VARIANTS)}")
+    parser.add_argument("--variants", help=f"a ;-separated subset of: {'; '.join(VARIANTS)}")
     parser.add_argument("--pairs", type=int, default=PAIRS)
     args = parser.parse_args()
-    chosen = args.variants.split(",") if args.variants else None
+    chosen = args.variants.split(";") if args.variants else None
     print(json.dumps(run(args.quick, variants=chosen, pairs=args.pairs), indent=2))
