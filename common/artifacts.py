@@ -15,7 +15,6 @@ Outputs appear whole or not at all: written under a temporary name beside their 
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from common.cli import UserError
+from common.cli import UserError, read_json, reading
 
 WORK_DIRS = Path("work_dirs")
 LATEST = "latest"
@@ -34,6 +33,7 @@ FINAL_DIR, MERGED_DIR, EVAL_DIR = "final", "merged", "eval"
 CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's PREFIX_CHECKPOINT_DIR + "-"
 STAGING_PREFIX = ".saving-"  # never matches `checkpoint-*`, so resume and rotation ignore half-written saves
 TRAINER_STATE = "trainer_state.json"
+CRC_CHECK_BYTES = 4 * 2**30  # resume checks checkpoint files up to this size against their checksums
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -72,12 +72,8 @@ def adapter_weights(path: Path) -> Path | None:
 
 def adapter_base(adapter_dir: Path) -> str:
     """`base_model_name_or_path` of an adapter directory."""
-    try:
-        config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: not readable JSON ({e})") from None
-    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-    if not base:
+    base = read_json(Path(adapter_dir) / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if not base or not isinstance(base, str):
         raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: no `base_model_name_or_path`; name the base model explicitly")
     return base
 
@@ -225,12 +221,37 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> str | None:
     if resume is None:
         return None
     path = Path(run_dir) if resume == "auto" else Path(resume)
-    if (path / TRAINER_STATE).is_file():
-        return str(path)
     found = [c for c in checkpoints(path) if (c / TRAINER_STATE).is_file()] if path.is_dir() else []
+    if (path / TRAINER_STATE).is_file():
+        found = [path]
     if not found and resume != "auto":
         raise UserError(f"--resume {resume}: not a checkpoint directory (no {TRAINER_STATE}) nor a run holding {CHECKPOINT_PREFIX}N/")
-    return str(found[-1]) if found else None
+    if not found:
+        return None
+    check_checkpoint(found[-1])
+    return str(found[-1])
+
+
+def check_checkpoint(path: Path) -> None:
+    """Open every file a resume reads before training starts, so a damaged checkpoint is one line rather than a
+    traceback from inside the Trainer. Torch's zip files are checked against their CRCs (for LoRA they hold a few
+    times the adapter's size), safetensors files by their headers."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    for file in sorted(Path(path).iterdir()):
+        if file.suffix == ".json":
+            read_json(file)
+        elif file.suffix == ".safetensors":
+            with reading(file, "not a readable safetensors file"), safe_open(file, framework="pt") as f:
+                list(f.keys())
+        elif file.suffix in (".pt", ".pth", ".bin"):
+            with reading(file, "not a readable checkpoint file"), zipfile.ZipFile(file) as z:
+                # CRCs read the whole file: for a full fine-tune's optimizer state, the zip's directory is enough
+                damaged = z.testzip() if file.stat().st_size <= CRC_CHECK_BYTES else None
+            if damaged:
+                raise UserError(f"{file}: damaged (checksum mismatch in {damaged})")
 
 
 def prepare_run_dir(run_dir: str | Path, resuming: bool, force: bool) -> Path:

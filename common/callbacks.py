@@ -62,8 +62,11 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     train, evals = {}, {}
     if not (run_dir / METRICS_FILE).is_file():
         return None
-    for line in (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
+    for line in (run_dir / METRICS_FILE).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short when an earlier run was killed mid-write
+            continue
         if "loss" in row:  # a resumed run re-logs steps after its checkpoint: the newest entry wins
             train[row["step"]] = row
         if "eval_loss" in row:

@@ -1,8 +1,11 @@
 """What every script shares at its edges: one-line errors with exit status 2, never a traceback."""
+import json
 import logging
 import sys
 import warnings
+from contextlib import contextmanager
 from functools import wraps
+from pathlib import Path
 
 # PEFT imports bitsandbytes, which warns on every CPU start about an optional kernel package it can do without.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -26,3 +29,38 @@ def main_guard(fn):
             sys.exit(2)
 
     return wrapper
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one short line; a heading that ends in ':' keeps its first detail (torch's size mismatches,
+    pydantic-style validation errors)."""
+    lines = [line.strip() for line in (str(e).strip() or type(e).__name__).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text[:300]
+
+
+@contextmanager
+def reading(path, what: str):
+    """The boundary where a user's file is read: any failure to read or interpret `path` inside the block becomes one
+    UserError, `PATH: WHAT (why)`. Put only the reading call inside, so a bug in our own code keeps its traceback."""
+    try:
+        yield
+    except (UserError, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    # BaseException: the parsers are libraries (safetensors, tokenizers, torch's unpickler), and tokenizers' Rust
+    # panics arrive as pyo3's PanicException, which is not an Exception.
+    except BaseException as e:
+        raise UserError(f"{path}: {what} ({first_line(e)})") from None
+
+
+def read_json(path, expected: type = dict, what: str = "JSON"):
+    """A JSON file whose top level is `expected` (an object, by default)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {'is a directory, expected a file' if path.is_dir() else 'file not found'}")
+    with reading(path, f"not valid {what}"):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, expected):
+        raise UserError(f"{path}: expected a JSON {'object' if expected is dict else expected.__name__}, "
+                        f"found {type(data).__name__}")
+    return data

@@ -9,7 +9,6 @@ pickles of a Trainer checkpoint are never opened at all.
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import sys
@@ -21,7 +20,7 @@ import torch
 
 from common import artifacts, safeload
 from common.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from common.cli import UserError
+from common.cli import UserError, first_line, read_json, reading
 from common.xtuner_config import xtuner_config_hints
 from common.zero import zero_fp32_weights, zero_stage
 
@@ -74,7 +73,7 @@ class PeftDir:
         weights = artifacts.adapter_weights(src)
         if weights is None:
             raise UserError(f"{src}: has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}")
-        config = _read_json(src / ADAPTER_CONFIG)
+        config = read_json(src / ADAPTER_CONFIG)
         return Checkpoint(
             kind="PEFT checkpoint directory",
             tensors=safeload.load_tensors(weights, trust=trust),
@@ -110,7 +109,8 @@ class DeepSpeedDir:
     @staticmethod
     def read(src: Path, trust: bool) -> Checkpoint:
         if (src / "latest").is_file() and not any(src.glob("*model_states.pt")):  # DeepSpeed's own layout: tag dir
-            src = src / (src / "latest").read_text().strip()
+            with reading(src / "latest", "not a DeepSpeed `latest` tag file"):
+                src = src / (src / "latest").read_text(encoding="utf-8").strip()
         model_file = next((src / n for n in DS_MODEL_STATES if (src / n).is_file()), None)
         model_file = model_file or next(iter(sorted(src.glob("*model_states.pt"))), None)
         if model_file is None:
@@ -157,16 +157,6 @@ class TorchFile:
 
 
 READERS = (PeftDir, HFModelDir, DeepSpeedDir, TorchFile)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
 
 
 def _natural_key(path: Path):
@@ -302,10 +292,8 @@ def write_adapter(out: Path, ckpt: Checkpoint, base: str, alpha: float | None, n
 
     if ckpt.peft_dir is not None:  # already PEFT-named; keep every field of its config, re-point the base
         sd = {k: v.contiguous() for k, v in ckpt.tensors.items()}
-        try:
+        with reading(ckpt.peft_dir / ADAPTER_CONFIG, "not a PEFT adapter config"):
             config = PeftConfig.from_pretrained(str(ckpt.peft_dir))
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise UserError(f"{ckpt.peft_dir / ADAPTER_CONFIG}: not a PEFT adapter config ({_first_line(e)})") from None
         config.base_model_name_or_path = base
     else:
         sd, to_save = adapter_tensors(ckpt.tensors)
@@ -326,11 +314,9 @@ def write_full_model(out: Path, ckpt: Checkpoint, base: str | None) -> int:
         raise UserError("these are full-model weights (no LoRA tensors): pass --base DIR of the base model, "
                         "whose config.json describes them")
     sd = {re.sub(r"^(llm\.|module\.)+", "", k): v for k, v in ckpt.tensors.items()}
-    try:
-        with torch.device("meta"):  # no memory for weights that load_state_dict(assign=True) replaces anyway
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{config_dir}/config.json: cannot build the model ({_first_line(e)})") from None
+    with reading(config_dir / "config.json", "cannot build the model"), torch.device("meta"):
+        # meta: no memory for weights that load_state_dict(assign=True) replaces anyway
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
     result = model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -351,10 +337,12 @@ def copy_tokenizer(out: Path, ckpt: Checkpoint, base: str | None, notes: list[st
         notes.append(f"tokenizer not copied: none in the checkpoint and {where} (pass --base DIR)")
         return None
     try:
-        AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(out))
-    except (OSError, ValueError) as e:
-        notes.append(f"tokenizer not copied from {source}: {_first_line(e)}")
+        with reading(source, "tokenizer not readable"):
+            tokenizer = AutoTokenizer.from_pretrained(str(source))
+    except UserError as e:  # the adapter is what was asked for; a tokenizer is a convenience
+        notes.append(f"tokenizer not copied: {e}")
         return None
+    tokenizer.save_pretrained(str(out))
     return str(source)
 
 
@@ -385,10 +373,12 @@ def verify(out: Path, base: str | None, is_adapter: bool) -> str:
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
 
+    with reading(base, "--verify: cannot load the base model"):
+        base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     try:
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(out))
+        model = PeftModel.from_pretrained(base_model, str(out))
     except (OSError, ValueError, RuntimeError, KeyError) as e:  # e.g. shapes that do not fit this base
-        raise UserError(f"--verify: the adapter does not load onto {base}: {_first_line(e)}") from None
+        raise UserError(f"--verify: the adapter does not load onto {base}: {first_line(e)}") from None
     saved, loaded = load_file(str(out / ADAPTER_WEIGHTS[0])), get_peft_model_state_dict(model)
     bad = [k for k, v in saved.items() if k not in loaded or not torch.equal(loaded[k].to(v.dtype), v)]
     if bad:
@@ -407,13 +397,6 @@ def _logits(model) -> torch.Tensor:
     ids = torch.arange(min(16, vocab)).unsqueeze(0)
     with torch.no_grad():
         return model(input_ids=ids).logits.float()
-
-
-def _first_line(e: BaseException) -> str:
-    """An exception as one line; a heading that ends in ':' keeps its first detail (torch's size mismatches)."""
-    lines = [line.strip() for line in (str(e).strip() or type(e).__name__).splitlines() if line.strip()]
-    text = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-    return text[:400]
 
 
 def warn(notes: list[str]) -> None:

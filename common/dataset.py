@@ -74,20 +74,37 @@ def cache_dir() -> Path:
     return Path(config.HF_DATASETS_CACHE) / "sft_rows"
 
 
+def _read_cache(where: Path):
+    """(meta, train rows, eval rows) from a cache entry, or None when it is damaged: it is re-encoded then."""
+    from datasets import load_from_disk
+
+    try:
+        meta = json.loads((where / "meta.json").read_text(encoding="utf-8"))
+        Stats(**meta["stats"])
+        train_rows = load_from_disk(str(where / "train")).to_list()
+        eval_rows = load_from_disk(str(where / "eval")).to_list() if (where / "eval").exists() else []
+    except Exception as e:  # our own disposable file, not the user's: encode again rather than stop
+        print(f"note: the encoded-data cache {where} is damaged ({type(e).__name__}); encoding again", file=sys.stderr)
+        import shutil
+
+        shutil.rmtree(where, ignore_errors=True)
+        return None
+    return meta, train_rows, eval_rows
+
+
 def build_datasets(recipe, tokenizer, report: LoadReport | None = None, use_cache: bool = True):
     """Train and eval rows (unpacked, in input order) and the stats that --dry-run prints.
 
     Encoded rows are cached (Arrow, through `datasets`) under a key of everything they depend on, so a re-run
     of the same recipe on the same data and tokenizer skips reading and tokenizing."""
-    from datasets import Dataset, load_from_disk
+    from datasets import Dataset
 
     report = LoadReport() if report is None else report
     where = cache_dir() / _cache_key(recipe, tokenizer) if use_cache else None
-    if where is not None and (where / "meta.json").is_file():
-        meta = json.loads((where / "meta.json").read_text(encoding="utf-8"))
+    cached = _read_cache(where) if where is not None and (where / "meta.json").is_file() else None
+    if cached is not None:
+        meta, train_rows, eval_rows = cached
         report.notes[:], report.skipped[:] = meta["notes"], meta["skipped"]
-        train_rows = load_from_disk(str(where / "train")).to_list()
-        eval_rows = load_from_disk(str(where / "eval")).to_list() if (where / "eval").exists() else []
         stats = Stats(**meta["stats"])
     else:
         train_rows, eval_rows, stats = _encode_recipe_data(recipe, tokenizer, report)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.cli import UserError
+from common.cli import UserError, reading
 
 TYPES = ("f32", "f16", "q8_0")
 FILE_NAME = "model-{type}.gguf"
@@ -122,21 +122,30 @@ def _encode(tensor: torch.Tensor, ggml_type) -> np.ndarray:
     return quantize(data, ggml_type)
 
 
+def read_model(model_dir: Path):
+    """(config, tokenizer) of the HF model to export, read at the boundary: a damaged file is one line."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    with reading(model_dir / "config.json", "not a readable model config"):
+        config = AutoConfig.from_pretrained(model_dir)
+    with reading(model_dir, "tokenizer not readable"):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return config, tokenizer
+
+
 def export(model_dir: Path, qtype: str, chat_template: str | None, name: str) -> Path:
     """Write MODEL_DIR/model-<qtype>.gguf from the HF model in MODEL_DIR; returns its path."""
     import gguf
-    from transformers import AutoConfig, AutoTokenizer
 
     from common.merging import BaseCheckpoint
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config, tokenizer = read_model(model_dir)
     arch = architectures().get(config.model_type)
     if arch is None:
         raise UserError(f"GGUF export supports the {' and '.join(architectures())} architectures "
                         f"(SmolLM2, Llama, Qwen1.5/2/2.5); {model_dir} is `{config.model_type}`")
     if getattr(config, "rope_scaling", None) and (config.rope_scaling or {}).get("rope_type", "default") != "default":
         raise UserError(f"GGUF export: rope scaling {config.rope_scaling} is not written by this exporter")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pre = pre_tokenizer_name(tokenizer)
     base = BaseCheckpoint(model_dir)
     names = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
@@ -198,17 +207,15 @@ def export(model_dir: Path, qtype: str, chat_template: str | None, name: str) ->
 def ship(model_dir: Path, qtype: str, recipe, name: str) -> tuple[Path, Path | None, str | None]:
     """The GGUF and, beside it, an Ollama Modelfile, both from the run's template, system prompt and sampling
     settings. Returns (gguf, Modelfile or None, why there is no Modelfile)."""
-    from transformers import AutoConfig, AutoTokenizer
-
     from common.generation import context_length
     from common.ollama import write_modelfile
     from common.recipe import EvaluationConfig
     from common.templates import TOKENIZER, get_template
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config, tokenizer = read_model(model_dir)
     template = get_template(recipe.data.template if recipe else TOKENIZER.name)
     path = export(model_dir, qtype, template.chat_template(tokenizer), name)
-    num_ctx = context_length(recipe, AutoConfig.from_pretrained(model_dir))
+    num_ctx = context_length(recipe, config)
     try:
         modelfile = write_modelfile(model_dir, path.name, template, tokenizer, recipe.data.system if recipe else None,
                                     recipe.evaluation if recipe else EvaluationConfig(), num_ctx)
@@ -229,7 +236,7 @@ def verify(model_dir: Path, gguf_file: Path, qtype: str, recipe, max_new_tokens:
     from common.ollama import render_go
     from common.templates import TOKENIZER, Turn, chat_messages, get_template
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = read_model(model_dir)[1]
     template = get_template(recipe.data.template if recipe else TOKENIZER.name)
     system = recipe.data.system if recipe else None
     with tempfile.TemporaryDirectory() as alone:  # the GGUF by itself: no tokenizer files beside it to mask its own

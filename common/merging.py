@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import _getdtype, load_file, save_file
 
 from common import artifacts
-from common.cli import UserError
+from common.cli import UserError, read_json, reading
 
 PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model in adapter tensor names
 # Adapter tensor name suffix -> its part in the merge. lora_embedding_* are the Embedding layer's A and B.
@@ -66,11 +66,13 @@ def load_state(file: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """A whole .safetensors or .bin state dict; a .bin through torch with weights_only=True (it is a pickle: no code
     from it runs), memory-mapped when asked so only touched pages are read."""
     if file.suffix == ".safetensors":
-        return load_file(file)
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise UserError(f"{file}: cannot load as a PyTorch state dict with weights_only=True ({e})") from None
+        with reading(file, "not a readable safetensors file"):
+            return load_file(file)
+    with reading(file, "cannot load as a PyTorch state dict with weights_only=True"):
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise UserError(f"{file}: expected a state dict (name -> tensor), found {type(state).__name__}")
+    return state
 
 
 class BaseCheckpoint:
@@ -84,7 +86,7 @@ class BaseCheckpoint:
         self.dtype: dict[str, torch.dtype] = {}
         for file in self.files:
             if file.suffix == ".safetensors":
-                with safe_open(file, framework="pt") as f:
+                with reading(file, "not a readable safetensors file"), safe_open(file, framework="pt") as f:
                     for key in f.keys():
                         part = f.get_slice(key)
                         self._add(key, file, tuple(part.get_shape()), _getdtype(part.get_dtype()))
@@ -100,14 +102,25 @@ class BaseCheckpoint:
         for index, single in (("model.safetensors.index.json", "model.safetensors"),
                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
             if (path / index).is_file():
-                weight_map = json.loads((path / index).read_text())["weight_map"]
-                return [path / f for f in dict.fromkeys(weight_map.values())]
+                return BaseCheckpoint._indexed_files(path / index)
             if (path / single).is_file():
                 return [path / single]
         found = sorted(path.glob("*.safetensors"))
         if not found:
             raise UserError(f"{path}: no model weights (expected model.safetensors, a sharded index, or pytorch_model.bin)")
         return found
+
+    @staticmethod
+    def _indexed_files(index: Path) -> list[Path]:
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise UserError(f"{index}: expected `weight_map`, an object of tensor name -> shard file name")
+        files = [index.parent / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{index}: names shard(s) that are not in {index.parent}: {', '.join(missing[:3])}")
+        return files
 
     @staticmethod
     def _load_bin(file: Path) -> dict[str, torch.Tensor]:
@@ -123,7 +136,7 @@ class BaseCheckpoint:
         def read(name: str) -> torch.Tensor:
             file = self.file_of[name]
             if file.suffix == ".safetensors":
-                with safe_open(file, framework="pt", device="cpu") as f:
+                with reading(file, "not a readable safetensors file"), safe_open(file, framework="pt", device="cpu") as f:
                     return f.get_tensor(name)
             if file not in bins:
                 bins[file] = self._load_bin(file)
@@ -172,10 +185,31 @@ class Adapter:
     tensors: dict[str, torch.Tensor]  # whole tensors that replace the base's: modules_to_save, trained biases, copies
 
 
+def _config_problems(config: dict) -> list[str]:
+    """The adapter_config.json fields the merge reads, checked for type (a hand-edited or damaged config)."""
+    def number(v, whole=False):
+        return not isinstance(v, bool) and isinstance(v, int if whole else (int, float)) and v > 0
+
+    problems = [f"`{key}`: expected {what}, found {json.dumps(config.get(key))}" for key, check, what in (
+        ("r", lambda v: number(v, whole=True), "a positive integer"),
+        ("lora_alpha", number, "a positive number"),
+        ("rank_pattern", lambda v: v is None or isinstance(v, dict) and all(number(x, True) for x in v.values()),
+         "an object of module pattern -> rank"),
+        ("alpha_pattern", lambda v: v is None or isinstance(v, dict) and all(number(x) for x in v.values()),
+         "an object of module pattern -> alpha"),
+        ("use_rslora", lambda v: v is None or isinstance(v, bool), "true or false"),
+        ("fan_in_fan_out", lambda v: v is None or isinstance(v, bool), "true or false"),
+    ) if not check(config.get(key))]
+    return problems
+
+
 def load_adapter(path: Path) -> Adapter:
-    config = json.loads((path / artifacts.ADAPTER_CONFIG).read_text())
+    config = read_json(path / artifacts.ADAPTER_CONFIG)
     if config.get("peft_type") != "LORA":
         raise UserError(f"{path / artifacts.ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r}; only LoRA adapters (LORA) can be merged")
+    problems = _config_problems(config)
+    if problems:
+        raise _problems(str(path / artifacts.ADAPTER_CONFIG), problems)
     problems = [f"`{key}` is set: {why}; not supported by this merge" for key, why in UNSUPPORTED.items() if config.get(key)]
     weights = artifacts.adapter_weights(path)
     if weights is None:
@@ -229,14 +263,18 @@ def tied_weights(base_dir: Path) -> dict[str, str]:
     The model is built on the meta device, so this costs no memory, and every architecture answers for itself.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    try:
+    model_type = read_json(base_dir / "config.json").get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        # remote-code architecture (Qwen1, ChatGLM...): merge what the checkpoint holds, untied logic off
+        print(f"note: transformers has no built-in `{model_type}` architecture ({base_dir}); assuming no tied weights")
+        return {}
+    # an architecture transformers knows: a config it cannot build from is damaged
+    with reading(base_dir / "config.json", f"not a valid `{model_type}` model config"):
         config = AutoConfig.from_pretrained(base_dir)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except Exception as e:  # unknown or remote-code architecture: merge what the checkpoint holds, untied logic off
-        print(f"note: transformers cannot build {base_dir} ({type(e).__name__}); assuming no tied weights")
-        return {}
     return dict(model.get_expanded_tied_weights_keys(all_submodels=True))
 
 
@@ -359,7 +397,7 @@ def write_side_files(plan: MergePlan, out_dir: Path) -> str:
     from transformers import AutoTokenizer
 
     base_dir, adapter_dir = plan.base.path, plan.adapter.path
-    config = json.loads((base_dir / "config.json").read_text())
+    config = read_json(base_dir / "config.json")
     config.update(plan.config_updates())
     if "torch_dtype" in config and "dtype" in plan.config_updates():  # configs written by transformers 4
         config["torch_dtype"] = config["dtype"]
@@ -369,7 +407,8 @@ def write_side_files(plan: MergePlan, out_dir: Path) -> str:
     source = next((d for d in (adapter_dir, base_dir) if artifacts.has_tokenizer(d)), None)
     if source is None:
         return "no tokenizer in the adapter or base directory: the merged model has none"
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    with reading(source, "tokenizer not readable"):
+        tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.save_pretrained(out_dir)
     template = "with its chat template" if tokenizer.chat_template else "WITHOUT a chat template"
     return f"tokenizer from {source} ({template})"

@@ -8,21 +8,20 @@ from typing import Optional
 
 import torch
 
-from common.cli import UserError
+from common.cli import UserError, reading
 
 
-def _load_error(what: str, path, e: Exception) -> UserError:
+def _loading(what: str, path):
+    """The boundary around a from_pretrained: any failure is the files' (or the hub's), said in one line."""
     where = "" if Path(path).is_dir() else " (not a local directory, and no hub copy could be fetched)"
-    return UserError(f"{what}: cannot load {path}{where}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+    return reading(path, f"{what}: cannot load it{where}")
 
 
 def load_tokenizer(path, trust_remote_code: bool = False, what: str = "`model.path`"):
     from transformers import AutoTokenizer
 
-    try:
+    with _loading(what, path):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise _load_error(what, path, e) from None
     if tokenizer.pad_token is None:  # batching needs one; padded positions carry label -100 anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -54,10 +53,15 @@ def load_causal_lm(path, dtype: torch.dtype, quantization: Optional[str] = None,
     quant = quantization_config(quantization, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, ImportError, RuntimeError) as e:
-        raise _load_error(what, path, e) from None
+    with _loading(what, path):
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    # transformers fills weights it did not find with random values, and only warns: a damaged index or a missing
+    # tensor would otherwise train or chat on noise.
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise UserError(f"{path}: the model's weights lack {len(missing)} tensor(s) its config.json needs, "
+                        f"e.g. {sorted(missing)[0]} (damaged or incomplete checkpoint?)")
+    return model
 
 
 def lora_config(recipe):
@@ -110,10 +114,8 @@ def load_for_generation(source, dtype: str = "auto", bits: Optional[int] = None)
     if source.adapter is not None:
         from peft import PeftModel
 
-        try:
+        with _loading("adapter", source.adapter):
             model = PeftModel.from_pretrained(model, source.adapter)
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise _load_error("adapter", source.adapter, e) from None
     return model.eval(), tokenizer
 
 

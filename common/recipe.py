@@ -11,7 +11,7 @@ from typing import Literal, Optional, Union
 
 import yaml
 
-from common.cli import UserError
+from common.cli import UserError, read_json, reading
 
 
 @dataclass
@@ -237,7 +237,6 @@ DEEPSPEED_PRESETS = ("zero2", "zero3")
 def _check_machine(recipe: Recipe, problems: list[str]) -> None:
     """What this machine can do with the recipe: GPU-only features, the precision, DeepSpeed."""
     import importlib.util
-    import json
 
     import torch
 
@@ -254,15 +253,15 @@ def _check_machine(recipe: Recipe, problems: list[str]) -> None:
     if ds is None:
         return
     if ds not in DEEPSPEED_PRESETS:
-        try:
-            config = json.loads(Path(ds).read_text(encoding="utf-8"))
-            stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
-            if stage not in (0, 1, 2, 3):
-                problems.append(f"`train.deepspeed`: {ds} needs `zero_optimization.stage` set to 0, 1, 2 or 3")
-        except OSError:
+        if not Path(ds).is_file():
             problems.append(f"`train.deepspeed`: {ds} is neither zero2, zero3 nor an existing JSON file")
-        except json.JSONDecodeError as e:
-            problems.append(f"`train.deepspeed`: {ds} is not valid JSON: {e}")
+        else:
+            try:
+                zero = read_json(ds).get("zero_optimization")
+                if not isinstance(zero, dict) or zero.get("stage") not in (0, 1, 2, 3):
+                    problems.append(f"`train.deepspeed`: {ds} needs `zero_optimization.stage` set to 0, 1, 2 or 3")
+            except UserError as e:
+                problems.append(f"`train.deepspeed`: {e}")
     if importlib.util.find_spec("deepspeed") is None:
         problems.append("`train.deepspeed` needs the deepspeed package (pip install deepspeed) on a CUDA machine")
     elif not cuda:
@@ -290,10 +289,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), for_training: bool 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
-    try:
+    with reading(path, "not readable as a YAML recipe"):
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
     problems: list[str] = []

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.cli import UserError
+from common.cli import UserError, first_line, reading
 
 # Classes that XTuner / mmengine / DeepSpeed checkpoints pickle -> the attributes a pickle may fetch from the class
 # with getattr. Data, not code: nothing here is imported or called.
@@ -197,24 +197,21 @@ def load(path: str | Path, trust: bool = False):
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             raise _unpickler_error(path, str(e)) from None
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
+    except Exception as e:  # the boundary: torch's unpickler fails on damaged bytes with any error type
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
 
 
 def load_tensors(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """A flat name -> tensor mapping from a .safetensors file or a torch file holding a state dict."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         if not path.is_file():
             raise UserError(f"{path}: no such file")
-        try:
+        with reading(path, "not a readable safetensors file"):
             return load_file(path)
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     obj = load(path, trust=trust)
     tensors = state_dict_in(obj)
     if tensors is None:
@@ -232,9 +229,4 @@ def state_dict_in(obj) -> dict[str, torch.Tensor] | None:
             break
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     return tensors or None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:200]
 
