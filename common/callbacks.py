@@ -224,7 +224,10 @@ class InterruptCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+            # an ignored signal stays ignored: a shell starts background jobs with SIGINT ignored, so that Ctrl-C at
+            # the terminal does not reach them (stop one with `kill PID`: SIGTERM saves a checkpoint too)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.signal = signum

@@ -1,15 +1,24 @@
 """`train.py --dry-run` and `--dump-dataset`: the data path end to end, without loading model weights."""
+import io
 import json
-import subprocess
-import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+def run(*args):
+    """train.py in-process (a subprocess would spend seconds importing torch): its exit code and output."""
+    import train
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = train.main([str(a) for a in args]) or 0
+        except SystemExit as e:
+            code = e.code or 0
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def recipe(tmp_path, model_dir, data=ROOT / "data" / "psych_sample.json", extra=""):

@@ -74,33 +74,29 @@ def test_one_spelling_with_aliases():
     assert recipe.model.dtype == "bfloat16"
 
 
-def test_train_log_says_what_auto_chose(tmp_path, monkeypatch, cpu, tiny_model_dir):
+def train_one_step_auto(tmp_path, monkeypatch, model_dir) -> str:
+    """train.py with `model.dtype: auto` for one step on four conversations; returns train.log."""
     import train
     from tests.test_train import write_recipe
 
-    cpu(False)
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "d.json"
     data.write_text(json.dumps(json.loads((ROOT / "data" / "psych_sample.json").read_text(encoding="utf-8"))[:4],
                                ensure_ascii=False), encoding="utf-8")
-    recipe = write_recipe(tmp_path, tiny_model_dir, data, model={"dtype": "auto"},
+    recipe = write_recipe(tmp_path, model_dir, data, model={"dtype": "auto"},
                           train={"max_steps": 1, "save_steps": 10}, evaluation={"prompts": []})
     assert train.main([str(recipe)]) == 0
-    log = (tmp_path / "recipe" / "train.log").read_text()
+    return (tmp_path / "recipe" / "train.log").read_text()
+
+
+def test_train_log_says_what_auto_chose(tmp_path, monkeypatch, cpu, tiny_model_dir):
+    cpu(False)
+    log = train_one_step_auto(tmp_path, monkeypatch, tiny_model_dir)
     assert "precision: float32: this CPU has no native bfloat16" in log
     assert "(float32)" in log  # the model line
 
 
 @pytest.mark.skipif(not NATIVE, reason="this CPU has no native bf16: bf16 training would be emulated (~200x slower)")
 def test_bf16_training_where_native(tmp_path, monkeypatch, tiny_model_dir):
-    import train
-    from tests.test_train import write_recipe
-
-    monkeypatch.chdir(tmp_path)
-    data = tmp_path / "d.json"
-    data.write_text(json.dumps(json.loads((ROOT / "data" / "psych_sample.json").read_text(encoding="utf-8"))[:4],
-                               ensure_ascii=False), encoding="utf-8")
-    recipe = write_recipe(tmp_path, tiny_model_dir, data, model={"dtype": "auto"},
-                          train={"max_steps": 1, "save_steps": 10}, evaluation={"prompts": []})
-    assert train.main([str(recipe)]) == 0
-    assert "precision: bfloat16: this CPU has native bfloat16" in (tmp_path / "recipe" / "train.log").read_text()
+    log = train_one_step_auto(tmp_path, monkeypatch, tiny_model_dir)
+    assert "precision: bfloat16: this CPU has native bfloat16" in log

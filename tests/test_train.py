@@ -354,10 +354,13 @@ def test_resume_after_kills_matches_an_uninterrupted_run(tmp_path, monkeypatch, 
     assert not torch.allclose(expected[name], torch.zeros_like(expected[name]))
 
 
-def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, tiny_model_dir, data_file):
+def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, tiny_model_dir, data_file, request):
     from common.callbacks import InterruptCallback
 
     monkeypatch.chdir(tmp_path)
+    # as in a terminal, whatever started pytest (a background job starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     real = InterruptCallback.on_step_end
 
     def ctrl_c_during_step_3(self, args, state, control, **kwargs):
@@ -375,6 +378,18 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, tiny_mod
     assert not (out / "final").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     assert "--resume auto" in (out / "train.log").read_text()
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path, monkeypatch, tiny_model_dir, data_file, request):
+    monkeypatch.chdir(tmp_path)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    seen = []
+    monkeypatch.setattr("common.callbacks.InterruptCallback.on_step_end",
+                        lambda self, *a, **k: seen.append(signal.getsignal(signal.SIGINT)))
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, train={"max_steps": 1}, evaluation={"prompts": []})
+    assert run(recipe) == 0
+    assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 # ---------------------------------------------------------------- bad input
