@@ -188,6 +188,8 @@ def load(path: str | Path, trust: bool = False):
         raise UserError(f"{path}: no such file")
     # mmap keeps RAM flat for multi-GB optimizer shards; only zip-format files support it.
     mmap = zipfile.is_zipfile(path)
+    if not mmap:
+        _check_legacy_header(path)
     try:
         if trust:
             print(TRUST_WARNING.format(path=path), file=sys.stderr)
@@ -200,6 +202,22 @@ def load(path: str | Path, trust: bool = False):
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
     except Exception as e:  # the boundary: torch's unpickler fails on damaged bytes with any error type
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
+
+
+def _check_legacy_header(path: Path) -> None:
+    """A torch file is a zip archive, or (torch < 1.6) a pickle, which starts with the PROTO opcode: anything else is
+    the wrong file, said plainly rather than as an unpickler's complaint about its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[:1] == b"\x80":
+        return
+    try:
+        text = head.decode("utf-8")
+        kind = "a text file" if text.isprintable() or "\n" in text else None
+    except UnicodeDecodeError:
+        kind = None
+    kind = "an empty file" if not head else kind or f"it starts with bytes {head[:8].hex(' ')}"
+    raise UserError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle: {kind})")
 
 
 def load_tensors(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
