@@ -232,20 +232,74 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> str | None:
     return str(found[-1])
 
 
+def check_safetensors(file: Path) -> None:
+    """Read a safetensors file's header (cheap: the tensors stay on disk)."""
+    from safetensors import safe_open
+
+    with reading(file, "not a readable safetensors file"), safe_open(file, framework="pt") as f:
+        list(f.keys())
+
+
+def index_shards(index: Path) -> list[Path]:
+    """The shard files a `*.index.json` names, in order; each checked to exist."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise UserError(f"{index}: expected `weight_map`, an object of tensor name -> shard file name")
+    files = [index.parent / f for f in dict.fromkeys(weight_map.values())]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{index}: names shard(s) that are not in {index.parent}: {', '.join(missing[:3])}")
+    return files
+
+
+def _check_config(path: Path) -> None:
+    """config.json of an architecture transformers knows, parsed by it (types, values); others are left to load time."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = read_json(path / MODEL_CONFIG).get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        with reading(path / MODEL_CONFIG, f"not a valid `{model_type}` model config"):
+            AutoConfig.from_pretrained(path)
+
+
+def check_model_files(path: str | Path, weights: bool = True) -> None:
+    """Read the JSON files and safetensors headers of a local model directory before transformers does, so that a
+    damaged one is named in the error (transformers' own message often does not say which shard or file failed)."""
+    path = Path(path)
+    if not path.is_dir():
+        return  # a hub id: transformers fetches and reports it
+    for name in (MODEL_CONFIG, *TOKENIZER_FILES[:2], "generation_config.json"):
+        if (path / name).exists():
+            read_json(path / name)
+    if (path / MODEL_CONFIG).is_file():
+        _check_config(path)
+    if (path / TOKENIZER_FILES[1]).is_file():
+        from tokenizers import Tokenizer
+
+        with reading(path / TOKENIZER_FILES[1], "not a valid tokenizer file"):
+            Tokenizer.from_file(str(path / TOKENIZER_FILES[1]))
+    if not weights:
+        return
+    for index in sorted(path.glob("*.index.json")):
+        index_shards(index)
+    for file in model_weight_files(path):
+        if file.suffix == ".safetensors":
+            check_safetensors(file)
+
+
 def check_checkpoint(path: Path) -> None:
     """Open every file a resume reads before training starts, so a damaged checkpoint is one line rather than a
     traceback from inside the Trainer. Torch's zip files are checked against their CRCs (for LoRA they hold a few
     times the adapter's size), safetensors files by their headers."""
     import zipfile
 
-    from safetensors import safe_open
-
     for file in sorted(Path(path).iterdir()):
         if file.suffix == ".json":
             read_json(file)
         elif file.suffix == ".safetensors":
-            with reading(file, "not a readable safetensors file"), safe_open(file, framework="pt") as f:
-                list(f.keys())
+            check_safetensors(file)
         elif file.suffix in (".pt", ".pth", ".bin"):
             with reading(file, "not a readable checkpoint file"), zipfile.ZipFile(file) as z:
                 # CRCs read the whole file: for a full fine-tune's optimizer state, the zip's directory is enough

@@ -126,6 +126,9 @@ def read_model(model_dir: Path):
     """(config, tokenizer) of the HF model to export, read at the boundary: a damaged file is one line."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from common.artifacts import check_model_files
+
+    check_model_files(model_dir, weights=False)  # names the damaged file where transformers would not
     with reading(model_dir / "config.json", "not a readable model config"):
         config = AutoConfig.from_pretrained(model_dir)
     with reading(model_dir, "tokenizer not readable"):

@@ -102,25 +102,13 @@ class BaseCheckpoint:
         for index, single in (("model.safetensors.index.json", "model.safetensors"),
                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
             if (path / index).is_file():
-                return BaseCheckpoint._indexed_files(path / index)
+                return artifacts.index_shards(path / index)
             if (path / single).is_file():
                 return [path / single]
         found = sorted(path.glob("*.safetensors"))
         if not found:
             raise UserError(f"{path}: no model weights (expected model.safetensors, a sharded index, or pytorch_model.bin)")
         return found
-
-    @staticmethod
-    def _indexed_files(index: Path) -> list[Path]:
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-            raise UserError(f"{index}: expected `weight_map`, an object of tensor name -> shard file name")
-        files = [index.parent / f for f in dict.fromkeys(weight_map.values())]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise UserError(f"{index}: names shard(s) that are not in {index.parent}: {', '.join(missing[:3])}")
-        return files
 
     @staticmethod
     def _load_bin(file: Path) -> dict[str, torch.Tensor]:
@@ -407,6 +395,7 @@ def write_side_files(plan: MergePlan, out_dir: Path) -> str:
     source = next((d for d in (adapter_dir, base_dir) if artifacts.has_tokenizer(d)), None)
     if source is None:
         return "no tokenizer in the adapter or base directory: the merged model has none"
+    artifacts.check_model_files(source, weights=False)
     with reading(source, "tokenizer not readable"):
         tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.save_pretrained(out_dir)

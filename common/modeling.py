@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from common.artifacts import check_model_files
 from common.cli import UserError, reading
 
 
@@ -20,6 +21,7 @@ def _loading(what: str, path):
 def load_tokenizer(path, trust_remote_code: bool = False, what: str = "`model.path`"):
     from transformers import AutoTokenizer
 
+    check_model_files(path, weights=False)
     with _loading(what, path):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:  # batching needs one; padded positions carry label -100 anyway
@@ -53,6 +55,7 @@ def load_causal_lm(path, dtype: torch.dtype, quantization: Optional[str] = None,
     quant = quantization_config(quantization, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
+    check_model_files(path)
     with _loading(what, path):
         model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     # transformers fills weights it did not find with random values, and only warns: a damaged index or a missing
