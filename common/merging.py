@@ -196,8 +196,8 @@ def load_adapter(path: Path) -> Adapter:
     if config.get("peft_type") != "LORA":
         raise UserError(f"{path / artifacts.ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r}; only LoRA adapters (LORA) can be merged")
     problems = _config_problems(config)
-    if problems:
-        raise _problems(str(path / artifacts.ADAPTER_CONFIG), problems)
+    if problems:  # a few fields at most: one line
+        raise UserError(f"{path / artifacts.ADAPTER_CONFIG}: " + "; ".join(problems))
     problems = [f"`{key}` is set: {why}; not supported by this merge" for key, why in UNSUPPORTED.items() if config.get(key)]
     weights = artifacts.adapter_weights(path)
     if weights is None:

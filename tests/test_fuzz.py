@@ -258,6 +258,8 @@ def run_case(pristine: Path, tmp: Path, target: Target, rel: str | None, what, s
             return f"{desc}: exit 2 with {len(errors)} error lines: {out.err.strip()[:300]}"
         if created:
             return f"{desc}: exit 2 but left {sorted(created)[:5]} behind"
+        if expect_error and len(out.err.strip().splitlines()) != 1:
+            return f"{desc}: exit 2, but stderr is not one line: {out.err.strip()[:300]}"
         if rel is not None and not names(errors[0], rel):
             return f"{desc}: exit 2, but the error does not name {rel}: {errors[0][:300]}"
         return None
