@@ -221,9 +221,10 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> str | None:
     if resume is None:
         return None
     path = Path(run_dir) if resume == "auto" else Path(resume)
-    found = [c for c in checkpoints(path) if (c / TRAINER_STATE).is_file()] if path.is_dir() else []
     if (path / TRAINER_STATE).is_file():
         found = [path]
+    else:
+        found = [c for c in checkpoints(path) if (c / TRAINER_STATE).is_file()] if path.is_dir() else []
     if not found and resume != "auto":
         raise UserError(f"--resume {resume}: not a checkpoint directory (no {TRAINER_STATE}) nor a run holding {CHECKPOINT_PREFIX}N/")
     if not found:
@@ -253,35 +254,47 @@ def index_shards(index: Path) -> list[Path]:
     return files
 
 
-def _check_config(path: Path) -> None:
-    """config.json of an architecture transformers knows, parsed by it (types, values); others are left to load time."""
+def model_config(path: Path):
+    """The config of a local model whose architecture transformers has built in, parsed by it (types and values
+    checked: a damaged config.json is a UserError naming it); None for a remote-code or unknown architecture."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = read_json(path / MODEL_CONFIG).get("model_type")
-    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
-        with reading(path / MODEL_CONFIG, f"not a valid `{model_type}` model config"):
-            AutoConfig.from_pretrained(path)
+    if not (isinstance(model_type, str) and model_type in CONFIG_MAPPING):
+        return None
+    with reading(path / MODEL_CONFIG, f"not a valid `{model_type}` model config"):
+        return AutoConfig.from_pretrained(path)
 
 
-def check_model_files(path: str | Path, weights: bool = True) -> None:
-    """Read the JSON files and safetensors headers of a local model directory before transformers does, so that a
-    damaged one is named in the error (transformers' own message often does not say which shard or file failed)."""
+# Read before transformers reads them, so that a damaged file is named in the error: transformers' own message often
+# does not say which shard or file failed. Local directories only; a hub id is fetched and reported by transformers.
+
+def check_tokenizer_files(path: str | Path) -> None:
+    """tokenizer_config.json, tokenizer.json, and config.json (AutoTokenizer reads it too)."""
     path = Path(path)
     if not path.is_dir():
-        return  # a hub id: transformers fetches and reports it
-    for name in (MODEL_CONFIG, *TOKENIZER_FILES[:2], "generation_config.json"):
-        if (path / name).exists():
-            read_json(path / name)
-    if (path / MODEL_CONFIG).is_file():
-        _check_config(path)
-    if (path / TOKENIZER_FILES[1]).is_file():
+        return
+    if (path / MODEL_CONFIG).exists():
+        model_config(path)
+    if (path / TOKENIZER_FILES[0]).exists():
+        read_json(path / TOKENIZER_FILES[0])
+    if (path / TOKENIZER_FILES[1]).exists():
         from tokenizers import Tokenizer
 
         with reading(path / TOKENIZER_FILES[1], "not a valid tokenizer file"):
             Tokenizer.from_file(str(path / TOKENIZER_FILES[1]))
-    if not weights:
+
+
+def check_model_files(path: str | Path) -> None:
+    """config.json, generation_config.json, the shard index and the safetensors headers (the tensors stay on disk)."""
+    path = Path(path)
+    if not path.is_dir():
         return
+    if (path / MODEL_CONFIG).exists():
+        model_config(path)
+    if (path / "generation_config.json").exists():
+        read_json(path / "generation_config.json")
     for index in sorted(path.glob("*.index.json")):
         index_shards(index)
     for file in model_weight_files(path):

@@ -126,9 +126,9 @@ def read_model(model_dir: Path):
     """(config, tokenizer) of the HF model to export, read at the boundary: a damaged file is one line."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from common.artifacts import check_model_files
+    from common.artifacts import check_tokenizer_files
 
-    check_model_files(model_dir, weights=False)  # names the damaged file where transformers would not
+    check_tokenizer_files(model_dir)  # names the damaged file where transformers would not
     with reading(model_dir / "config.json", "not a readable model config"):
         config = AutoConfig.from_pretrained(model_dir)
     with reading(model_dir, "tokenizer not readable"):
@@ -136,13 +136,13 @@ def read_model(model_dir: Path):
     return config, tokenizer
 
 
-def export(model_dir: Path, qtype: str, chat_template: str | None, name: str) -> Path:
-    """Write MODEL_DIR/model-<qtype>.gguf from the HF model in MODEL_DIR; returns its path."""
+def export(model_dir: Path, qtype: str, chat_template: str | None, name: str, config, tokenizer) -> Path:
+    """Write MODEL_DIR/model-<qtype>.gguf from the HF model in MODEL_DIR (its config and tokenizer, as read_model
+    gave them); returns its path."""
     import gguf
 
     from common.merging import BaseCheckpoint
 
-    config, tokenizer = read_model(model_dir)
     arch = architectures().get(config.model_type)
     if arch is None:
         raise UserError(f"GGUF export supports the {' and '.join(architectures())} architectures "
@@ -217,7 +217,7 @@ def ship(model_dir: Path, qtype: str, recipe, name: str) -> tuple[Path, Path | N
 
     config, tokenizer = read_model(model_dir)
     template = get_template(recipe.data.template if recipe else TOKENIZER.name)
-    path = export(model_dir, qtype, template.chat_template(tokenizer), name)
+    path = export(model_dir, qtype, template.chat_template(tokenizer), name, config, tokenizer)
     num_ctx = context_length(recipe, config)
     try:
         modelfile = write_modelfile(model_dir, path.name, template, tokenizer, recipe.data.system if recipe else None,

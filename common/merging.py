@@ -19,9 +19,9 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from huggingface_hub.serialization._base import parse_size_to_int  # the parser split_* uses; not re-exported
 from peft.utils.other import get_pattern_key
 from safetensors import safe_open
-from safetensors.torch import _getdtype, load_file, save_file
+from safetensors.torch import _getdtype, save_file
 
-from common import artifacts
+from common import artifacts, safeload
 from common.cli import UserError, read_json, reading
 
 PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model in adapter tensor names
@@ -62,19 +62,6 @@ def _problems(header: str, problems: list[str]) -> UserError:
 
 
 # ----------------------------------------------------------------------------------------------------- base weights
-def load_state(file: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """A whole .safetensors or .bin state dict; a .bin through torch with weights_only=True (it is a pickle: no code
-    from it runs), memory-mapped when asked so only touched pages are read."""
-    if file.suffix == ".safetensors":
-        with reading(file, "not a readable safetensors file"):
-            return load_file(file)
-    with reading(file, "cannot load as a PyTorch state dict with weights_only=True"):
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise UserError(f"{file}: expected a state dict (name -> tensor), found {type(state).__name__}")
-    return state
-
-
 class BaseCheckpoint:
     """The base weights: names, shapes and dtypes from the file headers; tensors read one at a time on demand."""
 
@@ -112,7 +99,7 @@ class BaseCheckpoint:
 
     @staticmethod
     def _load_bin(file: Path) -> dict[str, torch.Tensor]:
-        return load_state(file, mmap=True)
+        return safeload.load_tensors(file)  # a pickle: read without running code from it, memory-mapped
 
     @contextmanager
     def reader(self) -> Iterator[Callable[[str], torch.Tensor]]:
@@ -202,7 +189,7 @@ def load_adapter(path: Path) -> Adapter:
     weights = artifacts.adapter_weights(path)
     if weights is None:
         raise UserError(f"{path}: no adapter weights (expected {' or '.join(artifacts.ADAPTER_WEIGHTS)})")
-    state = load_state(weights)
+    state = safeload.load_tensors(weights)
 
     parts: dict[str, dict] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -250,19 +237,14 @@ def tied_weights(base_dir: Path) -> dict[str, str]:
 
     The model is built on the meta device, so this costs no memory, and every architecture answers for itself.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers import AutoModelForCausalLM
 
-    model_type = read_json(base_dir / "config.json").get("model_type")
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        # remote-code architecture (Qwen1, ChatGLM...): merge what the checkpoint holds, untied logic off
-        print(f"note: transformers has no built-in `{model_type}` architecture ({base_dir}); assuming no tied weights")
+    config = artifacts.model_config(base_dir)  # a config transformers knows but cannot parse: an error naming it
+    if config is None:  # remote-code architecture (Qwen1, ChatGLM...): merge what the checkpoint holds, untied logic off
+        print(f"note: transformers has no built-in architecture for {base_dir / 'config.json'}; assuming no tied weights")
         return {}
-    # an architecture transformers knows: a config it cannot build from is damaged
-    with reading(base_dir / "config.json", f"not a valid `{model_type}` model config"):
-        config = AutoConfig.from_pretrained(base_dir)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+    with reading(base_dir / "config.json", f"cannot build a `{config.model_type}` model from it"), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
     return dict(model.get_expanded_tied_weights_keys(all_submodels=True))
 
 
@@ -395,7 +377,7 @@ def write_side_files(plan: MergePlan, out_dir: Path) -> str:
     source = next((d for d in (adapter_dir, base_dir) if artifacts.has_tokenizer(d)), None)
     if source is None:
         return "no tokenizer in the adapter or base directory: the merged model has none"
-    artifacts.check_model_files(source, weights=False)
+    artifacts.check_tokenizer_files(source)
     with reading(source, "tokenizer not readable"):
         tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.save_pretrained(out_dir)

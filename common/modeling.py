@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from common.artifacts import check_model_files
+from common.artifacts import check_model_files, check_tokenizer_files
 from common.cli import UserError, reading
 
 
@@ -21,7 +21,7 @@ def _loading(what: str, path):
 def load_tokenizer(path, trust_remote_code: bool = False, what: str = "`model.path`"):
     from transformers import AutoTokenizer
 
-    check_model_files(path, weights=False)
+    check_tokenizer_files(path)
     with _loading(what, path):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:  # batching needs one; padded positions carry label -100 anyway

@@ -14,6 +14,7 @@ import shutil
 import signal
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import pytest
@@ -71,33 +72,42 @@ def pristine(tmp_path_factory, tiny_model_dir):
 
 # --- the readers ----------------------------------------------------------------------------------------------
 
+def wrote_weights(out: str):
+    """The run wrote a model or adapter directory whose safetensors headers read."""
+    def check(case: Path, stdout: str) -> bool:
+        from safetensors import safe_open
+
+        weights = sorted((case / out).glob("*.safetensors"))
+        for w in weights:
+            with safe_open(w, framework="pt") as f:
+                list(f.keys())
+        return bool(weights) and any((case / out / c).is_file() for c in ("adapter_config.json", "config.json"))
+    return check
+
+
+def wrote_gguf(out: str):
+    def check(case: Path, stdout: str) -> bool:
+        from gguf import GGUFReader
+
+        return len(GGUFReader(case / out).tensors) > 0
+    return check
+
+
+def wrote_report(out: str):
+    return lambda case, stdout: (case / out / "report.json").is_file()
+
+
+def printed(text: str = ""):
+    return lambda case, stdout: stdout.strip() != "" and text in stdout
+
+
 @dataclass
 class Target:
     """A script run on the tree, the files it reads, and what a successful run leaves behind."""
     name: str
     argv: list[str]
     files: list[str]
-    output: str | None  # the path it writes (None: writes nothing)
-
-    def succeeded(self, case: Path, stdout: str) -> bool:
-        if self.name == "chat":
-            return stdout.strip() != ""
-        if self.name == "train":
-            return "records" in stdout
-        out = case / self.output
-        if self.name == "gguf":
-            from gguf import GGUFReader
-
-            return len(GGUFReader(out).tensors) > 0
-        if self.name == "eval":
-            return (out / "report.json").is_file()
-        weights = sorted(out.glob("*.safetensors"))
-        from safetensors import safe_open
-
-        for w in weights:
-            with safe_open(w, framework="pt") as f:
-                list(f.keys())
-        return bool(weights) and ((out / "adapter_config.json").is_file() or (out / "config.json").is_file())
+    succeeded: Callable[[Path, str], bool]  # (the case's tree, stdout) -> the result is there and reads
 
 
 MODEL_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
@@ -106,39 +116,41 @@ SHARDED_FILES = ["config.json", "model.safetensors.index.json", "model-00001-of-
 ADAPTER_FILES = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
 
 TARGETS = [
-    Target("convert", ["convert", "iter_1.pth", "out", "--base", "base"], ["iter_1.pth"], "out"),
-    Target("convert", ["convert", "lora.pt", "out", "--base", "base", "--alpha", "8"], ["lora.pt"], "out"),
-    Target("convert", ["convert", "ds", "out", "--base", "base", "--alpha", "8"], ["ds/mp_rank_00_model_states.pt"], "out"),
-    Target("convert", ["convert", "adapter", "out", "--base", "base"], ADAPTER_FILES, "out"),
-    Target("merge", ["merge", "sharded", "adapter", "out"], ADAPTER_FILES + [f"sharded/{f}" for f in SHARDED_FILES], "out"),
+    Target("convert", ["convert", "iter_1.pth", "out", "--base", "base"], ["iter_1.pth"], wrote_weights("out")),
+    Target("convert", ["convert", "lora.pt", "out", "--base", "base", "--alpha", "8"], ["lora.pt"],
+           wrote_weights("out")),
+    Target("convert", ["convert", "ds", "out", "--base", "base", "--alpha", "8"], ["ds/mp_rank_00_model_states.pt"],
+           wrote_weights("out")),
+    Target("convert", ["convert", "adapter", "out", "--base", "base"], ADAPTER_FILES, wrote_weights("out")),
+    Target("merge", ["merge", "sharded", "adapter", "out"], ADAPTER_FILES + [f"sharded/{f}" for f in SHARDED_FILES],
+           wrote_weights("out")),
     Target("chat", ["chat", "sharded", "--once", "hi", "--max-new-tokens", "2", "--temperature", "0",
-                    "--prompt-template", "qwen_chat"],
-           [f"sharded/{f}" for f in SHARDED_FILES], None),
+                    "--prompt-template", "qwen_chat"], [f"sharded/{f}" for f in SHARDED_FILES], printed()),
     Target("eval", ["eval", "adapter", "--data", "data.json", "--limit", "1", "--max-new-tokens", "2", "--out", "report"],
-           ["data.json", "adapter/adapter_config.json", "base/config.json", "base/model.safetensors"], "report"),
-    Target("gguf", ["merge", "base", "--gguf", "f32"], [f"base/{f}" for f in MODEL_FILES], "base/model-f32.gguf"),
-    Target("train", ["train", "recipe.yaml", "--dry-run"], ["recipe.yaml", "data.json", "base/tokenizer.json"], None),
+           ["data.json", "adapter/adapter_config.json", "base/config.json", "base/model.safetensors"],
+           wrote_report("report")),
+    Target("gguf", ["merge", "base", "--gguf", "f32"], [f"base/{f}" for f in MODEL_FILES],
+           wrote_gguf("base/model-f32.gguf")),
+    Target("train", ["train", "recipe.yaml", "--dry-run"], ["recipe.yaml", "data.json", "base/tokenizer.json"],
+           printed("records")),
 ]
 
 
 # --- the damage -----------------------------------------------------------------------------------------------
 
-def mutations(rel: str, size: int, rng: random.Random) -> list[tuple[str, object]]:
-    """(label, mutation) for one file: replacement bytes, "missing", "directory", or (kind, argument)."""
-    out = [("empty", b""), ("text", TEXT), ("random bytes", rng.randbytes(3000)), ("missing", "missing"),
-           ("a directory", "directory")]
+def mutations(rel: str, size: int, rng: random.Random) -> list:
+    """The damage for one file: replacement bytes, "missing", "directory", or (kind, argument)."""
+    out = [b"", TEXT, rng.randbytes(3000), "missing", "directory"]
     # truncated: twice in the first tenth (headers, the zip directory's start), three times anywhere
     pickle = rel.endswith((".pth", ".pt"))  # the unpickler has the most ways to fail, and each case is quick
     cuts = {rng.randrange(1, max(size // 10, 2)) for _ in range(2)} | {
         rng.randrange(1, max(size, 2)) for _ in range(10 if pickle else 3)}
-    for at in sorted(cuts):
-        out.append((f"truncated at {at} of {size}", ("truncate", at)))
+    out += [("truncate", at) for at in sorted(cuts)]
     # flipped: twice in the header, once (pickles: eight times) anywhere
     for where in (min(size, 128), min(size, 128)) + (size,) * (8 if pickle else 1):
-        offsets = sorted(rng.randrange(max(where, 1)) for _ in range(rng.randint(1, 4)))
-        out.append((f"bytes flipped at {offsets}", ("flip", offsets)))
+        out.append(("flip", sorted(rng.randrange(max(where, 1)) for _ in range(rng.randint(1, 4)))))
     if rel.endswith((".json", ".yaml")):
-        out += [("field", ("field", None))] * 3
+        out += [("field", None)] * 3  # a field of the file's own, drawn when applied
     return out
 
 
@@ -226,7 +238,7 @@ def tree(root: Path) -> set[str]:
 
 def names(error: str, rel: str) -> bool:
     """Does the error line point at the damaged file: by name, or by its directory (a file gone missing; a value only
-    the library's loader rejects, e.g. a special token of the wrong type: 12 of the 472 cases)?"""
+    the library's loader rejects, e.g. a special token of the wrong type: 12 of the 514 cases)?"""
     path = Path(rel)
     return path.name in error or (str(path.parent) != "." and f"{path.parent}" in error)
 
@@ -284,7 +296,7 @@ def test_damaged_files_give_one_line_and_exit_2(target, pristine, tmp_path, caps
     assert problem is None, f"the undamaged tree must work: {problem}"
     for rel in target.files:
         size = (pristine / rel).stat().st_size
-        for _, what in mutations(rel, size, random.Random(f"{SEED}:{rel}")):
+        for what in mutations(rel, size, random.Random(f"{SEED}:{rel}")):
             problem = run_case(pristine, tmp_path, target, rel, what, rng.randrange(2**31), capsys, monkeypatch)
             if problem:
                 failures.append(problem)
@@ -305,8 +317,8 @@ def json_edit(**changes):
     return edit
 
 
-CONVERT_PTH = Target("convert", ["convert", "iter_1.pth", "out", "--base", "base"], ["iter_1.pth"], "out")
-MERGE = Target("merge", ["merge", "base", "adapter", "out"], [], "out")
+CONVERT_PTH = TARGETS[0]
+MERGE = Target("merge", ["merge", "base", "adapter", "out"], [], wrote_weights("out"))
 REPORTED = [  # the six cases issue 16 reported, each a traceback before
     (CONVERT_PTH, "iter_1.pth", b"Meeting notes\n- ship the adapter\n- ask about the base model\n"),  # KeyError: 101
     (CONVERT_PTH, "iter_1.pth", TEXT),  # /etc/passwd: IndexError inside torch's weights-only unpickler
@@ -328,7 +340,7 @@ def test_damaged_data_cache_is_encoded_again(pristine, tmp_path, capsys, monkeyp
     """The encoded-data cache is ours and disposable: a damaged entry is re-encoded, with a note, not an error."""
     from common.dataset import cache_dir
 
-    train = Target("train", ["train", "recipe.yaml", "--dry-run", "data.max_length=96"], [], None)
+    train = Target("train", ["train", "recipe.yaml", "--dry-run", "data.max_length=96"], [], printed("records"))
     assert run_case(pristine, tmp_path, train, None, None, 0, capsys, monkeypatch) is None
     entries = [d for d in cache_dir().iterdir() if (d / "meta.json").is_file()]
     newest = max(entries, key=lambda d: d.stat().st_mtime)
