@@ -30,7 +30,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.cli import UserError
+from common.cli import UserError, first_line
 from common.formats import BadRecord, messages_to_turns
 from common.generation import Completion, Generator, Sampling
 
@@ -245,8 +245,7 @@ class Worker:
             return Finished(error=bad_request(str(e), "messages"))
         except Exception as e:
             traceback.print_exc()  # for the operator; the client gets one line and the server goes on
-            first_line = next(iter(str(e).splitlines()), "")  # torch's messages run to many lines
-            return Finished(error=ApiError(500, f"generation failed: {type(e).__name__}: {first_line}",
+            return Finished(error=ApiError(500, f"generation failed: {type(e).__name__}: {first_line(e)}",
                                            type="server_error"))
         if completion.ended_by == "cancelled":
             self.cancelled += 1

@@ -4,7 +4,6 @@ configs."""
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import shutil
 from contextlib import contextmanager
@@ -15,7 +14,7 @@ from trl import SFTConfig, SFTTrainer
 
 from common import artifacts
 from common.acceleration import linear_cross_entropy
-from common.cli import UserError
+from common.cli import UserError, read_json
 from common.recipe import Recipe, save_recipe
 from common.samples import pack_rows
 
@@ -37,7 +36,7 @@ def deepspeed_config(value: str | None) -> dict | None:
         return None
     if value in DEEPSPEED_PRESETS:
         return {**DEEPSPEED_AUTO, **DEEPSPEED_PRESETS[value]}
-    return json.loads(Path(value).read_text(encoding="utf-8"))
+    return read_json(value)
 
 
 def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tqdm: bool) -> SFTConfig:
