@@ -5,10 +5,12 @@
   and never computes one sample against another.
 - Fused LoRA: `base(x) + scaling * B(A(x))` as one addmm on the base output, so the scaling multiply, the separate B
   output and the addition are not separate passes over a (tokens x out_features) tensor in every projection.
+- LM head + loss at labelled positions, in chunks, with the gradient formed in the forward pass (used by
+  common.training's Trainer where the head is a plain linear layer).
 
-Both leave what is computed unchanged (the same sums, in other groupings: the loss moves by rounding only, tested to
-1e-4 in float32) and step aside wherever their conditions do not hold (dropout, DoRA, several adapters, padding,
-a KV cache), leaving PEFT's and transformers' own paths.
+All three leave what is computed unchanged (the same sums, in other groupings: the loss moves by rounding only,
+tested against SFTTrainer's loss in float32) and step aside wherever their conditions do not hold (dropout, DoRA,
+several adapters, padding, a KV cache, a head that scales its logits), leaving PEFT's and transformers' own paths.
 """
 from __future__ import annotations
 
