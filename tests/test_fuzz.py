@@ -389,3 +389,20 @@ def test_damaged_checkpoint_is_refused_before_resuming(tmp_path):
         with pytest.raises(UserError, match=name):
             resolve_resume(tmp_path / "run", "auto")
         (ckpt / name).write_bytes(pristine)
+
+
+def test_weights_missing_a_tensor_are_refused_not_filled_with_noise(pristine, tmp_path, capsys, monkeypatch):
+    """transformers initialises a tensor the checkpoint lacks at random and only warns; chat must refuse instead."""
+    from safetensors.torch import load_file, save_file
+
+    def drop_norm(file: Path) -> str:
+        tensors = load_file(file)
+        del tensors["model.norm.weight"]
+        save_file(tensors, file, metadata={"format": "pt"})
+        return "model.norm.weight removed"
+
+    chat = Target("chat", ["chat", "base", "--once", "hi", "--max-new-tokens", "2", "--temperature", "0",
+                           "--prompt-template", "qwen_chat"], [], printed())
+    failure = run_case(pristine, tmp_path, chat, "base/model.safetensors", drop_norm, 0, capsys, monkeypatch,
+                       expect_error=True)
+    assert failure is None, failure
