@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def summary(recipe, trainer, precision, stats: dict, packing: tuple, resume) -> str:
+def summary(recipe, trainer, precision, stats: dict, fast_paths, resume) -> str:
     from common.modeling import parameter_counts
 
     trainable, total = parameter_counts(trainer.model)
@@ -37,13 +37,13 @@ def summary(recipe, trainer, precision, stats: dict, packing: tuple, resume) -> 
     kind = "full fine-tuning" if recipe.lora is None else (
         f"{'QLoRA' if m.quantization else 'LoRA'} r={recipe.lora.r} alpha={recipe.lora.alpha} on {recipe.lora.target_modules}")
     world = trainer.args.world_size
-    real, rows, efficiency = packing
     lines = [f"model: {m.path} ({precision.name}{', ' + m.quantization if m.quantization else ''}), {kind}",
              f"precision: {precision.reason}",
              f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
-             "dataset: " + ", ".join(f"{k}={v}" for k, v in stats.items() if not k.startswith("pack")),
-             f"{'packed' if d.pack else 'unpacked'}: {real:,} tokens in {rows:,} rows of {d.max_length}, "
-             f"packing efficiency {100 * efficiency:.1f}%",
+             "dataset: " + ", ".join(f"{k}={v}" for k, v in stats.items() if k not in ("packed_rows", "packing_efficiency")),
+             (f"packed: {stats['packed_rows']:,} rows of {d.max_length}, packing efficiency "
+              f"{100 * stats['packing_efficiency']:.1f}%" if d.pack else f"unpacked: one sample per row of {d.max_length}"),
+             f"fast paths: {', '.join(fast_paths.names()) or 'none (TRL and PEFT as they come)'}",
              f"effective batch size: {t.batch_size} x {t.grad_accum} accumulation x {world} process(es) = "
              f"{t.batch_size * t.grad_accum * world} rows/step",
              f"schedule: {'max_steps ' + str(t.max_steps) if t.max_steps > 0 else f'{t.epochs} epoch(s)'}, lr {t.lr}, "
@@ -54,7 +54,8 @@ def summary(recipe, trainer, precision, stats: dict, packing: tuple, resume) -> 
 
 
 @main_guard
-def main(argv=None) -> int:
+def main(argv=None, extra_callbacks=()) -> int:
+    """extra_callbacks: more TrainerCallbacks for the run, called before its own (the bench's step timer)."""
     args = parse_args(argv)
     import datasets
 
@@ -78,12 +79,13 @@ def main(argv=None) -> int:
 
     from transformers import set_seed
 
-    from common.callbacks import EvalPromptsCallback, InterruptCallback, MetricsCallback, RunLog, is_main_process
+    from common import acceleration
+    from common.callbacks import InterruptCallback, RunLog, is_main_process, run_callbacks
     from common.modeling import load_model
     from common.precision import resolve
     from common.recipe import save_recipe
     from common.templates import get_template
-    from common.training import build_trainer, packing_efficiency, save_final, set_chat_template
+    from common.training import build_trainer, save_final, set_chat_template
 
     precision = resolve(recipe.model.dtype)
     run_dir = Path(recipe.train.output_dir)
@@ -96,16 +98,14 @@ def main(argv=None) -> int:
         log(f"warning: {precision.warning}")
     set_seed(recipe.train.seed)  # LoRA's random init comes before the Trainer seeds anything
     model = load_model(recipe, precision.dtype)
+    fast_paths = acceleration.apply(model, recipe)
     template = get_template(recipe.data.template)
     set_chat_template(tokenizer, template)
     interrupt = InterruptCallback(log)
-    callbacks = [MetricsCallback(run_dir, log), interrupt,
-                 EvalPromptsCallback(tokenizer, template, recipe.evaluation,
-                                     recipe.evaluation.system or recipe.data.system, run_dir, log)]
-    trainer = build_trainer(recipe, model, tokenizer, train_rows, eval_rows, callbacks, precision.dtype,
+    callbacks = list(extra_callbacks) + run_callbacks(recipe, run_dir, log, interrupt, tokenizer, template)
+    trainer = build_trainer(recipe, model, fast_paths, tokenizer, train_rows, eval_rows, callbacks, precision.dtype,
                             disable_tqdm=not sys.stderr.isatty())
-    packing = packing_efficiency(trainer, recipe.data.max_length)
-    log(summary(recipe, trainer, precision, stats, packing, resume))
+    log(summary(recipe, trainer, precision, stats, fast_paths, resume))
 
     try:
         trainer.train(resume_from_checkpoint=resume)

@@ -3,8 +3,8 @@ self CPU time per op and per kind of op. Appends a section to bench/PROFILE.md (
 
     python bench/step_profile.py [--dtype float32|auto] [--plain] [--out bench/PROFILE.md]
 
---plain: without common/acceleration.py's paths (sdpa with the packed-sequence mask, PEFT's LoRA forward, the
-LM head and loss unchunked), to see what they change.
+--plain: `train.fast_paths=false`, SFTTrainer as it comes (sdpa with the packed-sequence mask, PEFT's LoRA forward,
+its own loss with the LM head at every position), to see what common/acceleration.py changes.
 """
 from __future__ import annotations
 
@@ -42,8 +42,7 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    import common.training as training
-    from common import acceleration, precision
+    from common import precision
     from training import data_path, peer_job_args
 
     class Profiled(TrainerCallback):
@@ -63,27 +62,14 @@ def main() -> int:
                 self.report = table(self.prof.key_averages(), seconds)
                 self.prof = None
 
+    overrides = [f"model.dtype={args.dtype}", "train.max_steps=5"] + (["train.fast_paths=false"] if args.plain else [])
     callback = Profiled()
-    build = training.build_trainer
-
-    def build_and_profile(recipe, *a, **k):
-        trainer = build(recipe, *a, **k)
-        trainer.add_callback(callback)
-        if args.plain:
-            trainer.fused_head = False
-        return trainer
-
-    training.build_trainer = build_and_profile
-    overrides = [f"model.dtype={args.dtype}", "train.max_steps=5"]
-    if args.plain:
-        acceleration.fuse_lora = lambda model: 0
-        overrides.append("model.attn_implementation=sdpa")
     import tempfile
 
     import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        train.main(peer_job_args(Path(tmp), steps=4, max_length=512) + overrides + ["--force"])
+        train.main(peer_job_args(Path(tmp), steps=4, max_length=512) + overrides + ["--force"], extra_callbacks=[callback])
     header = (f"## {precision.cpu_description()}, {torch.get_num_threads()} threads, "
               f"{precision.resolve(args.dtype, 'cpu').name}{', plain paths' if args.plain else ''}\n\n"
               f"Data: {data_path().name}; steps 3-4 of the peer job (one packed row of 512 per step).\n\n")

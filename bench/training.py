@@ -26,17 +26,16 @@ RECIPE = ROOT / "recipes" / "demo_smollm2.yaml"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "psych_multiturn.json"
 PAIRS, STEPS, QUICK_STEPS = 3, 7, 1  # the peer job: 8 steps, the first a warm-up, steps 2-8 timed
 
-# train.py with one default reverted: what each default buys. `overrides` are recipe overrides; `revert: head` puts
-# SFTTrainer's own loss back (every position through the LM head, plus entropy/accuracy metrics); `revert: plain`
-# turns common/acceleration.py off (sdpa over the packed row with its mask, PEFT's LoRA forward, the head unchunked).
+# train.py with one default changed: what each default buys. `overrides` are recipe overrides; `train.fast_paths`
+# switches common/acceleration.py's paths (false: SFTTrainer as it comes: sdpa over the packed row with its mask,
+# PEFT's LoRA forward, its own loss with the LM head at every position).
 VARIANTS = {
-    "train.py": {"overrides": []},
-    "train.py, plain paths (no common/acceleration.py)": {"overrides": ["model.attn_implementation=sdpa"], "revert": "plain"},
-    "train.py, LM head at every position": {"overrides": [], "revert": "head"},
-    "train.py, auto precision": {"overrides": ["model.dtype=auto"]},
-    "train.py, gradient checkpointing": {"overrides": ["train.gradient_checkpointing=true"]},
-    "train.py, logging every 10 steps": {"overrides": ["train.logging_steps=10"]},
-}
+    "train.py": [],
+    "train.py, plain paths (no common/acceleration.py)": ["train.fast_paths=false"],
+    "train.py, LM head at every position": ["train.fast_paths=[packed_attention,fused_lora]"],
+    "train.py, auto precision": ["model.dtype=auto"],
+    "train.py, gradient checkpointing": ["train.gradient_checkpointing=true"],
+}  # every run logs every step: the step timer reads its token counts from the logs
 
 
 def data_path() -> Path:
@@ -52,32 +51,13 @@ def peer_job_args(tmp: Path, steps: int, max_length: int, data_file: Path | None
             "evaluation.prompts=[]", "evaluation.every_n_steps=0"]
 
 
-def child_ours(result_file: str, revert: str, recipe_args: list[str]) -> None:
-    """Runs train.py's main() with the step timer attached to the trainer it builds."""
+def child_ours(result_file: str, max_length: int, recipe_args: list[str]) -> None:
+    """Runs train.py's main() with the step timer as one more callback."""
     sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-    import common.training as training
-    from steptimer import instrument
-
-    build = training.build_trainer
-
-    def build_and_instrument(recipe, *args, **kwargs):
-        trainer = build(recipe, *args, **kwargs)
-        instrument(trainer, result_file, recipe.data.max_length)
-        return trainer
-
-    training.build_trainer = build_and_instrument
-    if revert == "head":
-        from trl import SFTTrainer
-
-        training.Trainer.compute_loss = SFTTrainer.compute_loss
-    if revert == "plain":
-        from common import acceleration
-
-        acceleration.fuse_lora = lambda model: 0
-        training.head_is_plain_linear = lambda causal_lm: False
     import train
+    from steptimer import StepTimer
 
-    sys.exit(train.main(recipe_args))
+    sys.exit(train.main(recipe_args, extra_callbacks=[StepTimer(result_file, max_length)]))
 
 
 def run_child(cmd: list[str], result_file: Path, env: dict) -> dict:
@@ -117,9 +97,8 @@ def run(quick: bool, work: Path | None = None, variants: list[str] | None = None
         if precision.resolve("auto", "cpu").name == "float32":  # auto is the float32 run itself here
             names = [n for n in names if n != "train.py, auto precision"]
         for name in names:
-            v = VARIANTS[name]
-            commands[name] = [sys.executable, str(Path(__file__).resolve()), "--child", str(result_file), v.get("revert", "-"),
-                              *recipe_args, *v["overrides"], "--force"]
+            commands[name] = [sys.executable, str(Path(__file__).resolve()), "--child", str(result_file), str(max_length),
+                              *recipe_args, *VARIANTS[name], "--force"]
         runs = {name: [] for name in commands}
         for _ in range(1 if quick else pairs):  # interleaved, so drift in the machine's load hits all alike
             for name, cmd in commands.items():
@@ -149,7 +128,7 @@ def run(quick: bool, work: Path | None = None, variants: list[str] | None = None
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child_ours(sys.argv[2], sys.argv[3], sys.argv[4:])
+        child_ours(sys.argv[2], int(sys.argv[3]), sys.argv[4:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--variants", help=f"a ;-separated subset of: {'; '.join(VARIANTS)}")

@@ -11,17 +11,25 @@ What it does, exactly:
   padding-free), max_length 512, one packed row per optimizer step (batch 1, no accumulation).
 - fp32 weights and compute (bf16=False: TRL would otherwise turn bf16 autocast on), gradient checkpointing off
   (TRL's default is on), LoRA r=16 alpha=32 dropout 0 on all linear layers (the peer job: dropout off for all).
-- everything else at TRL 1.16 defaults (AdamW, lr 2e-5, linear schedule, logging every 10 steps, no evaluation).
+- everything else at TRL 1.16 defaults (AdamW, lr 2e-5, linear schedule, no evaluation), except logging every step
+  with the Trainer's token counter on (what bench/steptimer.py reads; train.py's runs log every step too).
+- the trainer is common.training's LabelledSFTTrainer with every fast path off: SFTTrainer's own loss, attention and
+  LoRA forward, plus the count of labelled tokens that the step timer reads.
 """
 import argparse
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 from datasets import load_dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # common/
+from common.acceleration import FastPaths  # noqa: E402
+from common.training import LabelledSFTTrainer  # noqa: E402
 
 # SmolLM2-Instruct's own chat template with generation markers around each answer and its <|im_end|>.
 TEMPLATE = (
@@ -63,14 +71,15 @@ def main():
     config = SFTConfig(output_dir=tempfile.mkdtemp(prefix="trl-baseline-"), max_length=args.max_length, packing=True,
                        assistant_only_loss=True, bf16=False, gradient_checkpointing=False,
                        per_device_train_batch_size=1, max_steps=args.max_steps, save_strategy="no", report_to="none",
-                       use_cpu=True, disable_tqdm=True)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                                                task_type="CAUSAL_LM"))
+                       use_cpu=True, disable_tqdm=True, logging_steps=1, include_num_input_tokens_seen="all")
+    callbacks = []
     if args.timing:
-        from steptimer import instrument
+        from steptimer import StepTimer
 
-        instrument(trainer, args.timing, args.max_length)
+        callbacks.append(StepTimer(args.timing, args.max_length))
+    trainer = LabelledSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                                 peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                                        task_type="CAUSAL_LM"), callbacks=callbacks, fast_paths=FastPaths())
     trainer.train()
 
 

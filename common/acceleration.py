@@ -11,15 +11,59 @@
 All three leave what is computed unchanged (the same sums, in other groupings: the loss moves by rounding only,
 tested against SFTTrainer's loss in float32) and step aside wherever their conditions do not hold (dropout, DoRA,
 several adapters, padding, a KV cache, a head that scales its logits), leaving PEFT's and transformers' own paths.
+
+They are switched by the recipe (`train.fast_paths`: all, none, or a list) and applied in one place, `apply()`, to a
+loaded model; what applies is returned as a `FastPaths`, which the Trainer reads for its loss. Off, training is TRL's
+SFTTrainer as it comes: its attention, PEFT's LoRA forward and its own loss (what the bench's plain variant runs).
 """
 from __future__ import annotations
 
+import inspect
 import types
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 PACKED_ATTENTION = "sdpa_packed"
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Which paths a training run uses: the recipe's choice, less what the model or device rules out."""
+    packed_attention: bool = False
+    fused_lora: bool = False
+    labelled_loss: bool = False  # the LM head and the loss at labelled positions only
+    chunked_loss: bool = False  # ... in chunks, the gradient formed in the forward pass
+
+    @classmethod
+    def chosen(cls, value) -> "FastPaths":
+        """From `train.fast_paths`: true (all), false (none) or a list of names (checked with the recipe)."""
+        from common.recipe import FAST_PATHS
+
+        names = FAST_PATHS if value is True else value or ()
+        return cls(**{name: name in names for name in FAST_PATHS})
+
+    def names(self) -> list[str]:
+        return [name for name, on in vars(self).items() if on]
+
+
+def apply(model, recipe) -> FastPaths:
+    """The recipe's fast paths on a loaded (and LoRA-wrapped) model, in place; returns those in effect, which the
+    Trainer's loss reads. A recipe's own `model.attn_implementation` is kept as it is."""
+    chosen = FastPaths.chosen(recipe.train.fast_paths)
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if chosen.packed_attention and recipe.data.pack and not recipe.model.attn_implementation:
+        causal_lm.set_attn_implementation(register_packed_attention())
+    fused = chosen.fused_lora and recipe.lora is not None and fuse_lora(model) > 0
+    # TRL's fused head scores only labelled positions, in tiles, on CUDA/XPU (Triton); elsewhere it projects every
+    # position through the LM head and adds entropy and accuracy over the full vocabulary.
+    labelled = (chosen.labelled_loss and not torch.cuda.is_available()
+                and "logits_to_keep" in inspect.signature(causal_lm.forward).parameters)
+    return FastPaths(packed_attention=causal_lm.config._attn_implementation == PACKED_ATTENTION,
+                     fused_lora=fused, labelled_loss=labelled,
+                     chunked_loss=labelled and chosen.chunked_loss and head_is_plain_linear(causal_lm))
 
 
 # ---------------------------------------------------------------- attention, sample by sample
@@ -92,13 +136,13 @@ def fuse_lora(model) -> int:
 # ---------------------------------------------------------------- LM head + cross-entropy, chunked
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i @ W^T, t_i) for a frozen head W, a chunk of rows at a time. The gradient w.r.t. h is formed in
-    the forward pass (softmax - onehot, times W), so the vocabulary-wide logits, log-softmax and their gradients are
-    never held all at once and no zero-filled gradient is scattered into."""
+    """CE(h_i @ W^T, t_i) for every row i, for a frozen head W, a chunk of rows at a time. The gradient w.r.t. h is
+    formed in the forward pass (softmax - onehot, times W), so the vocabulary-wide logits, log-softmax and their
+    gradients are never held all at once and no zero-filled gradient is scattered into."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s:s + chunk], target[s:s + chunk]
@@ -106,19 +150,52 @@ class LinearCrossEntropy(torch.autograd.Function):
             # then in float32 for the loss.
             logits = F.linear(h.to(weight.dtype), weight).float()
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            losses[s:s + chunk] = lse - logits.gather(1, t[:, None]).squeeze(1)
             if grad is not None:
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 grad[s:s + chunk] = F.linear(probs.to(weight.dtype), weight.t())  # as the head's backward would
         ctx.save_for_backward(grad)
-        return total
+        return losses
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        return grad * grad_output[:, None].to(grad.dtype), None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int = 1024):
+    """Per-row losses (float32) of the head `weight` on `hidden` against `target`."""
     return LinearCrossEntropy.apply(hidden, weight, target, chunk)
+
+
+@contextmanager
+def output_embeddings(causal_lm, module):
+    """The model with another output head for the duration (set_output_embeddings is transformers' own switch)."""
+    head = causal_lm.get_output_embeddings()
+    causal_lm.set_output_embeddings(module)
+    try:
+        yield
+    finally:
+        causal_lm.set_output_embeddings(head)
+
+
+@torch.no_grad()
+def head_is_plain_linear(causal_lm) -> bool:
+    """Whether logits = hidden @ W^T exactly: a bias-free, frozen linear head, and no scaling or capping of the logits
+    after it (asked of the model itself on a short input, so no list of architectures is needed)."""
+    head = causal_lm.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
+        return False
+    ids = torch.arange(1, 9, device=head.weight.device)[None] % causal_lm.config.get_text_config().vocab_size
+    was_training = causal_lm.training
+    causal_lm.eval()
+    half = head.weight.dtype in (torch.bfloat16, torch.float16)  # trained under autocast: checked under it
+    try:
+        with torch.autocast(head.weight.device.type, dtype=head.weight.dtype, enabled=half):
+            logits = causal_lm(input_ids=ids, use_cache=False).logits
+            with output_embeddings(causal_lm, torch.nn.Identity()):
+                hidden = causal_lm(input_ids=ids, use_cache=False).logits
+            return torch.equal(torch.nn.functional.linear(hidden, head.weight), logits)
+    finally:
+        causal_lm.train(was_training)

@@ -207,6 +207,11 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*"), key=checkpoint_step)
 
 
+def staging_dir(run_dir: str | Path) -> Path:
+    """Where the Trainer writes checkpoint-N/ before it is renamed into the run directory, complete."""
+    return Path(run_dir) / f"{STAGING_PREFIX}checkpoints"
+
+
 def rotate(run_dir: Path, limit: int | None) -> None:
     """Keep the newest `limit` checkpoints. Called after a save is complete, so the one a run resumed from needs no
     protection: it goes once `limit` newer complete ones exist, like any other."""

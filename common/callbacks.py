@@ -1,4 +1,6 @@
-"""Trainer callbacks: run log + metrics + plot, evaluation prompts (XTuner's EvaluateChatHook), Ctrl-C handling."""
+"""Trainer callbacks: what every training run does, whatever its trainer (SFT, DPO): run log + metrics + plot,
+TensorBoard, checkpoints completed in place, evaluation prompts (XTuner's EvaluateChatHook), Ctrl-C handling.
+`run_callbacks` puts them together; they use the Trainer's public callback events only."""
 from __future__ import annotations
 
 import json
@@ -13,6 +15,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from common import artifacts
 from common.artifacts import EVAL_OUTPUTS_DIR, LOG_FILE, METRICS_FILE, PLOT_FILE, write_text
 
 
@@ -102,11 +105,12 @@ class MetricsCallback(TrainerCallback):
     def __init__(self, run_dir: str | Path, log: RunLog):
         self.run_dir, self.log = Path(run_dir), log
         self.start = self.last_time = time.time()
-        self.last_tokens = 0.0
+        self.last_counts: dict[str, float] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_time = time.time()
-        self.last_tokens = 0.0
+        # A resumed run's counters start where its checkpoint left them.
+        self.last_counts = {"tokens_per_s": float(state.num_input_tokens_seen or 0)}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -114,11 +118,15 @@ class MetricsCallback(TrainerCallback):
         now = time.time()
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         if "loss" in logs:
-            tokens = float(logs.get("num_tokens", 0.0))  # TRL: tokens fed to the model so far, over all ranks
-            rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9) if tokens else None
-            self.last_tokens, self.last_time = tokens, now
-            row.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
-                       tokens_per_s=None if rate is None else round(rate, 1))
+            # The Trainer's count of the tokens fed so far, over all ranks; the labelled ones where the trainer
+            # counts them (common.training.LabelledSFTTrainer)
+            counts = {"tokens_per_s": float(logs.get("num_input_tokens_seen", 0.0)),
+                      "trained_tokens_per_s": float(logs.get("labelled_tokens", 0.0))}
+            seconds = max(now - self.last_time, 1e-9)
+            rates = {key: round((n - self.last_counts.get(key, 0.0)) / seconds, 1) if n else None
+                     for key, n in counts.items()}
+            self.last_counts, self.last_time = counts, now
+            row.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"), **rates)
         if "eval_loss" in logs:
             row["eval_loss"] = logs["eval_loss"]
         if len(row) == 2:  # end-of-training summary (train_runtime...): not a metrics row
@@ -263,3 +271,39 @@ class InterruptCallback(TrainerCallback):
     @property
     def exit_code(self) -> int:
         return 128 + self.signal if self.signal else 0
+
+
+class CheckpointCallback(TrainerCallback):
+    """Completes each checkpoint the Trainer has written under the staging directory (training.run_arguments): adds
+    the run's recipe.yaml, renames it into the run directory (so checkpoint-N/ appears whole or not at all), and keeps
+    the newest `train.save_total_limit`. Every rank wrote its RNG state before `on_save`; the barrier waits for all."""
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+        self.run_dir = Path(recipe.train.output_dir)
+
+    def on_save(self, args, state, control, **kwargs):
+        from common.recipe import save_recipe
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if args.should_save:
+            name = f"{artifacts.CHECKPOINT_PREFIX}{state.global_step}"
+            written = Path(args.output_dir) / name
+            save_recipe(self.recipe, written / artifacts.RECIPE_FILE)
+            artifacts.replace_dir(written, self.run_dir / name)
+            artifacts.rotate(self.run_dir, self.recipe.train.save_total_limit)
+
+
+def run_callbacks(recipe, run_dir: Path, log: RunLog, interrupt: InterruptCallback, tokenizer, template) -> list:
+    """The callbacks of a training run: checkpoints completed in place, metrics + plot, Ctrl-C, evaluation prompts,
+    and TensorBoard in OUTPUT_DIR/runs/ (main process only)."""
+    callbacks = [CheckpointCallback(recipe), MetricsCallback(run_dir, log), interrupt,
+                 EvalPromptsCallback(tokenizer, template, recipe.evaluation, recipe.evaluation.system or recipe.data.system,
+                                     run_dir, log)]
+    if is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(str(run_dir / artifacts.TENSORBOARD_DIR / default_logdir()))))
+    return callbacks

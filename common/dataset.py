@@ -41,7 +41,8 @@ def _encode_recipe_data(recipe, tokenizer, report: LoadReport) -> tuple[list[dic
     stats.skipped = len(report.skipped)
     eval_rows = encode_conversations(eval_conversations, *args)[0] if eval_conversations else []
     if train_rows and d.pack:
-        stats.packed_rows, stats.packing_efficiency = packing_stats(train_rows, d.max_length)
+        stats.packed_rows, stats.packing_efficiency = packing_stats(train_rows, d.max_length, d.shuffle_before_pack,
+                                                                    recipe.train.seed)
     return train_rows, eval_rows, stats
 
 

@@ -77,13 +77,9 @@ def lora_config(recipe):
 
 def load_model(recipe, dtype: torch.dtype):
     """The model ready for training: quantized + k-bit prepared and wrapped in LoRA as the recipe says (the recipe's
-    checks ran when it was loaded), with common.acceleration's faster paths where they apply."""
-    from common import acceleration
-
+    checks ran when it was loaded). common.acceleration.apply adds the faster paths."""
     m = recipe.model
-    # Packed rows attend sample by sample, unless the recipe names an attention implementation.
-    attention = m.attn_implementation or (acceleration.register_packed_attention() if recipe.data.pack else None)
-    model = load_causal_lm(m.path, dtype, m.quantization, m.trust_remote_code, attention)
+    model = load_causal_lm(m.path, dtype, m.quantization, m.trust_remote_code, m.attn_implementation)
     # A KV cache during training makes transformers skip its packed-sequence mask: samples would attend across
     # boundaries. Generation (the eval callback) turns it back on for its own calls.
     model.config.use_cache = False
@@ -96,7 +92,6 @@ def load_model(recipe, dtype: torch.dtype):
         from peft import get_peft_model
 
         model = get_peft_model(model, lora_config(recipe))
-        acceleration.fuse_lora(model)
     return model
 
 

@@ -14,6 +14,9 @@ import yaml
 from common.cli import UserError, read_json, reading
 
 
+FAST_PATHS = ("packed_attention", "fused_lora", "labelled_loss", "chunked_loss")  # common/acceleration.py
+
+
 @dataclass
 class ModelConfig:
     path: str = ""  # local directory (or hub id on a machine with network)
@@ -78,7 +81,10 @@ class TrainConfig:
     logging_steps: int = 10
     seed: int = 42
     gradient_checkpointing: bool = False
-    deepspeed: Optional[str] = None  # zero2 | zero3 | path to a DeepSpeed JSON (GPU only)
+    deepspeed: Optional[str] = None  # a DEEPSPEED_PRESETS name (zero2 | zero3) or a DeepSpeed JSON file (GPU only)
+    # common/acceleration.py's faster paths, each computing the same loss: true (all), false (TRL's own loss and
+    # attention, PEFT's LoRA forward) or a list of: packed_attention, fused_lora, labelled_loss, chunked_loss
+    fast_paths: Union[bool, list[Literal[FAST_PATHS]]] = True
 
 
 @dataclass
@@ -225,13 +231,26 @@ def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check
         problems.append(f"`train.scheduler`: unknown scheduler `{t.scheduler}` (one of: {', '.join(s.value for s in SchedulerType)})")
     if not 0.0 <= t.warmup_ratio < 1.0:
         problems.append(f"`train.warmup_ratio`: got {t.warmup_ratio}, expected 0 <= x < 1")
+    paths = FAST_PATHS if t.fast_paths is True else t.fast_paths or ()
+    if "chunked_loss" in paths and "labelled_loss" not in paths:
+        problems.append("`train.fast_paths`: chunked_loss is a way of computing labelled_loss; list both")
     if t.max_steps <= 0 and t.epochs <= 0:
         problems.append("`train.epochs` must be > 0 unless `train.max_steps` is set")
     if check_machine:
         _check_machine(recipe, problems)
 
 
-DEEPSPEED_PRESETS = ("zero2", "zero3")
+# `train.deepspeed` presets. The Trainer fills the "auto" values from its own arguments (batch sizes, accumulation,
+# clipping, precision).
+DEEPSPEED_PRESETS = {
+    "zero2": {"zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                                    "reduce_bucket_size": "auto"}},
+    "zero3": {"zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                                    "stage3_gather_16bit_weights_on_model_save": True}},
+}
+DEEPSPEED_AUTO = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                  "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                  "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
 
 
 def _check_machine(recipe: Recipe, problems: list[str]) -> None:
@@ -254,7 +273,7 @@ def _check_machine(recipe: Recipe, problems: list[str]) -> None:
         return
     if ds not in DEEPSPEED_PRESETS:
         if not Path(ds).is_file():
-            problems.append(f"`train.deepspeed`: {ds} is neither zero2, zero3 nor an existing JSON file")
+            problems.append(f"`train.deepspeed`: {ds} is neither {', '.join(DEEPSPEED_PRESETS)} nor an existing JSON file")
         else:
             try:
                 zero = read_json(ds).get("zero_optimization")

@@ -151,9 +151,15 @@ def pack_rows(rows: list[dict], max_length: int, shuffle: bool, seed: int):
     return pack_dataset(data, max_length, strategy="bfd")
 
 
-def packing_stats(rows: list[dict], max_length: int) -> tuple[int, float]:
-    """Rows and efficiency (real tokens / slots) of the packing training does."""
+def packing_efficiency(packed, max_length: int) -> tuple[int, int, float]:
+    """(real tokens, rows, real tokens / slots) of rows packed by pack_rows."""
+    real = sum(sum(lengths) for lengths in packed["seq_lengths"])
+    return real, len(packed), real / max(len(packed) * max_length, 1)
+
+
+def packing_stats(rows: list[dict], max_length: int, shuffle: bool, seed: int) -> tuple[int, float]:
+    """Rows and efficiency of the packing training does (the same shuffle and seed: the same rows)."""
     if not rows:
         return 0, 0.0
-    packed = pack_rows(rows, max_length, shuffle=False, seed=0)
-    return len(packed), sum(len(r["input_ids"]) for r in rows) / (len(packed) * max_length)
+    _, packed_rows, efficiency = packing_efficiency(pack_rows(rows, max_length, shuffle, seed), max_length)
+    return packed_rows, efficiency

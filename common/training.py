@@ -1,37 +1,27 @@
-"""Trainer construction from a recipe: TRL SFTConfig/SFTTrainer on pre-tokenized rows, packing, checkpoints that
-appear whole (names and rotation from common.artifacts), the final self-describing output directory, DeepSpeed
-configs."""
+"""Trainer construction from a recipe. The run behaviour every training method shares comes from public pieces:
+`run_arguments` (the TrainingArguments every method's config takes: the Trainer writes its checkpoints under a
+staging directory, so a half-written one is never named checkpoint-N) and `common.callbacks.CheckpointCallback`
+(recipe.yaml into each checkpoint, the rename into place, rotation). SFT is TRL's SFTTrainer on pre-tokenized rows,
+with the loss at labelled positions (common.loss) where `train.fast_paths` allows it."""
 from __future__ import annotations
 
-import inspect
 import logging
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from trl import SFTConfig, SFTTrainer
 
 from common import artifacts
-from common.acceleration import linear_cross_entropy
+from common.acceleration import FastPaths
 from common.cli import UserError, read_json
-from common.recipe import Recipe, save_recipe
+from common.loss import labelled_positions, token_losses
+from common.recipe import DEEPSPEED_AUTO, DEEPSPEED_PRESETS, Recipe, save_recipe
 from common.samples import pack_rows
-
-# The Trainer fills the "auto" values from its own arguments (batch sizes, accumulation, clipping, precision).
-DEEPSPEED_PRESETS = {
-    "zero2": {"zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
-                                    "reduce_bucket_size": "auto"}},
-    "zero3": {"zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
-                                    "stage3_gather_16bit_weights_on_model_save": True}},
-}
-DEEPSPEED_AUTO = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-                  "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-                  "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
 
 
 def deepspeed_config(value: str | None) -> dict | None:
-    """`train.deepspeed` (zero2 | zero3 | a JSON file, checked with the recipe) as the config the Trainer takes."""
+    """`train.deepspeed` (a preset name or a JSON file, checked with the recipe) as the config the Trainer takes."""
     if value is None:
         return None
     if value in DEEPSPEED_PRESETS:
@@ -39,11 +29,14 @@ def deepspeed_config(value: str | None) -> dict | None:
     return read_json(value)
 
 
-def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tqdm: bool) -> SFTConfig:
-    t, d = recipe.train, recipe.data
+def run_arguments(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tqdm: bool, pack: bool) -> dict:
+    """The TrainingArguments of a run, whatever its method (SFTConfig and TRL's other configs take them all)."""
+    t = recipe.train
     every = recipe.evaluation.every_n_steps
-    return SFTConfig(
-        output_dir=t.output_dir,
+    return dict(
+        # Checkpoints are written under the staging directory and renamed into the run directory when complete
+        # (common.callbacks.CheckpointCallback): a save cut short never looks like a checkpoint to resume from.
+        output_dir=str(artifacts.staging_dir(t.output_dir)),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -72,9 +65,22 @@ def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tqdm:
         save_total_limit=None,  # rotation is ours (artifacts.rotate), after each save is complete
         eval_strategy="steps" if has_eval and every > 0 else "no",  # train.py also evaluates once at the end
         eval_steps=every if has_eval and every > 0 else None,
-        report_to=["tensorboard"],
+        report_to="none",  # TensorBoard writes into the run directory (common.callbacks.run_callbacks)
         disable_tqdm=disable_tqdm,
         deepspeed=deepspeed_config(t.deepspeed),
+        # The Trainer's own token counter (logged as num_input_tokens_seen): padding-free rows hold no padding, so all
+        # their tokens count; padded batches count their attention mask.
+        include_num_input_tokens_seen="all" if pack else "non_padding",
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        save_only_model=False,
+    )
+
+
+def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tqdm: bool) -> SFTConfig:
+    d = recipe.data
+    return SFTConfig(
+        **run_arguments(recipe, dtype, has_eval, disable_tqdm, d.pack),
         # Our rows are final: TRL keeps input_ids/labels as they are (it tokenizes and masks only rows without
         # input_ids/labels): no chat template, no completion/assistant masks, no EOS appended. Packing is ours
         # (samples.pack_rows); padding-free collation turns each row's seq_lengths into position ids that restart per sample,
@@ -86,109 +92,38 @@ def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tqdm:
         completion_only_loss=False,
         assistant_only_loss=False,
         dataset_num_proc=None,
-        dataloader_num_workers=0,
         use_cache=False,
-        ddp_find_unused_parameters=False,
-        save_only_model=False,
-        include_num_input_tokens_seen="no",
     )
 
 
-class Trainer(SFTTrainer):
-    """SFTTrainer whose checkpoints appear atomically (written under .saving-N/, renamed when complete) and carry
-    recipe.yaml; rotation keeps the newest `save_total_limit` complete ones."""
+class LabelledSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss is taken at labelled positions only (common.loss) where the fast paths allow it, and
+    whose logs count the labelled tokens (trained tokens/s in metrics.jsonl)."""
 
-    def __init__(self, *args, recipe: Recipe, **kwargs):
+    def __init__(self, *args, fast_paths: FastPaths, **kwargs):
         super().__init__(*args, **kwargs)
-        self.recipe = recipe
-        self._staging: Path | None = None
-        self.causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        # TRL's fused head scores only labelled positions, in tiles, on CUDA/XPU (Triton); elsewhere it projects
-        # every position through the LM head and adds entropy and accuracy over the full vocabulary.
-        self.labelled_head = (self.args.device.type not in ("cuda", "xpu")
-                              and "logits_to_keep" in inspect.signature(self.causal_lm.forward).parameters)
-        self.fused_head = self.labelled_head and head_is_plain_linear(self.causal_lm)
+        self.fast_paths = fast_paths
+        self.labelled_tokens = torch.zeros((), dtype=torch.int64, device=self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Cross-entropy computed only at the positions that carry a label. In SFT most positions are prompt, so this
-        skips most of the LM head's matmul and softmax (on SmolLM2 the head is a fifth of the model's FLOPs); the
-        loss is the same sum over labelled tokens divided by the same count."""
-        if return_outputs or not self.labelled_head or self.compute_loss_func is not None or self.label_smoother:
+        """Cross-entropy at the positions that carry a label. In SFT most positions are prompt, so this skips most of
+        the LM head's work; the loss is the same sum over labelled tokens divided by the same count as TRL's."""
+        if self.model.training:
+            self.labelled_tokens += labelled_positions(inputs["labels"]).sum()
+        if (return_outputs or not self.fast_paths.labelled_loss or self.compute_loss_func is not None
+                or self.label_smoother):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs["labels"]
-        keep = torch.zeros_like(labels, dtype=torch.bool)
-        keep[:, :-1] = labels[:, 1:] != -100  # position i predicts token i + 1
-        inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        targets = labels[:, 1:][keep[:, :-1]]
-        if self.fused_head:  # the model stops at the hidden states of the labelled positions; head + loss in chunks
-            head = self.causal_lm.get_output_embeddings()
-            with output_embeddings(self.causal_lm, torch.nn.Identity()):
-                hidden = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-            loss = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head.weight, targets)
-        else:
-            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (labelled positions, vocab)
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets,
-                                                     reduction="sum")
-        count = keep.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+        losses = token_losses(model, inputs, self.fast_paths.chunked_loss)
+        count = losses.numel() if num_items_in_batch is None else num_items_in_batch
+        loss = losses.sum() / torch.as_tensor(count, device=losses.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as Trainer: DDP averages, num_items counts every rank
-        if self.model.training:  # the tokens-fed counter that metrics.jsonl turns into tokens/s
-            ids = inputs["input_ids"]
-            fed = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(ids.numel())
-            self._total_train_tokens += self.accelerator.gather_for_metrics(fed.to(ids.device)).sum().item()
-            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return loss
 
-    def _get_output_dir(self, trial) -> str:
-        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial):
-        run_dir = Path(self.args.output_dir)
-        name = f"{artifacts.CHECKPOINT_PREFIX}{self.state.global_step}"
-        self._staging = run_dir / f"{artifacts.STAGING_PREFIX}{self.state.global_step}"
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            staging, self._staging = self._staging, None
-        self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging dir
-        if self.args.should_save:
-            save_recipe(self.recipe, staging / name / artifacts.RECIPE_FILE)
-            artifacts.replace_dir(staging / name, run_dir / name)
-            shutil.rmtree(staging, ignore_errors=True)
-            artifacts.rotate(run_dir, self.recipe.train.save_total_limit)
-
-
-@contextmanager
-def output_embeddings(causal_lm, module):
-    """The model with another output head for the duration (set_output_embeddings is transformers' own switch)."""
-    head = causal_lm.get_output_embeddings()
-    causal_lm.set_output_embeddings(module)
-    try:
-        yield
-    finally:
-        causal_lm.set_output_embeddings(head)
-
-
-@torch.no_grad()
-def head_is_plain_linear(causal_lm) -> bool:
-    """Whether logits = hidden @ W^T exactly: a bias-free, frozen linear head, and no scaling or capping of the logits
-    after it (asked of the model itself on a short input, so no list of architectures is needed)."""
-    head = causal_lm.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
-        return False
-    ids = torch.arange(1, 9, device=head.weight.device)[None] % causal_lm.config.get_text_config().vocab_size
-    was_training = causal_lm.training
-    causal_lm.eval()
-    half = head.weight.dtype in (torch.bfloat16, torch.float16)  # trained under autocast: checked under it
-    try:
-        with torch.autocast(head.weight.device.type, dtype=head.weight.dtype, enabled=half):
-            logits = causal_lm(input_ids=ids, use_cache=False).logits
-            with output_embeddings(causal_lm, torch.nn.Identity()):
-                hidden = causal_lm(input_ids=ids, use_cache=False).logits
-            return torch.equal(torch.nn.functional.linear(hidden, head.weight), logits)
-    finally:
-        causal_lm.train(was_training)
+    def log(self, logs: dict, start_time=None) -> None:
+        if self.model.training and "loss" in logs:  # every rank logs, so the sum over ranks is a collective here
+            logs["labelled_tokens"] = int(self.accelerator.reduce(self.labelled_tokens.clone(), reduction="sum"))
+        super().log(logs, start_time)
 
 
 class _PackedRowsHint(logging.Filter):
@@ -201,8 +136,9 @@ class _PackedRowsHint(logging.Filter):
 logging.getLogger("trl.trainer.sft_trainer").addFilter(_PackedRowsHint())
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, train_rows: list[dict], eval_rows: list[dict] | None,
-                  callbacks: list, dtype: torch.dtype, disable_tqdm: bool) -> Trainer:
+def build_trainer(recipe: Recipe, model, fast_paths: FastPaths, tokenizer, train_rows: list[dict],
+                  eval_rows: list[dict] | None, callbacks: list, dtype: torch.dtype,
+                  disable_tqdm: bool) -> LabelledSFTTrainer:
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -219,8 +155,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_rows: list[dict], eval
         train = Dataset.from_dict(columns(train_rows))
         evals = Dataset.from_dict(columns(eval_rows)) if eval_rows else None
     args = sft_config(recipe, dtype, has_eval=evals is not None, disable_tqdm=disable_tqdm)
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
-                      callbacks=callbacks, recipe=recipe)
+    trainer = LabelledSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
+                                 processing_class=tokenizer, callbacks=callbacks, fast_paths=fast_paths)
     # Our own line logs replace the Trainer's dict printing; the tqdm bar stays on a TTY.
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
@@ -228,21 +164,10 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_rows: list[dict], eval
     return trainer
 
 
-def packing_efficiency(trainer: Trainer, max_length: int) -> tuple[int, int, float]:
-    """(real tokens, rows, real tokens / (rows * max_length)) of the prepared training set."""
-    data = trainer.train_dataset
-    if "seq_lengths" in data.column_names:
-        real = sum(sum(lengths) for lengths in data["seq_lengths"])
-    else:
-        real = sum(len(ids) for ids in data["input_ids"])
-    rows = len(data)
-    return real, rows, real / max(rows * max_length, 1)
-
-
-def save_final(trainer: Trainer, recipe: Recipe, tokenizer) -> Path:
+def save_final(trainer, recipe: Recipe, tokenizer) -> Path:
     """OUTPUT_DIR/final/: adapter (or full model) + tokenizer with its chat template + recipe.yaml, renamed into
     place when complete."""
-    run_dir = Path(trainer.args.output_dir)
+    run_dir = Path(recipe.train.output_dir)
     final, tmp = run_dir / artifacts.FINAL_DIR, run_dir / f"{artifacts.STAGING_PREFIX}{artifacts.FINAL_DIR}"
     trainer.save_model(str(tmp))  # the tokenizer rides along (processing_class); DDP-safe: rank 0 writes
     trainer.accelerator.wait_for_everyone()
@@ -250,6 +175,7 @@ def save_final(trainer: Trainer, recipe: Recipe, tokenizer) -> Path:
         tokenizer.save_pretrained(str(tmp))
         save_recipe(recipe, tmp / artifacts.RECIPE_FILE)
         artifacts.replace_dir(tmp, final)
+        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)  # the staging dir: TRL's model card is all it holds
     trainer.accelerator.wait_for_everyone()
     return final
 

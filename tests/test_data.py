@@ -254,7 +254,7 @@ def test_split_with_tokenizer_chat_template(tokenizer):
 def test_packing_split_samples(tokenizer):
     convs = [CONV, CONV[:2], CONV[:3]]
     rows, stats = encode_conversations(convs, tokenizer, TEMPLATES["qwen_chat"], 90, "split")
-    n_rows, efficiency = packing_stats(rows, 300)
+    n_rows, efficiency = packing_stats(rows, 300, False, 0)
     assert stats.samples == len(rows) > 3 and n_rows < len(rows) and 0 < efficiency <= 1
 
 

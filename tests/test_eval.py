@@ -66,7 +66,8 @@ def test_held_out_loss_is_the_training_loss_on_the_same_rows(run_dir, tiny_model
     from common.modeling import load_model
     from common.samples import Stats, make_samples, with_system
     from common.templates import get_template
-    from common.training import Trainer, build_trainer
+    from common.acceleration import apply
+    from common.training import build_trainer
 
     recipe = artifacts.run_recipe(run_dir)
     recipe.train.output_dir = str(run_dir / "trainer")
@@ -82,8 +83,8 @@ def test_held_out_loss_is_the_training_loss_on_the_same_rows(run_dir, tiny_model
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    trainer = build_trainer(recipe, model, tokenizer, [{"input_ids": s[1], "labels": s[2]} for s in samples], None, [],
-                            torch.float32, disable_tqdm=True)
+    trainer = build_trainer(recipe, model, apply(model, recipe), tokenizer,
+                            [{"input_ids": s[1], "labels": s[2]} for s in samples], None, [], torch.float32, disable_tqdm=True)
     model.eval()
     scored = evaluation.score(model, [evaluation.row_inputs(r) for r in rows], len(load_conversations([str(held_out)])))
     total, count = 0.0, 0
@@ -93,7 +94,7 @@ def test_held_out_loss_is_the_training_loss_on_the_same_rows(run_dir, tiny_model
         for key in ("input_ids", "position_ids"):
             assert torch.equal(batch[key], ours[key])
         with torch.no_grad():
-            train_loss = Trainer.compute_loss(trainer, model, dict(batch)).item()
+            train_loss = trainer.compute_loss(model, dict(batch)).item()
         ce, _ = evaluation.score_row(model, ours)
         assert abs(ce.mean().item() - train_loss) < 1e-5
         total, count = total + ce.sum().item(), count + len(ce)

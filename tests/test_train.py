@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
+from common import artifacts  # noqa: E402
 from common.templates import IGNORE  # noqa: E402
 
 SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
@@ -176,6 +177,7 @@ def test_packed_loss_is_the_token_weighted_mean_of_sample_losses(tmp_path, tiny_
     """Through SFTTrainer's own collator and loss: no attention crosses samples, labels arrive unchanged."""
     from transformers import AutoModelForCausalLM
 
+    from common.acceleration import FastPaths
     from common.recipe import load_recipe
     from common.training import build_trainer
 
@@ -187,7 +189,7 @@ def test_packed_loss_is_the_token_weighted_mean_of_sample_losses(tmp_path, tiny_
         ids = torch.randint(10, len(tokenizer), (n,)).tolist()
         samples.append({"input_ids": ids, "labels": [IGNORE] * 7 + ids[7:]})
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    trainer = build_trainer(recipe, model, tokenizer, samples, None, [], torch.float32, disable_tqdm=True)
+    trainer = build_trainer(recipe, model, FastPaths(), tokenizer, samples, None, [], torch.float32, disable_tqdm=True)
     data = trainer.train_dataset
     assert sorted(map(sorted, data["seq_lengths"])) == [[20, 35, 41], [30]]
     row = max(range(len(data)), key=lambda i: len(data["seq_lengths"][i]))
@@ -233,7 +235,7 @@ def test_packing_efficiency_on_psych_sample_at_512():
     assert sum(sum(r["seq_lengths"]) for r in packed) == real and all(len(r["input_ids"]) <= 512 for r in packed)
     assert sorted(n for r in packed for n in r["seq_lengths"]) == sorted(len(r["input_ids"]) for r in rows)
     assert real / (len(packed) * 512) >= 0.97
-    assert packing_stats(rows, 512) == (len(packed), real / (len(packed) * 512))  # --dry-run reports the same
+    assert packing_stats(rows, 512, True, 0) == (len(packed), real / (len(packed) * 512))  # --dry-run reports the same
 
 
 # ---------------------------------------------------------------- evaluation prompts
@@ -308,11 +310,22 @@ def test_rotation_keeps_the_limit_also_after_a_resume(tmp_path, monkeypatch, tin
 
 
 def test_resume_after_kills_matches_an_uninterrupted_run(tmp_path, monkeypatch, tiny_model_dir, data_file):
-    """Killed after checkpoint-4, then killed half-way through writing checkpoint-6: the half-written save is
-    invisible, resume picks checkpoint-4, and the final adapter equals the uninterrupted run's (dropout and
-    sampled eval answers included: the RNG state travels with the checkpoint)."""
-    from common.callbacks import MetricsCallback
-    from common.training import Trainer
+    """Killed after checkpoint-4, then killed while saving checkpoint-6 (written, not yet renamed into place): the
+    unfinished save is invisible, resume picks checkpoint-4, and the final adapter equals the uninterrupted run's
+    (dropout and sampled eval answers included: the RNG state travels with the checkpoint)."""
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):  # train.main runs extra callbacks before the run's own: before the rename on save
+        def __init__(self, event: str, step: int):
+            self.event, self.step = event, step
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.event == "step_begin" and state.global_step == self.step:
+                raise Killed
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.event == "save" and state.global_step == self.step:
+                raise Killed
 
     monkeypatch.chdir(tmp_path)
     same = dict(train={"max_steps": 6, "save_steps": 2, "save_total_limit": 3},
@@ -320,32 +333,14 @@ def test_resume_after_kills_matches_an_uninterrupted_run(tmp_path, monkeypatch, 
     assert run(write_recipe(tmp_path, tiny_model_dir, data_file, name="whole", **same)) == 0
     killed = write_recipe(tmp_path, tiny_model_dir, data_file, name="killed", **same)
     out = tmp_path / "killed"
-
-    real_on_save = MetricsCallback.on_save
-
-    def die_after_checkpoint_4(self, args, state, control, **kwargs):
-        real_on_save(self, args, state, control, **kwargs)
-        if state.global_step == 4:
-            raise Killed
-
-    real_rng = Trainer._save_rng_state
-
-    def die_mid_save(self, output_dir):
-        if self.state.global_step == 6:
-            raise Killed
-        real_rng(self, output_dir)
-
-    with monkeypatch.context() as m:
-        m.setattr(MetricsCallback, "on_save", die_after_checkpoint_4)
-        with pytest.raises(Killed):
-            run(killed)
-    with monkeypatch.context() as m:
-        m.setattr(Trainer, "_save_rng_state", die_mid_save)
-        with pytest.raises(Killed):
-            run(killed, "--resume", "auto")
-    assert (out / ".saving-6").is_dir() and not (out / "checkpoint-6").exists()
+    with pytest.raises(Killed):
+        train.main([str(killed)], extra_callbacks=[Kill("step_begin", 4)])  # after checkpoint-4 is complete
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    with pytest.raises(Killed):
+        train.main([str(killed), "--resume", "auto"], extra_callbacks=[Kill("save", 6)])
+    assert (artifacts.staging_dir(out) / "checkpoint-6").is_dir() and not (out / "checkpoint-6").exists()
     assert run(killed, "--resume", "auto") == 0
-    assert "resuming from" in (out / "train.log").read_text() and not (out / ".saving-6").exists()
+    assert "resuming from" in (out / "train.log").read_text() and not list(out.glob(".saving-*"))
 
     expected, got = adapter_tensors(tmp_path / "whole" / "final"), adapter_tensors(out / "final")
     assert expected.keys() == got.keys()
