@@ -1,0 +1,111 @@
+"""Every private (or unexported) upstream API the project relies on, each with the check that fails loudly when the
+library changes its shape, and the tests that exercise the behaviour built on it. The list is this module: a reach
+that is not checked here is a defect.
+
+| upstream | what we use | where | why no public API | behaviour also covered by |
+|---|---|---|---|---|
+| transformers | `config._attn_implementation` (read) | acceleration.apply | the effective attention after `set_attn_implementation`; no public getter | test_speed |
+| transformers | `integrations.sdpa_attention.sdpa_attention_forward` | acceleration.packed_attention | sdpa's own path when ours steps aside (decoding) | test_speed (generate equal to sdpa) |
+| transformers | `masking_utils.ALL_MASK_ATTENTION_FUNCTIONS`, `sdpa_mask` | acceleration.register_packed_attention | a registered attention needs a mask function; `AttentionInterface` has no mask twin | test_speed |
+| peft | `tuners.lora.layer.Linear` internals: `lora_variant`, `_cast_input_dtype`, `scaling`, `lora_dropout`, `merged`, `disable_adapters`, `fan_in_fan_out` | acceleration._fused_lora_forward | the fused forward re-does `Linear.forward` in one addmm | test_speed (loss and gradients equal) |
+| huggingface_hub | `serialization._base.parse_size_to_int` | merging | the size parser `split_torch_state_dict_into_shards` uses, not re-exported | test_merge |
+| safetensors | `torch._getdtype` | merging | a header's dtype string as a torch dtype (the merge plans from headers) | test_merge |
+| torch | `ops.mkldnn._is_mkldnn_bf16_supported` | precision.cpu_has_native_bf16 | oneDNN's own answer to "native bf16 here" | test_precision |
+| torch | the weights-only unpickler's error texts ("Weights only load failed", "GLOBAL x ... is blocked" and kin) | safeload._unpickler_error | the refused global is named only in the message | test_convert (malicious pickles) |
+| Python | `_compat_pickle` name tables | safeload._py3_name | protocol-2 pickles name Python 2 modules | test_convert |
+
+Training's run behaviour (checkpoints staged and renamed, recipe in each, rotation, token counts) uses public
+pieces only: `TrainingArguments.output_dir`, `include_num_input_tokens_seen`, `TrainerCallback.on_save`,
+`TensorBoardCallback(tb_writer)`.
+"""
+import inspect
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def test_attention_implementation_is_read_from_the_config(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from common import acceleration
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.set_attn_implementation(acceleration.register_packed_attention())
+    assert model.config._attn_implementation == acceleration.PACKED_ATTENTION
+
+
+def test_sdpa_forward_and_mask_registry_keep_their_shape():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    params = list(inspect.signature(sdpa_attention_forward).parameters)
+    assert params[:8] == ["module", "query", "key", "value", "attention_mask", "dropout", "scaling", "is_causal"]
+    assert callable(sdpa_mask) and callable(ALL_MASK_ATTENTION_FUNCTIONS.register)
+
+
+def test_peft_lora_linear_has_what_the_fused_forward_reads():
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    layer = get_peft_model(Net(), LoraConfig(r=2, target_modules=["proj"])).base_model.model.proj
+    assert type(layer) is Linear
+    for name in ("lora_variant", "scaling", "lora_dropout", "merged", "disable_adapters", "fan_in_fan_out",
+                 "active_adapters", "base_layer", "lora_A", "lora_B"):
+        assert hasattr(layer, name), name
+    assert isinstance(layer.lora_variant, dict) and isinstance(layer.scaling, dict)
+    x = torch.ones(2, 8)
+    assert layer._cast_input_dtype(x, torch.float32).dtype == torch.float32
+    assert list(inspect.signature(Linear.forward).parameters)[:2] == ["self", "x"]
+
+
+def test_hub_size_parser_and_safetensors_dtype_names():
+    from huggingface_hub.serialization._base import parse_size_to_int
+    from safetensors.torch import _getdtype
+
+    assert parse_size_to_int("2GB") == 2 * 10**9 and parse_size_to_int("200MB") == 200 * 10**6
+    assert _getdtype("F32") is torch.float32 and _getdtype("BF16") is torch.bfloat16 and _getdtype("F16") is torch.float16
+
+
+def test_mkldnn_bf16_query_answers_a_bool():
+    assert isinstance(bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), bool)
+
+
+def test_weights_only_unpickler_still_names_the_refused_global(tmp_path):
+    """safeload turns this message into "refused to load: its pickle asks for `posix.system`"."""
+    import os
+
+    from common.safeload import _REFUSED
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Payload()}, path)
+    try:
+        torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        message = str(e)
+    else:
+        raise AssertionError("torch's weights-only unpickler loaded a global it should refuse")
+    assert "Weights only load failed" in message
+    assert any(p.search(message) for p in _REFUSED), message
+
+
+def test_compat_pickle_tables():
+    import _compat_pickle
+
+    assert _compat_pickle.NAME_MAPPING[("__builtin__", "xrange")] == ("builtins", "range")
+    assert _compat_pickle.IMPORT_MAPPING["__builtin__"] == "builtins"
