@@ -4,9 +4,10 @@ import json
 import pytest
 
 from common.cli import UserError
+from common.conversation import Turn
 from common.formats import LoadReport, load_conversations
 from common.samples import Stats, encode_conversations, make_samples, packing_stats
-from common.templates import IGNORE, TEMPLATES, Turn, get_template
+from common.templates import IGNORE, TEMPLATES, get_template
 
 
 def write(tmp_path, name, content):
