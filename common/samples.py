@@ -51,6 +51,15 @@ def _shorten(ids, labels, max_length: int, bos_id) -> tuple[list[int], list[int]
     return ids, labels, before - _trained(labels)
 
 
+def _fitting(segments: list[Segment], max_length: int) -> int:
+    """How many leading segments (whole turns) fit in max_length together."""
+    total, n = 0, 0
+    while n < len(segments) and total + len(segments[n][0]) <= max_length:
+        total += len(segments[n][0])
+        n += 1
+    return n
+
+
 def _cut(tokenizer, template: Template, turns: list[Turn], segments: list[Segment], max_length: int,
          stats: Stats) -> list[tuple[list[int], list[int]]]:
     """XTuner's way: the first max_length tokens, wherever they end."""
@@ -62,10 +71,7 @@ def _cut(tokenizer, template: Template, turns: list[Turn], segments: list[Segmen
 def _turns(tokenizer, template: Template, turns: list[Turn], segments: list[Segment], max_length: int,
            stats: Stats) -> list[tuple[list[int], list[int]]]:
     """The leading whole turns that fit; a first turn too long alone is shortened to fit."""
-    total, keep = 0, 0
-    while keep < len(segments) and total + len(segments[keep][0]) <= max_length:
-        total += len(segments[keep][0])
-        keep += 1
+    keep = _fitting(segments, max_length)
     stats.truncated += 1
     if keep:
         return [_concat(segments[:keep])]
@@ -82,10 +88,7 @@ def _split(tokenizer, template: Template, turns: list[Turn], segments: list[Segm
     start, samples = 0, []
     while start < len(turns):
         rest = segments if start == 0 else template.encode(tokenizer, window(turns, start))
-        end, total = 0, 0
-        while end < len(rest) and total + len(rest[end][0]) <= max_length:
-            total += len(rest[end][0])
-            end += 1
+        end = _fitting(rest, max_length)
         if end == 0:  # one turn alone is too long: shorten it as `turns` does
             ids, labels, lost = _shorten(*rest[0], max_length, tokenizer.bos_token_id)
             stats.lost_to_shortening += lost
