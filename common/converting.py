@@ -193,7 +193,7 @@ def _add_recipe_hints(ckpt: Checkpoint) -> None:
         ckpt.lora_hints = {**from_recipe, **ckpt.lora_hints}  # the checkpoint's own config text wins
 
 
-def resolve_base(explicit: str | None, ckpt: Checkpoint) -> str | None:
+def choose_base(explicit: str | None, ckpt: Checkpoint) -> str | None:
     """--base, else the first candidate that exists here, else the first named one (may be a hub id)."""
     if explicit:
         return explicit
