@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     artifacts.check_output(dst, [args.src], args.force)  # before the (possibly long) load
 
     ckpt = converting.read_source(args.src, trust=args.trust_checkpoint)
-    base = converting.resolve_base(args.base, ckpt)
+    base = converting.choose_base(args.base, ckpt)
     if base is None and ckpt.is_adapter:  # a full model's own config.json is enough
         raise UserError(f"{args.src}: cannot tell which base model these weights belong to; pass --base DIR_OR_HUB_ID")
     notes = [] if base is None or converting.is_local(base) else [

@@ -54,10 +54,11 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from common import artifacts, evaluation
+    from common.conversation import with_system
     from common.generation import Generator, Sampling, context_length
     from common.precision import canonical
     from common.recipe import DataConfig, EvaluationConfig
-    from common.samples import Stats, make_samples, with_system
+    from common.samples import Stats, make_samples
     from common.templates import get_template
 
     source = artifacts.resolve_model(args.model, adapter_first=True)

@@ -1,4 +1,5 @@
 """What every script shares at its edges: one-line errors with exit status 2, never a traceback."""
+import difflib
 import json
 import logging
 import sys
@@ -29,6 +30,15 @@ def main_guard(fn):
             sys.exit(2)
 
     return wrapper
+
+
+def did_you_mean(name: str, options, prefix: str = "", cutoff: float = 0.6, aliases: dict | None = None) -> str:
+    """` (did you mean `NAME`?)` for an unknown name: the option an alias stands for (a name users bring from another
+    tool), else the closest spelling; "" when nothing is close. `prefix` goes before the suggestion (`train.`)."""
+    options = list(options)
+    alias = (aliases or {}).get(name)
+    match = [alias] if alias in options else difflib.get_close_matches(name, options, n=1, cutoff=cutoff)
+    return f" (did you mean `{prefix}{match[0]}`?)" if match else ""
 
 
 def first_line(e: BaseException) -> str:

@@ -193,7 +193,7 @@ def _add_recipe_hints(ckpt: Checkpoint) -> None:
         ckpt.lora_hints = {**from_recipe, **ckpt.lora_hints}  # the checkpoint's own config text wins
 
 
-def resolve_base(explicit: str | None, ckpt: Checkpoint) -> str | None:
+def choose_base(explicit: str | None, ckpt: Checkpoint) -> str | None:
     """--base, else the first candidate that exists here, else the first named one (may be a hub id)."""
     if explicit:
         return explicit
@@ -244,7 +244,7 @@ def adapter_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return out, sorted(to_save)
 
 
-def lora_config(sd: dict[str, torch.Tensor], modules_to_save: list[str], hints: dict, base: str,
+def lora_config_from_tensors(sd: dict[str, torch.Tensor], modules_to_save: list[str], hints: dict, base: str,
                 alpha: float | None, notes: list[str]):
     """LoraConfig for these tensors: rank and target modules from the shapes, the rest from hints."""
     from peft import LoraConfig
@@ -297,7 +297,7 @@ def write_adapter(out: Path, ckpt: Checkpoint, base: str, alpha: float | None, n
         config.base_model_name_or_path = base
     else:
         sd, to_save = adapter_tensors(ckpt.tensors)
-        config = lora_config(sd, to_save, ckpt.lora_hints, base, alpha, notes)
+        config = lora_config_from_tensors(sd, to_save, ckpt.lora_hints, base, alpha, notes)
     save_file(sd, str(out / ADAPTER_WEIGHTS[0]), metadata={"format": "pt"})
     config.save_pretrained(str(out))
     return config, len(sd)

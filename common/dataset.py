@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 from common.cli import UserError
+from common.conversation import Turn
 from common.formats import LoadReport, load_conversations
 from common.samples import Stats, encode_conversations, packing_stats
-from common.templates import Turn, get_template
+from common.templates import get_template
 
 
 def recipe_conversations(recipe, report: LoadReport | None = None) -> tuple[list[list[Turn]], list[list[Turn]]]:
@@ -57,7 +58,8 @@ def _cache_key(recipe, tokenizer) -> str:
 
     h = hashlib.sha256(CACHE_VERSION.encode())
     here = Path(__file__).parent
-    for source in ("formats.py", "samples.py", "dataset.py", "templates.py", "prompt_templates.json"):
+    sources = ("conversation.py", "formats.py", "samples.py", "dataset.py", "templates.py", "prompt_templates.json")
+    for source in sources:
         h.update((here / source).read_bytes())
     h.update(json.dumps([dataclasses.asdict(recipe.data), recipe.train.seed], sort_keys=True).encode())
     for name in recipe.data.paths + recipe.data.eval_paths:

@@ -1,7 +1,7 @@
-"""Data files -> conversations (lists of Turn): one reader per format (XTuner, Alpaca, ShareGPT, OpenAI), JSON lists
-or JSONL, told apart per file. Broken records (one line: FILE: record N: field X: problem) are told from merely odd
-ones (loaded, with a note). To add a format: write a reader `record -> list[Turn]` and add it to READERS and
-FORMAT_KEYS.
+"""Data files -> conversations (lists of `Turn`, common/conversation.py): one reader per format (XTuner, Alpaca,
+ShareGPT, OpenAI), JSON lists or JSONL, told apart per file. Broken records (one line: FILE: record N: field X:
+problem) are told from merely odd ones (loaded, with a note). To add a format: write a reader `record -> list[Turn]`
+and add it to FORMAT_READERS and FORMAT_KEYS.
 """
 from __future__ import annotations
 
@@ -10,14 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.cli import UserError
-from common.templates import Turn
-
-
-class BadRecord(Exception):
-    """One broken record; `field` names where in the record, message says what was expected."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"field {field}: {message}" if field else message)
+from common.conversation import BadRecord, Turn, messages_to_turns, required_field, text_field
 
 
 @dataclass
@@ -33,28 +26,9 @@ class LoadReport:
 
 # ---------------------------------------------------------------- per-format record readers
 
-def _text(value, where: str, *, allow_empty: bool = False, allow_null: bool = False) -> str:
-    if value is None and allow_null:
-        return ""
-    if not isinstance(value, str):
-        raise BadRecord(where, f"expected a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise BadRecord(where, "empty")
-    return value
-
-
-def _require(record: dict, key: str, kind: type, where: str = ""):
-    if key not in record:
-        raise BadRecord(where + key, "missing")
-    value = record[key]
-    if not isinstance(value, kind):
-        raise BadRecord(where + key, f"expected a {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
 def read_xtuner(record: dict) -> list[Turn]:
     turns = []
-    for i, turn in enumerate(_require(record, "conversation", list)):
+    for i, turn in enumerate(required_field(record, "conversation", list)):
         where = f"conversation[{i}]"
         if not isinstance(turn, dict):
             raise BadRecord(where, f"expected an object with input/output, got {type(turn).__name__}")
@@ -64,19 +38,19 @@ def read_xtuner(record: dict) -> list[Turn]:
             raise BadRecord(f"{where}.output", "missing")
         system = turn.get("system")
         turns.append(Turn(
-            input=_text(turn["input"], f"{where}.input", allow_empty=True, allow_null=True),
-            output=_text(turn["output"], f"{where}.output"),
-            system=_text(system, f"{where}.system", allow_empty=True) if system is not None else None,
+            input=text_field(turn["input"], f"{where}.input", allow_empty=True, allow_null=True),
+            output=text_field(turn["output"], f"{where}.output"),
+            system=text_field(system, f"{where}.system", allow_empty=True) if system is not None else None,
         ))
     return turns
 
 
 def read_alpaca(record: dict) -> list[Turn]:
-    instruction = _text(_require(record, "instruction", object), "instruction", allow_empty=True)
+    instruction = text_field(required_field(record, "instruction", object), "instruction", allow_empty=True)
     extra = record.get("input")
     if extra is not None:
-        extra = _text(extra, "input", allow_empty=True)
-    output = _text(_require(record, "output", object), "output")
+        extra = text_field(extra, "input", allow_empty=True)
+    output = text_field(required_field(record, "output", object), "output")
     if output == "<nooutput>":  # Alpaca's marker for unanswerable rows; XTuner drops them too
         return []
     # XTuner's alpaca_map_fn builds f"{instruction}\n{input}" even for input "" (the newline stays). Without an
@@ -84,56 +58,19 @@ def read_alpaca(record: dict) -> list[Turn]:
     return [Turn(input=instruction if extra is None else instruction + "\n" + extra, output=output)]
 
 
-def messages_to_turns(messages: list, role_key: str = "role", content_key: str = "content", roles: dict | None = None,
-                      list_key: str = "messages", open_end: bool = False) -> list[Turn]:
-    """XTuner's openai mapping: skip leading assistant messages, join consecutive user messages, attach a system
-    message to the next turn, honour `"loss": false`. Trailing unanswered user messages are dropped (training data),
-    or, with open_end (chat, the API), become the last turn, to be answered."""
-    roles = roles or OPENAI_ROLES
-    turns, system, user = [], None, ""
-    started = pending = False  # pending: a user message waits for its answer
-    for i, message in enumerate(messages):
-        where = f"{list_key}[{i}]"
-        if not isinstance(message, dict):
-            raise BadRecord(where, f"expected an object, got {type(message).__name__}")
-        raw_role = _require(message, role_key, str, f"{where}.")
-        if raw_role not in roles:
-            raise BadRecord(f"{where}.{role_key}", f"unknown role {raw_role!r} (expected one of {', '.join(roles)})")
-        role = roles[raw_role]
-        # an empty answer is a broken training record, but a possible chat history (an answer stopped at once)
-        content = _text(message.get(content_key), f"{where}.{content_key}", allow_empty=role != "assistant" or open_end)
-        if role == "assistant" and not started:
-            continue
-        started = True
-        if role == "system":
-            system = content
-        elif role == "user":
-            user += content
-            pending = True
-        else:
-            loss = message.get("loss", True)
-            turns.append(Turn(input=user, output=content, system=system, train=str(loss).lower() == "true"))
-            system, user, pending = None, "", False
-    if open_end:
-        if not pending:
-            raise BadRecord(list_key, "no user message to answer (the last message must be from the user)")
-        turns.append(Turn(input=user, output=None, system=system))
-    return turns
-
-
-OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 def read_openai(record: dict) -> list[Turn]:
-    return messages_to_turns(_require(record, "messages", list))
+    return messages_to_turns(required_field(record, "messages", list))
 
 
 def read_sharegpt(record: dict) -> list[Turn]:
-    return messages_to_turns(_require(record, "conversations", list), "from", "value", SHAREGPT_ROLES, "conversations")
+    return messages_to_turns(required_field(record, "conversations", list), "from", "value", SHAREGPT_ROLES,
+                             "conversations")
 
 
-READERS = {"xtuner": read_xtuner, "alpaca": read_alpaca, "sharegpt": read_sharegpt, "openai": read_openai}
+FORMAT_READERS = {"xtuner": read_xtuner, "alpaca": read_alpaca, "sharegpt": read_sharegpt, "openai": read_openai}
 FORMAT_KEYS = {"conversation": "xtuner", "messages": "openai", "conversations": "sharegpt", "instruction": "alpaca"}
 
 
@@ -222,7 +159,7 @@ def load_conversations(paths: list[str], fmt: str = "auto", on_bad_record: str =
             if file_fmt is None:
                 raise UserError(f"{path}: cannot tell the data format (no record has a "
                                 f"{', '.join(repr(k) for k in FORMAT_KEYS)} key); set data.format")
-        reader = READERS[file_fmt]
+        reader = FORMAT_READERS[file_fmt]
         for label, record in records:
             try:
                 if isinstance(record, BadRecord):

@@ -13,6 +13,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from common.cli import UserError
+from common.conversation import BadRecord, messages_to_turns
 from common.templates import Template
 
 MAX_LENGTH_CAP = 4096  # without a recipe: max_position_embeddings can be 128k, which CPU chat never needs
@@ -139,6 +140,15 @@ def context_length(recipe, model_config, override: Optional[int] = None) -> int:
     return min(getattr(model_config, "max_position_embeddings", None) or MAX_LENGTH_CAP, MAX_LENGTH_CAP)
 
 
+def no_room(max_new_tokens: int, context: Optional[int], name: str = "max_new_tokens") -> Optional[str]:
+    """What is wrong when an answer of max_new_tokens leaves the prompt no token of the context, else None. The
+    REPL (at start-up), the server (per request) and every generation ask here; each raises its own kind of error.
+    `name`: the setting as its caller's user spells it (--max-new-tokens, max_tokens)."""
+    if context is not None and max_new_tokens >= context:
+        return f"{name} {max_new_tokens} leaves no room for the prompt in a context of {context} tokens"
+    return None
+
+
 class Generator:
     """Answers conversations with one model, in one template. Holds no conversation: callers pass the messages."""
 
@@ -150,8 +160,6 @@ class Generator:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The ids to generate from: the messages encoded by the template, ending with the generation prompt."""
-        from common.formats import BadRecord, messages_to_turns
-
         try:
             turns = messages_to_turns(messages, open_end=True)
         except BadRecord as e:
@@ -161,9 +169,9 @@ class Generator:
     def check_fits(self, prompt_tokens: int, sampling: Sampling) -> None:
         if self.max_length is None:
             return
-        if sampling.max_new_tokens >= self.max_length:
-            raise PromptTooLong(f"max_new_tokens {sampling.max_new_tokens} leaves no room for the prompt in a context "
-                                f"of {self.max_length} tokens")
+        problem = no_room(sampling.max_new_tokens, self.max_length)
+        if problem:
+            raise PromptTooLong(problem)
         budget = self.max_length - sampling.max_new_tokens
         if prompt_tokens > budget:
             raise PromptTooLong(f"the conversation is {prompt_tokens} tokens with the template, more than the {budget} "

@@ -235,9 +235,10 @@ def verify(model_dir: Path, gguf_file: Path, qtype: str, recipe, max_new_tokens:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from common.conversation import Turn, turns_to_messages
     from common.merging import VERIFY_PROMPTS
     from common.ollama import render_go
-    from common.templates import TOKENIZER, Turn, chat_messages, get_template
+    from common.templates import TOKENIZER, get_template
 
     tokenizer = read_model(model_dir)[1]
     template = get_template(recipe.data.template if recipe else TOKENIZER.name)
@@ -258,12 +259,13 @@ def verify(model_dir: Path, gguf_file: Path, qtype: str, recipe, max_new_tokens:
     conversation = [Turn("我最近总是失眠", "能说说通常几点睡吗？", system or "你是一位心理咨询师。"),
                     Turn("一般凌晨两点", "我们先从固定起床时间开始。"), Turn("好的，谢谢", "不客气。")]
     training_ids = template.encode_ids(tokenizer, conversation)[0]
-    rendered = g_tokenizer.apply_chat_template(chat_messages(conversation), tokenize=True, return_dict=True)["input_ids"]
+    messages = turns_to_messages(conversation)
+    rendered = g_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     report["chat_template_ids_equal"] = list(rendered) == training_ids
     modelfile = model_dir / "Modelfile"
     if modelfile.is_file():
         go = modelfile.read_text(encoding="utf-8").split('TEMPLATE """', 1)[1].split('"""', 1)[0]
-        text = render_go(go, conversation[0].system, chat_messages(conversation)[1:])
+        text = render_go(go, conversation[0].system, messages[1:])
         report["modelfile_ids_equal"] = tokenizer(text, add_special_tokens=False)["input_ids"] == training_ids
 
     prompts = (recipe.evaluation.prompts if recipe and recipe.evaluation.prompts else VERIFY_PROMPTS)

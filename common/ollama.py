@@ -51,7 +51,7 @@ def turn_shape(render: Callable[[list[dict], bool], str]) -> TurnShape:
     return TurnShape(head_system, after_system, head, between[len(after_assistant):], after_user, after_assistant)
 
 
-def _lit(text: str) -> str:
+def _go_literal(text: str) -> str:
     """Template text as it stands, or as a Go string literal when it holds template delimiters."""
     return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if "{{" in text or "}}" in text else text
 
@@ -59,12 +59,12 @@ def _lit(text: str) -> str:
 def go_template(shape: TurnShape) -> str:
     """An Ollama TEMPLATE. No `{{-` trimming: the literal pieces are whitespace-exact, so nothing may eat into them."""
     return (
-        "{{ if .System }}" + _lit(shape.head_system) + "{{ .System }}" + _lit(shape.after_system)
-        + "{{ else }}" + _lit(shape.head) + "{{ end }}"
+        "{{ if .System }}" + _go_literal(shape.head_system) + "{{ .System }}" + _go_literal(shape.after_system)
+        + "{{ else }}" + _go_literal(shape.head) + "{{ end }}"
         + "{{ $first := true }}{{ range .Messages }}"
-        + '{{ if eq .Role "user" }}{{ if not $first }}' + _lit(shape.user_prefix) + "{{ end }}{{ $first = false }}"
-        + "{{ .Content }}" + _lit(shape.after_user)
-        + '{{ else if eq .Role "assistant" }}{{ .Content }}' + _lit(shape.after_assistant)
+        + '{{ if eq .Role "user" }}{{ if not $first }}' + _go_literal(shape.user_prefix) + "{{ end }}{{ $first = false }}"
+        + "{{ .Content }}" + _go_literal(shape.after_user)
+        + '{{ else if eq .Role "assistant" }}{{ .Content }}' + _go_literal(shape.after_assistant)
         + "{{ end }}{{ end }}"
     )
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -11,7 +10,9 @@ from typing import Literal, Optional, Union
 
 import yaml
 
-from common.cli import UserError, read_json, reading
+from common import precision
+from common.cli import UserError, did_you_mean, read_json, reading
+from common.samples import TRUNCATION_MODES
 
 
 FAST_PATHS = ("packed_attention", "fused_lora", "labelled_loss", "chunked_loss")  # common/acceleration.py
@@ -21,7 +22,7 @@ FAST_PATHS = ("packed_attention", "fused_lora", "labelled_loss", "chunked_loss")
 class ModelConfig:
     path: str = ""  # local directory (or hub id on a machine with network)
     tokenizer: Optional[str] = None  # default: model.path
-    dtype: Literal["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"] = "auto"  # auto: by the hardware
+    dtype: Literal[precision.CHOICES] = "auto"  # auto: by the hardware
     quantization: Optional[Literal["4bit", "8bit"]] = None  # 4bit = NF4 + double quant (QLoRA)
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None  # e.g. sdpa, eager, flash_attention_2
@@ -45,7 +46,7 @@ class DataConfig:
     template: str = "tokenizer"  # one of the XTuner names, or `tokenizer` for the tokenizer's chat template
     system: Optional[str] = None  # default system prompt for records without one
     max_length: int = 2048
-    truncation: Literal["cut", "turns", "split"] = "split"
+    truncation: Literal[TRUNCATION_MODES] = "split"  # cut | turns | split: common/samples.py
     pack: bool = True
     shuffle_before_pack: bool = True
     on_bad_record: Literal["error", "skip"] = "error"
@@ -167,7 +168,7 @@ def _coerce(value, tp):
 
 
 # Names users bring from XTuner configs and HF TrainingArguments, mapped to ours for "did you mean".
-ALIASES = {
+KEY_ALIASES = {
     "learning_rate": "lr", "num_train_epochs": "epochs", "max_epochs": "epochs", "accumulative_counts": "grad_accum",
     "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size", "max_norm": "max_grad_norm",
     "lora_alpha": "alpha", "lora_dropout": "dropout", "pack_to_max_length": "pack", "prompt_template": "template",
@@ -176,10 +177,8 @@ ALIASES = {
 }
 
 
-def _nearest(name: str, options, prefix: str = "") -> str:
-    options = list(options)
-    match = [ALIASES[name]] if ALIASES.get(name) in options else difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" (did you mean `{prefix}{match[0]}`?)" if match else ""
+def _suggest(name: str, options, prefix: str = "") -> str:
+    return did_you_mean(name, options, prefix, cutoff=0.5, aliases=KEY_ALIASES)
 
 
 def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
@@ -188,7 +187,7 @@ def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
     values = {}
     for key, value in raw.items():
         if key not in names:
-            problems.append(f"unknown key `{prefix}.{key}`{_nearest(str(key), names, prefix + '.')}")
+            problems.append(f"unknown key `{prefix}.{key}`{_suggest(str(key), names, prefix + '.')}")
             continue
         try:
             values[key] = _coerce(value, hints[key])
@@ -200,22 +199,21 @@ def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
 def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check_machine: bool) -> None:
     from transformers.trainer_utils import SchedulerType
 
-    from common.formats import READERS  # local: these import nothing from here
-    from common.precision import canonical
+    from common.formats import FORMAT_READERS  # local: these import nothing from here
     from common.templates import NAMES
 
     d, t = recipe.data, recipe.train
-    recipe.model.dtype = canonical(recipe.model.dtype)  # one spelling from here on: fp32 -> float32
+    recipe.model.dtype = precision.canonical(recipe.model.dtype)  # one spelling from here on: fp32 -> float32
     if not recipe.model.path:
         problems.append("`model.path` is required")
     elif for_training and not Path(recipe.model.path).exists() and not _could_be_hub_id(recipe.model.path):
         problems.append(f"`model.path`: {recipe.model.path} does not exist (download the model there first)")
     if for_training and not d.paths:
         problems.append("`data.path` is required")
-    if d.format != "auto" and d.format not in READERS:
-        problems.append(f"`data.format`: unknown format `{d.format}` (one of: auto, {', '.join(READERS)})")
+    if d.format != "auto" and d.format not in FORMAT_READERS:
+        problems.append(f"`data.format`: unknown format `{d.format}` (one of: auto, {', '.join(FORMAT_READERS)})")
     if d.template not in NAMES:
-        problems.append(f"`data.template`: unknown template `{d.template}`{_nearest(d.template, NAMES)}")
+        problems.append(f"`data.template`: unknown template `{d.template}`{_suggest(d.template, NAMES)}")
     if d.max_length < 8:
         problems.append(f"`data.max_length`: got {d.max_length}, expected at least 8")
     if not 0.0 <= d.eval_fraction < 1.0:
@@ -259,11 +257,9 @@ def _check_machine(recipe: Recipe, problems: list[str]) -> None:
 
     import torch
 
-    from common.precision import resolve
-
     cuda = torch.cuda.is_available()
     m, ds = recipe.model, recipe.train.deepspeed
-    if resolve(m.dtype).dtype == torch.float16 and not cuda:
+    if precision.resolve(m.dtype).dtype == torch.float16 and not cuda:
         problems.append("`model.dtype: float16` needs a GPU (fp16 mixed precision); use auto, bfloat16 or float32 on CPU")
     if m.quantization == "8bit" and recipe.lora is not None and recipe.lora.use_dora and not cuda:
         problems.append("`lora.use_dora` with `model.quantization: 8bit` fails in bitsandbytes' CPU backend; use 4bit or drop DoRA")
@@ -336,7 +332,7 @@ def from_dict(raw: dict, problems: list[str] | None = None, where: str = "recipe
     sections = {}
     for name, value in raw.items():
         if name not in SECTIONS:
-            problems.append(f"unknown section `{name}`{_nearest(str(name), SECTIONS)}")
+            problems.append(f"unknown section `{name}`{_suggest(str(name), SECTIONS)}")
             continue
         cls = SECTIONS[name].default_factory
         if value is None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from common.cli import UserError
-from common.generation import Generator, PromptTooLong, Sampling
+from common.generation import Generator, PromptTooLong, Sampling, no_room
 
 
 @dataclass
@@ -32,9 +32,9 @@ class ChatSession:
     history: list[dict] = field(default_factory=list)  # user and assistant messages, oldest first
 
     def __post_init__(self):
-        if self.generator.max_length is not None and self.sampling.max_new_tokens >= self.generator.max_length:
-            raise UserError(f"--max-new-tokens {self.sampling.max_new_tokens} leaves no room for the prompt in a "
-                            f"context of {self.generator.max_length} tokens (see --max-length)")
+        problem = no_room(self.sampling.max_new_tokens, self.generator.max_length, "--max-new-tokens")
+        if problem:
+            raise UserError(f"{problem} (see --max-length)")
         self.generator.prompt_ids(self.messages(""))  # a template that cannot render a conversation fails now
 
     @property

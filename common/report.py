@@ -1,4 +1,4 @@
-"""What `train.py --dry-run` prints (statistics, the three truncation modes side by side, the first sample with its
+"""What `train.py --dry-run` prints (statistics, the truncation modes side by side, the first sample with its
 trained spans marked) and what `--dump-dataset` writes."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from common.formats import load_conversations
-from common.samples import encode_conversations
+from common.samples import TRUNCATION_MODES, encode_conversations
 from common.templates import IGNORE, get_template
 
 
@@ -45,12 +45,12 @@ def preview(tokenizer, row: dict, color: bool) -> str:
 
 
 def compare_truncation(recipe, tokenizer) -> str:
-    """The three truncation modes side by side on the recipe's data: what each trains and loses."""
+    """The truncation modes side by side on the recipe's data: what each trains and loses."""
     d = recipe.data
     conversations = load_conversations(d.paths, d.format, "skip")
     template = get_template(d.template)
     lines = [f"  {'mode':<6}  {'answer tokens trained':>22}  {'dropped':>7}  {'samples':>7}  {'lost to shortening':>18}"]
-    for mode in ("cut", "turns", "split"):
+    for mode in TRUNCATION_MODES:
         _, st = encode_conversations(conversations, tokenizer, template, d.max_length, mode, d.system)
         share = f"{100 * st.trained_tokens / max(st.answer_tokens, 1):.1f}%"
         mark = " <- recipe" if mode == d.truncation else ""

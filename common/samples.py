@@ -1,13 +1,15 @@
-"""Conversations -> training samples {"input_ids", "labels"}: the template's encoding, the three truncation modes
-(data.truncation: cut | turns | split), and best-fit packing of whole samples into rows. Training, --dry-run,
-evaluation and the bench all make their samples here.
+"""Conversations -> training samples {"input_ids", "labels"}: the template's encoding, the truncation modes
+(data.truncation: cut | turns | split, the keys of TRUNCATION), and best-fit packing of whole samples into rows.
+Training, --dry-run, evaluation and the bench all make their samples here. To add a truncation mode: write a function
+with `_cut`'s signature and add it to TRUNCATION; the recipe accepts its name from then on.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 
-from common.templates import IGNORE, Segment, Template, Turn
+from common.conversation import Turn, window, with_system
+from common.templates import IGNORE, Segment, Template
 
 
 @dataclass
@@ -49,11 +51,33 @@ def _shorten(ids, labels, max_length: int, bos_id) -> tuple[list[int], list[int]
     return ids, labels, before - _trained(labels)
 
 
-def _window(turns: list[Turn], start: int, end: int, system) -> list[Turn]:
-    window = list(turns[start:end])
-    if start > 0 and system and not window[0].system:
-        window[0] = Turn(window[0].input, window[0].output, system, window[0].train)
-    return window
+def _fitting(segments: list[Segment], max_length: int) -> int:
+    """How many leading segments (whole turns) fit in max_length together."""
+    total, n = 0, 0
+    while n < len(segments) and total + len(segments[n][0]) <= max_length:
+        total += len(segments[n][0])
+        n += 1
+    return n
+
+
+def _cut(tokenizer, template: Template, turns: list[Turn], segments: list[Segment], max_length: int,
+         stats: Stats) -> list[tuple[list[int], list[int]]]:
+    """XTuner's way: the first max_length tokens, wherever they end."""
+    ids, labels = _concat(segments)
+    stats.truncated += 1
+    return [(ids[:max_length], labels[:max_length])]
+
+
+def _turns(tokenizer, template: Template, turns: list[Turn], segments: list[Segment], max_length: int,
+           stats: Stats) -> list[tuple[list[int], list[int]]]:
+    """The leading whole turns that fit; a first turn too long alone is shortened to fit."""
+    keep = _fitting(segments, max_length)
+    stats.truncated += 1
+    if keep:
+        return [_concat(segments[:keep])]
+    ids, labels, lost = _shorten(*segments[0], max_length, tokenizer.bos_token_id)
+    stats.lost_to_shortening += lost
+    return [(ids, labels)]
 
 
 def _split(tokenizer, template: Template, turns: list[Turn], segments: list[Segment], max_length: int,
@@ -61,13 +85,10 @@ def _split(tokenizer, template: Template, turns: list[Turn], segments: list[Segm
     """Consecutive windows of whole turns, each as long as fits, with the conversation's system prompt re-attached
     to each (and {round} restarting). A template encodes each turn given only the turns before it, so a window is the
     leading segments of the encoding of the turns from its start: one encoding per window, not per candidate."""
-    system, start, samples = turns[0].system, 0, []
+    start, samples = 0, []
     while start < len(turns):
-        rest = segments if start == 0 else template.encode(tokenizer, _window(turns, start, len(turns), system))
-        end, total = 0, 0
-        while end < len(rest) and total + len(rest[end][0]) <= max_length:
-            total += len(rest[end][0])
-            end += 1
+        rest = segments if start == 0 else template.encode(tokenizer, window(turns, start))
+        end = _fitting(rest, max_length)
         if end == 0:  # one turn alone is too long: shorten it as `turns` does
             ids, labels, lost = _shorten(*rest[0], max_length, tokenizer.bos_token_id)
             stats.lost_to_shortening += lost
@@ -80,32 +101,20 @@ def _split(tokenizer, template: Template, turns: list[Turn], segments: list[Segm
     return samples
 
 
+# data.truncation: what a conversation longer than max_length becomes. The recipe's choices are these keys.
+TRUNCATION = {"cut": _cut, "turns": _turns, "split": _split}
+TRUNCATION_MODES = tuple(TRUNCATION)
+
+
 def make_samples(tokenizer, template: Template, turns: list[Turn], max_length: int, mode: str, stats: Stats):
-    """One conversation -> its training samples, following data.truncation (cut | turns | split)."""
+    """One conversation -> its training samples, following data.truncation (one of TRUNCATION_MODES)."""
     segments = template.encode(tokenizer, turns)
     full_ids, full_labels = _concat(segments)
     stats.answer_tokens += _trained(full_labels)
-    bos_id = tokenizer.bos_token_id
-    samples = []
     if len(full_ids) <= max_length:
         samples = [(full_ids, full_labels)]
-    elif mode == "cut":  # XTuner: keep the first max_length tokens
-        samples = [(full_ids[:max_length], full_labels[:max_length])]
-        stats.truncated += 1
-    elif mode == "turns":
-        total, keep = 0, 0
-        while keep < len(segments) and total + len(segments[keep][0]) <= max_length:
-            total += len(segments[keep][0])
-            keep += 1
-        if keep:
-            samples = [_concat(segments[:keep])]
-        else:
-            ids, labels, lost = _shorten(*segments[0], max_length, bos_id)
-            stats.lost_to_shortening += lost
-            samples = [(ids, labels)]
-        stats.truncated += 1
     else:
-        samples = _split(tokenizer, template, turns, segments, max_length, stats)
+        samples = TRUNCATION[mode](tokenizer, template, turns, segments, max_length, stats)
     samples = [(ids, labels) for ids, labels in samples if _trained(labels)]
     if not samples:
         stats.dropped += 1
@@ -114,13 +123,6 @@ def make_samples(tokenizer, template: Template, turns: list[Turn], max_length: i
         stats.tokens += len(ids)
         stats.trained_tokens += _trained(labels)
     return samples
-
-
-def with_system(turns: list[Turn], default_system: str | None) -> list[Turn]:
-    """The conversation with `default_system` on its first turn when it has no system prompt (data.system)."""
-    if default_system and not turns[0].system:
-        return [Turn(turns[0].input, turns[0].output, default_system, turns[0].train)] + turns[1:]
-    return turns
 
 
 def encode_conversations(conversations, tokenizer, template: Template, max_length: int, mode: str,

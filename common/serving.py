@@ -31,8 +31,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.cli import UserError, first_line
-from common.formats import BadRecord, messages_to_turns
-from common.generation import Completion, Generator, Sampling
+from common.conversation import BadRecord, messages_to_turns
+from common.generation import Completion, Generator, Sampling, no_room
 
 SEED_LIMIT = 2 ** 63  # torch.manual_seed takes 64-bit seeds; OpenAI's seed is a non-negative integer
 
@@ -83,9 +83,9 @@ def parse_request(body: bytes, defaults: Sampling, system: Optional[str] = None,
     if integer(data, "n", minimum=1) not in (None, 1):
         raise bad_request("n > 1 is not supported: the server gives one answer per request", "n")
     max_tokens = integer(data, "max_completion_tokens", minimum=1) or integer(data, "max_tokens", minimum=1)
-    if max_tokens and context and max_tokens >= context:
-        raise bad_request(f"max_tokens {max_tokens} leaves no room for the prompt in a context of {context} tokens",
-                          "max_tokens")
+    problem = no_room(max_tokens, context, "max_tokens") if max_tokens else None
+    if problem:
+        raise bad_request(problem, "max_tokens")
     sampling = dataclasses.replace(defaults, **{k: v for k, v in {
         "max_new_tokens": max_tokens,
         "temperature": number(data, "temperature", 0, 2),
@@ -262,8 +262,8 @@ async def cancel_on_disconnect(request: Request, job: Job) -> None:
 
 # ---------------------------------------------------------------- responses
 
-class Reply:
-    """The OpenAI-shaped bodies of one completion."""
+class ResponseBodies:
+    """The OpenAI-shaped bodies of one completion (whole, or as stream chunks)."""
 
     def __init__(self, model: str):
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
@@ -293,21 +293,21 @@ def sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def stream_events(job: Job, watcher: asyncio.Task, reply: Reply):
+async def stream_events(job: Job, watcher: asyncio.Task, bodies: ResponseBodies):
     """The server-sent events of a started job: role, content deltas, finish_reason, [usage], [DONE]."""
     try:
-        yield reply.chunk({"role": "assistant"})
+        yield bodies.chunk({"role": "assistant"})
         while isinstance(event := await job.events.get(), str):
-            yield reply.chunk({"content": event})
+            yield bodies.chunk({"content": event})
         if event.error is not None:  # a crash mid-answer: the status line has gone, so the error goes in the stream
             yield sse(event.error.body())
             return
         completion = event.completion
         if completion is None or completion.ended_by == "cancelled":
             return  # the client has gone
-        yield reply.chunk({}, completion.finish_reason)
+        yield bodies.chunk({}, completion.finish_reason)
         if job.request.include_usage:
-            yield reply.usage_chunk(completion)
+            yield bodies.usage_chunk(completion)
         yield "data: [DONE]\n\n"
     finally:
         finish(job, watcher)
@@ -354,10 +354,10 @@ def create_app(worker: Worker, model: str, defaults: Sampling, system: Optional[
             first = await job.events.get()  # Started, or Finished: refused, or dropped after its client left
             if isinstance(first, Finished):
                 raise first.error or ApiError(499, "the client closed the request", code="client_closed")
-            reply = Reply(model)
+            bodies = ResponseBodies(model)
             if chat.stream:
                 headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of events
-                return StreamingResponse(stream_events(job, watcher, reply), media_type="text/event-stream",
+                return StreamingResponse(stream_events(job, watcher, bodies), media_type="text/event-stream",
                                          headers=headers)
             finished = await collect(job)
         except BaseException:
@@ -366,7 +366,7 @@ def create_app(worker: Worker, model: str, defaults: Sampling, system: Optional[
         finish(job, watcher)
         if finished.error is not None:
             raise finished.error
-        return reply.whole(finished.completion)
+        return bodies.whole(finished.completion)
 
     app.include_router(v1)
     return app

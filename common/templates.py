@@ -1,4 +1,5 @@
-"""Prompt templates: one interface, two implementations, and the one place that turns turns into tokens + labels.
+"""Prompt templates: one interface, two implementations, and the one place that turns turns (common/conversation.py)
+into tokens + labels.
 
 - `TableTemplate`: an entry of XTuner's PROMPT_TEMPLATE table (data, in prompt_templates.json), encoded as XTuner's
   `template_map_fn` + `encode_fn` encode it, token for token.
@@ -10,25 +11,17 @@ module asks which kind it has.
 """
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from common.cli import UserError
+from common.cli import UserError, did_you_mean
+from common.conversation import Turn, turns_to_messages
 
 IGNORE = -100
 Segment = tuple[list[int], list[int]]  # one turn's (input_ids, labels)
-
-
-@dataclass
-class Turn:
-    input: str
-    output: Optional[str]  # None on the last turn: encode up to the generation prompt (chat)
-    system: Optional[str] = None
-    train: bool = True  # False: the output is context only (openai `"loss": false`)
 
 
 class Template:
@@ -135,9 +128,9 @@ class TableTemplate(Template):
             + "{%- set ns.system = '' -%}"
             + instruction
             + "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}"
-            + (_lit(self.suffix) if self.suffix else "")
+            + (_jinja_literal(self.suffix) if self.suffix else "")
             + eos
-            + (_lit(self.sep) if self.sep else "")
+            + (_jinja_literal(self.sep) if self.sep else "")
             + "{%- endif -%}{%- endfor -%}"
         )
 
@@ -152,7 +145,7 @@ class TableTemplate(Template):
         return notes
 
 
-def _lit(text: str) -> str:
+def _jinja_literal(text: str) -> str:
     return "{{ " + json.dumps(text) + " }}"
 
 
@@ -163,24 +156,13 @@ def _format_jinja(fmt: str, **variables: str) -> str:
     out = []
     for literal, field, _, _ in string.Formatter().parse(fmt):
         if literal:
-            out.append(_lit(literal))
+            out.append(_jinja_literal(literal))
         if field is not None:
             out.append("{{ " + variables[field] + " }}")
     return "".join(out)
 
 
 # ---------------------------------------------------------------- the tokenizer's own chat template
-
-def chat_messages(turns: list[Turn]) -> list[dict]:
-    messages = []
-    for turn in turns:
-        if turn.system:
-            messages.append({"role": "system", "content": turn.system})
-        messages.append({"role": "user", "content": turn.input})
-        if turn.output is not None:
-            messages.append({"role": "assistant", "content": turn.output})
-    return messages
-
 
 class TokenizerTemplate(Template):
     name = "tokenizer"
@@ -205,7 +187,7 @@ class TokenizerTemplate(Template):
         # must extend the previous one, or the template rewrites history and no mask can be derived.
         turn_starts, spans, text = [], [], ""
         for k, turn in enumerate(turns):
-            upto = chat_messages(turns[: k + 1])
+            upto = turns_to_messages(turns[: k + 1])
             turn_starts.append(len(text))
             prompt = self._render(tokenizer, upto if turn.output is None else upto[:-1], True)
             if not prompt.startswith(text):
@@ -257,22 +239,17 @@ TOKENIZER = TokenizerTemplate()
 NAMES = [*TEMPLATES, TOKENIZER.name]  # every name a recipe or --prompt-template may use
 
 
-def nearest(name: str, options) -> str:
-    near = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean `{near[0]}`?)" if near else ""
-
-
 def get_template(name: str) -> Template:
     if name == TOKENIZER.name:
         return TOKENIZER
     if name not in TEMPLATES:
-        raise UserError(f"unknown template `{name}`{nearest(name, NAMES)}")
+        raise UserError(f"unknown template `{name}`{did_you_mean(name, NAMES)}")
     return TEMPLATES[name]
 
 
 def system_from_template(name: str, bot_name: str) -> str:
     """A system prompt from XTuner's SYSTEM_TEMPLATE table, with {bot_name} filled in."""
     if name not in SYSTEM_TEMPLATES:
-        raise UserError(f"unknown system template `{name}`{nearest(name, SYSTEM_TEMPLATES)}; "
+        raise UserError(f"unknown system template `{name}`{did_you_mean(name, SYSTEM_TEMPLATES)}; "
                         f"known: {', '.join(SYSTEM_TEMPLATES)}")
     return SYSTEM_TEMPLATES[name].format(bot_name=bot_name)

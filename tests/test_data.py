@@ -1,12 +1,14 @@
-"""Data readers (four formats, messy real files) and the three truncation modes."""
+"""The conversation model (messages <-> turns, windows), data readers (four formats, messy real files) and the
+three truncation modes."""
 import json
 
 import pytest
 
 from common.cli import UserError
+from common.conversation import BadRecord, Turn, messages_to_turns, turns_to_messages, window
 from common.formats import LoadReport, load_conversations
 from common.samples import Stats, encode_conversations, make_samples, packing_stats
-from common.templates import IGNORE, TEMPLATES, Turn, get_template
+from common.templates import IGNORE, TEMPLATES, get_template
 
 
 def write(tmp_path, name, content):
@@ -23,6 +25,27 @@ def write(tmp_path, name, content):
 def load(path, fmt="auto", mode="error"):
     report = LoadReport()
     return load_conversations([path], fmt, mode, report), report
+
+
+# ---------------------------------------------------------------- the conversation model
+
+def test_messages_and_turns_convert_both_ways():
+    turns = [Turn("q1", "a1", "S1"), Turn("q2", "a2"), Turn("q3", "a3", "S3"), Turn("q4", None)]
+    messages = turns_to_messages(turns)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "system", "user",
+                                             "assistant", "user"]
+    assert messages_to_turns(messages, open_end=True) == turns
+    assert messages_to_turns(messages) == turns[:3]  # training data: the unanswered user message is dropped
+    with pytest.raises(BadRecord, match=r"field messages\[0\]\.role: unknown role 'bot'"):
+        messages_to_turns([{"role": "bot", "content": "x"}])
+
+
+def test_a_window_starts_with_the_conversations_system_prompt_unless_its_turn_has_its_own():
+    turns = [Turn("q1", "a1", "S"), Turn("q2", "a2"), Turn("q3", "a3", "own"), Turn("q4", "a4")]
+    assert window(turns, 0) == turns
+    assert window(turns, 1, 2) == [Turn("q2", "a2", "S")]
+    assert window(turns, 2) == turns[2:]
+    assert window([Turn("q1", "a1"), Turn("q2", "a2")], 1) == [Turn("q2", "a2")]  # no system prompt: none added
 
 
 # ---------------------------------------------------------------- formats

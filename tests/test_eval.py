@@ -62,9 +62,10 @@ def call(argv, capsys):
 
 
 def test_held_out_loss_is_the_training_loss_on_the_same_rows(run_dir, tiny_model_dir, tokenizer, held_out):
+    from common.conversation import with_system
     from common.formats import load_conversations
     from common.modeling import load_model
-    from common.samples import Stats, make_samples, with_system
+    from common.samples import Stats, make_samples
     from common.templates import get_template
     from common.acceleration import apply
     from common.training import build_trainer

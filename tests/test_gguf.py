@@ -15,8 +15,9 @@ sys.path.insert(0, str(ROOT))
 
 import merge  # noqa: E402
 from common import gguf_export, ollama  # noqa: E402
+from common.conversation import Turn, turns_to_messages  # noqa: E402
 from common.recipe import DataConfig, EvaluationConfig, ModelConfig, Recipe, save_recipe  # noqa: E402
-from common.templates import TEMPLATES, TOKENIZER, Turn, chat_messages  # noqa: E402
+from common.templates import TEMPLATES, TOKENIZER  # noqa: E402
 
 SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
 SYSTEM = "你是一位心理咨询师。"
@@ -92,7 +93,7 @@ def test_f32_gguf_has_the_merged_logits_and_the_training_template(tmp_path, toke
     with torch.no_grad():
         diff = (model(ids).logits - merged(ids).logits).abs().max().item()
         assert diff <= 1e-4 and merged(ids).logits.abs().max() > 0.1
-    rendered = g_tokenizer.apply_chat_template(chat_messages(CONVERSATION), tokenize=True, return_dict=True)["input_ids"]
+    rendered = g_tokenizer.apply_chat_template(turns_to_messages(CONVERSATION), tokenize=True, return_dict=True)["input_ids"]
     assert list(rendered) == ids[0].tolist()  # the training template travelled inside the GGUF
 
 
@@ -191,7 +192,7 @@ def test_modelfile_template_renders_the_training_text(tmp_path, tokenizer, name)
         turns = [Turn(t.input, t.output, system if i == 0 else None) for i, t in enumerate(CONVERSATION)]
         prompt = turns[:-1] + [Turn(turns[-1].input, None)]
         ids = template.encode_ids(tokenizer, prompt)[0]
-        rendered = ollama.render_go(go, system, chat_messages(prompt)[1 if system else 0:])
+        rendered = ollama.render_go(go, system, turns_to_messages(prompt)[1 if system else 0:])
         assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == ids
 
 

@@ -50,6 +50,12 @@ def test_missing_model_path_and_bad_choice(tmp_path):
     assert "`model.dtype`: got 'float64', expected auto | float32 | float16 | bfloat16 | fp32 | fp16 | bf16" in str(e.value)
 
 
+def test_truncation_choices_are_the_modes_samples_implements(tmp_path):
+    with pytest.raises(UserError) as e:
+        load_recipe(write(tmp_path, BASE % tmp_path), ["data.truncation=middle"])
+    assert "`data.truncation`: got 'middle', expected cut | turns | split" in str(e.value)
+
+
 def test_quantized_full_finetune_refused(tmp_path):
     with pytest.raises(UserError, match="quantization"):
         load_recipe(write(tmp_path, BASE % tmp_path), ["lora=null", "model.quantization=4bit"])

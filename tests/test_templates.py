@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from common.templates import IGNORE, SYSTEM_TEMPLATES, TEMPLATES, TOKENIZER, Turn, chat_messages, get_template
+from common.conversation import Turn, turns_to_messages
+from common.templates import IGNORE, SYSTEM_TEMPLATES, TEMPLATES, TOKENIZER, get_template
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "prompt_templates.json"
 
@@ -112,7 +113,7 @@ def test_jinja_chat_template_renders_the_training_text(tokenizer, name):
     t = TEMPLATES[name]
     turns = CONVERSATION if t.system else [Turn(x.input, x.output) for x in CONVERSATION]
     ids, _ = t.encode_ids(tokenizer, turns)
-    rendered = tokenizer.apply_chat_template(chat_messages(turns), tokenize=False, chat_template=t.chat_template(tokenizer))
+    rendered = tokenizer.apply_chat_template(turns_to_messages(turns), tokenize=False, chat_template=t.chat_template(tokenizer))
     assert rendered == tokenizer.decode(ids)
 
 
