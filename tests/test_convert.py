@@ -449,6 +449,27 @@ def test_deepspeed_layout_with_latest_and_no_optimizer(tmp_path, base, lora, cap
         torch.testing.assert_close(v.float(), expected[k].to(torch.bfloat16).float())
 
 
+DEEPSPEED_FIXTURES = ROOT / "tests" / "fixtures" / "deepspeed_zero"
+
+
+@pytest.mark.parametrize("stage,world", [(2, 2), (2, 3), (3, 2), (3, 3)])
+def test_a_checkpoint_written_by_deepspeed_gives_deepspeeds_own_fp32_weights(tmp_path, base, stage, world, capsys):
+    """Not our model of ZeRO: checkpoints DeepSpeed itself wrote (tests/fixtures/deepspeed_zero/make_fixture.py: a LoRA
+    under XTuner's `llm.`, bf16, two param groups, `world` CPU ranks, frozen parameters excluded). The adapter holds
+    exactly the fp32 weights DeepSpeed's own zero_to_fp32 rebuilds from the same files, and loads onto the base."""
+    src = DEEPSPEED_FIXTURES / f"zero{stage}_world{world}"
+    code, out, err = run([src, tmp_path / "out", "--base", base, "--alpha", "8", "--verify"], capsys)
+    assert code == 0, err
+    assert f"DeepSpeed ZeRO-{stage} directory ({world} ranks)" in out and "verify: all 8 tensors loaded onto" in out
+    expected = {peft_key(k): v for k, v in load_file(src / "expected.safetensors").items()}
+    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert got.keys() == expected.keys() and len(got) == 8
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (2, 8, ["q_proj", "v_proj"])
+
+
 # --- source 4: plain state dicts -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["safetensors", "pt", "bin"])
