@@ -136,6 +136,67 @@ def test_8bit_with_rslora_and_bias(tmp_path, monkeypatch, tiny_model_dir, data_f
     assert not any("mlp" in name for name in adapter_tensors(final))
 
 
+# What bitsandbytes puts in place of each linear layer of the decoder, and what its weight holds.
+QUANTIZED = {"4bit": ("Linear4bit", "Params4bit", torch.uint8), "8bit": ("Linear8bitLt", "Int8Params", torch.int8)}
+DECODER_LINEARS = 2 * 7  # 2 layers x q, k, v, o, gate, up, down
+
+
+def quantized_weights(model, quantization: str) -> dict[str, torch.Tensor]:
+    """The stored (quantized) weight of every linear layer in the decoder, after checking its module type and dtype."""
+    layer, param, dtype = QUANTIZED[quantization]
+    found = {}
+    for name, module in model.named_modules():
+        if ".layers." in name and isinstance(module, torch.nn.Linear) and not name.split(".")[-2].startswith("lora_"):
+            assert (type(module).__name__, type(module.weight).__name__, module.weight.dtype) == (layer, param, dtype), name
+            found[name] = module.weight.detach().clone()
+    assert len(found) == DECODER_LINEARS, sorted(found)
+    return found
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_layers_train_quantized_and_merge_onto_the_full_precision_base(tmp_path, tiny_model_dir, tokenizer,
+                                                                                  data_file, quantization):
+    """The model train.py loads for `model.quantization` has bitsandbytes layers with packed integer weights, before and
+    after training (they are frozen: the same bytes); the LoRA trained on it merges (merge.py) onto the full-precision
+    base exactly as PEFT merges it there, not onto the dequantized weights it was trained against."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import merge
+    from common.dataset import build_datasets
+    from common.modeling import load_model
+    from common.recipe import load_recipe
+    from common.training import build_trainer, save_final
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir, data_file, model={"quantization": quantization},
+                                      lora={"dropout": 0.0}, train={"max_steps": 2, "save_steps": 10},
+                                      evaluation={"prompts": []}))
+    model = load_model(recipe, torch.float32)
+    before = quantized_weights(model, quantization)
+    rows, _, _ = build_datasets(recipe, tokenizer)
+    trainer = build_trainer(recipe, model, tokenizer, rows, None, [], torch.float32, disable_tqdm=True)
+    trainer.train()
+    after = quantized_weights(trainer.model, quantization)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    final = save_final(trainer, recipe, tokenizer)
+    assert any(t.abs().max() > 0 for name, t in adapter_tensors(final).items() if "lora_B" in name)  # it trained
+
+    out = tmp_path / "merged"
+    assert merge.main([str(tiny_model_dir), str(final), str(out)]) == 0
+    merged = {}
+    for shard in out.glob("*.safetensors"):
+        merged.update(load_file(shard))
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base = {name: t.clone() for name, t in full.state_dict().items()}
+    expected = PeftModel.from_pretrained(full, final).merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=0, msg=name)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(merged[q], base[q], atol=1e-4)  # the adapter is in it
+
+
 def test_full_finetune_saves_a_whole_model(tmp_path, monkeypatch, tiny_model_dir, data_file):
     from transformers import AutoModelForCausalLM
 
