@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -278,6 +279,7 @@ def test_packed_loss_is_the_token_weighted_mean_of_sample_losses(tmp_path, tiny_
         assert abs(trainer.compute_loss(model, crossed).item() - expected) > 1e-3
 
 
+@pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make demo-model` first (its tokenizer)")
 def test_packing_efficiency_on_psych_sample_at_512():
     """With the demo model's tokenizer, as the demo trains: whole samples, >= 97% of the slots filled."""
     from transformers import AutoTokenizer
@@ -439,6 +441,69 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, tiny_mod
     assert not (out / "final").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     assert "--resume auto" in (out / "train.log").read_text()
+
+
+def start_train(tmp_path: Path, recipe: Path) -> subprocess.Popen:
+    """train.py RECIPE as a user starts it, in its own process: SIGINT at its default (a background job inherits it
+    ignored), one thread (two of these share the CPU), stdout and stderr to RECIPE.out."""
+    out = open(recipe.with_suffix(".out"), "w")
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), str(recipe)], cwd=tmp_path, stdout=out,
+                            stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for(proc: subprocess.Popen, path: Path, text: str, timeout: float = 120) -> str:
+    """Poll path until it contains text (the process must still be running); returns the file's content."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = path.read_text(encoding="utf-8") if path.exists() else ""
+        if text in content:
+            return content
+        output = path.with_name(path.stem.split(".")[0] + ".out")
+        assert proc.poll() is None, f"exited {proc.returncode} before {text!r}: " + output.read_text()[-3000:]
+        time.sleep(0.01)
+    pytest.fail(f"no {text!r} in {path} after {timeout} s")
+
+
+def test_sigterm_and_a_second_ctrl_c_on_real_processes(tmp_path, tiny_model_dir, data_file):
+    """`kill PID` saves a checkpoint after the current step and exits 143, with the resume hint; Ctrl-C and Ctrl-C
+    again aborts at once (the second gets Python's own handler, KeyboardInterrupt), leaving no half-written checkpoint
+    and no resume hint. Two real train.py processes, started together so that their start-ups overlap."""
+    endless = dict(train={"max_steps": 100_000, "save_steps": 100_000})
+    term = write_recipe(tmp_path, tiny_model_dir, data_file, name="term", evaluation={"prompts": []}, **endless)
+    # Answers written at the save make the time from the first Ctrl-C to a normal exit long: the second one lands
+    # before it, wherever it lands.
+    twice = write_recipe(tmp_path, tiny_model_dir, data_file, name="twice",
+                         evaluation={"prompts": PROMPTS[:1], "max_new_tokens": 64, "every_n_steps": 100_000}, **endless)
+    procs = [start_train(tmp_path, term), start_train(tmp_path, twice)]
+    try:
+        wait_for(procs[0], tmp_path / "term" / "train.log", "step 2/")
+        procs[0].send_signal(signal.SIGTERM)
+        wait_for(procs[1], tmp_path / "twice" / "train.log", "step 2/")
+        procs[1].send_signal(signal.SIGINT)
+        wait_for(procs[1], tmp_path / "twice.out", "SIGINT: saving a checkpoint after this step")
+        procs[1].send_signal(signal.SIGINT)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    out, log = tmp_path / "term", (tmp_path / "term" / "train.log").read_text()
+    assert codes[0] == 128 + signal.SIGTERM, (tmp_path / "term.out").read_text()[-3000:]
+    assert "SIGTERM: saving a checkpoint after this step" in (tmp_path / "term.out").read_text()
+    step = int(log.split("interrupted by SIGTERM at step ")[1].split(":")[0])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{step}"] and step >= 2
+    assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == step
+    assert "--resume auto" in log and not (out / "final").exists()
+
+    out, log = tmp_path / "twice", (tmp_path / "twice" / "train.log").read_text()
+    assert codes[1] == -signal.SIGINT, (tmp_path / "twice.out").read_text()[-3000:]
+    assert "KeyboardInterrupt" in (tmp_path / "twice.out").read_text()
+    assert "stopped at step" not in log and not (out / "final").exists()
+    for checkpoint in out.glob("checkpoint-*"):  # one renamed into place before the abort is complete
+        assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
 
 
 def test_an_ignored_sigint_stays_ignored(tmp_path, monkeypatch, tiny_model_dir, data_file, request):
