@@ -97,7 +97,8 @@ class HistoryBuffer:
         self.max_length = 1000000
         self._log_history = np.array(values, dtype=np.float64)
         self._count_history = np.ones(len(values), dtype=np.int64)
-        self._statistics_methods = {n: getattr(HistoryBuffer, n) for n in ("min", "max", "current", "mean")}
+        # mmengine's __getstate__ stores its class-level _statistics_methods under this name
+        self.statistics_methods = {n: getattr(HistoryBuffer, n) for n in ("min", "max", "current", "mean")}
 
     def min(self):
         return self._log_history.min()
@@ -265,7 +266,7 @@ def test_xtuner_pth_is_realistic_and_plain_weights_only_load_fails(tmp_path, lor
     obj = safeload.load(pth)
     buffer = obj["message_hub"]["log_scalars"]["train/loss"]
     assert isinstance(buffer, safeload.StandIn) and buffer.state["_log_history"].tolist() == [2.31, 2.05, 1.87]
-    assert buffer.state["_statistics_methods"]["mean"] == "HistoryBuffer.mean"
+    assert buffer.state["statistics_methods"]["mean"] == "HistoryBuffer.mean"
     assert obj["message_hub"]["runtime_info"]["loss_scale"] == 1024.0
     assert "llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in obj["state_dict"]
 
@@ -298,6 +299,25 @@ def test_xtuner_pth_with_modules_to_save_and_hub_base(tmp_path, base, capsys):
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
     assert "verify: all 29 tensors loaded onto" in out
     assert_same_logits_as(tmp_path / "out", base, model)
+
+
+XTUNER_FIXTURE = ROOT / "tests" / "fixtures" / "xtuner_pth"
+
+
+def test_a_checkpoint_written_by_mmengine_converts(tmp_path, base, capsys):
+    """Not our stand-ins: an iter_N.pth mmengine's own Runner wrote (tests/fixtures/xtuner_pth/make_fixture.py: real
+    HistoryBuffers, optimizer and scheduler states, XTuner's config text). It pickles exactly the globals the fakes
+    above pickle, and converts to the weights the model held, with r and alpha from its config text."""
+    pth = XTUNER_FIXTURE / "iter_2.pth"
+    assert pickle_globals(pth) == XTUNER_GLOBALS
+    code, out, err = run([pth, tmp_path / "out", "--base", base, "--verify"], capsys)
+    assert code == 0, err
+    assert "converted 8 adapter tensors (r=2, alpha=8) from XTuner iter_N.pth" in out and "verify: all 8 tensors" in out
+    expected = {peft_key(k): v for k, v in load_file(XTUNER_FIXTURE / "expected.safetensors").items()}
+    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (2, 8, 0.1)
 
 
 def test_trust_checkpoint_loads_fully_with_a_loud_warning(tmp_path, base, lora, capsys):
