@@ -446,20 +446,19 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, tiny_mod
 def start_train(tmp_path: Path, recipe: Path) -> subprocess.Popen:
     """train.py RECIPE as a user starts it, in its own process: SIGINT at its default (a background job inherits it
     ignored), one thread (two of these share the CPU), stdout and stderr to RECIPE.out."""
-    out = open(recipe.with_suffix(".out"), "w")
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), str(recipe)], cwd=tmp_path, stdout=out,
-                            stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    with open(recipe.with_suffix(".out"), "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), str(recipe)], cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def wait_for(proc: subprocess.Popen, path: Path, text: str, timeout: float = 120) -> str:
-    """Poll path until it contains text (the process must still be running); returns the file's content."""
+def wait_for(proc: subprocess.Popen, path: Path, text: str, output: Path, timeout: float = 120) -> None:
+    """Poll path until it contains text; the process must still be running (else its output is shown)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        content = path.read_text(encoding="utf-8") if path.exists() else ""
-        if text in content:
-            return content
-        output = path.with_name(path.stem.split(".")[0] + ".out")
+        if path.exists() and text in path.read_text(encoding="utf-8"):
+            return
         assert proc.poll() is None, f"exited {proc.returncode} before {text!r}: " + output.read_text()[-3000:]
         time.sleep(0.01)
     pytest.fail(f"no {text!r} in {path} after {timeout} s")
@@ -477,11 +476,11 @@ def test_sigterm_and_a_second_ctrl_c_on_real_processes(tmp_path, tiny_model_dir,
                          evaluation={"prompts": PROMPTS[:1], "max_new_tokens": 64, "every_n_steps": 100_000}, **endless)
     procs = [start_train(tmp_path, term), start_train(tmp_path, twice)]
     try:
-        wait_for(procs[0], tmp_path / "term" / "train.log", "step 2/")
+        wait_for(procs[0], tmp_path / "term" / "train.log", "step 2/", tmp_path / "term.out")
         procs[0].send_signal(signal.SIGTERM)
-        wait_for(procs[1], tmp_path / "twice" / "train.log", "step 2/")
+        wait_for(procs[1], tmp_path / "twice" / "train.log", "step 2/", tmp_path / "twice.out")
         procs[1].send_signal(signal.SIGINT)
-        wait_for(procs[1], tmp_path / "twice.out", "SIGINT: saving a checkpoint after this step")
+        wait_for(procs[1], tmp_path / "twice.out", "SIGINT: saving a checkpoint after this step", tmp_path / "twice.out")
         procs[1].send_signal(signal.SIGINT)
         codes = [p.wait(timeout=120) for p in procs]
     finally:
