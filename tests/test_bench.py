@@ -1,15 +1,37 @@
 """`bench/run.py --quick` runs every benchmark end to end (shrunk: one round, one timed step, a 13M-parameter merge)
-and writes a results file whose table covers the five figures. The figures themselves are not asserted: they are
-measurements of a shared machine, not properties of the code."""
+and writes a results file whose table covers the five figures. The figures are measurements of a shared machine, not
+properties of the code, so no value is asserted; but every one must be a measurement: finite and positive."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.training import MODEL  # noqa: E402
 
+
+def figures(results: dict):
+    """(what, value) for every number the bench reports: the table's ours / baseline / ratio, and the matmul
+    ceilings it measured on this machine."""
+    for row in results["table"]:
+        for key in ("ours", "baseline", "ratio"):
+            value = row[key]
+            if value == "":  # a figure without a baseline or a ratio
+                continue
+            if isinstance(value, str):  # "0.9860 (1.40%)": packing efficiency (padding share, which may be 0)
+                value = float(value.split()[0])
+            yield f"{row['item']}: {key}", value
+    for dtype in ("float32", "bfloat16"):
+        for key, value in results["machine"][dtype].items():
+            yield f"machine {dtype} {key}", value
+
+
+@pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="run `make demo-model` first (the bench trains it)")
 def test_bench_quick_runs_and_reports_every_item(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, "bench/run.py", "--quick", "--out", str(out)], cwd=ROOT,
@@ -22,6 +44,10 @@ def test_bench_quick_runs_and_reports_every_item(tmp_path):
     for name in ("train.py", "TRL SFTTrainer (plain script)"):
         assert runs[name]["tokens_per_s"] > 0 and runs[name]["trained_tokens_per_step"] > 0
         assert runs[name]["peak_rss_mb"] > 100
+    reported = list(figures(results))
+    assert len(reported) >= 2 * len(results["table"])
+    for what, value in reported:
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (what, value)
     assert results["chat"]["same_tokens"]  # both generation paths produced the same answer
     # --quick reads the first 100 conversations of the bench's data: ../shared/data where it exists, else data/
     from bench.training import data_path

@@ -14,10 +14,15 @@ import math
 import os
 import pickle
 import pickletools
+import runpy
+import select
+import shutil
+import socket
 import subprocess
 import sys
 import time
 import types
+import urllib.request
 import zipfile
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -92,7 +97,8 @@ class HistoryBuffer:
         self.max_length = 1000000
         self._log_history = np.array(values, dtype=np.float64)
         self._count_history = np.ones(len(values), dtype=np.int64)
-        self._statistics_methods = {n: getattr(HistoryBuffer, n) for n in ("min", "max", "current", "mean")}
+        # mmengine's __getstate__ stores its class-level _statistics_methods under this name
+        self.statistics_methods = {n: getattr(HistoryBuffer, n) for n in ("min", "max", "current", "mean")}
 
     def min(self):
         return self._log_history.min()
@@ -260,7 +266,7 @@ def test_xtuner_pth_is_realistic_and_plain_weights_only_load_fails(tmp_path, lor
     obj = safeload.load(pth)
     buffer = obj["message_hub"]["log_scalars"]["train/loss"]
     assert isinstance(buffer, safeload.StandIn) and buffer.state["_log_history"].tolist() == [2.31, 2.05, 1.87]
-    assert buffer.state["_statistics_methods"]["mean"] == "HistoryBuffer.mean"
+    assert buffer.state["statistics_methods"]["mean"] == "HistoryBuffer.mean"
     assert obj["message_hub"]["runtime_info"]["loss_scale"] == 1024.0
     assert "llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in obj["state_dict"]
 
@@ -293,6 +299,25 @@ def test_xtuner_pth_with_modules_to_save_and_hub_base(tmp_path, base, capsys):
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
     assert "verify: all 29 tensors loaded onto" in out
     assert_same_logits_as(tmp_path / "out", base, model)
+
+
+XTUNER_FIXTURE = ROOT / "tests" / "fixtures" / "xtuner_pth"
+
+
+def test_a_checkpoint_written_by_mmengine_converts(tmp_path, base, capsys):
+    """Not our stand-ins: an iter_N.pth mmengine's own Runner wrote (tests/fixtures/xtuner_pth/make_fixture.py: real
+    HistoryBuffers, optimizer and scheduler states, XTuner's config text). It pickles exactly the globals the fakes
+    above pickle, and converts to the weights the model held, with r and alpha from its config text."""
+    pth = XTUNER_FIXTURE / "iter_2.pth"
+    assert pickle_globals(pth) == XTUNER_GLOBALS
+    code, out, err = run([pth, tmp_path / "out", "--base", base, "--verify"], capsys)
+    assert code == 0, err
+    assert "converted 8 adapter tensors (r=2, alpha=8) from XTuner iter_N.pth" in out and "verify: all 8 tensors" in out
+    expected = {peft_key(k): v for k, v in load_file(XTUNER_FIXTURE / "expected.safetensors").items()}
+    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (2, 8, 0.1)
 
 
 def test_trust_checkpoint_loads_fully_with_a_loud_warning(tmp_path, base, lora, capsys):
@@ -449,6 +474,27 @@ def test_deepspeed_layout_with_latest_and_no_optimizer(tmp_path, base, lora, cap
         torch.testing.assert_close(v.float(), expected[k].to(torch.bfloat16).float())
 
 
+DEEPSPEED_FIXTURES = ROOT / "tests" / "fixtures" / "deepspeed_zero"
+
+
+@pytest.mark.parametrize("stage,world", [(2, 2), (2, 3), (3, 2), (3, 3)])
+def test_a_checkpoint_written_by_deepspeed_gives_deepspeeds_own_fp32_weights(tmp_path, base, stage, world, capsys):
+    """Not our model of ZeRO: checkpoints DeepSpeed itself wrote (tests/fixtures/deepspeed_zero/make_fixture.py: a LoRA
+    under XTuner's `llm.`, bf16, two param groups, `world` CPU ranks, frozen parameters excluded). The adapter holds
+    exactly the fp32 weights DeepSpeed's own zero_to_fp32 rebuilds from the same files, and loads onto the base."""
+    src = DEEPSPEED_FIXTURES / f"zero{stage}_world{world}"
+    code, out, err = run([src, tmp_path / "out", "--base", base, "--alpha", "8", "--verify"], capsys)
+    assert code == 0, err
+    assert f"DeepSpeed ZeRO-{stage} directory ({world} ranks)" in out and "verify: all 8 tensors loaded onto" in out
+    expected = {peft_key(k): v for k, v in load_file(src / "expected.safetensors").items()}
+    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert got.keys() == expected.keys() and len(got) == 8
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (2, 8, ["q_proj", "v_proj"])
+
+
 # --- source 4: plain state dicts -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["safetensors", "pt", "bin"])
@@ -590,13 +636,32 @@ class Reduce:
         return self.func, self.args
 
 
-def write_payload(kind: str, path: Path, marker: Path) -> tuple[Path, str]:
-    """Write the payload `kind` to path; returns (path, what the refusal must name)."""
+def write_payload(kind: str, path: Path, witness: "Witness") -> tuple[Path, str]:
+    """Write the payload `kind` to path, aimed at the witness's targets; returns (path, what the refusal must name)."""
+    marker, port = witness.marker, witness.port
+    delayed = f"sleep {DELAY_S} && touch {marker}"
     reduced = {  # written by pickle itself, through __reduce__
+        # process: a shell, a child process (at once and a second later, after the load has returned), a spawn
         "os_system": (lambda: Reduce(os.system, f"touch {marker}"), "posix.system"),
         "subprocess_popen": (lambda: Reduce(subprocess.Popen, ["touch", str(marker)]), "subprocess.Popen"),
+        "subprocess_popen_delayed": (lambda: Reduce(subprocess.Popen, ["sh", "-c", delayed]), "subprocess.Popen"),
+        "os_posix_spawn": (lambda: Reduce(os.posix_spawn, "/usr/bin/touch", ["touch", str(marker)], {}),
+                           "posix.posix_spawn"),
+        # code
         "builtins_eval": (lambda: Reduce(eval, touch(marker)), "builtins.eval"),
         "builtins_exec": (lambda: Reduce(exec, touch(marker)), "builtins.exec"),
+        # filesystem: create, delete a file, delete a tree
+        "builtins_open": (lambda: Reduce(open, str(marker), "w"), "io.open"),
+        "os_remove": (lambda: Reduce(os.remove, str(witness.victim_file)), "posix.remove"),
+        "shutil_rmtree": (lambda: Reduce(shutil.rmtree, str(witness.victim_dir)), "shutil.rmtree"),
+        # network: a connection to a listener on loopback, and an HTTP request to it
+        "socket_connect": (lambda: Reduce(socket.create_connection, ("127.0.0.1", port)), "socket.create_connection"),
+        "urllib_urlopen": (lambda: Reduce(urllib.request.urlopen, f"http://127.0.0.1:{port}/", None, 0.2),
+                           "urllib.request.urlopen"),
+        # import machinery: run a script, unpickle or torch.load a second payload
+        "runpy_run_path": (lambda: Reduce(runpy.run_path, str(witness.script)), "runpy.run_path"),
+        "nested_pickle_loads": (lambda: Reduce(pickle.loads, pickle.dumps(Reduce(os.system, f"touch {marker}"))),
+                                "pickle.loads"),
         "nested_torch_load": (lambda: Reduce(torch.load, str(path.parent / "inner.pth")), "torch.serialization.load"),
     }
     crafted = {  # hand-assembled: things pickle would not write from live objects
@@ -604,6 +669,11 @@ def write_payload(kind: str, path: Path, marker: Path) -> tuple[Path, str]:
         "getattr_on_stand_in": (lambda: getattr_(getattr_(G("mmengine.logging.history_buffer", "HistoryBuffer"),
                                                           "min"), "__globals__"), "getattr(StandInMember"),
         "missing_module": (lambda: Call(G("xtuner_evil_plugin.hooks", "run"), "x"), "xtuner_evil_plugin.hooks.run"),
+        "builtins_import": (lambda: Call(getattr_(Call(G("__builtin__", "__import__"), "os"), "system"),
+                                         f"touch {marker}"), "builtins.__import__"),
+        "importlib_loader": (lambda: Call(getattr_(Call(G("importlib.machinery", "SourceFileLoader"), "pwn",
+                                                        str(witness.script)), "load_module")),
+                             "importlib.machinery.SourceFileLoader"),
     }
     if kind == "zip_torch_file":  # the payload sits inside a normal-looking torch zip, next to real tensors
         torch.save({"state_dict": {"a.lora_A.weight": torch.ones(2, 2)}, "meta": Reduce(os.system, f"touch {marker}")},
@@ -613,48 +683,148 @@ def write_payload(kind: str, path: Path, marker: Path) -> tuple[Path, str]:
         torch.save(Reduce(os.system, f"touch {marker}"), path.parent / "inner.pth")
     if kind in reduced:
         build, refused = reduced[kind]
-        path.write_bytes(pickle.dumps(build(), protocol=2))
+        # torch.save's protocol 2 writes Python 2 names (`commands.Popen`); protocol 3 the Python 3 ones, which are
+        # what an allowlist entry would match.
+        path.write_bytes(pickle.dumps(build(), protocol=3 if kind in PROTOCOL_3 else 2))
     else:
         build, refused = crafted[kind]
         path.write_bytes(assemble(build()))
     return path, refused
 
 
-PAYLOADS = ["os_system", "subprocess_popen", "builtins_eval", "builtins_exec", "getattr_chain",
-            "getattr_on_stand_in", "missing_module", "zip_torch_file", "nested_torch_load"]
-LIVE = {"os_system", "subprocess_popen", "builtins_eval", "builtins_exec", "getattr_chain", "zip_torch_file",
-        "nested_torch_load"}
+DELAY_S = 1  # the delayed payload acts this long after the load returned
+PROTOCOL_3 = {"subprocess_popen_delayed", "shutil_rmtree", "urllib_urlopen"}
+NOT_LIVE = {"getattr_on_stand_in", "missing_module"}  # refused by name; they would fail even with a full unpickle
+PAYLOADS = ["os_system", "subprocess_popen", "subprocess_popen_delayed", "os_posix_spawn", "builtins_eval",
+            "builtins_exec", "getattr_chain", "builtins_open", "os_remove", "shutil_rmtree", "socket_connect",
+            "urllib_urlopen", "runpy_run_path", "nested_pickle_loads", "nested_torch_load", "builtins_import",
+            "importlib_loader", "zip_torch_file", *NOT_LIVE]
 
 
-def unsafe_load(path: Path, marker: Path, monkeypatch) -> bool:
-    """Do what the shared fix does, `torch.load(weights_only=False)`: proves the payload is live (it is ours)."""
+class Witness:
+    """Whatever a payload could act on, set up before it runs: a marker to create, a file and a directory to delete,
+    a socket listening on loopback, a script that creates the marker when run. `seen()` says what happened."""
+
+    def __init__(self, root: Path):
+        self.marker, self.victim_file, self.victim_dir = root / "pwned", root / "victim.txt", root / "victim"
+        self.script = root / "script.py"
+        self.script.write_text(touch(self.marker) + "\n")
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        self.reset()
+
+    def reset(self):
+        self.marker.unlink(missing_ok=True)
+        self.victim_file.write_text("keep")
+        self.victim_dir.mkdir(exist_ok=True)
+        (self.victim_dir / "keep.txt").write_text("keep")
+        while select.select([self.listener], [], [], 0)[0]:  # drop connections made while proving a payload live
+            self.listener.accept()[0].close()
+
+    def seen(self) -> list[str]:
+        return [what for what, happened in [
+            ("the marker was created", self.marker.exists()),
+            ("a file was deleted", not self.victim_file.exists()),
+            ("a directory was deleted", not (self.victim_dir / "keep.txt").exists()),
+            ("the listener was connected to", bool(select.select([self.listener], [], [], 0)[0])),
+        ] if happened]
+
+
+@pytest.fixture
+def witness(tmp_path):
+    w = Witness(tmp_path)
+    yield w
+    w.listener.close()
+
+
+def unsafe_load(path: Path, witness: Witness, monkeypatch) -> float | None:
+    """Do what the shared fix does, `torch.load(weights_only=False)`: proves the payload is live (it is ours). Returns
+    how many seconds its effect took to show (a child process acts on its own time), None if nothing happened in 5 s."""
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # so a nested torch.load is unsafe too
+    start = time.monotonic()
     try:
         torch.load(path, weights_only=False)
     except Exception:  # the payloads return junk, not checkpoints
         pass
-    for _ in range(100):  # Popen's child runs on its own
-        if marker.exists():
-            return True
-        time.sleep(0.05)
-    return False
+    while time.monotonic() - start < 5:
+        if witness.seen():
+            return time.monotonic() - start
+        time.sleep(0.02)
+    return None
 
 
 @pytest.mark.parametrize("kind", PAYLOADS)
-def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, kind, capsys, monkeypatch):
-    marker = tmp_path / "pwned"
-    src, refused = write_payload(kind, tmp_path / "iter_666.pth", marker)
-    if kind in LIVE:  # not a dud: a plain unsafe load does run it
-        assert unsafe_load(src, marker, monkeypatch), f"payload {kind} is not live"
-        marker.unlink()
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, kind, capsys, monkeypatch, witness):
+    src, refused = write_payload(kind, tmp_path / "iter_666.pth", witness)
+    took = 0.0
+    if kind not in NOT_LIVE:  # not a dud: a plain unsafe load does run it
+        took = unsafe_load(src, witness, monkeypatch)
+        assert took is not None, f"payload {kind} is not live"
+        witness.reset()
         monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
         capsys.readouterr()  # torch's warnings from that unsafe load are not convert.py's output
     code, out, err = run([src, tmp_path / "out", "--base", "x"], capsys)
+    # Nothing ran: checked after twice the time the payload took to act when it was allowed to, so that an effect
+    # that comes after the load returned (a child process, a delayed one) is seen too.
+    time.sleep(max(0.1, 2 * took))
+    assert witness.seen() == [], kind
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "refused to load" in err and refused in err and "--trust-checkpoint" in err
-    assert not marker.exists()
     assert not (tmp_path / "out").exists()
+
+
+# Every global the safe loader allows on top of torch's own list, and why unpickling it runs nothing of the file's.
+ALLOWED_GLOBALS = {
+    "numpy.ndarray": "a class that BUILD fills with shape, dtype and raw bytes; mmengine's log history is arrays",
+    "numpy.dtype": "a class that BUILD fills with a byte order and flags; no code is named by it",
+    **dict.fromkeys(["numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct"],
+                    "numpy's own array constructor for pickles (numpy 2 and 1 names): an empty array of a dtype"),
+    **dict.fromkeys(["numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar"],
+                    "a numpy scalar from a dtype and its raw bytes (numpy 2 and 1 names)"),
+    **dict.fromkeys([f"numpy.dtypes.{name}DType" for name in (
+        "Bool", "Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "LongLong", "ULongLong",
+        "Float16", "Float32", "Float64", "LongDouble", "Complex64", "Complex128", "CLongDouble")],
+        "the class of a plain number dtype, which BUILD on a dtype checks; numbers only, no object dtype"),
+    **dict.fromkeys(safeload.STAND_INS, "an inert StandIn of a class not installed here: arguments and state kept "
+                                        "as data, no methods"),
+    "builtins.getattr": "safeload's restricted getattr: only min/max/current/mean of the HistoryBuffer stand-in, "
+                        "which are names (strings), never functions",
+}
+
+# torch's own weights-only list, beyond torch's tensor, storage, dtype and rebuild names.
+TORCH_ALLOWED_OUTSIDE_TORCH = {
+    "_codecs.encode": "str -> bytes: how protocol 2 writes bytes",
+    "builtins.bytearray": "a container", "builtins.complex": "a number", "builtins.set": "a container",
+    "collections.Counter": "a dict", "collections.OrderedDict": "a dict (state dicts)",
+}
+
+
+def test_the_unpicklers_allowlist_is_pinned(tmp_path):
+    """Exactly these globals, each loadable through safeload.load; anything added must be argued for here."""
+    allowed = {}
+    for entry in safeload._allowlist():
+        obj, name = entry if isinstance(entry, tuple) else (entry, f"{entry.__module__}.{entry.__qualname__}")
+        allowed[name] = obj
+    assert set(allowed) == set(ALLOWED_GLOBALS)
+    torch_allowed = torch._weights_only_unpickler._get_allowed_globals()
+    assert {n for n in torch_allowed if not n.startswith("torch.")} == set(TORCH_ALLOWED_OUTSIDE_TORCH)
+    for name, obj in allowed.items():  # the list is the one load() uses: each name resolves to its object
+        module, _, attr = name.rpartition(".")
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes(legacy_torch_file(assemble(G("__builtin__" if module == "builtins" else module, attr))))
+        assert safeload.load(path) is obj, name
+
+
+def legacy_torch_file(payload: bytes) -> bytes:
+    """A torch < 1.6 (not zip) file holding the pickle `payload`: magic number, protocol, system info, the object,
+    and an empty list of storages."""
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    sys_info = dict(protocol_version=PROTOCOL_VERSION, little_endian=True, type_sizes=dict(short=2, int=4, long=4))
+    head = b"".join(pickle.dumps(x, protocol=2) for x in (MAGIC_NUMBER, PROTOCOL_VERSION, sys_info))
+    return head + payload + pickle.dumps([], protocol=2)
 
 
 def test_refusal_inside_deepspeed_shard(tmp_path, base, lora, capsys):
@@ -733,10 +903,10 @@ def test_existing_output_needs_force_and_source_is_never_the_output(tmp_path, ba
     assert code == 2 and "would replace the input" in err
 
 
-def test_cli_refusal_exits_2_without_traceback(tmp_path):
+def test_cli_refusal_exits_2_without_traceback(tmp_path, witness):
     """The real command line, as a user runs it on a malicious file: exit status 2, one line, nothing run."""
-    evil, _ = write_payload("os_system", tmp_path / "iter_500.pth", tmp_path / "pwned")
+    evil, _ = write_payload("os_system", tmp_path / "iter_500.pth", witness)
     bad = subprocess.run([sys.executable, str(ROOT / "convert.py"), str(evil), "--base", "x"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
-    assert "`posix.system`" in bad.stderr and not (tmp_path / "pwned").exists() and not (tmp_path / "hf").exists()
+    assert "`posix.system`" in bad.stderr and witness.seen() == [] and not (tmp_path / "hf").exists()

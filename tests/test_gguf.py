@@ -3,6 +3,8 @@ f16 / q8_0), its chat template gives the training token ids, the Modelfile's TEM
 and the output appears whole or not at all; on the demo model too."""
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,11 +17,13 @@ sys.path.insert(0, str(ROOT))
 
 import merge  # noqa: E402
 from common import gguf_export, ollama  # noqa: E402
+from common.cli import UserError  # noqa: E402
 from common.conversation import Turn, turns_to_messages  # noqa: E402
 from common.recipe import DataConfig, EvaluationConfig, ModelConfig, Recipe, save_recipe  # noqa: E402
 from common.templates import TEMPLATES, TOKENIZER  # noqa: E402
 
 SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
+GO_RENDERER = ROOT / "tests" / "fixtures" / "ollama_render" / "main.go"
 SYSTEM = "你是一位心理咨询师。"
 CONVERSATION = [Turn("我最近总是失眠", "能说说通常几点睡吗？", SYSTEM), Turn("一般凌晨两点", "我们先从固定起床时间开始。"),
                 Turn("好的，谢谢", "不客气，有需要随时来聊。")]
@@ -194,6 +198,76 @@ def test_modelfile_template_renders_the_training_text(tmp_path, tokenizer, name)
         ids = template.encode_ids(tokenizer, prompt)[0]
         rendered = ollama.render_go(go, system, turns_to_messages(prompt)[1 if system else 0:])
         assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == ids
+
+
+@pytest.fixture(scope="session")
+def go_render(tmp_path_factory):
+    """render(modelfile, requests) -> prompts, by tests/fixtures/ollama_render (Go's text/template, as Ollama renders
+    a chat request), built once per session."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("no Go toolchain: install golang-go (.ci/run does) to render Modelfiles with Go's text/template")
+    out = tmp_path_factory.mktemp("ollama_render")
+    # A cache of its own: the build needs no HOME and leaves nothing in the user's Go cache.
+    env = dict(os.environ, GOCACHE=str(out / "cache"), GOPATH=str(out / "gopath"), GOFLAGS="", GO111MODULE="")
+    binary = out / "ollama_render"
+    build = subprocess.run([go, "build", "-o", str(binary), GO_RENDERER.name], cwd=GO_RENDERER.parent, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+
+    def render(modelfile: Path, requests: list[list[dict]]) -> list[str]:
+        proc = subprocess.run([str(binary), str(modelfile)], input=json.dumps(requests), capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    return render
+
+
+# Templates whose turns an Ollama TEMPLATE cannot express: chatglm2 counts rounds; minicpm has no place for a system
+# prompt, which the turn shape is read through. merge.py writes their GGUF without a Modelfile.
+NO_MODELFILE = {"chatglm2", "minicpm"}
+
+
+def test_go_renders_every_modelfile_template_as_training_encodes(tmp_path, tokenizer, go_render):
+    """Every template's Modelfile, rendered by Go for a 3-turn chat request as Ollama renders one: the Modelfile's
+    SYSTEM, a request's own system prompt, and no system prompt all give the training token ids, and our Python
+    renderer (which merge.py --verify uses) gives Go's text exactly."""
+    other = "你是一位老师。"
+    prompt = [Turn(t.input, t.output) for t in CONVERSATION[:-1]] + [Turn(CONVERSATION[-1].input, None)]
+    messages = turns_to_messages(prompt)
+    refused = set()
+    for name, template in [*TEMPLATES.items(), ("tokenizer", TOKENIZER)]:
+        cases = []  # (Modelfile's SYSTEM, the request's messages, the system prompt training would have seen)
+        if template.has_system:
+            cases += [(SYSTEM, messages, SYSTEM), (SYSTEM, [{"role": "system", "content": other}] + messages, other)]
+        cases.append((None, messages, None))
+        for i, (modelfile_system, request, system) in enumerate(cases):
+            out = tmp_path / f"{name}-{i}"
+            out.mkdir()
+            try:
+                path = ollama.write_modelfile(out, "model-f16.gguf", template, tokenizer, modelfile_system,
+                                              EvaluationConfig(), 512)
+            except UserError:
+                refused.add(name)
+                break
+            [rendered] = go_render(path, [request])
+            turns = [Turn(t.input, t.output, system if j == 0 else None) for j, t in enumerate(prompt)]
+            assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == \
+                template.encode_ids(tokenizer, turns)[0], (name, system, rendered)
+            go = path.read_text(encoding="utf-8").split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+            assert ollama.render_go(go, system, messages) == rendered, (name, system)
+    assert refused == NO_MODELFILE
+
+
+def test_the_go_renderer_is_ollamas_text_template(tmp_path, go_render):
+    """Where Go's semantics differ from a naive reading, the harness shows Go's: `:=` inside range declares a new
+    variable for that iteration only; the Modelfile's SYSTEM is the first message and appears in .Messages."""
+    path = tmp_path / "Modelfile"
+    path.write_text('FROM ./m.gguf\nTEMPLATE """{{ $n := 0 }}{{ range .Messages }}{{ $n := 1 }}[{{ .Role }}:{{ .Content }}]'
+                    '{{ end }}{{ $n }}|{{ .System }}"""\nSYSTEM """be kind"""\n', encoding="utf-8")
+    assert go_render(path, [[{"role": "user", "content": "hi"}], [{"role": "system", "content": "s"}]]) == \
+        ["[system:be kind][user:hi]0|be kind", "[system:s]0|s"]
 
 
 def test_a_template_with_a_round_counter_gets_no_modelfile(tmp_path, tokenizer, capsys):

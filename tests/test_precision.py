@@ -1,6 +1,7 @@
 """`auto` precision is chosen by the hardware (the capability query mocked both ways), one spelling of dtypes is
 accepted everywhere, and an explicit emulated bf16 warns; on a real run, train.log says what was chosen and why."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -54,14 +55,25 @@ def test_auto_on_cuda_follows_the_gpu(monkeypatch, bf16, expected):
     assert p.dtype == expected and ("loss scaling" in p.reason) == (not bf16)
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA, formerly DNNL_MAX_CPU_ISA) under which oneDNN has no bf16 matmul: the AVX2
+# family and below. From AVX512_CORE up it keeps one (on a bf16 CPU capped at AVX512_CORE it measured 2x faster than
+# float32 here), so those caps count as native.
+ISA_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
+
+
 def test_the_real_query_agrees_with_the_cpu_flags():
-    """On Linux, /proc/cpuinfo names the same features the query reads (oneDNN may still be capped below them)."""
+    """Both ways, against what the query does not read: on Linux, native bf16 exactly when /proc/cpuinfo lists
+    avx512_bf16 or amx_bf16 and oneDNN is not capped below them (`ONEDNN_MAX_CPU_ISA=AVX2`, as the README's
+    AVX2-limited runs are)."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
         pytest.skip("no /proc/cpuinfo on this system")
     flags = set(cpuinfo.read_text().split())
+    hardware = bool(flags & {"avx512_bf16", "amx_bf16"})
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
     if NATIVE:
         assert flags & {"avx512_bf16", "amx_bf16"}
+    assert NATIVE == (hardware and cap not in ISA_WITHOUT_BF16), (sorted(flags & {"avx512_bf16", "amx_bf16"}), cap)
     assert precision.cpu_description().startswith(torch.backends.cpu.get_cpu_capability())
 
 

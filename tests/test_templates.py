@@ -7,7 +7,10 @@ import pytest
 from common.conversation import Turn, turns_to_messages
 from common.templates import IGNORE, SYSTEM_TEMPLATES, TEMPLATES, TOKENIZER, get_template
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "prompt_templates.json"
+# XTuner's PROMPT_TEMPLATE and SYSTEM_TEMPLATE tables, copied from ../shared/reference/prompt_templates.json so that
+# the comparison runs in every checkout; where ../shared exists, the copy is checked against it.
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "xtuner_prompt_templates.json"
+SHARED_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "prompt_templates.json"
 
 CONVERSATION = [
     Turn("我最近总是失眠", "我能理解你的困扰。能说说通常几点睡吗？", system="你是一位心理咨询师"),
@@ -48,16 +51,20 @@ def xtuner_reference(tokenizer, spec: dict, turns):
 
 
 def test_table_equals_reference():
-    if not REFERENCE.exists():
-        pytest.skip("shared/reference is not beside this checkout")
     reference = json.loads(REFERENCE.read_text(encoding="utf-8"))
-    assert len(TEMPLATES) == 27
+    assert len(TEMPLATES) == 27 and set(TEMPLATES) == set(reference["PROMPT_TEMPLATE"])
     for name, spec in reference["PROMPT_TEMPLATE"].items():
         t = TEMPLATES[name]
         assert (t.instruction, t.system, t.suffix, t.suffix_as_eos, t.sep, list(t.own_stop_words())) == (
             spec["INSTRUCTION"], spec.get("SYSTEM"), spec.get("SUFFIX", ""), spec.get("SUFFIX_AS_EOS", False),
             spec.get("SEP", ""), spec.get("STOP_WORDS", []))
     assert SYSTEM_TEMPLATES == reference["SYSTEM_TEMPLATE"]
+
+
+def test_the_reference_copy_is_the_shared_one():
+    if not SHARED_REFERENCE.exists():
+        pytest.skip("../shared/reference is not beside this checkout: the copy in tests/fixtures stands alone")
+    assert REFERENCE.read_bytes() == SHARED_REFERENCE.read_bytes()
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,67 @@ def test_8bit_with_rslora_and_bias(tmp_path, monkeypatch, tiny_model_dir, data_f
     assert not any("mlp" in name for name in adapter_tensors(final))
 
 
+# What bitsandbytes puts in place of each linear layer of the decoder, and what its weight holds.
+QUANTIZED = {"4bit": ("Linear4bit", "Params4bit", torch.uint8), "8bit": ("Linear8bitLt", "Int8Params", torch.int8)}
+DECODER_LINEARS = 2 * 7  # 2 layers x q, k, v, o, gate, up, down
+
+
+def quantized_weights(model, quantization: str) -> dict[str, torch.Tensor]:
+    """The stored (quantized) weight of every linear layer in the decoder, after checking its module type and dtype."""
+    layer, param, dtype = QUANTIZED[quantization]
+    found = {}
+    for name, module in model.named_modules():
+        if ".layers." in name and isinstance(module, torch.nn.Linear) and not name.split(".")[-2].startswith("lora_"):
+            assert (type(module).__name__, type(module.weight).__name__, module.weight.dtype) == (layer, param, dtype), name
+            found[name] = module.weight.detach().clone()
+    assert len(found) == DECODER_LINEARS, sorted(found)
+    return found
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_layers_train_quantized_and_merge_onto_the_full_precision_base(tmp_path, tiny_model_dir, tokenizer,
+                                                                                  data_file, quantization):
+    """The model train.py loads for `model.quantization` has bitsandbytes layers with packed integer weights, before and
+    after training (they are frozen: the same bytes); the LoRA trained on it merges (merge.py) onto the full-precision
+    base exactly as PEFT merges it there, not onto the dequantized weights it was trained against."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import merge
+    from common.dataset import build_datasets
+    from common.modeling import load_model
+    from common.recipe import load_recipe
+    from common.training import build_trainer, save_final
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir, data_file, model={"quantization": quantization},
+                                      lora={"dropout": 0.0}, train={"max_steps": 2, "save_steps": 10},
+                                      evaluation={"prompts": []}))
+    model = load_model(recipe, torch.float32)
+    before = quantized_weights(model, quantization)
+    rows, _, _ = build_datasets(recipe, tokenizer)
+    trainer = build_trainer(recipe, model, tokenizer, rows, None, [], torch.float32, disable_tqdm=True)
+    trainer.train()
+    after = quantized_weights(trainer.model, quantization)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    final = save_final(trainer, recipe, tokenizer)
+    assert any(t.abs().max() > 0 for name, t in adapter_tensors(final).items() if "lora_B" in name)  # it trained
+
+    out = tmp_path / "merged"
+    assert merge.main([str(tiny_model_dir), str(final), str(out)]) == 0
+    merged = {}
+    for shard in out.glob("*.safetensors"):
+        merged.update(load_file(shard))
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base = {name: t.clone() for name, t in full.state_dict().items()}
+    expected = PeftModel.from_pretrained(full, final).merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=0, msg=name)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(merged[q], base[q], atol=1e-4)  # the adapter is in it
+
+
 def test_full_finetune_saves_a_whole_model(tmp_path, monkeypatch, tiny_model_dir, data_file):
     from transformers import AutoModelForCausalLM
 
@@ -219,6 +281,7 @@ def test_packed_loss_is_the_token_weighted_mean_of_sample_losses(tmp_path, tiny_
         assert abs(trainer.compute_loss(model, crossed).item() - expected) > 1e-3
 
 
+@pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make demo-model` first (its tokenizer)")
 def test_packing_efficiency_on_psych_sample_at_512():
     """With the demo model's tokenizer, as the demo trains: whole samples, >= 97% of the slots filled."""
     from transformers import AutoTokenizer
@@ -373,6 +436,68 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, tiny_mod
     assert not (out / "final").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     assert "--resume auto" in (out / "train.log").read_text()
+
+
+def start_train(tmp_path: Path, recipe: Path) -> subprocess.Popen:
+    """train.py RECIPE as a user starts it, in its own process: SIGINT at its default (a background job inherits it
+    ignored), one thread (two of these share the CPU), stdout and stderr to RECIPE.out."""
+    with open(recipe.with_suffix(".out"), "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), str(recipe)], cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for(proc: subprocess.Popen, path: Path, text: str, output: Path, timeout: float = 120) -> None:
+    """Poll path until it contains text; the process must still be running (else its output is shown)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(encoding="utf-8"):
+            return
+        assert proc.poll() is None, f"exited {proc.returncode} before {text!r}: " + output.read_text()[-3000:]
+        time.sleep(0.01)
+    pytest.fail(f"no {text!r} in {path} after {timeout} s")
+
+
+def test_sigterm_and_a_second_ctrl_c_on_real_processes(tmp_path, tiny_model_dir, data_file):
+    """`kill PID` saves a checkpoint after the current step and exits 143, with the resume hint; Ctrl-C and Ctrl-C
+    again aborts at once (the second gets Python's own handler, KeyboardInterrupt), leaving no half-written checkpoint
+    and no resume hint. Two real train.py processes, started together so that their start-ups overlap."""
+    endless = dict(train={"max_steps": 100_000, "save_steps": 100_000})
+    term = write_recipe(tmp_path, tiny_model_dir, data_file, name="term", evaluation={"prompts": []}, **endless)
+    # Answers written at the save make the time from the first Ctrl-C to a normal exit long: the second one lands
+    # before it, wherever it lands.
+    twice = write_recipe(tmp_path, tiny_model_dir, data_file, name="twice",
+                         evaluation={"prompts": PROMPTS[:1], "max_new_tokens": 64, "every_n_steps": 100_000}, **endless)
+    procs = [start_train(tmp_path, term), start_train(tmp_path, twice)]
+    try:
+        wait_for(procs[0], tmp_path / "term" / "train.log", "step 2/", tmp_path / "term.out")
+        procs[0].send_signal(signal.SIGTERM)
+        wait_for(procs[1], tmp_path / "twice" / "train.log", "step 2/", tmp_path / "twice.out")
+        procs[1].send_signal(signal.SIGINT)
+        wait_for(procs[1], tmp_path / "twice.out", "SIGINT: saving a checkpoint after this step", tmp_path / "twice.out")
+        procs[1].send_signal(signal.SIGINT)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    out, log = tmp_path / "term", (tmp_path / "term" / "train.log").read_text()
+    assert codes[0] == 128 + signal.SIGTERM, (tmp_path / "term.out").read_text()[-3000:]
+    assert "SIGTERM: saving a checkpoint after this step" in (tmp_path / "term.out").read_text()
+    step = int(log.split("interrupted by SIGTERM at step ")[1].split(":")[0])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{step}"] and step >= 2
+    assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == step
+    assert "--resume auto" in log and not (out / "final").exists()
+
+    out, log = tmp_path / "twice", (tmp_path / "twice" / "train.log").read_text()
+    assert codes[1] == -signal.SIGINT, (tmp_path / "twice.out").read_text()[-3000:]
+    assert "KeyboardInterrupt" in (tmp_path / "twice.out").read_text()
+    assert "stopped at step" not in log and not (out / "final").exists()
+    for checkpoint in out.glob("checkpoint-*"):  # one renamed into place before the abort is complete
+        assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
 
 
 def test_an_ignored_sigint_stays_ignored(tmp_path, monkeypatch, tiny_model_dir, data_file, request):
