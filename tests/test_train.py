@@ -166,6 +166,7 @@ def test_quantized_layers_train_quantized_and_merge_onto_the_full_precision_base
     from transformers import AutoModelForCausalLM
 
     import merge
+    from common import acceleration
     from common.dataset import build_datasets
     from common.modeling import load_model
     from common.recipe import load_recipe
@@ -177,7 +178,8 @@ def test_quantized_layers_train_quantized_and_merge_onto_the_full_precision_base
     model = load_model(recipe, torch.float32)
     before = quantized_weights(model, quantization)
     rows, _, _ = build_datasets(recipe, tokenizer)
-    trainer = build_trainer(recipe, model, tokenizer, rows, None, [], torch.float32, disable_tqdm=True)
+    trainer = build_trainer(recipe, model, acceleration.apply(model, recipe), tokenizer, rows, None, [], torch.float32,
+                            disable_tqdm=True)
     trainer.train()
     after = quantized_weights(trainer.model, quantization)
     assert all(torch.equal(before[name], after[name]) for name in before)
