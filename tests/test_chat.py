@@ -333,7 +333,7 @@ def test_latest_run_without_merge_is_the_adapter_on_its_base(run_dir, loaded, ti
     source = artifacts.resolve_model(None)
     assert source.adapter == run / "final" and source.model == tiny_model_dir
     assert source.recipe.data.template == "internlm2_chat" and source.recipe.data.system == SYSTEM
-    assert generation.context_length(source.recipe, None) == 300
+    assert source.recipe.data.max_length == 300  # the context chat uses without --max-length
     code, out, err = run_main(monkeypatch, capsys, ["--once", "你好"])
     assert code == 0, err
     expected = session(load_for_generation(source), "internlm2_chat", 300, max_new_tokens=10, system=SYSTEM)
