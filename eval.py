@@ -51,9 +51,12 @@ def held_out(args, source):
 @main_guard
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from datasets import disable_progress_bars
+
     from common import artifacts, evaluation
     from common.precision import canonical
 
+    disable_progress_bars()  # packing's Map bar; the scoring and answering bars are eval's own
     source = artifacts.resolve_model(args.model, adapter_first=True)
     other = artifacts.resolve_model(args.compare, adapter_first=True) if args.compare else None
     out = args.out or (source.run_dir or source.adapter or source.model) / artifacts.EVAL_DIR

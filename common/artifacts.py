@@ -39,7 +39,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 MODEL_CONFIG, GENERATION_CONFIG = "config.json", "generation_config.json"
 # (shard index, files without one), safetensors first: never unpickle needlessly
-MODEL_WEIGHTS = (("model.safetensors.index.json", "model*.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model*.bin"))
+MODEL_WEIGHTS = (("model.safetensors.index.json", "model*.safetensors"),
+                 ("pytorch_model.bin.index.json", "pytorch_model*.bin"))
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 MODELFILE = "Modelfile"  # Ollama's, beside a GGUF export
 MAX_LENGTH_CAP = 4096  # a model without a run: max_position_embeddings can be 128k, which CPU chat never needs
@@ -124,7 +125,7 @@ def model_settings(model: Path, adapter: Optional[Path] = None):
     """The settings a model is used with (chat, eval, the GGUF export): the recipe of the run its adapter, else the
     model itself, comes from; for a model without a run, the schema's defaults (common/recipe.py): the tokenizer's
     chat template, no system prompt, the `evaluation` section's sampling, no remote code, and as data.max_length the
-    model's max_position_embeddings capped at MAX_LENGTH_CAP. Decided here, once, so no caller asks "was there a run"."""
+    model's max_position_embeddings capped at MAX_LENGTH_CAP. Decided here, once: no caller asks "was there a run"."""
     from common.recipe import DataConfig, ModelConfig, Recipe
 
     recipe = (run_recipe(adapter) if adapter is not None else None) or run_recipe(model)

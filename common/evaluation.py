@@ -85,7 +85,8 @@ def held_out_samples(tokenizer, template, conversations, data) -> list[dict]:
 
     samples, stats = [], Stats()
     for n, turns in enumerate(conversations):
-        rows = encode_conversations([turns], tokenizer, template, data.max_length, data.truncation, data.system, stats)[0]
+        rows, _ = encode_conversations([turns], tokenizer, template, data.max_length, data.truncation, data.system,
+                                       stats)
         samples += [{**row, "owners": [n] * len(row["input_ids"])} for row in rows]
     return samples
 
@@ -204,9 +205,9 @@ class Result:
 def evaluate(source, other, conversations: list, files: list, dtype: str = "auto", limit: int = 8,
              max_new_tokens: int | None = None, temperature: float = 0.0, progress: bool = False) -> Result:
     """The tuned model, `source` (an artifacts.ModelSource), against `other` (None: its base, the adapter switched
-    off) on held-out conversations, in the tuned model's settings (its run's template, system prompt, truncation, max_length and evaluation
-    section): the loss on the answer tokens, and answers to the evaluation prompts and to the first user turn of up to
-    `limit` conversations (greedy unless a temperature is given)."""
+    off) on held-out conversations, in the tuned model's settings (its run's template, system prompt, truncation,
+    max_length and evaluation section): the loss on the answer tokens, and answers to the evaluation prompts and to
+    the first user turn of up to `limit` conversations (greedy unless a temperature is given)."""
     from common.generation import Sampling
     from common.templates import get_template
 
@@ -228,7 +229,8 @@ def evaluate(source, other, conversations: list, files: list, dtype: str = "auto
 
     base, tuned = scores["base"], scores["tuned"]
     per = [{"index": n, "tokens": tuned.tokens[n], "base_loss": base.loss_sum[n] / max(base.tokens[n], 1),
-            "tuned_loss": tuned.loss_sum[n] / max(tuned.tokens[n], 1)} for n in range(len(conversations)) if tuned.tokens[n]]
+            "tuned_loss": tuned.loss_sum[n] / max(tuned.tokens[n], 1)}
+           for n in range(len(conversations)) if tuned.tokens[n]]
     better = sum(c["tuned_loss"] < c["base_loss"] for c in per)
     kind = "greedy" if sampling.temperature == 0 else f"temperature {sampling.temperature}"
     return Result(models.names["tuned"], models.names["base"], [str(f) for f in files], len(per), base.summary(),

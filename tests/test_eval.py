@@ -87,8 +87,8 @@ def test_held_out_loss_is_the_training_loss_on_the_same_rows(run_dir, tiny_model
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    trainer = build_trainer(recipe, model, tokenizer, [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples], None, [],
-                            torch.float32, disable_tqdm=True)
+    trainer = build_trainer(recipe, model, tokenizer, [{k: s[k] for k in ("input_ids", "labels")} for s in samples],
+                            None, [], torch.float32, disable_tqdm=True)
     model.eval()
     scored = evaluation.score(model, scoring_rows, len(load_conversations([str(held_out)])))
     total, count = 0.0, 0
