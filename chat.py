@@ -13,8 +13,8 @@ system prompt, /exit (EXIT) or Ctrl-D leaves; Ctrl-C stops the current answer.
 import argparse
 import sys
 
+from common.artifacts import MAX_LENGTH_CAP
 from common.cli import main_guard
-from common.generation import MAX_LENGTH_CAP
 from common.precision import CHOICES, canonical
 from common.templates import NAMES, SYSTEM_TEMPLATES
 
@@ -67,37 +67,35 @@ def parse_args(argv=None):
 
 
 def chat_settings(args, source):
-    """(template, system prompt, Sampling) from the flags, else the run's recipe, else the schema's defaults."""
+    """(template, system prompt, Sampling, context length): the flags, else the model's settings (its run's recipe,
+    or the schema's defaults: artifacts.model_settings)."""
     from common.generation import Sampling
-    from common.recipe import EvaluationConfig
-    from common.templates import TOKENIZER, get_template, system_from_template
+    from common.templates import get_template, system_from_template
 
     recipe = source.recipe
-    template = get_template(args.prompt_template or (recipe.data.template if recipe else TOKENIZER.name))
+    template = get_template(args.prompt_template or recipe.data.template)
     if args.system_template:
         system = system_from_template(args.system_template, args.bot_name)
     else:
         # Not evaluation.system: a prompt the model never trained under can pull a small model off course.
-        system = args.system if args.system is not None else (recipe.data.system if recipe else None)
-    sampling = Sampling.from_evaluation(recipe.evaluation if recipe else EvaluationConfig(),
-                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                        repetition_penalty=args.repetition_penalty)
-    return template, system or None, sampling
+        system = args.system if args.system is not None else recipe.data.system
+    sampling = Sampling.from_evaluation(recipe.evaluation, max_new_tokens=args.max_new_tokens,
+                                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                        seed=args.seed, repetition_penalty=args.repetition_penalty)
+    return template, system or None, sampling, args.max_length or recipe.data.max_length
 
 
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
     from common import artifacts, repl
-    from common.generation import Generator, context_length
+    from common.generation import Generator
     from common.modeling import load_for_generation
 
     source = artifacts.resolve_model(args.model, args.adapter)
-    template, system, sampling = chat_settings(args, source)  # an unknown name fails before the model loads
+    template, system, sampling, max_length = chat_settings(args, source)  # an unknown name fails before the load
     model, tokenizer = load_for_generation(source, args.torch_dtype, args.bits)
-    generator = Generator(model, tokenizer, template, context_length(source.recipe, model.config, args.max_length),
-                          args.stop_words)
+    generator = Generator(model, tokenizer, template, max_length, args.stop_words)
     if system and not template.has_system:
         print(f"note: template `{template.name}` has no system slot: the system prompt is not used", file=sys.stderr)
     session = repl.ChatSession(generator, sampling, system)  # checks the settings fit the context (--serve too)

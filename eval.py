@@ -38,11 +38,11 @@ def held_out(args, source):
     from common.dataset import recipe_conversations
     from common.formats import load_conversations
 
-    d = source.recipe.data if source.recipe else None
-    if args.data or (d and d.eval_paths):
+    d = source.recipe.data
+    if args.data or d.eval_paths:
         files = args.data or d.eval_paths
-        return files, load_conversations(files, d.format if d else "auto", d.on_bad_record if d else "error")
-    if d and d.eval_fraction:  # the same draw training made
+        return files, load_conversations(files, d.format, d.on_bad_record)
+    if d.eval_fraction:  # the same draw training made
         return [f"{p} (the {d.eval_fraction:.0%} held out)" for p in d.paths], recipe_conversations(source.recipe)[1]
     raise UserError(f"{source.name}: no held-out data (the run sets neither data.eval_path nor data.eval_fraction); "
                     "pass --data FILE")
@@ -51,68 +51,24 @@ def held_out(args, source):
 @main_guard
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tqdm.auto import tqdm
+    from datasets import disable_progress_bars
 
     from common import artifacts, evaluation
-    from common.conversation import with_system
-    from common.generation import Generator, Sampling, context_length
     from common.precision import canonical
-    from common.recipe import DataConfig, EvaluationConfig
-    from common.samples import Stats, make_samples
-    from common.templates import get_template
 
+    disable_progress_bars()  # packing's Map bar; the scoring and answering bars are eval's own
     source = artifacts.resolve_model(args.model, adapter_first=True)
     other = artifacts.resolve_model(args.compare, adapter_first=True) if args.compare else None
     out = args.out or (source.run_dir or source.adapter or source.model) / artifacts.EVAL_DIR
     artifacts.check_output(out, [], args.force)
     files, conversations = held_out(args, source)
-    d = source.recipe.data if source.recipe else DataConfig(template="tokenizer")
-    cfg = source.recipe.evaluation if source.recipe else EvaluationConfig()
-    template = get_template(d.template)
-    models = evaluation.Contestants(source, other, canonical(args.torch_dtype))
-    tokenizer, progress = models.tokenizer, sys.stderr.isatty()
-    max_length = context_length(source.recipe, models.model.config)
-
-    # Held-out loss: the samples training would make of these conversations, packed into rows of max_length.
-    samples, stats = [], Stats()
-    for n, turns in enumerate(conversations):
-        for ids, labels in make_samples(tokenizer, template, with_system(turns, d.system), max_length, d.truncation, stats):
-            samples.append((n, ids, labels))
-    rows = [evaluation.row_inputs(row) for row in evaluation.pack(samples, max_length)]
-    scores = {}
-    for who in ("base", "tuned"):
-        with models.use(who) as model:
-            scores[who] = evaluation.score(model, rows, len(conversations), progress, who)
-
-    # Answers, side by side, through the generation core.
-    sampling = Sampling.from_evaluation(cfg, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    system = [{"role": "system", "content": d.system}] if d.system else []
-    prompts = [(p, "evaluation.prompts") for p in cfg.prompts] + [
-        (turns[0].input, f"held-out conversation {n}") for n, turns in enumerate(conversations[: max(args.limit, 0)])]
-    answers = [{"prompt": p, "source": where} for p, where in prompts]
-    for who in ("base", "tuned"):
-        with models.use(who) as model:
-            generator = Generator(model, tokenizer, template, max_length)
-            for a in tqdm(answers, desc=f"answering {who}", disable=not progress, leave=False):
-                completion = generator.generate(system + [{"role": "user", "content": a["prompt"]}], sampling)
-                a[who], a[f"{who}_stop"], a[f"{who}_facts"] = completion.text, completion.ended_by, evaluation.answer_facts(completion)
-
-    base, tuned = scores["base"], scores["tuned"]
-    per = [{"index": n, "tokens": tuned.tokens[n], "base_loss": base.loss_sum[n] / max(base.tokens[n], 1),
-            "tuned_loss": tuned.loss_sum[n] / max(tuned.tokens[n], 1)} for n in range(len(conversations)) if tuned.tokens[n]]
-    better = sum(c["tuned_loss"] < c["base_loss"] for c in per)
-    result = {"tuned_name": models.names["tuned"], "base_name": models.names["base"], "data": [str(f) for f in files],
-              "conversations": len(per), "base": base.summary(), "tuned": tuned.summary(), "tuned_better": better,
-              "tuned_better_share": round(better / max(len(per), 1), 4), "per_conversation": per, "answers": answers,
-              "settings": {"template": template.name, "truncation": d.truncation, "max_length": max_length,
-                           "system": d.system, "samples": len(samples), "rows": len(rows),
-                           "sampling": ("greedy" if sampling.temperature == 0 else f"temperature {sampling.temperature}")
-                           + f", max_new_tokens {sampling.max_new_tokens}"}}
+    result = evaluation.evaluate(source, other, conversations, files, canonical(args.torch_dtype), args.limit,
+                                 args.max_new_tokens, args.temperature, progress=sys.stderr.isatty())
     with artifacts.atomic_dir(out) as tmp:
         evaluation.write_report(tmp, result)
     print(evaluation.summary(result))
-    first = answers[0] if answers else None
-    if first:
+    if result.answers:
+        first = result.answers[0]
         print(f"\nQ: {first['prompt']}\nbase:  {first['base']}\ntuned: {first['tuned']}")
     print(f"\nreport: {out / 'report.md'} (and report.json)")
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 from common import artifacts, gguf_export, merging, ollama
 from common.cli import UserError, main_guard
 from common.precision import CHOICES, DTYPES, canonical
+from common.weights import ModelWeights
 
 
 def parse_args(argv=None):
@@ -76,7 +77,8 @@ def print_verify(report: dict, out: Path) -> bool:
 
 
 def ship_gguf(model_dir: Path, out: Path, qtype: str, recipe, verify: bool) -> bool:
-    """The GGUF + Modelfile in model_dir (which becomes OUT); with verify, loaded back and checked."""
+    """The GGUF + Modelfile in model_dir (which becomes OUT), with the model's settings (artifacts.model_settings);
+    with verify, loaded back and checked."""
     start = time.time()
     path, modelfile, why = gguf_export.ship(model_dir, qtype, recipe, out.resolve().parent.name)
     print(f"GGUF: {out / path.name} ({path.stat().st_size / 1e6:.1f} MB) in {time.time() - start:.1f}s, "
@@ -110,11 +112,12 @@ def main(argv=None):
     if artifacts.is_full_model(adapter_dir):  # a full fine-tune: merging is idempotent, not an error
         if args.gguf:  # export the model in place: its GGUF and Modelfile appear beside its shards
             artifacts.check_output(gguf_export.gguf_path(adapter_dir, args.gguf), [], args.force)
-            modelfile = adapter_dir / "Modelfile"  # ours is regenerated for the newest GGUF; one edited by hand is kept
+            modelfile = adapter_dir / artifacts.MODELFILE  # ours is regenerated for the newest GGUF; one edited by hand is kept
             if modelfile.is_file() and not modelfile.read_text(encoding="utf-8").startswith(ollama.HEADER):
                 artifacts.check_output(modelfile, [], args.force)
-            return 0 if ship_gguf(adapter_dir, adapter_dir, args.gguf, artifacts.run_recipe(adapter_dir), args.verify) else 1
-        print(f"{adapter_dir} is already a full model (config.json + weights, no {artifacts.ADAPTER_CONFIG}): "
+            settings = artifacts.model_settings(adapter_dir)
+            return 0 if ship_gguf(adapter_dir, adapter_dir, args.gguf, settings, args.verify) else 1
+        print(f"{adapter_dir} is already a full model ({artifacts.MODEL_CONFIG} + weights, no {artifacts.ADAPTER_CONFIG}): "
               f"nothing to merge; load it directly, e.g. python chat.py {adapter_dir}")
         return 0
     if not artifacts.is_adapter(adapter_dir):
@@ -122,24 +125,23 @@ def main(argv=None):
     max_shard_size = merging.parse_size(args.max_shard_size)
     device = resolve_device(args.device)
     base_dir = artifacts.resolve_base(base_arg or artifacts.adapter_base(adapter_dir))
-    if not (base_dir / "config.json").is_file():
-        raise UserError(f"{base_dir}: no config.json; BASE must be a Hugging Face model directory")
+    if not (base_dir / artifacts.MODEL_CONFIG).is_file():
+        raise UserError(f"{base_dir}: no {artifacts.MODEL_CONFIG}; BASE must be a Hugging Face model directory")
     artifacts.check_output(out, [adapter_dir, base_dir], args.force)
 
-    recipe = artifacts.run_recipe(adapter_dir)
-    quantization = recipe.model.quantization if recipe else None
-    if quantization:
-        print(f"note: this adapter was trained on a {quantization} quantized base (QLoRA); it is merged into the "
-              f"full-precision base {base_dir}, as QLoRA intends, so outputs can differ slightly from training's")
+    settings = artifacts.model_settings(base_dir, adapter_dir)
+    if settings.model.quantization:
+        print(f"note: this adapter was trained on a {settings.model.quantization} quantized base (QLoRA); it is merged "
+              f"into the full-precision base {base_dir}, as QLoRA intends, so outputs can differ slightly from training's")
     adapter = merging.load_adapter(adapter_dir)
-    base = merging.BaseCheckpoint(base_dir)
+    base = ModelWeights(base_dir)
     plan = merging.plan_merge(base, adapter, merging.tied_weights(base_dir), DTYPES.get(canonical(args.dtype)), device)
     print(f"merging {adapter_dir} ({len(adapter.loras)} LoRA layers, {len(adapter.tensors)} saved tensors) "
           f"into {base_dir} ({len(base.files)} file(s), {len(base.shape)} tensors) -> {out}")
     if plan.untied:
         pairs = ", ".join(f"{t} = {s}" for t, s in plan.untied.items())
         print(f"note: the adapter changes the tied weights {pairs} apart (PEFT wraps each module on its own), so the "
-              "merge unties them: both are written and tie_word_embeddings is set to false in config.json")
+              f"merge unties them: both are written and tie_word_embeddings is set to false in {artifacts.MODEL_CONFIG}")
     elif plan.skipped_tied:
         print(f"tied weights stay tied: {', '.join(plan.skipped_tied)} is not written (transformers re-ties it on load)")
 
@@ -154,7 +156,7 @@ def main(argv=None):
               f"merged in {seconds:.1f}s, process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
         if args.verify and not print_verify(merging.verify(plan, tmp, device), out):
             raise SystemExit(1)
-        if args.gguf and not ship_gguf(tmp, out, args.gguf, recipe, args.verify):
+        if args.gguf and not ship_gguf(tmp, out, args.gguf, settings, args.verify):
             raise SystemExit(1)
     print(f"wrote {out}")
     return 0

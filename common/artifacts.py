@@ -37,9 +37,13 @@ CRC_CHECK_BYTES = 4 * 2**30  # resume checks checkpoint files up to this size ag
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-MODEL_CONFIG = "config.json"
-MODEL_WEIGHTS_GLOBS = ("model*.safetensors", "pytorch_model*.bin")  # safetensors first: never unpickle needlessly
+MODEL_CONFIG, GENERATION_CONFIG = "config.json", "generation_config.json"
+# (shard index, files without one), safetensors first: never unpickle needlessly
+MODEL_WEIGHTS = (("model.safetensors.index.json", "model*.safetensors"),
+                 ("pytorch_model.bin.index.json", "pytorch_model*.bin"))
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+MODELFILE = "Modelfile"  # Ollama's, beside a GGUF export
+MAX_LENGTH_CAP = 4096  # a model without a run: max_position_embeddings can be 128k, which CPU chat never needs
 
 
 # ---------------------------------------------------------------- what a directory holds
@@ -49,7 +53,11 @@ def is_adapter(path: Path) -> bool:
 
 
 def model_weight_files(path: Path) -> list[Path]:
-    for pattern in MODEL_WEIGHTS_GLOBS:
+    """A model directory's weight files, [] if none: the shards its index names (each checked to exist), else
+    model.safetensors (or its shards); only then pytorch_model*.bin."""
+    for index, pattern in MODEL_WEIGHTS:
+        if (Path(path) / index).is_file():
+            return index_shards(Path(path) / index)
         files = sorted(Path(path).glob(pattern))
         if files:
             return files
@@ -113,14 +121,29 @@ def run_recipe(path: str | Path):
     return load_recipe(file, for_training=False) if file else None
 
 
+def model_settings(model: Path, adapter: Optional[Path] = None):
+    """The settings a model is used with (chat, eval, the GGUF export): the recipe of the run its adapter, else the
+    model itself, comes from; for a model without a run, the schema's defaults (common/recipe.py): the tokenizer's
+    chat template, no system prompt, the `evaluation` section's sampling, no remote code, and as data.max_length the
+    model's max_position_embeddings capped at MAX_LENGTH_CAP. Decided here, once: no caller asks "was there a run"."""
+    from common.recipe import DataConfig, ModelConfig, Recipe
+
+    recipe = (run_recipe(adapter) if adapter is not None else None) or run_recipe(model)
+    if recipe is not None:
+        return recipe
+    config = model_config(model)
+    if config is None:  # a remote-code architecture: config.json's own value
+        length = read_json(model / MODEL_CONFIG).get("max_position_embeddings")
+    else:
+        length = getattr(config, "max_position_embeddings", None)
+    length = min(length, MAX_LENGTH_CAP) if isinstance(length, int) and length > 0 else MAX_LENGTH_CAP
+    return Recipe(model=ModelConfig(path=str(model)), data=DataConfig(max_length=length))
+
+
 def set_latest(run_dir: str | Path, work_dirs: Path = WORK_DIRS) -> None:
     """Point work_dirs/latest at run_dir, atomically (a symlink renamed over the old one)."""
-    work_dirs.mkdir(parents=True, exist_ok=True)
-    link, tmp = work_dirs / LATEST, work_dirs / f".{LATEST}.{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(Path(run_dir).resolve(), target_is_directory=True)
-    os.replace(tmp, link)
+    with atomic_file(work_dirs / LATEST) as tmp:
+        tmp.symlink_to(Path(run_dir).resolve(), target_is_directory=True)
 
 
 def latest_run(work_dirs: Path = WORK_DIRS) -> Path:
@@ -145,11 +168,11 @@ def run_model(run: Path, adapter_first: bool = False) -> Path:
 
 @dataclass
 class ModelSource:
-    """What to load for generation: a full model, optionally an adapter on it, and the run's recipe if any."""
+    """What to load for generation: a full model, optionally an adapter on it, and the settings to use it with."""
 
     model: Path  # a full HF model directory
+    recipe: object  # model_settings(): the run's Recipe, or the schema's defaults for a model without a run
     adapter: Optional[Path] = None  # a PEFT adapter loaded on top of `model`
-    recipe: Optional[object] = None  # the run's Recipe, when the model comes from one of our runs
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -189,8 +212,7 @@ def resolve_model(model: Optional[str], adapter: Optional[str] = None, adapter_f
                             f"MODEL --adapter {adapter_dir}") from None
     elif not (path / MODEL_CONFIG).is_file():
         raise UserError(f"{path}: no {MODEL_CONFIG} (not a Hugging Face model directory)")
-    recipe = (run_recipe(adapter_dir) if adapter_dir and find_recipe_file(adapter_dir) else None) or run_recipe(path)
-    return ModelSource(path, adapter_dir, recipe)
+    return ModelSource(path, model_settings(path, adapter_dir), adapter_dir)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -298,11 +320,9 @@ def check_model_files(path: str | Path) -> None:
         return
     if (path / MODEL_CONFIG).exists():
         model_config(path)
-    if (path / "generation_config.json").exists():
-        read_json(path / "generation_config.json")
-    for index in sorted(path.glob("*.index.json")):
-        index_shards(index)
-    for file in model_weight_files(path):
+    if (path / GENERATION_CONFIG).exists():
+        read_json(path / GENERATION_CONFIG)
+    for file in model_weight_files(path):  # the shard index too
         if file.suffix == ".safetensors":
             check_safetensors(file)
 
@@ -367,9 +387,10 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(dst: Path):
+def atomic_dir(dst: Path, replace: bool = True):
     """Yield a temp dir next to dst (same filesystem); when the block completes it becomes dst, and when the block
-    raises (SystemExit and Ctrl-C included) it is removed and dst is untouched."""
+    raises (SystemExit and Ctrl-C included) it is removed and dst is untouched. replace=False: a dst that exists by
+    then (another process made the same output first) is kept, and ours dropped."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
@@ -380,13 +401,32 @@ def atomic_dir(dst: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir(tmp, dst)
+    if replace:
+        replace_dir(tmp, dst)
+        return
+    try:
+        os.rename(tmp, dst)  # fails on a non-empty dst, which is then the other process's
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(dst: Path):
+    """Yield a temp path beside dst, with dst's suffix (writers that pick the format by it, like savefig, still
+    can); when the block completes it is renamed over dst, and when the block raises it is removed."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.stem}.tmp-{os.getpid()}{dst.suffix}")
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dst)
 
 
 def write_text(path: Path, text: str) -> None:
-    """A text file that appears whole: written beside its destination, then renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """A text file that appears whole."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from common import artifacts
-from common.artifacts import EVAL_OUTPUTS_DIR, LOG_FILE, METRICS_FILE, PLOT_FILE, write_text
+from common.artifacts import EVAL_OUTPUTS_DIR, LOG_FILE, METRICS_FILE, PLOT_FILE, atomic_file, write_text
 
 
 def is_main_process() -> bool:
@@ -92,10 +92,9 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     lr_ax.legend(loc="upper right")
     fig.suptitle(run_dir.name)
     fig.tight_layout()
-    out, tmp = run_dir / PLOT_FILE, run_dir / f".{PLOT_FILE}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, out)
-    return out
+    with atomic_file(run_dir / PLOT_FILE) as tmp:
+        fig.savefig(tmp, dpi=100)
+    return run_dir / PLOT_FILE
 
 
 class MetricsCallback(TrainerCallback):

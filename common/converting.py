@@ -314,14 +314,14 @@ def write_full_model(out: Path, ckpt: Checkpoint, base: str | None) -> int:
         raise UserError("these are full-model weights (no LoRA tensors): pass --base DIR of the base model, "
                         "whose config.json describes them")
     sd = {re.sub(r"^(llm\.|module\.)+", "", k): v for k, v in ckpt.tensors.items()}
-    with reading(config_dir / "config.json", "cannot build the model"), torch.device("meta"):
+    with reading(config_dir / artifacts.MODEL_CONFIG, "cannot build the model"), torch.device("meta"):
         # meta: no memory for weights that load_state_dict(assign=True) replaces anyway
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
     result = model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing or result.unexpected_keys:
-        raise UserError(f"the weights do not fit {config_dir}/config.json: missing {missing[:3]}, "
+        raise UserError(f"the weights do not fit {config_dir / artifacts.MODEL_CONFIG}: missing {missing[:3]}, "
                         f"unexpected {result.unexpected_keys[:3]}")
     model.save_pretrained(str(out))
     return len(sd)
@@ -329,7 +329,7 @@ def write_full_model(out: Path, ckpt: Checkpoint, base: str | None) -> int:
 
 def copy_tokenizer(out: Path, ckpt: Checkpoint, base: str | None, notes: list[str]) -> str | None:
     """The checkpoint's own tokenizer (it carries the chat template of the run), else the local base's."""
-    from transformers import AutoTokenizer
+    from common.modeling import load_tokenizer
 
     source = ckpt.tokenizer_dir or (Path(base).expanduser() if is_local(base) else None)
     if source is None:
@@ -337,8 +337,7 @@ def copy_tokenizer(out: Path, ckpt: Checkpoint, base: str | None, notes: list[st
         notes.append(f"tokenizer not copied: none in the checkpoint and {where} (pass --base DIR)")
         return None
     try:
-        with reading(source, "tokenizer not readable"):
-            tokenizer = AutoTokenizer.from_pretrained(str(source))
+        tokenizer = load_tokenizer(source)
     except UserError as e:  # the adapter is what was asked for; a tokenizer is a convenience
         notes.append(f"tokenizer not copied: {e}")
         return None

@@ -112,21 +112,14 @@ def build_datasets(recipe, tokenizer, report: LoadReport | None = None, use_cach
     else:
         train_rows, eval_rows, stats = _encode_recipe_data(recipe, tokenizer, report)
         if where is not None and train_rows:
-            import os
-            import shutil
-            import tempfile
+            from common.artifacts import atomic_dir
 
-            where.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=where.parent, prefix=".tmp-"))
-            Dataset.from_list(train_rows).save_to_disk(str(tmp / "train"))
-            if eval_rows:
-                Dataset.from_list(eval_rows).save_to_disk(str(tmp / "eval"))
-            meta = {"notes": report.notes, "skipped": report.skipped, "stats": vars(stats)}
-            (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-            try:
-                os.rename(tmp, where)
-            except OSError:  # another process (a DDP rank) cached it first
-                shutil.rmtree(tmp, ignore_errors=True)
+            with atomic_dir(where, replace=False) as tmp:  # another process (a DDP rank) may cache it first
+                Dataset.from_list(train_rows).save_to_disk(str(tmp / "train"))
+                if eval_rows:
+                    Dataset.from_list(eval_rows).save_to_disk(str(tmp / "eval"))
+                meta = {"notes": report.notes, "skipped": report.skipped, "stats": vars(stats)}
+                (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
     for text in report.notes:
         print(f"note: {text}", file=sys.stderr)
     if report.skipped:

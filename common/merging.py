@@ -9,20 +9,19 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from huggingface_hub.serialization._base import parse_size_to_int  # the parser split_* uses; not re-exported
 from peft.utils.other import get_pattern_key
-from safetensors import safe_open
-from safetensors.torch import _getdtype, save_file
+from safetensors.torch import save_file
 
 from common import artifacts, safeload
 from common.cli import UserError, read_json, reading
+from common.weights import ModelWeights
 
 PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model in adapter tensor names
 # Adapter tensor name suffix -> its part in the merge. lora_embedding_* are the Embedding layer's A and B.
@@ -59,66 +58,6 @@ def parse_size(text: str) -> int:
 def _problems(header: str, problems: list[str]) -> UserError:
     shown = problems[:MAX_PROBLEMS] + ([f"... and {len(problems) - MAX_PROBLEMS} more"] if len(problems) > MAX_PROBLEMS else [])
     return UserError(f"{header}: {len(problems)} problem{'s' * (len(problems) > 1)}:\n  - " + "\n  - ".join(shown))
-
-
-# ----------------------------------------------------------------------------------------------------- base weights
-class BaseCheckpoint:
-    """The base weights: names, shapes and dtypes from the file headers; tensors read one at a time on demand."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.files = self._find_files(path)
-        self.file_of: dict[str, Path] = {}
-        self.shape: dict[str, tuple[int, ...]] = {}
-        self.dtype: dict[str, torch.dtype] = {}
-        for file in self.files:
-            if file.suffix == ".safetensors":
-                with reading(file, "not a readable safetensors file"), safe_open(file, framework="pt") as f:
-                    for key in f.keys():
-                        part = f.get_slice(key)
-                        self._add(key, file, tuple(part.get_shape()), _getdtype(part.get_dtype()))
-            else:  # memory-mapped, so only the headers are read here
-                for key, t in self._load_bin(file).items():
-                    self._add(key, file, tuple(t.shape), t.dtype)
-
-    def _add(self, key, file, shape, dtype):
-        self.file_of[key], self.shape[key], self.dtype[key] = file, shape, dtype
-
-    @staticmethod
-    def _find_files(path: Path) -> list[Path]:
-        for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                              ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-            if (path / index).is_file():
-                return artifacts.index_shards(path / index)
-            if (path / single).is_file():
-                return [path / single]
-        found = sorted(path.glob("*.safetensors"))
-        if not found:
-            raise UserError(f"{path}: no model weights (expected model.safetensors, a sharded index, or pytorch_model.bin)")
-        return found
-
-    @staticmethod
-    def _load_bin(file: Path) -> dict[str, torch.Tensor]:
-        return safeload.load_tensors(file)  # a pickle: read without running code from it, memory-mapped
-
-    @contextmanager
-    def reader(self) -> Iterator[Callable[[str], torch.Tensor]]:
-        """`read(name) -> tensor`, memory-mapped. A safetensors file is opened for each tensor: its mapping, and the
-        page cache that reading it makes resident, then lives exactly as long as that tensor, so a base weight's pages
-        are released as soon as it is merged rather than when its whole file is done. A .bin is mapped once."""
-        bins: dict[Path, dict[str, torch.Tensor]] = {}
-
-        def read(name: str) -> torch.Tensor:
-            file = self.file_of[name]
-            if file.suffix == ".safetensors":
-                with reading(file, "not a readable safetensors file"), safe_open(file, framework="pt", device="cpu") as f:
-                    return f.get_tensor(name)
-            if file not in bins:
-                bins[file] = self._load_bin(file)
-            return bins[file][name]
-
-        yield read
-        bins.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------- adapter
@@ -241,16 +180,16 @@ def tied_weights(base_dir: Path) -> dict[str, str]:
 
     config = artifacts.model_config(base_dir)  # a config transformers knows but cannot parse: an error naming it
     if config is None:  # remote-code architecture (Qwen1, ChatGLM...): merge what the checkpoint holds, untied logic off
-        print(f"note: transformers has no built-in architecture for {base_dir / 'config.json'}; assuming no tied weights")
+        print(f"note: transformers has no built-in architecture for {base_dir / artifacts.MODEL_CONFIG}; assuming no tied weights")
         return {}
-    with reading(base_dir / "config.json", f"cannot build a `{config.model_type}` model from it"), torch.device("meta"):
+    with reading(base_dir / artifacts.MODEL_CONFIG, f"cannot build a `{config.model_type}` model from it"), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return dict(model.get_expanded_tied_weights_keys(all_submodels=True))
 
 
 @dataclass
 class MergePlan:
-    base: BaseCheckpoint
+    base: ModelWeights
     adapter: Adapter
     sources: dict[str, str]  # output tensor -> base tensor it is computed from, in output order
     dtype: torch.dtype | None  # None: each tensor keeps the base's dtype
@@ -300,7 +239,7 @@ class MergePlan:
         return tensor.to(self.out_dtype(key, dtype)).contiguous()
 
 
-def plan_merge(base: BaseCheckpoint, adapter: Adapter, tied: dict[str, str], dtype, device: str) -> MergePlan:
+def plan_merge(base: ModelWeights, adapter: Adapter, tied: dict[str, str], dtype, device: str) -> MergePlan:
     """Decide what each output tensor is made of, and check that adapter and base match, listing every mismatch."""
     problems = []
 
@@ -357,29 +296,27 @@ def write_shards(plan: MergePlan, out_dir: Path, max_shard_size: int) -> list[tu
         del shard
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (out_dir / artifacts.MODEL_WEIGHTS[0][0]).write_text(json.dumps(index, indent=2) + "\n")
     return written
 
 
 def write_side_files(plan: MergePlan, out_dir: Path) -> str:
     """config.json and generation_config.json from the base; the tokenizer (with its chat template) from the adapter
     directory when it has one (our final/ does: the template used in training), else from the base. Returns a note."""
-    from transformers import AutoTokenizer
+    from common.modeling import load_tokenizer
 
     base_dir, adapter_dir = plan.base.path, plan.adapter.path
-    config = read_json(base_dir / "config.json")
+    config = read_json(base_dir / artifacts.MODEL_CONFIG)
     config.update(plan.config_updates())
     if "torch_dtype" in config and "dtype" in plan.config_updates():  # configs written by transformers 4
         config["torch_dtype"] = config["dtype"]
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if (base_dir / "generation_config.json").is_file():
-        shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
+    (out_dir / artifacts.MODEL_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if (base_dir / artifacts.GENERATION_CONFIG).is_file():
+        shutil.copy2(base_dir / artifacts.GENERATION_CONFIG, out_dir / artifacts.GENERATION_CONFIG)
     source = next((d for d in (adapter_dir, base_dir) if artifacts.has_tokenizer(d)), None)
     if source is None:
         return "no tokenizer in the adapter or base directory: the merged model has none"
-    artifacts.check_tokenizer_files(source)
-    with reading(source, "tokenizer not readable"):
-        tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     tokenizer.save_pretrained(out_dir)
     template = "with its chat template" if tokenizer.chat_template else "WITHOUT a chat template"
     return f"tokenizer from {source} ({template})"
@@ -403,9 +340,11 @@ def verify(plan: MergePlan, out_dir: Path, device: str) -> dict:
     merge computed in fp32 and loaded into the merged model; the written model's difference is reported too.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    from common.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(out_dir)
     batches = []
     for prompt in VERIFY_PROMPTS:
         if tokenizer.chat_template:

@@ -18,12 +18,17 @@ def _loading(what: str, path):
     return reading(path, f"{what}: cannot load it{where}")
 
 
-def load_tokenizer(path, trust_remote_code: bool = False, what: str = "`model.path`"):
+def load_tokenizer(path, trust_remote_code: bool = False, what: str = "tokenizer", gguf_file: Optional[str] = None):
+    """The one tokenizer loader: its files checked first (a damaged one is named), then AutoTokenizer, as saved (merge
+    and convert copy it on unchanged). gguf_file: the tokenizer inside that GGUF file in `path`."""
     from transformers import AutoTokenizer
 
     check_tokenizer_files(path)
     with _loading(what, path):
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+
+
+def _with_pad_token(tokenizer):
     if tokenizer.pad_token is None:  # batching needs one; padded positions carry label -100 anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -31,7 +36,8 @@ def load_tokenizer(path, trust_remote_code: bool = False, what: str = "`model.pa
 
 def recipe_tokenizer(recipe):
     m = recipe.model
-    return load_tokenizer(m.tokenizer or m.path, m.trust_remote_code, "`model.tokenizer`" if m.tokenizer else "`model.path`")
+    what = "`model.tokenizer`" if m.tokenizer else "`model.path`"
+    return _with_pad_token(load_tokenizer(m.tokenizer or m.path, m.trust_remote_code, what))
 
 
 def quantization_config(quantization: Optional[str], compute_dtype: torch.dtype):
@@ -106,8 +112,8 @@ def load_for_generation(source, dtype: str = "auto", bits: Optional[int] = None)
     precision = resolve(dtype)
     if precision.warning:
         print(f"warning: {precision.warning}", file=sys.stderr)
-    trust = source.recipe.model.trust_remote_code if source.recipe else False
-    tokenizer = load_tokenizer(source.tokenizer_dir, trust, "tokenizer")
+    trust = source.recipe.model.trust_remote_code
+    tokenizer = _with_pad_token(load_tokenizer(source.tokenizer_dir, trust))
     model = load_causal_lm(source.model, precision.dtype, f"{bits}bit" if bits else None, trust, what="model")
     if source.adapter is not None:
         from peft import PeftModel

@@ -174,7 +174,7 @@ def write_modelfile(out_dir, gguf_name: str, template, tokenizer, system: str | 
     the template, and the run's sampling defaults. Returns its path."""
     from pathlib import Path
 
-    from common.artifacts import write_text
+    from common.artifacts import MODELFILE, write_text
 
     jinja = template.chat_template(tokenizer)
 
@@ -193,6 +193,6 @@ def write_modelfile(out_dir, gguf_name: str, template, tokenizer, system: str | 
                             "(e.g. a round counter); the GGUF carries its Jinja chat template")
     sampling = {"temperature": evaluation.temperature, "top_p": evaluation.top_p, "top_k": evaluation.top_k,
                 "num_predict": evaluation.max_new_tokens, "repeat_penalty": 1.0, "num_ctx": num_ctx}
-    path = Path(out_dir) / "Modelfile"
+    path = Path(out_dir) / MODELFILE
     write_text(path, modelfile(gguf_name, go, system, template.stop_words(tokenizer), sampling))
     return path

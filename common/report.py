@@ -70,14 +70,9 @@ def print_dry_run(recipe, tokenizer, train_rows: list[dict], stats: dict) -> Non
 
 
 def dump_dataset(rows: list[dict], path: str | Path) -> None:
-    import os
-    import tempfile
+    from common.artifacts import atomic_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
-    os.replace(tmp, path)
     print(f"wrote {len(rows)} samples to {path}")

@@ -141,15 +141,15 @@ def encode_conversations(conversations, tokenizer, template: Template, max_lengt
 def pack_rows(rows: list[dict], max_length: int, shuffle: bool, seed: int):
     """Whole samples packed best-fit-decreasing into rows of max_length (TRL's `bfd`), never cut: a cut sample
     would train its continuation without its prompt. `seq_lengths` lists each row's samples, so the padding-free
-    collator restarts position ids per sample and attention stays inside each."""
+    collator restarts position ids per sample and attention stays inside each. Every column of the rows, one value
+    per token, is packed alike (evaluation's `owners` beside input_ids and labels)."""
     from datasets import Dataset
     from trl.data_utils import pack_dataset
 
     order = list(range(len(rows)))
     if shuffle:  # decides which of equally long samples share a row
         random.Random(seed).shuffle(order)
-    data = Dataset.from_dict({"input_ids": [rows[i]["input_ids"] for i in order],
-                              "labels": [rows[i]["labels"] for i in order]})
+    data = Dataset.from_dict({key: [rows[i][key] for i in order] for key in rows[0]})
     return pack_dataset(data, max_length, strategy="bfd")
 
 

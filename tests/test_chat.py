@@ -327,13 +327,35 @@ def run_dir(tmp_path_factory, tiny_model_dir, tokenizer):
     return work, run, model
 
 
+def test_a_model_without_a_run_is_used_with_the_schema_defaults(tiny_model_dir, tmp_path):
+    import json
+
+    source = artifacts.resolve_model(str(tiny_model_dir))
+    positions = json.loads((tiny_model_dir / artifacts.MODEL_CONFIG).read_text())["max_position_embeddings"]
+    assert source.recipe.data.template == "tokenizer" and source.recipe.data.system is None
+    assert source.recipe.data.max_length == positions < artifacts.MAX_LENGTH_CAP
+    assert source.recipe.evaluation == EvaluationConfig() and source.recipe.model.trust_remote_code is False
+    long_context = tmp_path / "long"  # a model that claims 128k positions is given the cap
+    long_context.mkdir()
+    config = json.loads((tiny_model_dir / artifacts.MODEL_CONFIG).read_text())
+    (long_context / artifacts.MODEL_CONFIG).write_text(json.dumps({**config, "max_position_embeddings": 131072}))
+    assert artifacts.resolve_model(str(long_context)).recipe.data.max_length == artifacts.MAX_LENGTH_CAP
+
+    template, system, sampling, max_length = chat.chat_settings(chat.parse_args([str(tiny_model_dir)]), source)
+    assert (template.name, system, max_length) == ("tokenizer", None, positions)
+    assert (sampling.temperature, sampling.top_k, sampling.max_new_tokens) == (0.1, 40, 256)
+    flags = ["--prompt-template", "qwen_chat", "--system", "S", "--max-length", "100", "--temperature", "0"]
+    template, system, sampling, max_length = chat.chat_settings(chat.parse_args([str(tiny_model_dir)] + flags), source)
+    assert (template.name, system, sampling.temperature, max_length) == ("qwen_chat", "S", 0, 100)
+
+
 def test_latest_run_without_merge_is_the_adapter_on_its_base(run_dir, loaded, tiny_model_dir, monkeypatch, capsys):
     work, run, _ = run_dir
     monkeypatch.chdir(work)
     source = artifacts.resolve_model(None)
     assert source.adapter == run / "final" and source.model == tiny_model_dir
     assert source.recipe.data.template == "internlm2_chat" and source.recipe.data.system == SYSTEM
-    assert generation.context_length(source.recipe, None) == 300
+    assert source.recipe.data.max_length == 300  # the context chat uses without --max-length
     code, out, err = run_main(monkeypatch, capsys, ["--once", "你好"])
     assert code == 0, err
     expected = session(load_for_generation(source), "internlm2_chat", 300, max_new_tokens=10, system=SYSTEM)

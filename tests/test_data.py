@@ -305,6 +305,27 @@ def test_encoded_rows_are_cached(tmp_path, tiny_model_dir, tokenizer, monkeypatc
         data.build_datasets(recipe, tokenizer)
 
 
+def test_outputs_appear_whole(tmp_path):
+    from common import artifacts
+
+    out = tmp_path / "loss.png"
+    artifacts.write_text(out, "old")
+    with pytest.raises(KeyboardInterrupt), artifacts.atomic_file(out) as tmp:
+        assert tmp.suffix == ".png" and tmp.parent == tmp_path  # writers that pick the format by the suffix still can
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["loss.png"]
+    with artifacts.atomic_file(out) as tmp:
+        tmp.write_text("new")
+    assert out.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["loss.png"]
+    # The data cache: a second process that encoded the same rows leaves the first one's entry as it is.
+    for n in (1, 2):
+        with artifacts.atomic_dir(tmp_path / "entry", replace=False) as tmp:
+            (tmp / "meta.json").write_text(str(n))
+    assert (tmp_path / "entry" / "meta.json").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry", "loss.png"]
+
+
 def test_eval_fraction_holds_out_conversations(tmp_path, tiny_model_dir, tokenizer):
     from common.dataset import build_datasets
 

@@ -62,22 +62,26 @@ def call(argv, capsys):
 
 
 def test_held_out_loss_is_the_training_loss_on_the_same_rows(run_dir, tiny_model_dir, tokenizer, held_out):
-    from common.conversation import with_system
+    from common.acceleration import apply
     from common.formats import load_conversations
     from common.modeling import load_model
-    from common.samples import Stats, make_samples
+    from common.samples import pack_rows
     from common.templates import get_template
-    from common.acceleration import apply
     from common.training import build_trainer
 
     recipe = artifacts.run_recipe(run_dir)
     recipe.train.output_dir = str(run_dir / "trainer")
-    template, stats, samples = get_template("qwen_chat"), Stats(), []
-    for n, turns in enumerate(load_conversations([str(held_out)])):
-        for ids, labels in make_samples(tokenizer, template, with_system(turns, SYSTEM), 160, "split", stats):
-            samples.append((n, ids, labels))
-    rows = evaluation.pack(samples, 480)
+    samples = evaluation.held_out_samples(tokenizer, get_template("qwen_chat"), load_conversations([str(held_out)]),
+                                          DataConfig(system=SYSTEM, max_length=160, truncation="split"))
+    # Rows of 480 hold several samples of at most 160; each row split back into its samples, as packing made them.
+    packed = pack_rows(samples, 480, shuffle=False, seed=0)
+    rows = []
+    for row in packed:
+        starts = [sum(row["seq_lengths"][:k]) for k in range(len(row["seq_lengths"]) + 1)]
+        rows.append([(row["owners"][a], row["input_ids"][a:b], row["labels"][a:b]) for a, b in zip(starts, starts[1:])])
     assert len(rows) > 3 and any(len(row) > 1 for row in rows)  # packed rows, several samples in some
+    assert sorted(len(s[1]) for row in rows for s in row) == sorted(len(s["input_ids"]) for s in samples)  # none cut
+    scoring_rows = evaluation.scoring_rows(samples, 480, tokenizer.pad_token_id)
 
     model = load_model(recipe, torch.float32)  # training's own model and Trainer, on the same rows
     with torch.no_grad():
@@ -85,15 +89,16 @@ def test_held_out_loss_is_the_training_loss_on_the_same_rows(run_dir, tiny_model
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     trainer = build_trainer(recipe, model, apply(model, recipe), tokenizer,
-                            [{"input_ids": s[1], "labels": s[2]} for s in samples], None, [], torch.float32, disable_tqdm=True)
+                            [{k: s[k] for k in ("input_ids", "labels")} for s in samples], None, [], torch.float32,
+                            disable_tqdm=True)
     model.eval()
-    scored = evaluation.score(model, [evaluation.row_inputs(r) for r in rows], len(load_conversations([str(held_out)])))
+    scored = evaluation.score(model, scoring_rows, len(load_conversations([str(held_out)])))
     total, count = 0.0, 0
-    for row in rows:
+    for row, ours in zip(rows, scoring_rows, strict=True):
         batch = trainer.data_collator([{"input_ids": ids, "labels": labels} for _, ids, labels in row])
-        ours = evaluation.row_inputs(row)
-        for key in ("input_ids", "position_ids"):
+        for key in ("input_ids", "position_ids", "labels"):
             assert torch.equal(batch[key], ours[key])
+        assert torch.equal(ours["owners"], torch.tensor([[owner for owner, ids, _ in row for _ in ids]]))
         with torch.no_grad():
             train_loss = trainer.compute_loss(model, dict(batch)).item()
         ce, _ = evaluation.score_row(model, ours)

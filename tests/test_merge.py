@@ -200,7 +200,8 @@ def test_verify_reports_fp32_difference_and_passes(tmp_path, base, capsys):
     text = capsys.readouterr().out
     assert "verify: OK" in text and "max |logit diff|" in text
     from common import merging
-    plan = merging.plan_merge(merging.BaseCheckpoint(base), merging.load_adapter(adapter), {}, None, "cpu")
+    from common.weights import ModelWeights
+    plan = merging.plan_merge(ModelWeights(base), merging.load_adapter(adapter), {}, None, "cpu")
     report = merging.verify(plan, tmp_path / "out", "cpu")
     assert report["ok"] and report["max_abs_diff"] <= 1e-4 < report["max_abs_diff_vs_base"]
 
