@@ -9,7 +9,7 @@ that is not checked here is a defect.
 | transformers | `masking_utils.ALL_MASK_ATTENTION_FUNCTIONS`, `sdpa_mask` | acceleration.register_packed_attention | a registered attention needs a mask function; `AttentionInterface` has no mask twin | test_speed |
 | peft | `tuners.lora.layer.Linear` internals: `lora_variant`, `_cast_input_dtype`, `scaling`, `lora_dropout`, `merged`, `disable_adapters`, `fan_in_fan_out` | acceleration._fused_lora_forward | the fused forward re-does `Linear.forward` in one addmm | test_speed (loss and gradients equal) |
 | huggingface_hub | `serialization._base.parse_size_to_int` | merging | the size parser `split_torch_state_dict_into_shards` uses, not re-exported | test_merge |
-| safetensors | `torch._getdtype` | merging | a header's dtype string as a torch dtype (the merge plans from headers) | test_merge |
+| safetensors | `torch._getdtype` | weights.ModelWeights | a header's dtype string as a torch dtype (merge and the GGUF export plan from headers) | test_merge, test_gguf |
 | torch | `ops.mkldnn._is_mkldnn_bf16_supported` | precision.cpu_has_native_bf16 | oneDNN's own answer to "native bf16 here" | test_precision |
 | torch | the weights-only unpickler's error texts ("Weights only load failed", "GLOBAL x ... is blocked" and kin) | safeload._unpickler_error | the refused global is named only in the message | test_convert (malicious pickles) |
 | Python | `_compat_pickle` name tables | safeload._py3_name | protocol-2 pickles name Python 2 modules | test_convert |
