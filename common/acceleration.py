@@ -58,8 +58,9 @@ def apply(model, recipe) -> FastPaths:
         causal_lm.set_attn_implementation(register_packed_attention())
     fused = chosen.fused_lora and recipe.lora is not None and fuse_lora(model) > 0
     # TRL's fused head scores only labelled positions, in tiles, on CUDA/XPU (Triton); elsewhere it projects every
-    # position through the LM head and adds entropy and accuracy over the full vocabulary.
-    labelled = (chosen.labelled_loss and not torch.cuda.is_available()
+    # position through the LM head and adds entropy and accuracy over the full vocabulary. This is SFT's loss: the
+    # preference trainers score pairs with their own (TRL's) head.
+    labelled = (chosen.labelled_loss and recipe.train.method == "sft" and not torch.cuda.is_available()
                 and "logits_to_keep" in inspect.signature(causal_lm.forward).parameters)
     return FastPaths(packed_attention=causal_lm.config._attn_implementation == PACKED_ATTENTION,
                      fused_lora=fused, labelled_loss=labelled,

@@ -78,6 +78,6 @@ def dump_dataset(rows: list[dict], path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+            f.write(json.dumps(row) + "\n")  # input_ids + labels (SFT), prompt_ids + chosen_ids + rejected_ids (pairs)
     os.replace(tmp, path)
     print(f"wrote {len(rows)} samples to {path}")
