@@ -7,7 +7,9 @@
 Held-out data: --data, else the run's data.eval_path, else the conversations its data.eval_fraction held out. Loss
 is scored on the answer tokens exactly as training scores them (the run's template, masks, truncation and
 max_length). Answers: the run's evaluation.prompts and the first user turn of up to --limit held-out conversations,
-greedy by default, through the same generation core as chat.py. Writes RUN/eval/report.md and report.json.
+greedy by default, through the same generation core as chat.py. Preference pairs (a DPO/ORPO run's data, or any pair
+file): also the preference accuracy and mean margin, and the loss is that of the chosen answers. Writes
+RUN/eval/report.md and report.json.
 """
 import argparse
 import sys
@@ -21,7 +23,8 @@ def parse_args(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="run, adapter or checkpoint directory (default: the latest run)")
-    p.add_argument("--data", nargs="+", metavar="FILE", help="held-out conversations (any format train.py reads)")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="held-out conversations or preference pairs (any format "
+                   "train.py reads)")
     p.add_argument("--limit", type=int, default=8, help="held-out conversations whose first turn is answered (default 8)")
     p.add_argument("--compare", metavar="OTHER", help="compare with this run, checkpoint or model instead of the base")
     p.add_argument("--max-new-tokens", type=int, help="answer length (default: the run's evaluation.max_new_tokens)")
@@ -33,17 +36,18 @@ def parse_args(argv=None):
 
 
 def held_out(args, source):
-    """(files named, held-out conversations) for this evaluation."""
+    """(files named, held-out records) for this evaluation: conversations, or preference pairs (common.pairs)."""
     from common.cli import UserError
     from common.dataset import recipe_conversations
-    from common.formats import load_conversations
+    from common.pairs import loader_for
 
     d = source.recipe.data if source.recipe else None
     if args.data or (d and d.eval_paths):
         files = args.data or d.eval_paths
-        return files, load_conversations(files, d.format if d else "auto", d.on_bad_record if d else "error")
+        return files, loader_for(files)(files, d.format if d else "auto", d.on_bad_record if d else "error")
     if d and d.eval_fraction:  # the same draw training made
-        return [f"{p} (the {d.eval_fraction:.0%} held out)" for p in d.paths], recipe_conversations(source.recipe)[1]
+        held = recipe_conversations(source.recipe, load=loader_for(d.paths))[1]
+        return [f"{p} (the {d.eval_fraction:.0%} held out)" for p in d.paths], held
     raise UserError(f"{source.name}: no held-out data (the run sets neither data.eval_path nor data.eval_fraction); "
                     "pass --data FILE")
 
@@ -53,7 +57,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm.auto import tqdm
 
-    from common import artifacts, evaluation
+    from common import artifacts, evaluation, preference
+    from common.pairs import as_conversations, encode_pairs
     from common.generation import Generator, Sampling, context_length
     from common.precision import canonical
     from common.recipe import DataConfig, EvaluationConfig
@@ -64,7 +69,8 @@ def main(argv=None) -> int:
     other = artifacts.resolve_model(args.compare, adapter_first=True) if args.compare else None
     out = args.out or (source.run_dir or source.adapter or source.model) / artifacts.EVAL_DIR
     artifacts.check_output(out, [], args.force)
-    files, conversations = held_out(args, source)
+    files, records = held_out(args, source)
+    pairs, conversations = preference.pairs_of(records), as_conversations(records)  # a pair scores its chosen answer
     d = source.recipe.data if source.recipe else DataConfig(template="tokenizer")
     cfg = source.recipe.evaluation if source.recipe else EvaluationConfig()
     template = get_template(d.template)
@@ -78,10 +84,11 @@ def main(argv=None) -> int:
         for ids, labels in make_samples(tokenizer, template, with_system(turns, d.system), max_length, d.truncation, stats):
             samples.append((n, ids, labels))
     rows = [evaluation.row_inputs(row) for row in evaluation.pack(samples, max_length)]
-    scores = {}
+    scores, pair_rows, preferences = {}, encode_pairs(pairs, tokenizer, template, max_length, d.system)[0], {}
     for who in ("base", "tuned"):
         with models.use(who) as model:
             scores[who] = evaluation.score(model, rows, len(conversations), progress, who)
+            preferences[who] = preference.preference_accuracy(model, pair_rows) if pair_rows else None
 
     # Answers, side by side, through the generation core.
     sampling = Sampling.from_evaluation(cfg, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
@@ -107,9 +114,13 @@ def main(argv=None) -> int:
                            "system": d.system, "samples": len(samples), "rows": len(rows),
                            "sampling": ("greedy" if sampling.temperature == 0 else f"temperature {sampling.temperature}")
                            + f", max_new_tokens {sampling.max_new_tokens}"}}
+    if pair_rows:
+        result["preference"] = preference.compare(preferences["base"], preferences["tuned"])
     with artifacts.atomic_dir(out) as tmp:
         evaluation.write_report(tmp, result)
     print(evaluation.summary(result))
+    if pair_rows:
+        print(preference.summary(result["preference"]))
     first = answers[0] if answers else None
     if first:
         print(f"\nQ: {first['prompt']}\nbase:  {first['base']}\ntuned: {first['tuned']}")

@@ -158,6 +158,8 @@ def answer_facts(completion) -> dict:
 # ---------------------------------------------------------------- report
 
 def report_markdown(result: dict) -> str:
+    from common.preference import markdown as preference_markdown
+
     b, t = result["base"], result["tuned"]
     lines = [f"# Evaluation: {result['tuned_name']} vs {result['base_name']}", "",
              f"Held-out data: {', '.join(result['data'])} — {result['conversations']} conversations "
@@ -168,7 +170,8 @@ def report_markdown(result: dict) -> str:
              f"| perplexity | {b['ppl']:.2f} | {t['ppl']:.2f} |",
              f"| answer tokens scored | {b['tokens']} | {t['tokens']} |", "",
              f"The tuned model's loss is lower on {result['tuned_better']} of {result['conversations']} conversations "
-             f"({100 * result['tuned_better_share']:.0f}%).", "", "## Per conversation", "",
+             f"({100 * result['tuned_better_share']:.0f}%).",
+             *(preference_markdown(result["preference"]) if "preference" in result else []), "", "## Per conversation", "",
              "| # | answer tokens | base loss | tuned loss |", "|---|---|---|---|"]
     for c in result["per_conversation"]:
         lines.append(f"| {c['index']} | {c['tokens']} | {c['base_loss']:.4f} | {c['tuned_loss']:.4f} |")

@@ -152,6 +152,19 @@ def is_pair_file(path: str | Path) -> bool:
     return any(is_pair_record(r) for _, r in records[:1])
 
 
+def loader_for(paths: list[str]):
+    """load_pairs for preference-pair files, load_conversations for the rest (eval.py takes either)."""
+    from common.formats import load_conversations
+
+    return load_pairs if paths and is_pair_file(paths[0]) else load_conversations
+
+
+def as_conversations(records: list) -> list[list[Turn]]:
+    """Conversations as they are; a pair as its prompt answered with the chosen answer (its held-out loss and the
+    prompt eval.py answers)."""
+    return [r.conversation(r.chosen) if isinstance(r, Pair) else r for r in records]
+
+
 # ---------------------------------------------------------------- files
 
 def load_pairs(paths: list[str], fmt: str = "auto", on_bad_record: str = "error",
