@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import UserError
-from common.formats import (SHAREGPT_ROLES, BadRecord, LoadReport, _records, _require, _text, messages_to_turns)
+from common.formats import SHAREGPT_ROLES, BadRecord, LoadReport, _records, _require, _text, messages_to_turns, read_file
 from common.templates import IGNORE, Template, Turn
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -171,32 +171,10 @@ def load_pairs(paths: list[str], fmt: str = "auto", on_bad_record: str = "error"
                report: LoadReport | None = None) -> list[Pair]:
     """All pairs of all files, in order. Broken records raise UserError (one line), or are skipped and counted."""
     report = LoadReport() if report is None else report
-    pairs = []
-    for name in paths:
-        path = Path(name)
-        records = _records(path, report)
-        file_fmt = fmt
-        if fmt == "auto":
-            file_fmt = next((f for _, r in records if (f := detect_pair_format(r))), None)
-            if file_fmt is None:
-                raise UserError(f"{path}: no preference pairs (no record has `chosen` and `rejected`); "
-                                "train.method dpo and orpo train on pairs, sft on conversations")
-        reader = PAIR_READERS[file_fmt]
-        for label, record in records:
-            try:
-                if isinstance(record, BadRecord):
-                    raise record
-                if not isinstance(record, dict):
-                    raise BadRecord("", f"expected an object, got {type(record).__name__}")
-                pair = reader(record)
-            except BadRecord as e:
-                message = f"{path}: {label}: {e}"
-                if on_bad_record == "error":
-                    raise UserError(message + " (set data.on_bad_record: skip to skip broken records)") from None
-                report.skipped.append(message)
-                continue
-            pairs.append(pair)
-    return pairs
+    unknown = ("no preference pairs (no record has `chosen` and `rejected`); train.method dpo and orpo train on pairs, "
+               "sft on conversations")
+    return [pair for name in paths
+            for pair in read_file(Path(name), fmt, PAIR_READERS, detect_pair_format, unknown, on_bad_record, report)]
 
 
 # ---------------------------------------------------------------- encoding

@@ -16,7 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.cli import UserError  # noqa: E402
-from common.formats import LoadReport  # noqa: E402
 from common.pairs import Pair, encode_pair, encode_pairs, load_pairs  # noqa: E402
 from common.templates import IGNORE, TEMPLATES, Turn, get_template  # noqa: E402
 import train  # noqa: E402
