@@ -153,6 +153,11 @@ def build_trainer(recipe, model, fast_paths, tokenizer, train_rows: list[dict], 
             # TRL copies any PeftModel's adapter as the reference ("ref"). A fresh adapter starts at zero (B = 0), so
             # its reference is the base itself: the adapter switched off, which needs neither the copy nor its compute.
             trainer.model.delete_adapter("ref")
+        if fast_paths.packed_pairs:  # after DPOTrainer has put its fused head on the model
+            from common.acceleration import pack_pairs
+            from common.loss import causal_lm_of
+
+            pack_pairs(causal_lm_of(trainer.model))
     else:
         config = ORPOConfig(**arguments, beta=p.orpo_lambda, max_length=max_length, remove_unused_columns=False)
         trainer = PairORPOTrainer(args=config, **common)

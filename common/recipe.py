@@ -14,7 +14,7 @@ import yaml
 from common.cli import UserError, read_json, reading
 
 
-FAST_PATHS = ("packed_attention", "fused_lora", "labelled_loss", "chunked_loss")  # common/acceleration.py
+FAST_PATHS = ("packed_attention", "fused_lora", "labelled_loss", "chunked_loss", "packed_pairs")  # common/acceleration.py
 METHODS = ("sft", "dpo", "orpo")  # train.method: SFT, or preference tuning on pairs (common/preference.py)
 # DPO losses of TRL's DPOTrainer that need no setting beyond beta (and label_smoothing for robust and exo_pair)
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
@@ -88,7 +88,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     deepspeed: Optional[str] = None  # a DEEPSPEED_PRESETS name (zero2 | zero3) or a DeepSpeed JSON file (GPU only)
     # common/acceleration.py's faster paths, each computing the same loss: true (all), false (TRL's own loss and
-    # attention, PEFT's LoRA forward) or a list of: packed_attention, fused_lora, labelled_loss, chunked_loss
+    # attention, PEFT's LoRA forward) or a list of: packed_attention, fused_lora, labelled_loss, chunked_loss,
+    # packed_pairs (DPO: a batch's pairs in one row, each prompt once)
     fast_paths: Union[bool, list[Literal[FAST_PATHS]]] = True
     method: Literal[METHODS] = "sft"  # sft on conversations; dpo or orpo on preference pairs (the `preference` section)
 
@@ -250,6 +251,9 @@ def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check
     paths = FAST_PATHS if t.fast_paths is True else t.fast_paths or ()
     if "chunked_loss" in paths and "labelled_loss" not in paths:
         problems.append("`train.fast_paths`: chunked_loss is a way of computing labelled_loss; list both")
+    if "packed_pairs" in paths and "packed_attention" not in paths:
+        problems.append("`train.fast_paths`: packed_pairs runs on packed_attention (a pair's branch attends to its "
+                        "prompt); list both")
     if t.max_steps <= 0 and t.epochs <= 0:
         problems.append("`train.epochs` must be > 0 unless `train.max_steps` is set")
     _check_method(recipe, problems, for_training)

@@ -418,6 +418,8 @@ def test_loss_and_rewards_equal_plain_trl_dpo(tmp_path, monkeypatch, tiny_model_
                                               task_type="CAUSAL_LM"))
     plain.train()
     theirs = [h for h in plain.state.log_history if "loss" in h]
+    paths = "fast paths: packed_attention, fused_lora, packed_pairs" if fast_paths else "fast paths: none"
+    assert paths in (tmp_path / "recipe" / "train.log").read_text(encoding="utf-8")
     assert len(theirs) == len(ours) == steps
     for mine, trl in zip(ours, theirs):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
@@ -425,6 +427,54 @@ def test_loss_and_rewards_equal_plain_trl_dpo(tmp_path, monkeypatch, tiny_model_
         for key in ("logps/chosen", "logps/rejected"):
             assert mine[key] == pytest.approx(trl[key], rel=1e-5), (mine["step"], key)
     assert ours[-1]["loss"] < math.log(2) - 1e-3  # the later steps compare trained weights, not the starting point
+
+
+def test_packed_pairs_give_the_padded_batch_outputs_and_gradients(tiny_model_dir, tokenizer):
+    """DPO's padded batch through one packed row (each prompt once, the rejected answer a branch of it): the fused
+    head's per-token outputs and the gradients equal the padded forward's; a batch of another shape goes through as
+    it is."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.utils import add_fused_lm_head
+
+    from common import acceleration
+
+    pairs = load_pairs([FIXTURES / "pairs_conversational.jsonl", FIXTURES / "pairs_llamafactory_alpaca.json"])
+    rows = [encode_pair(tokenizer, get_template("tokenizer"), p) for p in pairs]
+    batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(rows)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE)
+    assert (batch["attention_mask"] == 0).any()  # padded: the packed row drops that
+
+    def outputs_and_grads(packed: bool):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=acceleration.register_packed_attention())
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+        add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+        if packed:
+            acceleration.pack_pairs(model.get_base_model())
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                    use_cache=False, fused_lm_head=True)
+        (out.log_probs.sum(dim=1) * torch.arange(1.0, 1 + len(labels))).sum().backward()  # each row weighs apart
+        return out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    assert acceleration._pair_layout(batch["input_ids"], batch["attention_mask"], labels) is not None
+    (padded, padded_grads), (packed, packed_grads) = outputs_and_grads(False), outputs_and_grads(True)
+    torch.testing.assert_close(packed.log_probs, padded.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.entropy, padded.entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.mean_logits, padded.mean_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed.is_top1, padded.is_top1) and padded.log_probs.abs().sum() > 0
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m: name + m)
+    # not a DPO batch (an odd number of rows, or chosen and rejected prompts that differ): nothing is packed
+    assert acceleration._pair_layout(batch["input_ids"][:3], batch["attention_mask"][:3], labels[:3]) is None
+    half = len(labels) // 2
+    order = list(range(half)) + list(reversed(range(half, 2 * half)))  # rejected answers of other prompts
+    assert acceleration._pair_layout(batch["input_ids"][order], batch["attention_mask"][order], labels[order]) is None
 
 
 # ---------------------------------------------------------------- eval.py: preference accuracy
