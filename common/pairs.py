@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import UserError
-from common.formats import SHAREGPT_ROLES, BadRecord, LoadReport, _records, _require, _text, messages_to_turns, read_file
+from common.formats import (OPENAI_ROLES, SHAREGPT_ROLES, BadRecord, LoadReport, _records, _require, _text,
+                            messages_to_turns, read_file)
 from common.templates import IGNORE, Template, Turn
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -83,10 +84,8 @@ def read_conversational(record: dict) -> Pair:
     else:
         raise BadRecord("prompt", "missing")
     turns = messages_to_turns(prompt, list_key="prompt", open_end=True)
-    return _pair(turns, _message_answer(chosen, "chosen", _ROLES), _message_answer(rejected, "rejected", _ROLES))
-
-
-_ROLES = {"assistant": "assistant", "user": "user", "system": "system"}
+    return _pair(turns, _message_answer(chosen, "chosen", OPENAI_ROLES),
+                 _message_answer(rejected, "rejected", OPENAI_ROLES))
 
 
 def read_plain(record: dict) -> Pair:
