@@ -7,7 +7,9 @@
 Held-out data: --data, else the run's data.eval_path, else the conversations its data.eval_fraction held out. Loss
 is scored on the answer tokens exactly as training scores them (the run's template, masks, truncation and
 max_length). Answers: the run's evaluation.prompts and the first user turn of up to --limit held-out conversations,
-greedy by default, through the same generation core as chat.py. Writes RUN/eval/report.md and report.json.
+greedy by default, through the same generation core as chat.py. Preference pairs (a DPO/ORPO run's data, or any pair
+file): also the preference accuracy and mean margin, and the loss is that of the chosen answers. Writes
+RUN/eval/report.md and report.json.
 """
 import argparse
 import sys
@@ -21,7 +23,8 @@ def parse_args(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="run, adapter or checkpoint directory (default: the latest run)")
-    p.add_argument("--data", nargs="+", metavar="FILE", help="held-out conversations (any format train.py reads)")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="held-out conversations or preference pairs (any format "
+                   "train.py reads)")
     p.add_argument("--limit", type=int, default=8, help="held-out conversations whose first turn is answered (default 8)")
     p.add_argument("--compare", metavar="OTHER", help="compare with this run, checkpoint or model instead of the base")
     p.add_argument("--max-new-tokens", type=int, help="answer length (default: the run's evaluation.max_new_tokens)")
@@ -33,17 +36,18 @@ def parse_args(argv=None):
 
 
 def held_out(args, source):
-    """(files named, held-out conversations) for this evaluation."""
+    """(files named, held-out records) for this evaluation: conversations, or preference pairs (common.pairs)."""
     from common.cli import UserError
     from common.dataset import recipe_conversations
-    from common.formats import load_conversations
+    from common.pairs import loader_for
 
     d = source.recipe.data
     if args.data or d.eval_paths:
         files = args.data or d.eval_paths
-        return files, load_conversations(files, d.format, d.on_bad_record)
+        return files, loader_for(files)(files, d.format, d.on_bad_record)
     if d.eval_fraction:  # the same draw training made
-        return [f"{p} (the {d.eval_fraction:.0%} held out)" for p in d.paths], recipe_conversations(source.recipe)[1]
+        held = recipe_conversations(source.recipe, load=loader_for(d.paths))[1]
+        return [f"{p} (the {d.eval_fraction:.0%} held out)" for p in d.paths], held
     raise UserError(f"{source.name}: no held-out data (the run sets neither data.eval_path nor data.eval_fraction); "
                     "pass --data FILE")
 
@@ -61,8 +65,8 @@ def main(argv=None) -> int:
     other = artifacts.resolve_model(args.compare, adapter_first=True) if args.compare else None
     out = args.out or (source.run_dir or source.adapter or source.model) / artifacts.EVAL_DIR
     artifacts.check_output(out, [], args.force)
-    files, conversations = held_out(args, source)
-    result = evaluation.evaluate(source, other, conversations, files, canonical(args.torch_dtype), args.limit,
+    files, records = held_out(args, source)
+    result = evaluation.evaluate(source, other, records, files, canonical(args.torch_dtype), args.limit,
                                  args.max_new_tokens, args.temperature, progress=sys.stderr.isatty())
     with artifacts.atomic_dir(out) as tmp:
         evaluation.write_report(tmp, result)

@@ -1,4 +1,5 @@
-"""Fine-tune a chat model from a YAML recipe: LoRA, QLoRA or full SFT on TRL's SFTTrainer.
+"""Fine-tune a chat model from a YAML recipe: LoRA, QLoRA or full fine-tuning; SFT on TRL's SFTTrainer, or preference
+tuning (train.method: dpo | orpo) on TRL's DPOTrainer / ORPOTrainer.
 
     python train.py RECIPE [section.key=value ...] [--dry-run] [--dump-dataset OUT.jsonl] [--resume auto|PATH] [--force]
     torchrun --nproc_per_node 2 train.py RECIPE        data-parallel (gloo on CPU, NCCL on GPU)
@@ -29,20 +30,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def summary(recipe, trainer, precision, stats: dict, fast_paths, resume) -> str:
+def summary(recipe, trainer, precision, data_lines: list[str], fast_paths, resume) -> str:
     from common.modeling import parameter_counts
 
     trainable, total = parameter_counts(trainer.model)
-    m, t, d = recipe.model, recipe.train, recipe.data
-    kind = "full fine-tuning" if recipe.lora is None else (
-        f"{'QLoRA' if m.quantization else 'LoRA'} r={recipe.lora.r} alpha={recipe.lora.alpha} on {recipe.lora.target_modules}")
+    m, t = recipe.model, recipe.train
+    kind = "full fine-tuning" if recipe.lora is None else f"{'QLoRA' if m.quantization else 'LoRA'} " + (
+        f"continuing the adapter {m.adapter}" if m.adapter else
+        f"r={recipe.lora.r} alpha={recipe.lora.alpha} on {recipe.lora.target_modules}")
     world = trainer.args.world_size
     lines = [f"model: {m.path} ({precision.name}{', ' + m.quantization if m.quantization else ''}), {kind}",
              f"precision: {precision.reason}",
              f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
-             "dataset: " + ", ".join(f"{k}={v}" for k, v in stats.items() if k not in ("packed_rows", "packing_efficiency")),
-             (f"packed: {stats['packed_rows']:,} rows of {d.max_length}, packing efficiency "
-              f"{100 * stats['packing_efficiency']:.1f}%" if d.pack else f"unpacked: one sample per row of {d.max_length}"),
+             f"method: {t.method}",
+             *data_lines,
              f"fast paths: {', '.join(fast_paths.names()) or 'none (TRL and PEFT as they come)'}",
              f"effective batch size: {t.batch_size} x {t.grad_accum} accumulation x {world} process(es) = "
              f"{t.batch_size * t.grad_accum * world} rows/step",
@@ -59,8 +60,7 @@ def main(argv=None, extra_callbacks=()) -> int:
     args = parse_args(argv)
     import datasets
 
-    from common import artifacts, report
-    from common.dataset import build_datasets
+    from common import artifacts, methods
     from common.modeling import recipe_tokenizer
     from common.recipe import load_recipe
 
@@ -68,13 +68,14 @@ def main(argv=None, extra_callbacks=()) -> int:
     # every recipe problem at once, and what this machine cannot do (unless only the data is asked for)
     recipe = load_recipe(args.recipe, args.overrides, check_machine=not (args.dry_run or args.dump_dataset))
     tokenizer = recipe_tokenizer(recipe)
-    train_rows, eval_rows, stats = build_datasets(recipe, tokenizer)
+    method = methods.get(recipe.train.method)  # sft: conversations -> SFTTrainer; dpo, orpo: pairs -> their trainers
+    train_rows, eval_rows, stats = method.build_datasets(recipe, tokenizer)
     if args.dry_run:
-        report.print_dry_run(recipe, tokenizer, train_rows, stats)
+        method.print_dry_run(recipe, tokenizer, train_rows, stats)
         return 0
     if args.dump_dataset:
         artifacts.check_output(Path(args.dump_dataset), [], args.force)
-        report.dump_dataset(train_rows, args.dump_dataset)
+        method.dump_dataset(train_rows, args.dump_dataset)
         return 0
 
     from transformers import set_seed
@@ -85,7 +86,7 @@ def main(argv=None, extra_callbacks=()) -> int:
     from common.precision import resolve
     from common.recipe import save_recipe
     from common.templates import get_template
-    from common.training import build_trainer, save_final, set_chat_template
+    from common.training import save_final, set_chat_template
 
     precision = resolve(recipe.model.dtype)
     run_dir = Path(recipe.train.output_dir)
@@ -103,9 +104,9 @@ def main(argv=None, extra_callbacks=()) -> int:
     set_chat_template(tokenizer, template)
     interrupt = InterruptCallback(log)
     callbacks = list(extra_callbacks) + run_callbacks(recipe, run_dir, log, interrupt, tokenizer, template)
-    trainer = build_trainer(recipe, model, fast_paths, tokenizer, train_rows, eval_rows, callbacks, precision.dtype,
-                            disable_tqdm=not sys.stderr.isatty())
-    log(summary(recipe, trainer, precision, stats, fast_paths, resume))
+    trainer = method.build_trainer(recipe, model, fast_paths, tokenizer, train_rows, eval_rows, callbacks,
+                                   precision.dtype, disable_tqdm=not sys.stderr.isatty())
+    log(summary(recipe, trainer, precision, method.summary_lines(recipe, stats), fast_paths, resume))
 
     try:
         trainer.train(resume_from_checkpoint=resume)

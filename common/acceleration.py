@@ -7,8 +7,13 @@
   output and the addition are not separate passes over a (tokens x out_features) tensor in every projection.
 - LM head + loss at labelled positions, in chunks, with the gradient formed in the forward pass (used by
   common.training's Trainer where the head is a plain linear layer).
+- Packed pairs (DPO): TRL pads a batch's chosen and rejected sequences side by side, each repeating its prompt. Here
+  they run as one packed row instead: per pair, the prompt and chosen answer as a sample and the rejected answer as a
+  branch that attends to that same prompt (its position ids continue the prompt's), so a prompt is computed once and
+  no padding at all; the outputs of TRL's fused LM head are put back in the batch's layout, where DPOTrainer's loss
+  reads them unchanged.
 
-All three leave what is computed unchanged (the same sums, in other groupings: the loss moves by rounding only,
+All of them leave what is computed unchanged (the same sums, in other groupings: the loss moves by rounding only,
 tested against SFTTrainer's loss in float32) and step aside wherever their conditions do not hold (dropout, DoRA,
 several adapters, padding, a KV cache, a head that scales its logits), leaving PEFT's and transformers' own paths.
 
@@ -36,6 +41,7 @@ class FastPaths:
     fused_lora: bool = False
     labelled_loss: bool = False  # the LM head and the loss at labelled positions only
     chunked_loss: bool = False  # ... in chunks, the gradient formed in the forward pass
+    packed_pairs: bool = False  # DPO: a batch's pairs in one row, each prompt once (pack_pairs, installed by the trainer)
 
     @classmethod
     def chosen(cls, value) -> "FastPaths":
@@ -54,26 +60,43 @@ def apply(model, recipe) -> FastPaths:
     Trainer's loss reads. A recipe's own `model.attn_implementation` is kept as it is."""
     chosen = FastPaths.chosen(recipe.train.fast_paths)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if chosen.packed_attention and recipe.data.pack and not recipe.model.attn_implementation:
+    # Pairs pack into the policy's forward only: full fine-tuning's reference is another model (unpacked).
+    pairs = chosen.packed_pairs and recipe.train.method == "dpo" and recipe.lora is not None
+    if chosen.packed_attention and (recipe.data.pack or pairs) and not recipe.model.attn_implementation:
         causal_lm.set_attn_implementation(register_packed_attention())
     fused = chosen.fused_lora and recipe.lora is not None and fuse_lora(model) > 0
     # TRL's fused head scores only labelled positions, in tiles, on CUDA/XPU (Triton); elsewhere it projects every
-    # position through the LM head and adds entropy and accuracy over the full vocabulary.
-    labelled = (chosen.labelled_loss and not torch.cuda.is_available()
+    # position through the LM head and adds entropy and accuracy over the full vocabulary. This is SFT's loss: the
+    # preference trainers score pairs with their own (TRL's) head.
+    labelled = (chosen.labelled_loss and recipe.train.method == "sft" and not torch.cuda.is_available()
                 and "logits_to_keep" in inspect.signature(causal_lm.forward).parameters)
-    return FastPaths(packed_attention=causal_lm.config._attn_implementation == PACKED_ATTENTION,
-                     fused_lora=fused, labelled_loss=labelled,
-                     chunked_loss=labelled and chosen.chunked_loss and head_is_plain_linear(causal_lm))
+    packed = causal_lm.config._attn_implementation == PACKED_ATTENTION
+    return FastPaths(packed_attention=packed, fused_lora=fused, labelled_loss=labelled,
+                     chunked_loss=labelled and chosen.chunked_loss and head_is_plain_linear(causal_lm),
+                     packed_pairs=pairs and packed)
 
 
 # ---------------------------------------------------------------- attention, sample by sample
 
-def _sample_bounds(position_ids: torch.Tensor, length: int) -> list[int] | None:
-    """Start offsets of the samples of one packed row (+ its length), or None when it is not a packed row."""
+def _segments(position_ids: torch.Tensor, length: int) -> list[tuple[int, int, tuple[int, int] | None]] | None:
+    """The samples of one packed row as (start, end, shared), or None when it is not a packed row. A sample starts
+    where the position ids restart at 0. Where they fall back to k > 0 instead, a branch starts: it continues the
+    first k tokens of the sample before it (a pair's rejected answer after the prompt it shares with the chosen one),
+    and `shared` is where those k tokens are in the row."""
     if position_ids is None or position_ids.shape[0] != 1 or position_ids.shape[-1] != length:
         return None
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-    return starts + [length] if starts and starts[0] == 0 else None
+    pos = position_ids[0]
+    starts = [0] + ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist()
+    segments, root = [], None  # root: (start, end) of the sample that branches continue
+    for start, end, first in zip(starts, starts[1:] + [length], pos[starts].tolist()):
+        if first == 0:
+            root = (start, end)
+            segments.append((start, end, None))
+        elif root is not None and first <= root[1] - root[0]:
+            segments.append((start, end, (root[0], root[0] + first)))
+        else:
+            return None
+    return segments
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -81,14 +104,24 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     """transformers' attention-function interface: (batch, heads, seq, dim) in, (batch, seq, heads, dim) out."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    bounds = None
+    segments = None
     if query.shape[2] == key.shape[2] and dropout == 0.0:  # not decoding with a cache, no attention dropout
-        bounds = _sample_bounds(kwargs.get("position_ids"), query.shape[2])
-    if bounds is None:
+        segments = _segments(kwargs.get("position_ids"), query.shape[2])
+    if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     gqa = query.shape[1] != key.shape[1]
-    out = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                          scale=scaling, enable_gqa=gqa) for a, b in zip(bounds, bounds[1:])]
+    out = []
+    for a, b, shared in segments:
+        if shared is None:
+            out.append(F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                                      scale=scaling, enable_gqa=gqa))
+            continue
+        # a branch: its queries see the shared prefix whole and themselves causally (a lower-right causal mask)
+        k = torch.cat([key[:, :, shared[0]:shared[1]], key[:, :, a:b]], dim=2)
+        v = torch.cat([value[:, :, shared[0]:shared[1]], value[:, :, a:b]], dim=2)
+        mask = torch.ones(b - a, k.shape[2], dtype=torch.bool, device=query.device).tril(k.shape[2] - (b - a))
+        out.append(F.scaled_dot_product_attention(query[:, :, a:b], k, v, attn_mask=mask, scale=scaling,
+                                                  enable_gqa=gqa))
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -100,6 +133,65 @@ def register_packed_attention() -> str:
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
     return PACKED_ATTENTION
+
+
+# ---------------------------------------------------------------- DPO's pairs in one row
+
+def _pair_layout(input_ids, attention_mask, labels):
+    """A DPO batch (rows 0..B-1 chosen, B..2B-1 rejected, right-padded, labels only on the answers) as one packed row:
+    (ids, position ids, labels, index), where index maps each (row, position) of the batch's shifted outputs to its
+    place in the packed row's (-1: padding or nothing there). Per pair: prompt + chosen from position 0, then the
+    rejected answer as a branch from the prompt's last token (positions p-1...), so the position that predicts its
+    first token sees exactly the prompt. None when the batch is not of that shape."""
+    if input_ids is None or attention_mask is None or labels is None or input_ids.shape[0] % 2:
+        return None
+    rows, width = input_ids.shape
+    lengths = attention_mask.sum(dim=1)
+    positions = torch.arange(width, device=input_ids.device)
+    if not torch.equal(attention_mask.bool(), positions[None] < lengths[:, None]):  # right-padded, no holes
+        return None
+    labelled = labels != -100
+    firsts = torch.where(labelled.any(dim=1), labelled.int().argmax(dim=1), lengths).tolist()
+    lengths, half = lengths.tolist(), rows // 2
+    ids, pos, labs, index, offset = [], [], [], torch.full((rows, width - 1), -1, device=input_ids.device), 0
+    for c, r in zip(range(half), range(half, rows)):
+        p = firsts[c]
+        if p < 1 or p != firsts[r] or p >= lengths[c] or p >= lengths[r] or not torch.equal(input_ids[c, :p], input_ids[r, :p]):
+            return None
+        for row, start in ((c, 0), (r, p - 1)):  # the sample, then its branch
+            n = lengths[row] - start
+            ids.append(input_ids[row, start:lengths[row]])
+            pos.append(positions[start:lengths[row]])
+            labs.append(labels[row, start:lengths[row]])
+            index[row, start:lengths[row] - 1] = torch.arange(offset, offset + n - 1, device=input_ids.device)
+            offset += n
+    return torch.cat(ids)[None], torch.cat(pos)[None], torch.cat(labs)[None], index
+
+
+def pack_pairs(causal_lm) -> None:
+    """Route the fused-head forwards of TRL's DPOTrainer (`fused_lm_head=True`: the policy's and, adapter off, the
+    reference's) through one packed row per batch; everything else (generation, a batch of another shape) goes
+    through as before. Install after DPOTrainer has added its fused head to the model."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    forward = causal_lm.forward
+
+    def packed_forward(*args, fused_lm_head=False, **kwargs):
+        layout = None
+        if fused_lm_head and not args and kwargs.get("inputs_embeds") is None and kwargs.get("shift_labels") is None:
+            layout = _pair_layout(kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels"))
+        if layout is None:
+            return forward(*args, fused_lm_head=fused_lm_head, **kwargs)
+        ids, positions, labels, index = layout
+        rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "labels", "position_ids")}
+        out = forward(input_ids=ids, position_ids=positions, labels=labels, fused_lm_head=True, **rest)
+        keep, at = index >= 0, index.clamp(min=0)
+        back = lambda x: None if x is None else torch.where(keep, x[0][at], x.new_zeros(()))  # noqa: E731
+        return FusedCausalLMOutput(loss=out.loss, log_probs=back(out.log_probs), entropy=back(out.entropy),
+                                   log_sum_sq_probs=back(out.log_sum_sq_probs), mean_logits=back(out.mean_logits),
+                                   is_top1=back(out.is_top1), label_mask=back(out.label_mask), aux_loss=out.aux_loss)
+
+    causal_lm.forward = packed_forward
 
 
 # ---------------------------------------------------------------- LoRA as one addmm

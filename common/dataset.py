@@ -15,13 +15,15 @@ from common.samples import Stats, encode_conversations, packing_stats
 from common.templates import get_template
 
 
-def recipe_conversations(recipe, report: LoadReport | None = None) -> tuple[list[list[Turn]], list[list[Turn]]]:
+def recipe_conversations(recipe, report: LoadReport | None = None,
+                         load=load_conversations) -> tuple[list[list[Turn]], list[list[Turn]]]:
     """(training, held-out) conversations of a recipe: data.eval_path, else a data.eval_fraction share drawn with
-    train.seed, else none held out. eval.py scores the same held-out conversations that training evaluated on."""
+    train.seed, else none held out. eval.py scores the same held-out conversations that training evaluated on.
+    `load` reads the files (common.pairs.load_pairs: preference pairs, held out the same way)."""
     d = recipe.data
     report = LoadReport() if report is None else report
-    conversations = load_conversations(d.paths, d.format, d.on_bad_record, report)
-    held_out = load_conversations(d.eval_paths, d.format, d.on_bad_record, report) if d.eval_paths else []
+    conversations = load(d.paths, d.format, d.on_bad_record, report)
+    held_out = load(d.eval_paths, d.format, d.on_bad_record, report) if d.eval_paths else []
     if d.eval_fraction and not held_out:
         order = list(range(len(conversations)))
         random.Random(recipe.train.seed).shuffle(order)

@@ -191,30 +191,37 @@ class Result:
     per_conversation: list[dict]  # index, tokens, base_loss, tuned_loss
     answers: list[dict]  # prompt, source, and per model (base, tuned): the answer, how it ended, its facts
     settings: dict  # template, truncation, max_length, system, samples, rows, sampling
+    preference: dict | None = None  # held-out pairs: common.preference.compare (accuracy, margins), base vs tuned
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def evaluate(source, other, conversations: list, files: list, dtype: str = "auto", limit: int = 8,
+def evaluate(source, other, records: list, files: list, dtype: str = "auto", limit: int = 8,
              max_new_tokens: int | None = None, temperature: float = 0.0, progress: bool = False) -> Result:
     """The tuned model, `source` (an artifacts.ModelSource), against `other` (None: its base, the adapter switched
-    off) on held-out conversations, in the tuned model's settings (its run's template, system prompt, truncation,
-    max_length and evaluation section): the loss on the answer tokens, and answers to the evaluation prompts and to
-    the first user turn of up to `limit` conversations (greedy unless a temperature is given)."""
+    off) on held-out conversations or preference pairs, in the tuned model's settings (its run's template, system
+    prompt, truncation, max_length and evaluation section): the loss on the answer tokens (a pair's chosen answer),
+    answers to the evaluation prompts and to the first user turn of up to `limit` records (greedy unless a temperature
+    is given), and for pairs the preference accuracy and margins (common.preference)."""
+    from common import preference
     from common.generation import Sampling
+    from common.pairs import as_conversations, encode_pairs
     from common.templates import get_template
 
+    conversations = as_conversations(records)
     recipe = source.recipe
     d = recipe.data
     template = get_template(d.template)
     models = Contestants(source, other, dtype)
     samples = held_out_samples(models.tokenizer, template, conversations, d)
     rows = scoring_rows(samples, d.max_length, models.tokenizer.pad_token_id)
-    scores = {}
+    pair_rows = encode_pairs(preference.pairs_of(records), models.tokenizer, template, d.max_length, d.system)[0]
+    scores, preferences = {}, {}
     for who in WHO:
         with models.use(who) as model:
             scores[who] = score(model, rows, len(conversations), progress, who)
+            preferences[who] = preference.preference_accuracy(model, pair_rows) if pair_rows else None
 
     sampling = Sampling.from_evaluation(recipe.evaluation, max_new_tokens=max_new_tokens, temperature=temperature)
     prompts = [(p, "evaluation.prompts") for p in recipe.evaluation.prompts] + [
@@ -231,12 +238,15 @@ def evaluate(source, other, conversations: list, files: list, dtype: str = "auto
                   tuned.summary(), better, round(better / max(len(per), 1), 4), per, answers,
                   {"template": template.name, "truncation": d.truncation, "max_length": d.max_length,
                    "system": d.system, "samples": len(samples), "rows": len(rows),
-                   "sampling": f"{kind}, max_new_tokens {sampling.max_new_tokens}"})
+                   "sampling": f"{kind}, max_new_tokens {sampling.max_new_tokens}"},
+                  preference.compare(preferences["base"], preferences["tuned"]) if pair_rows else None)
 
 
 # ---------------------------------------------------------------- report
 
 def report_markdown(result: Result) -> str:
+    from common.preference import markdown as preference_markdown
+
     b, t = result.base, result.tuned
     lines = [f"# Evaluation: {result.tuned_name} vs {result.base_name}", "",
              f"Held-out data: {', '.join(result.data)} — {result.conversations} conversations "
@@ -247,7 +257,8 @@ def report_markdown(result: Result) -> str:
              f"| perplexity | {b['ppl']:.2f} | {t['ppl']:.2f} |",
              f"| answer tokens scored | {b['tokens']} | {t['tokens']} |", "",
              f"The tuned model's loss is lower on {result.tuned_better} of {result.conversations} conversations "
-             f"({100 * result.tuned_better_share:.0f}%).", "", "## Per conversation", "",
+             f"({100 * result.tuned_better_share:.0f}%).",
+             *(preference_markdown(result.preference) if result.preference else []), "", "## Per conversation", "",
              "| # | answer tokens | base loss | tuned loss |", "|---|---|---|---|"]
     for c in result.per_conversation:
         lines.append(f"| {c['index']} | {c['tokens']} | {c['base_loss']:.4f} | {c['tuned_loss']:.4f} |")
@@ -269,7 +280,10 @@ def write_report(out_dir, result: Result) -> None:
 
 
 def summary(result: Result) -> str:
+    from common.preference import summary as preference_summary
+
     b, t = result.base, result.tuned
     return (f"held-out loss over {b['tokens']} answer tokens of {result.conversations} conversations: "
             f"base {b['loss']:.4f} (ppl {b['ppl']:.2f}) -> tuned {t['loss']:.4f} (ppl {t['ppl']:.2f}); "
-            f"tuned lower on {result.tuned_better}/{result.conversations} ({100 * result.tuned_better_share:.0f}%)")
+            f"tuned lower on {result.tuned_better}/{result.conversations} ({100 * result.tuned_better_share:.0f}%)"
+            + (f"\n{preference_summary(result.preference)}" if result.preference else ""))

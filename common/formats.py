@@ -145,34 +145,41 @@ def _records(path: Path, report: LoadReport) -> list[tuple[str, object]]:
     raise UserError(f"{path}: expected a list of records, got {kind}")
 
 
+def read_file(path: Path, fmt: str, readers: dict, detect, unknown: str, on_bad_record: str, report: LoadReport):
+    """Each record of one file through its format's reader (`fmt`, or `detect`ed from the first record it knows;
+    `unknown` says why none was). A broken record raises one UserError line, or with on_bad_record "skip" is counted
+    in report.skipped. Conversations (load_conversations) and preference pairs (common.pairs) are read here."""
+    records = _records(path, report)
+    if fmt == "auto":
+        fmt = next((f for _, r in records if (f := detect(r))), None)
+        if fmt is None:
+            raise UserError(f"{path}: {unknown}")
+    reader = readers[fmt]
+    for label, record in records:
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            if not isinstance(record, dict):
+                raise BadRecord("", f"expected an object, got {type(record).__name__}")
+            result = reader(record)
+        except BadRecord as e:
+            message = f"{path}: {label}: {e}"
+            if on_bad_record == "error":
+                raise UserError(message + " (set data.on_bad_record: skip to skip broken records)") from None
+            report.skipped.append(message)
+            continue
+        yield result
+
+
 def load_conversations(paths: list[str], fmt: str = "auto", on_bad_record: str = "error",
                        report: LoadReport | None = None) -> list[list[Turn]]:
     """All records of all files, in order. Broken records raise UserError, or are skipped and counted."""
     report = LoadReport() if report is None else report
+    unknown = (f"cannot tell the data format (no record has a {', '.join(repr(k) for k in FORMAT_KEYS)} key); "
+               "set data.format")
     conversations = []
     for name in paths:
-        path = Path(name)
-        records = _records(path, report)
-        file_fmt = fmt
-        if fmt == "auto":
-            file_fmt = next((f for _, r in records if (f := detect_format(r))), None)
-            if file_fmt is None:
-                raise UserError(f"{path}: cannot tell the data format (no record has a "
-                                f"{', '.join(repr(k) for k in FORMAT_KEYS)} key); set data.format")
-        reader = FORMAT_READERS[file_fmt]
-        for label, record in records:
-            try:
-                if isinstance(record, BadRecord):
-                    raise record
-                if not isinstance(record, dict):
-                    raise BadRecord("", f"expected an object, got {type(record).__name__}")
-                turns = reader(record)
-            except BadRecord as e:
-                message = f"{path}: {label}: {e}"
-                if on_bad_record == "error":
-                    raise UserError(message + " (set data.on_bad_record: skip to skip broken records)") from None
-                report.skipped.append(message)
-                continue
+        for turns in read_file(Path(name), fmt, FORMAT_READERS, detect_format, unknown, on_bad_record, report):
             if not turns:
                 report.dropped_empty += 1
                 continue

@@ -94,7 +94,12 @@ def load_model(recipe, dtype: torch.dtype):
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.lora is not None:
+    if m.adapter is not None:  # continue a trained adapter (an SFT run's final/): its own LoRA settings apply
+        from peft import PeftModel
+
+        with _loading("`model.adapter`", m.adapter):
+            model = PeftModel.from_pretrained(model, m.adapter, is_trainable=True)
+    elif recipe.lora is not None:
         from peft import get_peft_model
 
         model = get_peft_model(model, lora_config(recipe))

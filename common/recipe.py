@@ -15,7 +15,11 @@ from common.cli import UserError, did_you_mean, read_json, reading
 from common.samples import TRUNCATION_MODES
 
 
-FAST_PATHS = ("packed_attention", "fused_lora", "labelled_loss", "chunked_loss")  # common/acceleration.py
+FAST_PATHS = ("packed_attention", "fused_lora", "labelled_loss", "chunked_loss", "packed_pairs")  # common/acceleration.py
+METHODS = ("sft", "dpo", "orpo")  # train.method: SFT, or preference tuning on pairs (common/preference.py)
+# DPO losses of TRL's DPOTrainer that need no setting beyond beta (and label_smoothing for robust and exo_pair)
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+              "apo_down", "sigmoid_norm", "discopop")
 
 
 @dataclass
@@ -26,6 +30,7 @@ class ModelConfig:
     quantization: Optional[Literal["4bit", "8bit"]] = None  # 4bit = NF4 + double quant (QLoRA)
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None  # e.g. sdpa, eager, flash_attention_2
+    adapter: Optional[str] = None  # a trained PEFT adapter of model.path to continue (its own LoRA settings apply)
 
 
 @dataclass
@@ -84,8 +89,19 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     deepspeed: Optional[str] = None  # a DEEPSPEED_PRESETS name (zero2 | zero3) or a DeepSpeed JSON file (GPU only)
     # common/acceleration.py's faster paths, each computing the same loss: true (all), false (TRL's own loss and
-    # attention, PEFT's LoRA forward) or a list of: packed_attention, fused_lora, labelled_loss, chunked_loss
+    # attention, PEFT's LoRA forward) or a list of: packed_attention, fused_lora, labelled_loss, chunked_loss,
+    # packed_pairs (DPO: a batch's pairs in one row, each prompt once)
     fast_paths: Union[bool, list[Literal[FAST_PATHS]]] = True
+    method: Literal[METHODS] = "sft"  # sft on conversations; dpo or orpo on preference pairs (the `preference` section)
+
+
+@dataclass
+class PreferenceConfig:
+    """train.method dpo | orpo (TRL's DPOTrainer, trl.experimental.orpo.ORPOTrainer)."""
+    beta: float = 0.1  # DPO: how far the policy may move from the reference (higher = closer)
+    loss_type: Literal[DPO_LOSSES] = "sigmoid"  # DPO's loss (TRL's loss_type)
+    label_smoothing: float = 0.0  # DPO robust / exo_pair: the assumed share of flipped labels
+    orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term beside the NLL of the chosen answer (TRL's beta)
 
 
 @dataclass
@@ -106,6 +122,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     source: Optional[str] = field(default=None, metadata={"internal": True})  # recipe file it came from
 
 
@@ -232,10 +249,41 @@ def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check
     paths = FAST_PATHS if t.fast_paths is True else t.fast_paths or ()
     if "chunked_loss" in paths and "labelled_loss" not in paths:
         problems.append("`train.fast_paths`: chunked_loss is a way of computing labelled_loss; list both")
+    if "packed_pairs" in paths and "packed_attention" not in paths:
+        problems.append("`train.fast_paths`: packed_pairs runs on packed_attention (a pair's branch attends to its "
+                        "prompt); list both")
     if t.max_steps <= 0 and t.epochs <= 0:
         problems.append("`train.epochs` must be > 0 unless `train.max_steps` is set")
+    _check_method(recipe, problems, for_training)
     if check_machine:
         _check_machine(recipe, problems)
+
+
+# Which `preference` keys each method reads; a key set for a method that ignores it is a problem, not a silent no-op.
+PREFERENCE_KEYS = {"sft": (), "dpo": ("beta", "loss_type", "label_smoothing"), "orpo": ("orpo_lambda",)}
+
+
+def _check_method(recipe: Recipe, problems: list[str], for_training: bool) -> None:
+    """train.method against the preference section, packing and model.adapter."""
+    method, p, m = recipe.train.method, recipe.preference, recipe.model
+    default = PreferenceConfig()
+    for key in (f.name for f in dataclasses.fields(PreferenceConfig)):
+        if getattr(p, key) != getattr(default, key) and key not in PREFERENCE_KEYS[method]:
+            users = [name for name, keys in PREFERENCE_KEYS.items() if key in keys]
+            problems.append(f"`preference.{key}` applies to train.method {' or '.join(users)}, not {method}")
+    if method != "sft" and recipe.data.pack:
+        problems.append(f"`data.pack`: train.method {method} trains on pairs, which are not packed; set data.pack: false")
+    if p.beta <= 0 or p.orpo_lambda <= 0:
+        problems.append("`preference.beta` and `preference.orpo_lambda` must be > 0")
+    if p.loss_type == "exo_pair" and not 0.0 < p.label_smoothing < 0.5:
+        problems.append("`preference.label_smoothing`: loss_type exo_pair needs 0 < x < 0.5 (e.g. 1e-3)")
+    elif not 0.0 <= p.label_smoothing < 0.5:
+        problems.append(f"`preference.label_smoothing`: got {p.label_smoothing}, expected 0 <= x < 0.5")
+    if m.adapter is not None:
+        if recipe.lora is None:
+            problems.append("`model.adapter` continues a LoRA adapter: it cannot be combined with `lora: null`")
+        elif for_training and not Path(m.adapter, "adapter_config.json").is_file():
+            problems.append(f"`model.adapter`: {m.adapter} holds no adapter_config.json (not a PEFT adapter directory)")
 
 
 # `train.deepspeed` presets. The Trainer fills the "auto" values from its own arguments (batch sizes, accumulation,

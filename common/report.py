@@ -74,5 +74,5 @@ def dump_dataset(rows: list[dict], path: str | Path) -> None:
 
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+            f.write(json.dumps(row) + "\n")  # input_ids + labels (SFT), prompt_ids + chosen_ids + rejected_ids (pairs)
     print(f"wrote {len(rows)} samples to {path}")

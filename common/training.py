@@ -140,9 +140,6 @@ def build_trainer(recipe: Recipe, model, fast_paths: FastPaths, tokenizer, train
                   eval_rows: list[dict] | None, callbacks: list, dtype: torch.dtype,
                   disable_tqdm: bool) -> LabelledSFTTrainer:
     from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from common.callbacks import QuietProgressCallback
 
     if not train_rows:
         raise UserError("no training rows: every record was empty or skipped")
@@ -157,11 +154,19 @@ def build_trainer(recipe: Recipe, model, fast_paths: FastPaths, tokenizer, train
     args = sft_config(recipe, dtype, has_eval=evals is not None, disable_tqdm=disable_tqdm)
     trainer = LabelledSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
                                  processing_class=tokenizer, callbacks=callbacks, fast_paths=fast_paths)
-    # Our own line logs replace the Trainer's dict printing; the tqdm bar stays on a TTY.
+    use_run_console(trainer)
+    return trainer
+
+
+def use_run_console(trainer) -> None:
+    """Our own line logs (callbacks.MetricsCallback) replace the Trainer's dict printing; the tqdm bar stays on a TTY."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from common.callbacks import QuietProgressCallback
+
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(QuietProgressCallback)
-    return trainer
 
 
 def save_final(trainer, recipe: Recipe, tokenizer) -> Path:
