@@ -53,6 +53,8 @@ def parse_args(argv=None):
     serving.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on /v1")
     serving.add_argument("--queue-size", type=int, default=16, metavar="N", help="requests that may wait while one "
                          "is answered; more get 429 (default 16)")
+    serving.add_argument("--max-request-bytes", type=int, metavar="N", help="larger request bodies get 413 before "
+                         "they are read (default 1 MiB: common.serving.MAX_REQUEST_BYTES)")
     args = p.parse_args(argv)
     if args.system is not None and args.system_template:
         p.error("give --system or --system-template, not both")
@@ -60,6 +62,8 @@ def parse_args(argv=None):
         p.error("give --serve or --once, not both")
     if args.queue_size < 1:
         p.error("--queue-size must be at least 1")
+    if args.max_request_bytes is not None and args.max_request_bytes < 1:
+        p.error("--max-request-bytes must be at least 1")
     if args.api_key == "":
         p.error("--api-key is empty (leave it out to serve without a key)")
     args.torch_dtype = canonical(args.torch_dtype)
@@ -102,7 +106,8 @@ def main(argv=None):
     if args.serve:
         from common.serving import serve
 
-        return serve(generator, sampling, system, source, args.host, args.port, args.api_key, args.queue_size)
+        return serve(generator, sampling, system, source, args.host, args.port, args.api_key, args.queue_size,
+                     args.max_request_bytes)
     if args.once is not None:
         console = repl.Console(interactive=False, stream=not args.no_stream)
         return repl.converse(session, console, [("--once", args.once)])

@@ -29,12 +29,26 @@ from typing import Optional
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from common.cli import UserError, first_line
-from common.conversation import BadRecord, messages_to_turns
+from common.conversation import OPENAI_ROLES, BadRecord, messages_to_turns
 from common.generation import Completion, Generator, Sampling, no_room
 
 SEED_LIMIT = 2 ** 63  # torch.manual_seed takes 64-bit seeds; OpenAI's seed is a non-negative integer
+MAX_DEPTH = 32  # nesting of the body's JSON: a chat request needs 4 (body, messages, message, content part)
+MAX_REQUEST_BYTES = 1 << 20  # --max-request-bytes' default: 1 MiB is far more text than a 32k-token context holds
+ROLES = {**OPENAI_ROLES, "developer": "system"}  # `developer`: OpenAI's newer name for the system message
+# OpenAI fields this server does not implement: refused by name rather than silently ignored, when set to anything
+# but their "off" value (null, false, 0, an empty list or object).
+UNSUPPORTED = {
+    "tools": "tool calls are not implemented", "tool_choice": "tool calls are not implemented",
+    "functions": "function calls are not implemented", "function_call": "function calls are not implemented",
+    "logprobs": "log probabilities are not returned", "top_logprobs": "log probabilities are not returned",
+    "presence_penalty": "no presence penalty is applied (send 0)",
+    "frequency_penalty": "no frequency penalty is applied (send 0)",
+    "logit_bias": "logit bias is not applied",
+}
 
 
 # ---------------------------------------------------------------- errors
@@ -74,11 +88,21 @@ def parse_request(body: bytes, defaults: Sampling, system: Optional[str] = None,
     """The request body -> what to generate, or an ApiError (400) that names the offending field. `context`: the
     model's context in tokens, which max_tokens must leave room in."""
     try:
-        data = json.loads(body)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError alike
+        text = body.decode("utf-8")  # strict: JSON is UTF-8, and json.loads(bytes) would let encoded surrogates in
+    except UnicodeDecodeError as e:
+        raise bad_request(f"the body is not valid UTF-8: {e.reason} at byte {e.start}") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:  # the decoder recurses per level: thousands of [ end it there, cheaply
+        raise bad_request(f"the body is nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as e:
         raise bad_request(f"the body is not valid JSON: {e}") from None
+    check_values(data)
     if not isinstance(data, dict):
         raise bad_request(f"the body must be a JSON object, got {json_type(data)}")
+    for name, why in UNSUPPORTED.items():
+        if data.get(name) not in (None, False, 0, [], {}):
+            raise bad_request(f"`{name}` is not supported by this server: {why}", name)
     messages = parse_messages(data.get("messages"))
     if integer(data, "n", minimum=1) not in (None, 1):
         raise bad_request("n > 1 is not supported: the server gives one answer per request", "n")
@@ -108,10 +132,31 @@ def parse_messages(messages) -> list[dict]:
     try:
         # Roles, string contents and a last user message to answer: the same rules the generation core applies,
         # checked here so that a bad conversation is refused before it waits in the queue.
-        messages_to_turns(messages, open_end=True)
+        messages_to_turns(messages, open_end=True, roles=ROLES)
     except BadRecord as e:
         raise bad_request(str(e), "messages") from None
-    return messages
+    return [{**m, "role": ROLES[m["role"]]} for m in messages]
+
+
+def check_values(data) -> None:
+    """Refuse what a tokenizer or a later json.dumps would fail on, naming where it is: nesting beyond MAX_DEPTH,
+    and strings holding a lone surrogate (JSON's "\\ud800" escapes decode to one; UTF-8 cannot encode it)."""
+    pending = [(data, "the body", 0)]
+    while pending:  # a loop, not recursion: the depth is what is being checked
+        value, where, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            raise bad_request(f"the body is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise bad_request(f"{where}: a lone surrogate (\\u{ord(value[e.start]):04x}) at character {e.start} "
+                                  "is not text", where.split("[")[0].split(".")[0] if depth else None) from None
+        elif isinstance(value, dict):
+            pending += [(v, k if depth == 0 else f"{where}.{k}", depth + 1) for k, v in value.items()]
+            pending += [(k, f"a key of {where}", depth + 1) for k in value]  # error messages may quote keys
+        elif isinstance(value, list):
+            pending += [(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
 
 
 def json_type(value) -> str:
@@ -252,6 +297,30 @@ class Worker:
         return Finished(completion)
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its request body was complete: nobody to answer."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` bytes: by its Content-Length before any
+    of it is read, else (chunked) at the chunk that crosses it. Nothing over the limit is kept, parsed or tokenized."""
+    too_big = ApiError(413, f"the request body is larger than the server's limit of {limit} bytes "
+                            "(chat.py --max-request-bytes)", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
+    return b"".join(chunks)
+
+
 async def cancel_on_disconnect(request: Request, job: Job) -> None:
     """Cancel the job when the client goes away. After the body is read, the server's receive() returns only on a
     disconnect, or once the response is complete (when cancelling a finished job does nothing)."""
@@ -328,7 +397,7 @@ def finish(job: Job, watcher: asyncio.Task) -> None:
 # ---------------------------------------------------------------- the app
 
 def create_app(worker: Worker, model: str, defaults: Sampling, system: Optional[str] = None,
-               api_key: Optional[str] = None) -> FastAPI:
+               api_key: Optional[str] = None, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     # No /docs or /openapi.json: they would be reachable without the key and describe nothing a client needs.
     app = FastAPI(title="chat.py --serve", docs_url=None, redoc_url=None, openapi_url=None)
     add_error_handlers(app)
@@ -346,7 +415,8 @@ def create_app(worker: Worker, model: str, defaults: Sampling, system: Optional[
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        chat = parse_request(await request.body(), defaults, system, worker.generator.max_length)
+        body = await read_body(request, max_request_bytes)
+        chat = parse_request(body, defaults, system, worker.generator.max_length)
         job = Job(chat, asyncio.get_running_loop())
         worker.submit(job)
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
@@ -394,6 +464,14 @@ def add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, e: ApiError):
         return e.response()
 
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, e: ClientGone):  # one line for the operator; the response goes nowhere
+        client = request.client
+        print(f"{client.host}:{client.port} - the client closed the connection before its request body was complete"
+              if client else "a client closed the connection before its request body was complete",
+              file=sys.stderr, flush=True)
+        return ApiError(499, "the client closed the request", code="client_closed").response()
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         return ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
@@ -415,12 +493,14 @@ def model_id(source) -> str:
 
 
 def serve(generator: Generator, sampling: Sampling, system: Optional[str], source, host: str = "127.0.0.1",
-          port: int = 8000, api_key: Optional[str] = None, queue_size: int = 16) -> None:
+          port: int = 8000, api_key: Optional[str] = None, queue_size: int = 16,
+          max_request_bytes: Optional[int] = None) -> None:
     """Serve until Ctrl-C (SIGINT) or SIGTERM."""
     import uvicorn
 
     model = model_id(source)
-    app = create_app(Worker(generator, queue_size), model, sampling, system, api_key)
+    app = create_app(Worker(generator, queue_size), model, sampling, system, api_key,
+                     max_request_bytes or MAX_REQUEST_BYTES)
     print(f"serving {model} at http://{host}:{port}/v1 | template {generator.template.name} | context "
           f"{generator.max_length} tokens | one request at a time, up to {queue_size} waiting"
           + ("" if api_key else " | no API key"), file=sys.stderr, flush=True)

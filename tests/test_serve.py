@@ -31,6 +31,7 @@ POLL = 0.1  # seconds between /health polls
 # One torch thread in the server (and in the --once reference, for the same arithmetic): two processes whose thread
 # pools spin against each other on a busy 2-core machine generate up to 50 times slower.
 SERVER_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+MAX_BYTES = 64 * 1024  # the tiny server's --max-request-bytes: room for LONG_PROMPT (about 12 kB)
 LONG = 900  # max_tokens that keep the tiny model busy for a second or two on 2 cores (its context is 1024)
 
 
@@ -114,7 +115,8 @@ def start(request, tmp_path_factory, model, *flags, key=None) -> Server:
 @pytest.fixture(scope="module")
 def tiny(request, tmp_path_factory, tiny_model_dir):
     """The tiny model behind a key, a system prompt and room for one waiting request."""
-    return start(request, tmp_path_factory, tiny_model_dir, "--system", SYSTEM, "--queue-size", "1", key=KEY)
+    return start(request, tmp_path_factory, tiny_model_dir, "--system", SYSTEM, "--queue-size", "1",
+                 "--max-request-bytes", str(MAX_BYTES), key=KEY)
 
 
 @pytest.fixture(scope="module")
@@ -353,6 +355,20 @@ LONG_PROMPT = "我最近很焦虑，晚上睡不着，白天也没有精神。" 
     ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, "seed", "integer"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop", "string or a list of strings"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream", "true or false"),
+    # Hostile bodies: refused before they reach the tokenizer or the JSON encoder (each was a 500).
+    (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages", "messages[0].content: a lone surrogate"),
+    (b'{"messages": [{"role": "user", "content": "hi \xed\xa0\x80"}]}', None, "not valid UTF-8"),
+    (b'{"stop": ["\\udfff"], "messages": [{"role": "user", "content": "hi"}]}', "stop", "lone surrogate"),
+    (b"[" * 10_000 + b"]" * 10_000, None, "nested more than"),
+    ({"messages": [{"role": "user", "content": "hi"}], "x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]},
+     None, "nested more than"),
+    # OpenAI fields the server does not implement: named, not ignored.
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools", "`tools` is not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -1}, "frequency_penalty", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs", "not supported"),
 ])
 def test_bad_input_is_a_400_in_openai_shape(tiny, body, param, words):
     bodies = [body] if not isinstance(body, dict) or "stream" in body else [body, {**body, "stream": True}]
@@ -360,6 +376,56 @@ def test_bad_input_is_a_400_in_openai_shape(tiny, body, param, words):
         error = is_openai_error(tiny.post(sent), 400)
         assert words in error["message"] and error["param"] == param
         assert error["type"] == "invalid_request_error"
+
+
+def test_tiny_temperatures_are_greedy_and_off_values_of_unsupported_fields_are_accepted(tiny):
+    client = tiny.client()
+    greedy = ask(client, QUESTION, temperature=0, max_tokens=12)
+    tiny_t = ask(client, QUESTION, temperature=1e-300, max_tokens=12, top_p=0)  # was a 500 (NaN probabilities)
+    assert tiny_t.choices[0].message.content == greedy.choices[0].message.content
+    off = ask(client, QUESTION, temperature=0, max_tokens=12, presence_penalty=0, frequency_penalty=0, logprobs=False,
+              tools=[])
+    assert off.choices[0].message.content == greedy.choices[0].message.content
+
+
+def test_the_developer_role_is_a_system_message(tiny):
+    client = tiny.client()
+    as_system, as_developer = (client.chat.completions.create(model="any", temperature=0, max_tokens=8, messages=[
+        {"role": role, "content": "hi"}, {"role": "user", "content": QUESTION}]) for role in ("system", "developer"))
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+
+
+def test_bodies_over_the_limit_are_413_before_they_are_read(tiny):
+    big = {"messages": [{"role": "user", "content": "x" * MAX_BYTES}]}
+    started = time.monotonic()
+    error = is_openai_error(tiny.post(big), 413)  # Content-Length says it all
+    assert "--max-request-bytes" in error["message"] and error["code"] == "request_too_large"
+    # 20 MB announced by Content-Length: answered at once, before the body is read.
+    with socket.create_connection(("127.0.0.1", tiny.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 20000000\r\n\r\n{")
+        assert s.recv(4096).startswith(b"HTTP/1.1 413 ")
+    assert time.monotonic() - started < 5
+    # Chunked, without a length: refused at the chunk that crosses the limit.
+    chunks = (b'{"messages": [{"role": "user", "content": "' if i == 0 else b"y" * 4096 for i in range(40))
+    response = httpx2.post(f"{tiny.url}/v1/chat/completions", content=chunks, timeout=30,
+                           headers={"Content-Type": "application/json", **tiny.headers()})
+    is_openai_error(response, 413)
+    assert ask(tiny.client(), QUESTION, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_client_that_leaves_mid_body_is_one_line_in_the_log(tiny):
+    with socket.create_connection(("127.0.0.1", tiny.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"messages\"")
+        time.sleep(0.3)  # the handler is reading the body when the connection goes
+    for _ in range(50):
+        if "before its request body was complete" in tiny.output():
+            break
+        time.sleep(POLL)
+    assert "before its request body was complete" in tiny.output()
+    assert "Traceback" not in tiny.output()
 
 
 def test_errors_reach_the_openai_client_and_the_server_goes_on(tiny):
