@@ -19,6 +19,7 @@ import torch
 import chat
 from common.generation import Generator
 from common.modeling import load_tokenizer
+from common.serving import API_KEY_ENV, api_key_from
 from common.templates import get_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,9 +43,13 @@ class Server:
     def __init__(self, log_dir: Path, model: Path, *flags: str, key: str = None):
         self.port, self.key, self.log = free_port(), key, log_dir / "server.log"
         argv = [sys.executable, "chat.py", str(model), "--serve", "--port", str(self.port), *flags]
+        if key:  # from a file, as a user should give it (not on the command line, where `ps` shows it)
+            (log_dir / "key.txt").write_text(key + "\n")
+            argv += ["--api-key-file", str(log_dir / "key.txt")]
+        env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}  # a keyless server stays keyless
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv + (["--api-key", key] if key else []), cwd=ROOT, stdout=log,
-                                         stderr=subprocess.STDOUT, env={**os.environ, **SERVER_ENV})
+            self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**env, **SERVER_ENV})
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self) -> None:
@@ -117,6 +122,12 @@ def tiny(request, tmp_path_factory, tiny_model_dir):
     """The tiny model behind a key, a system prompt and room for one waiting request."""
     return start(request, tmp_path_factory, tiny_model_dir, "--system", SYSTEM, "--queue-size", "1",
                  "--max-request-bytes", str(MAX_BYTES), key=KEY)
+
+
+@pytest.fixture(scope="module")
+def keyless(request, tmp_path_factory, tiny_model_dir):
+    """The tiny model without a key, giving clients one second to send a request."""
+    return start(request, tmp_path_factory, tiny_model_dir, "--read-timeout", "1")
 
 
 @pytest.fixture(scope="module")
@@ -438,6 +449,67 @@ def test_errors_reach_the_openai_client_and_the_server_goes_on(tiny):
     assert tiny.proc.poll() is None and tiny.health()["status"] == "ok"
     assert "Traceback" not in tiny.output()
     assert ask(client, QUESTION, max_tokens=4).choices[0].message.content is not None
+
+
+# ---------------------------------------------------------------- keys, and the keyless server
+
+def test_the_key_from_a_file_the_environment_or_the_flag_with_a_warning(tmp_path, capsys):
+    (tmp_path / "key").write_text("  sk-file  \n")
+    assert api_key_from(None, str(tmp_path / "key"), environ={API_KEY_ENV: "sk-env"}) == "sk-file"
+    assert api_key_from(None, None, environ={API_KEY_ENV: "sk-env"}) == "sk-env"
+    assert api_key_from(None, None, environ={API_KEY_ENV: ""}) is None and api_key_from(None, None, environ={}) is None
+    assert capsys.readouterr().err == ""
+    assert api_key_from("sk-flag", None, environ={API_KEY_ENV: "sk-env"}) == "sk-flag"
+    assert "visible to other users" in capsys.readouterr().err
+    # A bad key file: one line, exit 2, before any model is loaded.
+    for content in ("", "one\ntwo\n"):
+        (tmp_path / "bad").write_text(content)
+        with pytest.raises(SystemExit) as e:
+            chat.main(["no-such-model", "--serve", "--api-key-file", str(tmp_path / "bad")])
+        assert e.value.code == 2 and "expected the API key on one line" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        chat.main(["no-such-model", "--serve", "--api-key-file", str(tmp_path / "missing")])
+    assert e.value.code == 2 and "cannot read the API key" in capsys.readouterr().err
+
+
+def test_a_keyless_server_refuses_web_pages_of_other_sites(keyless):
+    url, body = f"{keyless.url}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    # What any web page can send without a CORS preflight: a form-like text/plain POST.
+    refused = httpx2.post(url, content=json.dumps(body), headers={"Content-Type": "text/plain"}, timeout=10)
+    assert is_openai_error(refused, 415)["code"] == "unsupported_media_type"
+    refused = httpx2.post(url, json=body, headers={"Origin": "https://evil.example"}, timeout=10)
+    assert is_openai_error(refused, 403)["code"] == "cross_origin"
+    # DNS rebinding: a page's own host name resolved to 127.0.0.1.
+    for host in ("evil.example", f"evil.example:{keyless.port}"):
+        refused = httpx2.get(f"{keyless.url}/v1/models", headers={"Host": host}, timeout=10)
+        assert is_openai_error(refused, 403)["code"] == "host_not_allowed"
+    # This machine's tools and pages are served.
+    for headers in ({}, {"Origin": "http://localhost:3000"}, {"Host": f"localhost:{keyless.port}"}):
+        assert httpx2.post(url, json=body, headers=headers, timeout=30).status_code == 200
+    assert ask(keyless.client(), QUESTION, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_connections_stalled_mid_request_are_closed(keyless):
+    stalled = []
+    try:
+        for sent in (b"", b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                     b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"):
+            s = socket.create_connection(("127.0.0.1", keyless.port), timeout=10)
+            stalled.append(s)
+            s.sendall(sent)
+        started = time.monotonic()
+        for s in stalled:  # --read-timeout 1: each is closed (recv returns b"", or a reset) well before 10 s
+            try:
+                while s.recv(4096):  # the 499 of a body cut short may come first
+                    pass
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - started < 5
+    finally:
+        for s in stalled:
+            s.close()
+    assert "did not arrive within 1 s" in keyless.output() and "Traceback" not in keyless.output()
+    assert ask(keyless.client(), QUESTION, max_tokens=2).usage.completion_tokens == 2
 
 
 # ---------------------------------------------------------------- the demo model
