@@ -150,9 +150,9 @@ def parse_messages(messages) -> list[dict]:
 def check_values(data) -> None:
     """Refuse what a tokenizer or a later json.dumps would fail on, naming where it is: nesting beyond MAX_DEPTH,
     and strings holding a lone surrogate (JSON's "\\ud800" escapes decode to one; UTF-8 cannot encode it)."""
-    pending = [(data, "the body", 0)]
+    pending = [(data, "the body", 0, None)]  # (value, where it is, its depth, the top-level field holding it)
     while pending:  # a loop, not recursion: the depth is what is being checked
-        value, where, depth = pending.pop()
+        value, where, depth, param = pending.pop()
         if depth > MAX_DEPTH:
             raise bad_request(f"the body is nested more than {MAX_DEPTH} levels deep")
         if isinstance(value, str):
@@ -160,12 +160,14 @@ def check_values(data) -> None:
                 value.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise bad_request(f"{where}: a lone surrogate (\\u{ord(value[e.start]):04x}) at character {e.start} "
-                                  "is not text", where.split("[")[0].split(".")[0] if depth else None) from None
+                                  "is not text", param) from None
         elif isinstance(value, dict):
-            pending += [(v, k if depth == 0 else f"{where}.{k}", depth + 1) for k, v in value.items()]
-            pending += [(k, f"a key of {where}", depth + 1) for k in value]  # error messages may quote keys
+            for k, v in value.items():
+                field = param or k
+                pending += [(k, f"a key of {where}", depth + 1, param),  # error messages may quote keys
+                            (v, k if depth == 0 else f"{where}.{k}", depth + 1, field)]
         elif isinstance(value, list):
-            pending += [(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+            pending += [(v, f"{where}[{i}]", depth + 1, param) for i, v in enumerate(value)]
 
 
 def json_type(value) -> str:

@@ -370,6 +370,7 @@ LONG_PROMPT = "我最近很焦虑，晚上睡不着，白天也没有精神。" 
     (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages", "messages[0].content: a lone surrogate"),
     (b'{"messages": [{"role": "user", "content": "hi \xed\xa0\x80"}]}', None, "not valid UTF-8"),
     (b'{"stop": ["\\udfff"], "messages": [{"role": "user", "content": "hi"}]}', "stop", "lone surrogate"),
+    (b'{"messages": [{"role": "user", "content": "hi", "\\udc00": 1}]}', "messages", "a key of messages[0]: a lone"),
     (b"[" * 10_000 + b"]" * 10_000, None, "nested more than"),
     ({"messages": [{"role": "user", "content": "hi"}], "x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]},
      None, "nested more than"),
