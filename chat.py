@@ -50,9 +50,16 @@ def parse_args(argv=None):
                          "(/v1/chat/completions, /v1/models, /health)")
     serving.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     serving.add_argument("--port", type=int, default=8000, help="(default 8000)")
-    serving.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on /v1")
+    serving.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on /v1 (visible to "
+                         "other users in `ps`: prefer --api-key-file or $SFT_API_KEY)")
+    serving.add_argument("--api-key-file", metavar="PATH", help="the key, on one line of a file (else $SFT_API_KEY; "
+                         "without a key, only requests from this machine's own pages and tools are answered)")
     serving.add_argument("--queue-size", type=int, default=16, metavar="N", help="requests that may wait while one "
                          "is answered; more get 429 (default 16)")
+    serving.add_argument("--max-request-bytes", type=int, metavar="N", help="larger request bodies get 413 before "
+                         "they are read (default 1 MiB: common.serving.MAX_REQUEST_BYTES)")
+    serving.add_argument("--read-timeout", type=float, metavar="SECONDS", help="a client that has not sent its whole "
+                         "request (headers and body) by then is disconnected (default 30)")
     args = p.parse_args(argv)
     if args.system is not None and args.system_template:
         p.error("give --system or --system-template, not both")
@@ -60,8 +67,14 @@ def parse_args(argv=None):
         p.error("give --serve or --once, not both")
     if args.queue_size < 1:
         p.error("--queue-size must be at least 1")
+    if args.max_request_bytes is not None and args.max_request_bytes < 1:
+        p.error("--max-request-bytes must be at least 1")
     if args.api_key == "":
         p.error("--api-key is empty (leave it out to serve without a key)")
+    if args.api_key is not None and args.api_key_file is not None:
+        p.error("give --api-key or --api-key-file, not both")
+    if args.read_timeout is not None and not args.read_timeout > 0:
+        p.error("--read-timeout must be more than 0")
     args.torch_dtype = canonical(args.torch_dtype)
     return args
 
@@ -92,6 +105,10 @@ def main(argv=None):
     from common.generation import Generator
     from common.modeling import load_for_generation
 
+    if args.serve:
+        from common.serving import api_key_from
+
+        api_key = api_key_from(args.api_key, args.api_key_file)  # a bad key file fails before the model loads
     source = artifacts.resolve_model(args.model, args.adapter)
     template, system, sampling, max_length = chat_settings(args, source)  # an unknown name fails before the load
     model, tokenizer = load_for_generation(source, args.torch_dtype, args.bits)
@@ -102,7 +119,8 @@ def main(argv=None):
     if args.serve:
         from common.serving import serve
 
-        return serve(generator, sampling, system, source, args.host, args.port, args.api_key, args.queue_size)
+        return serve(generator, sampling, system, source, args.host, args.port, api_key, args.queue_size,
+                     args.max_request_bytes, args.read_timeout)
     if args.once is not None:
         console = repl.Console(interactive=False, stream=not args.no_stream)
         return repl.converse(session, console, [("--once", args.once)])

@@ -17,9 +17,15 @@ from common.conversation import BadRecord, messages_to_turns
 from common.templates import Template
 
 
+# Temperatures below this are greedy: dividing logits by 1e-300 overflows to inf and the sampler's softmax to NaN,
+# while at 1e-3 a logit lead of 0.05 already gives the top token all but e^-50 of the probability.
+GREEDY_BELOW = 1e-3
+
+
 @dataclass
 class Sampling:
-    """How to pick tokens, and how many. temperature 0 = greedy (top_k/top_p then play no part)."""
+    """How to pick tokens, and how many. temperature 0 = greedy (top_k/top_p then play no part), and so is any
+    temperature below GREEDY_BELOW."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -167,7 +173,7 @@ class Generator:
 
     def generation_config(self, sampling: Sampling):
         config = copy.deepcopy(self.model.generation_config)
-        sample = sampling.temperature > 0
+        sample = sampling.temperature >= GREEDY_BELOW
         # Unset sampling knobs when greedy: transformers warns about flags that would have no effect.
         config.update(max_new_tokens=sampling.max_new_tokens, do_sample=sample,
                       temperature=sampling.temperature if sample else None,

@@ -8,6 +8,9 @@ One model answers one request at a time (a model and its tokenizer are not threa
 queue for a single worker thread that runs the generation core; the text it produces is handed to the event loop
 with call_soon_threadsafe. A client that disconnects cancels its generation at the next token. Every error reaches the
 client in OpenAI's shape, {"error": {"message", "type", "param", "code"}}; tracebacks stay in the server's log.
+Hostile input is refused before it costs anything: bodies over a size limit (413, unread), invalid UTF-8, deep
+nesting, lone surrogates; a keyless server refuses other sites' web pages (access_check), and a request that does not
+arrive in time is disconnected (read_timeout_protocol).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import queue
 import secrets
 import sys
@@ -25,16 +29,35 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from common.cli import UserError, first_line
-from common.conversation import BadRecord, messages_to_turns
+from common.cli import UserError, first_line, reading
+from common.conversation import OPENAI_ROLES, BadRecord, messages_to_turns
 from common.generation import Completion, Generator, Sampling, no_room
 
 SEED_LIMIT = 2 ** 63  # torch.manual_seed takes 64-bit seeds; OpenAI's seed is a non-negative integer
+MAX_DEPTH = 32  # nesting of the body's JSON: a chat request needs 4 (body, messages, message, content part)
+API_KEY_ENV = "SFT_API_KEY"  # the key from the environment: unlike --api-key, not shown by `ps` to other users
+READ_TIMEOUT = 30  # --read-timeout's default: seconds a client has to send a whole request, headers and body
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+WILDCARD = {"0.0.0.0", "::", ""}  # every interface: no one name the server is addressed by
+MAX_REQUEST_BYTES = 1 << 20  # --max-request-bytes' default: 1 MiB is far more text than a 32k-token context holds
+ROLES = {**OPENAI_ROLES, "developer": "system"}  # `developer`: OpenAI's newer name for the system message
+# OpenAI fields this server does not implement: refused by name rather than silently ignored, when set to anything
+# but their "off" value (null, false, 0, an empty list or object).
+UNSUPPORTED = {
+    "tools": "tool calls are not implemented", "tool_choice": "tool calls are not implemented",
+    "functions": "function calls are not implemented", "function_call": "function calls are not implemented",
+    "logprobs": "log probabilities are not returned", "top_logprobs": "log probabilities are not returned",
+    "presence_penalty": "no presence penalty is applied (send 0)",
+    "frequency_penalty": "no frequency penalty is applied (send 0)",
+    "logit_bias": "logit bias is not applied",
+}
 
 
 # ---------------------------------------------------------------- errors
@@ -74,11 +97,21 @@ def parse_request(body: bytes, defaults: Sampling, system: Optional[str] = None,
     """The request body -> what to generate, or an ApiError (400) that names the offending field. `context`: the
     model's context in tokens, which max_tokens must leave room in."""
     try:
-        data = json.loads(body)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError alike
+        text = body.decode("utf-8")  # strict: JSON is UTF-8, and json.loads(bytes) would let encoded surrogates in
+    except UnicodeDecodeError as e:
+        raise bad_request(f"the body is not valid UTF-8: {e.reason} at byte {e.start}") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:  # the decoder recurses per level: thousands of [ end it there, cheaply
+        raise bad_request(f"the body is nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as e:
         raise bad_request(f"the body is not valid JSON: {e}") from None
+    check_values(data)
     if not isinstance(data, dict):
         raise bad_request(f"the body must be a JSON object, got {json_type(data)}")
+    for name, why in UNSUPPORTED.items():
+        if data.get(name) not in (None, False, 0, [], {}):
+            raise bad_request(f"`{name}` is not supported by this server: {why}", name)
     messages = parse_messages(data.get("messages"))
     if integer(data, "n", minimum=1) not in (None, 1):
         raise bad_request("n > 1 is not supported: the server gives one answer per request", "n")
@@ -108,10 +141,33 @@ def parse_messages(messages) -> list[dict]:
     try:
         # Roles, string contents and a last user message to answer: the same rules the generation core applies,
         # checked here so that a bad conversation is refused before it waits in the queue.
-        messages_to_turns(messages, open_end=True)
+        messages_to_turns(messages, open_end=True, roles=ROLES)
     except BadRecord as e:
         raise bad_request(str(e), "messages") from None
-    return messages
+    return [{**m, "role": ROLES[m["role"]]} for m in messages]
+
+
+def check_values(data) -> None:
+    """Refuse what a tokenizer or a later json.dumps would fail on, naming where it is: nesting beyond MAX_DEPTH,
+    and strings holding a lone surrogate (JSON's "\\ud800" escapes decode to one; UTF-8 cannot encode it)."""
+    pending = [(data, "the body", 0, None)]  # (value, where it is, its depth, the top-level field holding it)
+    while pending:  # a loop, not recursion: the depth is what is being checked
+        value, where, depth, param = pending.pop()
+        if depth > MAX_DEPTH:
+            raise bad_request(f"the body is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise bad_request(f"{where}: a lone surrogate (\\u{ord(value[e.start]):04x}) at character {e.start} "
+                                  "is not text", param) from None
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                field = param or k
+                pending += [(k, f"a key of {where}", depth + 1, param),  # error messages may quote keys
+                            (v, k if depth == 0 else f"{where}.{k}", depth + 1, field)]
+        elif isinstance(value, list):
+            pending += [(v, f"{where}[{i}]", depth + 1, param) for i, v in enumerate(value)]
 
 
 def json_type(value) -> str:
@@ -252,6 +308,30 @@ class Worker:
         return Finished(completion)
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its request body was complete: nobody to answer."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` bytes: by its Content-Length before any
+    of it is read, else (chunked) at the chunk that crosses it. Nothing over the limit is kept, parsed or tokenized."""
+    too_big = ApiError(413, f"the request body is larger than the server's limit of {limit} bytes "
+                            "(chat.py --max-request-bytes)", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
+    return b"".join(chunks)
+
+
 async def cancel_on_disconnect(request: Request, job: Job) -> None:
     """Cancel the job when the client goes away. After the body is read, the server's receive() returns only on a
     disconnect, or once the response is complete (when cancelling a finished job does nothing)."""
@@ -328,11 +408,12 @@ def finish(job: Job, watcher: asyncio.Task) -> None:
 # ---------------------------------------------------------------- the app
 
 def create_app(worker: Worker, model: str, defaults: Sampling, system: Optional[str] = None,
-               api_key: Optional[str] = None) -> FastAPI:
+               api_key: Optional[str] = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+               host: str = "127.0.0.1") -> FastAPI:
     # No /docs or /openapi.json: they would be reachable without the key and describe nothing a client needs.
     app = FastAPI(title="chat.py --serve", docs_url=None, redoc_url=None, openapi_url=None)
     add_error_handlers(app)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(key_check(api_key))])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(access_check(api_key, host))])
     created = int(time.time())
 
     @app.get("/health")
@@ -346,7 +427,8 @@ def create_app(worker: Worker, model: str, defaults: Sampling, system: Optional[
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        chat = parse_request(await request.body(), defaults, system, worker.generator.max_length)
+        body = await read_body(request, max_request_bytes)
+        chat = parse_request(body, defaults, system, worker.generator.max_length)
         job = Job(chat, asyncio.get_running_loop())
         worker.submit(job)
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
@@ -372,12 +454,18 @@ def create_app(worker: Worker, model: str, defaults: Sampling, system: Optional[
     return app
 
 
-def key_check(api_key: Optional[str]):
-    """A dependency for the /v1 routes: `Authorization: Bearer KEY`, when the server has a key."""
+def access_check(api_key: Optional[str], host: str):
+    """A dependency for the /v1 routes: `Authorization: Bearer KEY` when the server has a key, else the checks that
+    keep web pages out (as Ollama and Jupyter do). Any page the user opens may POST to 127.0.0.1 without a CORS
+    preflight, if the request looks like a form (text/plain, no custom header), and a DNS-rebinding page may reach it
+    under its own host name. So a keyless server answers only requests addressed to its own name (`Host`), from no
+    page or a page of this machine (`Origin`), and POSTs only as application/json, which browsers do not send
+    cross-site without a preflight that this server does not grant."""
+    names = None if host in WILDCARD else LOOPBACK | {host.strip("[]").lower()}
 
     async def check(request: Request) -> None:
         if api_key is None:
-            return
+            return same_site(request, names)
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given:
             raise ApiError(401, "missing API key: send the header `Authorization: Bearer KEY`", code="invalid_api_key")
@@ -387,12 +475,98 @@ def key_check(api_key: Optional[str]):
     return check
 
 
+def same_site(request: Request, names: Optional[set[str]]) -> None:
+    """The keyless server's checks (access_check); `names`: the host names it answers to, None for any."""
+    addressed = urlsplit("//" + request.headers.get("host", "")).hostname or ""
+    if names is not None and addressed not in names:
+        raise ApiError(403, f"the request is addressed to host `{addressed}`, not to this server's address "
+                            "(a keyless server answers only its own; set an API key to serve other names)",
+                       type="permission_error", code="host_not_allowed")
+    origin = request.headers.get("origin")
+    if origin is not None and (urlsplit(origin).hostname or "") not in (names or {addressed}) | LOOPBACK:
+        raise ApiError(403, f"cross-origin request from `{origin}` refused: a keyless server answers no web page "
+                            "but this machine's (set an API key to allow others)",
+                       type="permission_error", code="cross_origin")
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if request.method == "POST" and media != "application/json":
+        raise ApiError(415, f"the body must be sent as `Content-Type: application/json`, not `{media or 'nothing'}`",
+                       code="unsupported_media_type")
+
+
+def api_key_from(flag: Optional[str], file: Optional[str], environ=os.environ) -> Optional[str]:
+    """The key from --api-key, --api-key-file or $SFT_API_KEY (in that order; None: serve without a key). The flag
+    still works but is visible to every user of the machine, in `ps` and /proc/PID/cmdline."""
+    if flag is not None:
+        print(f"warning: --api-key is visible to other users of this machine (ps, /proc/PID/cmdline): use "
+              f"--api-key-file PATH or ${API_KEY_ENV} instead", file=sys.stderr, flush=True)
+        return flag
+    if file is not None:
+        with reading(file, "cannot read the API key"):
+            lines = Path(file).read_text(encoding="utf-8").strip().splitlines()
+        if len(lines) != 1 or not lines[0].strip():
+            raise UserError(f"{file}: expected the API key on one line, found {len(lines)} lines")
+        return lines[0].strip()
+    return environ.get(API_KEY_ENV) or None
+
+
+def read_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol with a deadline for each request to arrive whole, headers and body: uvicorn 0.54 has
+    only a keep-alive timeout, between requests, so a client that stalls mid-headers (or mid-body) would hold its
+    connection forever. The deadline is not moved by more data, so dribbling a byte at a time does not extend it."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class ReadTimeoutH11Protocol(H11Protocol):
+        deadline: Optional[asyncio.TimerHandle] = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._watch()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_watching()
+            super().connection_lost(exc)
+
+        def _watch(self) -> None:
+            if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+                if self.deadline is None:  # the deadline of the request under way: not moved by more bytes
+                    self.deadline = self.loop.call_later(seconds, self._expired)
+            else:
+                self._stop_watching()
+
+        def _stop_watching(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+        def _expired(self) -> None:
+            self.deadline = None
+            if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+                where = "%s:%d - " % self.client if self.client else ""
+                self.logger.info(f"{where}closed: the request did not arrive within {seconds:g} s")
+                self.transport.close()
+
+    return ReadTimeoutH11Protocol
+
+
 def add_error_handlers(app: FastAPI) -> None:
     """Every error in OpenAI's body shape, including the framework's own (404, 405) and unexpected ones (500)."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
         return e.response()
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, e: ClientGone):  # one line for the operator; the response goes nowhere
+        client = request.client
+        print(f"{client.host}:{client.port} - the client closed the connection before its request body was complete"
+              if client else "a client closed the connection before its request body was complete",
+              file=sys.stderr, flush=True)
+        return ApiError(499, "the client closed the request", code="client_closed").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -415,17 +589,20 @@ def model_id(source) -> str:
 
 
 def serve(generator: Generator, sampling: Sampling, system: Optional[str], source, host: str = "127.0.0.1",
-          port: int = 8000, api_key: Optional[str] = None, queue_size: int = 16) -> None:
+          port: int = 8000, api_key: Optional[str] = None, queue_size: int = 16,
+          max_request_bytes: Optional[int] = None, read_timeout: Optional[float] = None) -> None:
     """Serve until Ctrl-C (SIGINT) or SIGTERM."""
     import uvicorn
 
     model = model_id(source)
-    app = create_app(Worker(generator, queue_size), model, sampling, system, api_key)
+    app = create_app(Worker(generator, queue_size), model, sampling, system, api_key,
+                     max_request_bytes or MAX_REQUEST_BYTES, host)
     print(f"serving {model} at http://{host}:{port}/v1 | template {generator.template.name} | context "
           f"{generator.max_length} tokens | one request at a time, up to {queue_size} waiting"
           + ("" if api_key else " | no API key"), file=sys.stderr, flush=True)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
+        print(f"warning: listening on {host} without an API key: anyone who can reach this port can use the model",
               file=sys.stderr, flush=True)
     # A bounded graceful shutdown: requests still open after it are cancelled, and with them their generation.
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3,
+                http=read_timeout_protocol(read_timeout or READ_TIMEOUT))

@@ -12,8 +12,9 @@ module asks which kind it has.
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -63,10 +64,44 @@ class Template:
 
 # ---------------------------------------------------------------- XTuner's table
 
-@lru_cache(maxsize=200_000)
+class EncodeCache:
+    """Token ids of text pieces, the least recently used dropped beyond a budget. Pieces repeat a lot (templates,
+    system prompts, SEP, a chat's earlier turns): caching makes re-encoding windows cheap. The budget counts
+    characters plus ids, so that distinct prompts (a server's, refused ones too) cannot grow memory without bound,
+    as a cache bounded only by its number of entries did (200,000 entries of any size)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self.entries: OrderedDict[tuple[object, str], tuple[int, ...]] = OrderedDict()
+        self.lock = threading.Lock()  # the server's worker and its event loop may both encode
+
+    def encode(self, tokenizer, text: str) -> tuple[int, ...]:
+        key = (tokenizer, text)  # the object, not its id: an id may be reused once a tokenizer is freed
+        with self.lock:
+            ids = self.entries.get(key)
+            if ids is not None:
+                self.entries.move_to_end(key)
+                return ids
+        ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+        cost = len(text) + len(ids)
+        if cost > self.budget // 8:  # a piece this big is rarely seen twice: it would only push the others out
+            return ids
+        with self.lock:
+            if key not in self.entries:
+                self.entries[key] = ids
+                self.used += cost
+            while self.used > self.budget:
+                (_, old_text), old_ids = self.entries.popitem(last=False)
+                self.used -= len(old_text) + len(old_ids)
+        return ids
+
+
+# About 1M characters + ids: tens of MB at most, and room for a large dataset's repeated pieces.
+_ENCODE_CACHE = EncodeCache(budget=1 << 20)
+
+
 def _encode_text(tokenizer, text: str) -> tuple[int, ...]:
-    # Pieces repeat a lot (templates, system prompts, SEP): caching makes re-encoding windows cheap.
-    return tuple(tokenizer.encode(text, add_special_tokens=False))
+    return _ENCODE_CACHE.encode(tokenizer, text)
 
 
 @dataclass(frozen=True)

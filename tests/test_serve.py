@@ -19,6 +19,7 @@ import torch
 import chat
 from common.generation import Generator
 from common.modeling import load_tokenizer
+from common.serving import API_KEY_ENV, api_key_from
 from common.templates import get_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,7 @@ POLL = 0.1  # seconds between /health polls
 # One torch thread in the server (and in the --once reference, for the same arithmetic): two processes whose thread
 # pools spin against each other on a busy 2-core machine generate up to 50 times slower.
 SERVER_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+MAX_BYTES = 64 * 1024  # the tiny server's --max-request-bytes: room for LONG_PROMPT (about 12 kB)
 LONG = 900  # max_tokens that keep the tiny model busy for a second or two on 2 cores (its context is 1024)
 
 
@@ -41,9 +43,13 @@ class Server:
     def __init__(self, log_dir: Path, model: Path, *flags: str, key: str = None):
         self.port, self.key, self.log = free_port(), key, log_dir / "server.log"
         argv = [sys.executable, "chat.py", str(model), "--serve", "--port", str(self.port), *flags]
+        if key:  # from a file, as a user should give it (not on the command line, where `ps` shows it)
+            (log_dir / "key.txt").write_text(key + "\n")
+            argv += ["--api-key-file", str(log_dir / "key.txt")]
+        env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}  # a keyless server stays keyless
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv + (["--api-key", key] if key else []), cwd=ROOT, stdout=log,
-                                         stderr=subprocess.STDOUT, env={**os.environ, **SERVER_ENV})
+            self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**env, **SERVER_ENV})
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self) -> None:
@@ -114,7 +120,14 @@ def start(request, tmp_path_factory, model, *flags, key=None) -> Server:
 @pytest.fixture(scope="module")
 def tiny(request, tmp_path_factory, tiny_model_dir):
     """The tiny model behind a key, a system prompt and room for one waiting request."""
-    return start(request, tmp_path_factory, tiny_model_dir, "--system", SYSTEM, "--queue-size", "1", key=KEY)
+    return start(request, tmp_path_factory, tiny_model_dir, "--system", SYSTEM, "--queue-size", "1",
+                 "--max-request-bytes", str(MAX_BYTES), key=KEY)
+
+
+@pytest.fixture(scope="module")
+def keyless(request, tmp_path_factory, tiny_model_dir):
+    """The tiny model without a key, giving clients one second to send a request."""
+    return start(request, tmp_path_factory, tiny_model_dir, "--read-timeout", "1")
 
 
 @pytest.fixture(scope="module")
@@ -353,6 +366,21 @@ LONG_PROMPT = "我最近很焦虑，晚上睡不着，白天也没有精神。" 
     ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, "seed", "integer"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop", "string or a list of strings"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream", "true or false"),
+    # Hostile bodies: refused before they reach the tokenizer or the JSON encoder (each was a 500).
+    (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages", "messages[0].content: a lone surrogate"),
+    (b'{"messages": [{"role": "user", "content": "hi \xed\xa0\x80"}]}', None, "not valid UTF-8"),
+    (b'{"stop": ["\\udfff"], "messages": [{"role": "user", "content": "hi"}]}', "stop", "lone surrogate"),
+    (b'{"messages": [{"role": "user", "content": "hi", "\\udc00": 1}]}', "messages", "a key of messages[0]: a lone"),
+    (b"[" * 10_000 + b"]" * 10_000, None, "nested more than"),
+    ({"messages": [{"role": "user", "content": "hi"}], "x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]},
+     None, "nested more than"),
+    # OpenAI fields the server does not implement: named, not ignored.
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools", "`tools` is not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -1}, "frequency_penalty", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs", "not supported"),
 ])
 def test_bad_input_is_a_400_in_openai_shape(tiny, body, param, words):
     bodies = [body] if not isinstance(body, dict) or "stream" in body else [body, {**body, "stream": True}]
@@ -360,6 +388,56 @@ def test_bad_input_is_a_400_in_openai_shape(tiny, body, param, words):
         error = is_openai_error(tiny.post(sent), 400)
         assert words in error["message"] and error["param"] == param
         assert error["type"] == "invalid_request_error"
+
+
+def test_tiny_temperatures_are_greedy_and_off_values_of_unsupported_fields_are_accepted(tiny):
+    client = tiny.client()
+    greedy = ask(client, QUESTION, temperature=0, max_tokens=12)
+    tiny_t = ask(client, QUESTION, temperature=1e-300, max_tokens=12, top_p=0)  # was a 500 (NaN probabilities)
+    assert tiny_t.choices[0].message.content == greedy.choices[0].message.content
+    off = ask(client, QUESTION, temperature=0, max_tokens=12, presence_penalty=0, frequency_penalty=0, logprobs=False,
+              tools=[])
+    assert off.choices[0].message.content == greedy.choices[0].message.content
+
+
+def test_the_developer_role_is_a_system_message(tiny):
+    client = tiny.client()
+    as_system, as_developer = (client.chat.completions.create(model="any", temperature=0, max_tokens=8, messages=[
+        {"role": role, "content": "hi"}, {"role": "user", "content": QUESTION}]) for role in ("system", "developer"))
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+
+
+def test_bodies_over_the_limit_are_413_before_they_are_read(tiny):
+    big = {"messages": [{"role": "user", "content": "x" * MAX_BYTES}]}
+    started = time.monotonic()
+    error = is_openai_error(tiny.post(big), 413)  # Content-Length says it all
+    assert "--max-request-bytes" in error["message"] and error["code"] == "request_too_large"
+    # 20 MB announced by Content-Length: answered at once, before the body is read.
+    with socket.create_connection(("127.0.0.1", tiny.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 20000000\r\n\r\n{")
+        assert s.recv(4096).startswith(b"HTTP/1.1 413 ")
+    assert time.monotonic() - started < 5
+    # Chunked, without a length: refused at the chunk that crosses the limit.
+    chunks = (b'{"messages": [{"role": "user", "content": "' if i == 0 else b"y" * 4096 for i in range(40))
+    response = httpx2.post(f"{tiny.url}/v1/chat/completions", content=chunks, timeout=30,
+                           headers={"Content-Type": "application/json", **tiny.headers()})
+    is_openai_error(response, 413)
+    assert ask(tiny.client(), QUESTION, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_client_that_leaves_mid_body_is_one_line_in_the_log(tiny):
+    with socket.create_connection(("127.0.0.1", tiny.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"messages\"")
+        time.sleep(0.3)  # the handler is reading the body when the connection goes
+    for _ in range(50):
+        if "before its request body was complete" in tiny.output():
+            break
+        time.sleep(POLL)
+    assert "before its request body was complete" in tiny.output()
+    assert "Traceback" not in tiny.output()
 
 
 def test_errors_reach_the_openai_client_and_the_server_goes_on(tiny):
@@ -372,6 +450,67 @@ def test_errors_reach_the_openai_client_and_the_server_goes_on(tiny):
     assert tiny.proc.poll() is None and tiny.health()["status"] == "ok"
     assert "Traceback" not in tiny.output()
     assert ask(client, QUESTION, max_tokens=4).choices[0].message.content is not None
+
+
+# ---------------------------------------------------------------- keys, and the keyless server
+
+def test_the_key_from_a_file_the_environment_or_the_flag_with_a_warning(tmp_path, capsys):
+    (tmp_path / "key").write_text("  sk-file  \n")
+    assert api_key_from(None, str(tmp_path / "key"), environ={API_KEY_ENV: "sk-env"}) == "sk-file"
+    assert api_key_from(None, None, environ={API_KEY_ENV: "sk-env"}) == "sk-env"
+    assert api_key_from(None, None, environ={API_KEY_ENV: ""}) is None and api_key_from(None, None, environ={}) is None
+    assert capsys.readouterr().err == ""
+    assert api_key_from("sk-flag", None, environ={API_KEY_ENV: "sk-env"}) == "sk-flag"
+    assert "visible to other users" in capsys.readouterr().err
+    # A bad key file: one line, exit 2, before any model is loaded.
+    for content in ("", "one\ntwo\n"):
+        (tmp_path / "bad").write_text(content)
+        with pytest.raises(SystemExit) as e:
+            chat.main(["no-such-model", "--serve", "--api-key-file", str(tmp_path / "bad")])
+        assert e.value.code == 2 and "expected the API key on one line" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        chat.main(["no-such-model", "--serve", "--api-key-file", str(tmp_path / "missing")])
+    assert e.value.code == 2 and "cannot read the API key" in capsys.readouterr().err
+
+
+def test_a_keyless_server_refuses_web_pages_of_other_sites(keyless):
+    url, body = f"{keyless.url}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    # What any web page can send without a CORS preflight: a form-like text/plain POST.
+    refused = httpx2.post(url, content=json.dumps(body), headers={"Content-Type": "text/plain"}, timeout=10)
+    assert is_openai_error(refused, 415)["code"] == "unsupported_media_type"
+    refused = httpx2.post(url, json=body, headers={"Origin": "https://evil.example"}, timeout=10)
+    assert is_openai_error(refused, 403)["code"] == "cross_origin"
+    # DNS rebinding: a page's own host name resolved to 127.0.0.1.
+    for host in ("evil.example", f"evil.example:{keyless.port}"):
+        refused = httpx2.get(f"{keyless.url}/v1/models", headers={"Host": host}, timeout=10)
+        assert is_openai_error(refused, 403)["code"] == "host_not_allowed"
+    # This machine's tools and pages are served.
+    for headers in ({}, {"Origin": "http://localhost:3000"}, {"Host": f"localhost:{keyless.port}"}):
+        assert httpx2.post(url, json=body, headers=headers, timeout=30).status_code == 200
+    assert ask(keyless.client(), QUESTION, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_connections_stalled_mid_request_are_closed(keyless):
+    stalled = []
+    try:
+        for sent in (b"", b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                     b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"):
+            s = socket.create_connection(("127.0.0.1", keyless.port), timeout=10)
+            stalled.append(s)
+            s.sendall(sent)
+        started = time.monotonic()
+        for s in stalled:  # --read-timeout 1: each is closed (recv returns b"", or a reset) well before 10 s
+            try:
+                while s.recv(4096):  # the 499 of a body cut short may come first
+                    pass
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - started < 5
+    finally:
+        for s in stalled:
+            s.close()
+    assert "did not arrive within 1 s" in keyless.output() and "Traceback" not in keyless.output()
+    assert ask(keyless.client(), QUESTION, max_tokens=2).usage.completion_tokens == 2
 
 
 # ---------------------------------------------------------------- the demo model

@@ -153,3 +153,20 @@ def test_tokenizer_template_that_rewrites_history_is_refused(tokenizer):
             TOKENIZER.encode(tokenizer, CONVERSATION)
     finally:
         tokenizer.chat_template = old
+
+
+def test_the_encode_cache_is_bounded_by_size(tokenizer):
+    """Distinct prompts (a server's, refused ones too) must not grow memory without bound: the cache keeps a budget of
+    characters + ids, skips pieces too big to be worth keeping, and still answers repeated pieces from memory."""
+    from common.templates import EncodeCache
+
+    cache = EncodeCache(budget=20_000)
+    for i in range(200):
+        text = f"{i} 我最近很焦虑，晚上睡不着。" * 10
+        assert list(cache.encode(tokenizer, text)) == tokenizer.encode(text, add_special_tokens=False)
+        assert cache.used <= cache.budget
+    assert 0 < len(cache.entries) < 200
+    cache.encode(tokenizer, "x" * 10_000)  # over budget/8: encoded, not kept
+    assert all(len(text) < 10_000 for _, text in cache.entries)
+    last = next(reversed(cache.entries))
+    assert cache.encode(tokenizer, last[1]) is cache.entries[last]  # a hit returns the kept ids
