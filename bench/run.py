@@ -5,7 +5,7 @@
     python bench/run.py --only training,chat
     python bench/run.py --quick         # everything shrunk (tiny steps, one round): checks that the benches run
 
-1 training   train.py vs a plain TRL SFTTrainer script (bench/trl_baseline.py), and train.py with one default reverted
+1 training   train.py vs a plain TRL SFTTrainer script (bench/trl_baseline.py), and train.py with one default changed
 2 packing    packing efficiency and padding share of the packed rows of both
 3 dataprep   records/s to encode the conversations, cold vs from the cache (bench/dataprep.py)
 4 merge      merge.py vs PEFT merge_and_unload + save_pretrained, peak RSS and time (bench/merge_memory.py)
@@ -231,7 +231,7 @@ def main() -> int:
               f"auto = {m['auto_dtype']}")
     print(render(rows))
     if "training" in results and not args.quick:
-        print("train.py with one default reverted (same run, interleaved):")
+        print("train.py with one default changed (same run, interleaved):")
         print("\n".join(candidates_table(results)))
     print(f"written: {out}")
     return 0
