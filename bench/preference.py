@@ -1,70 +1,108 @@
-"""Preference-tuning throughput: train.py's DPO (recipes/psych_dpo.yaml on the base model) against a plain TRL
-DPOTrainer script (bench/trl_dpo_baseline.py), and train.py with the fast paths off, each in a fresh process,
-interleaved. Not part of bench/run.py's table (yet): its own JSON.
+"""Preference-tuning throughput: train.py's DPO trainer (what recipes/psych_dpo.yaml builds) against plain TRL
+`DPOTrainer`, and ours with the fast paths off, in one process, step for step: each measured step is the trainer's own
+`compute_loss` (policy forward, reference forward with the adapter off, DPO loss) and its backward, on the same pairs,
+the three trainers taking turns so that the load of a shared machine falls on all alike.
 
-    python bench/preference.py [--rounds 2] [--steps 3] [--batch-size 2] [--quick]
+    python bench/preference.py [--steps 6] [--batch-size 2] [--quick]
 
-Both: SmolLM2-135M-Instruct, LoRA r=16 alpha 32 dropout 0 on all linear layers, float32, the 71 shipped pairs in the
-same order (no system prompt added: TRL gets the records as they are), batches of --batch-size pairs, a warm-up step
-then --steps timed steps. Tokens/s counts the non-padding tokens of the policy's batches (the Trainer's own counter),
-so the reference forward is inside the time but not in the count, for both. The first step's loss and rewards are
-reported: policy and reference are the same model there (log 2 and 0 for both); tests/test_preference.py compares the
-later steps on identical rows.
+Both: SmolLM2-135M-Instruct, LoRA r=16 alpha 32 dropout 0 on all linear layers, float32, batches of --batch-size of the
+shipped pairs (data/psych_pairs.json, no system prompt added: TRL gets the records as they are and tokenizes them with
+the model's chat template). Tokens/s counts the real tokens of the batch as TRL lays it out (prompt + chosen, prompt +
+rejected, no padding), for all three, so it is a ratio of times. A warm-up step each first. The loss on each pair is
+the same (tests/test_preference.py: equal per step to plain DPOTrainer's, fast paths on and off).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.training import MODEL, child_ours, run_child  # noqa: E402
-
+MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 RECIPE = ROOT / "recipes" / "psych_dpo.yaml"
 PAIRS = ROOT / "data" / "psych_pairs.json"
-BASELINE = "TRL DPOTrainer (plain script)"
-VARIANTS = {"train.py": [], "train.py, plain paths (train.fast_paths=false)": ["train.fast_paths=false"]}
+BASELINE = "TRL DPOTrainer (plain)"
 
 
-def recipe_args(tmp: Path, steps: int, batch: int) -> list[str]:
-    return [str(RECIPE), f"model.path={MODEL}", "model.dtype=float32", "data.system=null", "data.eval_path=null",
-            f"train.max_steps={steps + 1}", f"train.batch_size={batch}", "train.grad_accum=1", "train.warmup_ratio=0",
-            "train.save_steps=100000", f"train.output_dir={tmp / 'run'}", "evaluation.prompts=[]",
-            "evaluation.every_n_steps=0"]
+def ours(tmp: Path, batch: int, fast_paths: bool):
+    """The trainer train.py builds for the recipe (its data, model, fast paths), on the base model in float32."""
+    from common import acceleration, preference
+    from common.modeling import load_model, recipe_tokenizer
+    from common.recipe import load_recipe
+
+    recipe = load_recipe(RECIPE, [f"model.path={MODEL}", "model.dtype=float32", f"data.path={PAIRS}", "data.system=null",
+                                  "data.eval_path=null", f"train.batch_size={batch}", f"train.output_dir={tmp / 'run'}",
+                                  f"train.fast_paths={str(fast_paths).lower()}", "evaluation.prompts=[]"])
+    tokenizer = recipe_tokenizer(recipe)
+    rows, _, _ = preference.build_pair_datasets(recipe, tokenizer)
+    torch.manual_seed(recipe.train.seed)
+    model = load_model(recipe, torch.float32)
+    paths = acceleration.apply(model, recipe)
+    trainer = preference.build_trainer(recipe, model, paths, tokenizer, rows, None, [], torch.float32, True)
+    trainer.fast_paths_names = paths.names()  # reported with the figures
+    return trainer
 
 
-def run(rounds: int, steps: int, batch: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
-        tmp = Path(tmp)
-        env = {**os.environ, "HF_DATASETS_CACHE": str(tmp / "cache"), "TOKENIZERS_PARALLELISM": "false"}
-        result_file = tmp / "result.json"
-        commands = {BASELINE: [sys.executable, str(ROOT / "bench" / "trl_dpo_baseline.py"), str(MODEL), str(PAIRS),
-                               "--max-steps", str(steps + 1), "--batch-size", str(batch), "--timing", str(result_file)]}
-        for name, overrides in VARIANTS.items():
-            commands[name] = [sys.executable, str(Path(__file__).resolve()), "--child", str(result_file), "512",
-                              *recipe_args(tmp, steps, batch), *overrides, "--force"]
-        runs = {name: [] for name in commands}
-        for _ in range(rounds):  # interleaved, so drift in the machine's load hits all alike
-            for name, cmd in commands.items():
-                runs[name].append(run_child(cmd, result_file, env))
+def plain(tmp: Path, batch: int):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    records = json.loads(PAIRS.read_text(encoding="utf-8"))
+    data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])
+    args = DPOConfig(output_dir=str(tmp / "plain"), bf16=False, gradient_checkpointing=False, use_cpu=True,
+                     per_device_train_batch_size=batch, report_to="none", max_length=512)
+    return DPOTrainer(model=AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32), args=args,
+                      train_dataset=data, processing_class=AutoTokenizer.from_pretrained(MODEL),
+                      peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+
+
+def step(trainer, rows: list[int]) -> tuple[float, int]:
+    """Seconds of one compute_loss + backward on these pairs, and their real tokens (prompt counted per answer)."""
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
+    batch = trainer._prepare_inputs(batch)
+    trainer.model.train()
+    start = time.perf_counter()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    trainer.model.zero_grad(set_to_none=True)
+    return seconds, int(batch["attention_mask"].sum())
+
+
+def run(steps: int, batch: int) -> dict:
     from common import precision
 
+    with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
+        tmp = Path(tmp)
+        trainers = {BASELINE: plain(tmp, batch), "train.py": ours(tmp, batch, True),
+                    "train.py, plain paths (train.fast_paths=false)": ours(tmp, batch, False)}
+        times = {name: [] for name in trainers}
+        tokens = {name: [] for name in trainers}
+        for n in range(steps + 1):  # step 0: the warm-up
+            rows = list(range(n * batch, (n + 1) * batch))
+            for name, trainer in trainers.items():
+                seconds, count = step(trainer, rows)
+                if n:
+                    times[name].append(seconds)
+                    tokens[name].append(count)
+        paths = {name: getattr(t, "fast_paths_names", None) for name, t in trainers.items()}
     result = {"bench": "preference", "model": str(MODEL.relative_to(ROOT)), "pairs": str(PAIRS.relative_to(ROOT)),
-              "batch_pairs": batch, "timed_steps": steps, "rounds": rounds,
-              "machine": {"cpu": precision.cpu_description(), "native_bf16": precision.cpu_has_native_bf16(),
-                          "threads": os.cpu_count()}, "runs": {}}
-    for name, rs in runs.items():
-        result["runs"][name] = {
-            "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rs), 1),
-            "tokens_per_step": round(statistics.median(r["tokens"] / r["steps"] for r in rs), 1),
-            "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in rs), 1),
-            "first_losses": [r["losses"][0] for r in rs],
-            "samples": [{k: r[k] for k in ("tokens_per_s", "step_seconds", "losses", "peak_rss_mb")} for r in rs]}
+              "batch_pairs": batch, "timed_steps": steps, "torch_threads": torch.get_num_threads(),
+              "machine": {"cpu": precision.cpu_description(), "native_bf16": precision.cpu_has_native_bf16()}, "runs": {}}
+    for name in trainers:
+        result["runs"][name] = {"fast_paths": paths[name], "tokens_per_s": round(sum(tokens[name]) / sum(times[name]), 1),
+                                "median_step_s": round(statistics.median(times[name]), 3),
+                                "step_seconds": [round(t, 3) for t in times[name]], "tokens": tokens[name]}
     base = result["runs"][BASELINE]["tokens_per_s"]
     for r in result["runs"].values():
         r["ratio_tokens_per_s"] = round(r["tokens_per_s"] / base, 2)
@@ -72,16 +110,14 @@ def run(rounds: int, steps: int, batch: int) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child_ours(sys.argv[2], int(sys.argv[3]), sys.argv[4:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="one round, one timed step")
+    parser.add_argument("--quick", action="store_true", help="one timed step")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "preference_results.json")
     args = parser.parse_args()
-    result = run(1 if args.quick else args.rounds, 1 if args.quick else args.steps, args.batch_size)
+    result = run(1 if args.quick else args.steps, args.batch_size)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     for name, r in result["runs"].items():
-        print(f"{name:<48} {r['tokens_per_s']:>8.1f} tokens/s  {r['ratio_tokens_per_s']:.2f}x  first loss {r['first_losses']}")
+        print(f"{name:<48} {r['tokens_per_s']:>8.1f} tokens/s  {r['ratio_tokens_per_s']:.2f}x  "
+              f"median step {r['median_step_s']:.2f} s")

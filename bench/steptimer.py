@@ -40,8 +40,7 @@ class StepTimer(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses.append(round(float(logs["loss"]), 4))
-            # labelled_tokens: SFT's count (common.training); a preference run has none of its own
-            self.counts[state.global_step] = (logs["num_input_tokens_seen"], logs.get("labelled_tokens", 0))
+            self.counts[state.global_step] = (logs["num_input_tokens_seen"], logs["labelled_tokens"])
 
     def on_train_end(self, args, state, control, **kwargs):
         first, last = min(self.times), max(self.times)

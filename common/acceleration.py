@@ -156,8 +156,8 @@ def _pair_layout(input_ids, attention_mask, labels):
     ids, pos, labs, index, offset = [], [], [], torch.full((rows, width - 1), -1, device=input_ids.device), 0
     for c, r in zip(range(half), range(half, rows)):
         p = firsts[c]
-        if p < 1 or p != firsts[r] or p >= lengths[c] or p >= lengths[r] or not torch.equal(input_ids[c, :p], input_ids[r, :p]):
-            return None
+        if not (0 < p == firsts[r] < min(lengths[c], lengths[r])) or not torch.equal(input_ids[c, :p], input_ids[r, :p]):
+            return None  # the two rows do not share a prompt: not a pair
         for row, start in ((c, 0), (r, p - 1)):  # the sample, then its branch
             n = lengths[row] - start
             ids.append(input_ids[row, start:lengths[row]])

@@ -366,7 +366,8 @@ def test_a_continued_adapter_is_its_own_reference(tmp_path, monkeypatch, tiny_mo
     # the base alone would score the answers differently from the SFT adapter: the reference is not the base
     with_off = pair_recipe(tmp_path, tiny_model_dir, pairs_file, name="fresh", train={"max_steps": 1})
     assert run(with_off) == 0
-    assert [r for r in metrics(tmp_path / "fresh") if "loss" in r][0]["logps/chosen"] != pytest.approx(steps[0]["logps/chosen"])
+    fresh = [r for r in metrics(tmp_path / "fresh") if "loss" in r][0]
+    assert fresh["logps/chosen"] != pytest.approx(steps[0]["logps/chosen"])
     start, end = adapter_tensors(adapter), adapter_tensors(tmp_path / "recipe" / "final")
     assert start.keys() == end.keys() and any(not torch.equal(start[k], end[k]) for k in start)
     assert "LoRA continuing the adapter" in (tmp_path / "recipe" / "train.log").read_text(encoding="utf-8")
@@ -449,7 +450,8 @@ def test_packed_pairs_give_the_padded_batch_outputs_and_gradients(tiny_model_dir
 
     def outputs_and_grads(packed: bool):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=acceleration.register_packed_attention())
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir,
+                                                     attn_implementation=acceleration.register_packed_attention())
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
         with torch.no_grad():
             for name, param in model.named_parameters():
