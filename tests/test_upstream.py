@@ -12,6 +12,8 @@ that is not checked here is a defect.
 | safetensors | `torch._getdtype` | weights.ModelWeights | a header's dtype string as a torch dtype (merge and the GGUF export plan from headers) | test_merge, test_gguf |
 | torch | `ops.mkldnn._is_mkldnn_bf16_supported` | precision.cpu_has_native_bf16 | oneDNN's own answer to "native bf16 here" | test_precision |
 | torch | the weights-only unpickler's error texts ("Weights only load failed", "GLOBAL x ... is blocked" and kin) | safeload._unpickler_error | the refused global is named only in the message | test_convert (malicious pickles) |
+| trl | `DPOTrainer._prepare_dataset(dataset, processing_class, args, dataset_name)` | preference.PairDPOTrainer | TRL 1.16 re-tokenizes every dataset; the override passes our pre-tokenized pair rows through | test_preference (rows equal TRL's tokenization; loss equal to plain DPOTrainer) |
+| trl | `trainer.utils.FusedCausalLMOutput` and the `fused_lm_head=True` forward its trainers call | acceleration.pack_pairs | packed pairs answer DPOTrainer's fused-head forward in its own output type | test_preference (packed outputs and gradients equal the padded forward) |
 | Python | `_compat_pickle` name tables | safeload._py3_name | protocol-2 pickles name Python 2 modules | test_convert |
 
 Training's run behaviour (checkpoints staged and renamed, recipe in each, rotation, token counts) uses public
@@ -109,3 +111,16 @@ def test_compat_pickle_tables():
 
     assert _compat_pickle.NAME_MAPPING[("__builtin__", "xrange")] == ("builtins", "range")
     assert _compat_pickle.IMPORT_MAPPING["__builtin__"] == "builtins"
+
+
+def test_trl_dpo_dataset_hook_and_fused_head_output_keep_their_shape():
+    import dataclasses
+
+    from trl import DPOTrainer
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    assert list(inspect.signature(DPOTrainer._prepare_dataset).parameters) == [
+        "self", "dataset", "processing_class", "args", "dataset_name"]
+    fields = {f.name for f in dataclasses.fields(FusedCausalLMOutput)}
+    assert {"loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask",
+            "aux_loss"} <= fields
