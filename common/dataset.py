@@ -122,10 +122,7 @@ def build_datasets(recipe, tokenizer, report: LoadReport | None = None, use_cach
                     Dataset.from_list(eval_rows).save_to_disk(str(tmp / "eval"))
                 meta = {"notes": report.notes, "skipped": report.skipped, "stats": vars(stats)}
                 (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-    for text in report.notes:
-        print(f"note: {text}", file=sys.stderr)
-    if report.skipped:
-        print(f"skipped {len(report.skipped)} broken record(s); first: {report.skipped[0]}", file=sys.stderr)
+    report.tell()
     if not train_rows:
         d = recipe.data
         raise UserError(f"{', '.join(d.paths)}: no training sample left (records: {stats.records}, dropped: {stats.dropped})")

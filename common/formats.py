@@ -6,6 +6,7 @@ and add it to FORMAT_READERS and FORMAT_KEYS.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,13 @@ class LoadReport:
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
+
+    def tell(self) -> None:
+        """The notes and the skipped-record count, on stderr (the data's report before training starts)."""
+        for text in self.notes:
+            print(f"note: {text}", file=sys.stderr)
+        if self.skipped:
+            print(f"skipped {len(self.skipped)} broken record(s); first: {self.skipped[0]}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- per-format record readers

@@ -43,10 +43,7 @@ def build_pair_datasets(recipe, tokenizer):
     train_rows, stats = encode_pairs(pairs, tokenizer, template, d.max_length, d.system)
     stats.skipped = len(report.skipped)
     eval_rows = encode_pairs(held_out, tokenizer, template, d.max_length, d.system)[0] if held_out else []
-    for text in report.notes:
-        print(f"note: {text}", file=sys.stderr)
-    if report.skipped:
-        print(f"skipped {len(report.skipped)} broken record(s); first: {report.skipped[0]}", file=sys.stderr)
+    report.tell()
     if not train_rows:
         raise UserError(f"{', '.join(d.paths)}: no training pair left (records: {stats.records}, "
                         f"dropped: {stats.dropped}, skipped: {stats.skipped})")
