@@ -85,7 +85,7 @@ def summary_lines(recipe, stats: dict) -> list[str]:
         "the continued adapter's frozen copy" if recipe.model.adapter else "the adapter switched off"))
     loss = f"DPO {p.loss_type}, beta {p.beta}" if method == "dpo" else f"ORPO, lambda {p.orpo_lambda}"
     return [f"pairs: {stats['pairs']:,} of {stats['records']:,} records (shortened {stats['shortened']}, dropped "
-            f"{stats['dropped']}, skipped {stats['skipped']}), padded batches of chosen and rejected",
+            f"{stats['dropped']}, skipped {stats['skipped']})",
             f"preference: {loss}; reference: {reference}"]
 
 
