@@ -1,19 +1,19 @@
 """The generation core: messages in, text out (streamed). Stateless: a `Generator` holds a model, its tokenizer, the
 template and the stop words and EOS ids that end an answer; each call takes a list of {"role", "content"} messages
 and `Sampling` settings, renders the prompt exactly as training encodes it, and returns a `Completion`. The chat REPL,
-the evaluation-prompt callback, eval.py and the API server all answer through it, so they end answers alike.
+the evaluation-prompt callback, eval.py and the API server all answer through it, so they end answers alike. The
+tokens come from common/decoding.py (one answer alone here; the server batches several answers there).
 """
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Optional
-
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from typing import Callable, ContextManager, Optional
 
 from common.cli import UserError
 from common.conversation import BadRecord, messages_to_turns
+from common.decoding import Decoder, Row
 from common.templates import Template
 
 
@@ -62,36 +62,33 @@ class BadMessages(UserError):
     """Messages that do not form a conversation to answer (unknown role, nothing from the user...)."""
 
 
-class StopWordStream(StoppingCriteria):
-    """Decodes the answer as it grows, hands on the text that is safe to show, and stops at the first stop word.
-
-    Used as a stopping criterion rather than a streamer because generate() asks the criteria about each new token
-    before it streams it: one object both decides to stop and decides what to print. A tail that could be the start
-    of a stop word (which may span several tokens), or half of a UTF-8 character, is held back until it is resolved.
-    EOS ids end generation through generate() itself; they are dropped from the text here.
+class StopWordStream:
+    """Decodes the answer as it grows, hands on the text that is safe to show, and tells the decoder to stop at the
+    first stop word or when the caller has given up (`cancelled()`). One object both decides to stop and decides what
+    to print. A tail that could be the start of a stop word (which may span several tokens), or half of a UTF-8
+    character, is held back until it is resolved. EOS ids end the answer in the decoder; they are dropped from the
+    text here.
     """
 
-    def __init__(self, tokenizer, prompt_length: int, stop_words: list[str], eos_ids: set[int],
-                 on_text: Callable[[str], None], cancelled: Callable[[], bool] = lambda: False):
-        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+    def __init__(self, tokenizer, stop_words: list[str], eos_ids: set[int], on_text: Callable[[str], None],
+                 cancelled: Callable[[], bool] = lambda: False):
+        self.tokenizer = tokenizer
         self.stop_words = [w for w in stop_words if w]
         self.eos_ids, self.on_text, self.cancelled = eos_ids, on_text, cancelled
-        self.text, self.shown, self.stopped, self.length, self.ended_with_eos = "", 0, False, 0, False
+        self.text, self.shown, self.stopped = "", 0, False
         self.was_cancelled = False
 
-    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        self.feed(input_ids[0, self.prompt_length:].tolist())
+    def should_stop(self, answer_ids: list[int]) -> bool:
+        """decoding.Row's stop test, after each token: all answer ids so far."""
+        self.feed(answer_ids)
         if not self.stopped and self.cancelled():
             self.was_cancelled = True
-        done = self.stopped or self.was_cancelled
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        return self.stopped or self.was_cancelled
 
     def feed(self, answer_ids: list[int]) -> None:
         """All answer ids so far (not just the new one): decoding them together keeps multi-token characters whole."""
         if self.stopped:
             return
-        self.length = len(answer_ids)
-        self.ended_with_eos = bool(answer_ids) and answer_ids[-1] in self.eos_ids
         ids = [i for i in answer_ids if i not in self.eos_ids]
         self.text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         hits = [i for i in (self.text.find(w, max(self.shown - len(w), 0)) for w in self.stop_words) if i >= 0]
@@ -172,6 +169,7 @@ class Generator:
                                 f"the context allows ({self.max_length} minus {sampling.max_new_tokens} for the answer)")
 
     def generation_config(self, sampling: Sampling):
+        """generate()'s settings for the same answer: what the decoder's output is checked against (tests, bench)."""
         config = copy.deepcopy(self.model.generation_config)
         sample = sampling.temperature >= GREEDY_BELOW
         # Unset sampling knobs when greedy: transformers warns about flags that would have no effect.
@@ -183,38 +181,62 @@ class Generator:
                       else next(iter(self.eos_ids), None))
         return config
 
-    def generate(self, messages: list[dict], sampling: Sampling, on_text: Callable[[str], None] = lambda text: None,
-                 cancelled: Callable[[], bool] = lambda: False, stop: list[str] = ()) -> Completion:
-        """Answer the conversation. The visible text streams to on_text as it becomes safe to show; `cancelled()` is
-        asked after each token (a client that went away); `stop` adds stop words for this call. Ctrl-C ends the
-        answer early with what was shown."""
+    def start(self, messages: list[dict], sampling: Sampling, on_text: Callable[[str], None] = lambda text: None,
+              cancelled: Callable[[], bool] = lambda: False, stop: list[str] = ()) -> Answering:
+        """An answer ready to decode (a decoding.Row and its text stream), or BadMessages / PromptTooLong. The visible
+        text streams to on_text as it becomes safe to show; `cancelled()` is asked after each token (a client that
+        went away); `stop` adds stop words for this answer."""
         ids = self.prompt_ids(messages)
         self.check_fits(len(ids), sampling)
-        stop_words = self.stop_words + [w for w in stop if w]
-        stream = StopWordStream(self.tokenizer, len(ids), stop_words, self.eos_ids, on_text, cancelled)
-        input_ids = torch.tensor([ids], device=self.model.device)
-        interrupted = False
-        device = input_ids.device
+        stream = StopWordStream(self.tokenizer, self.stop_words + [w for w in stop if w], self.eos_ids, on_text,
+                                cancelled)
+        config = self.generation_config(sampling)
+        # generate()'s own processor list for these settings (a private method: see tests/test_upstream.py).
+        processors = self.model._get_logits_processor(config, input_ids_seq_length=len(ids), device=self.model.device)
+        row = Row(ids, sampling.max_new_tokens, frozenset(self.eos_ids), stream.should_stop, processors,
+                  greedy=not config.do_sample, seed=sampling.seed)
+        return Answering(row, stream)
+
+    def adapter_context(self, adapter: bool = True) -> Callable[[], ContextManager]:
+        """What to run the model in: as loaded (`adapter`), or with its PEFT adapter switched off (the base model's
+        answers, for comparison)."""
+        if adapter:
+            return nullcontext
+        if not hasattr(self.model, "disable_adapter"):
+            raise BadMessages("the base model's answer needs an adapter to switch off, and this model has none")
+        return self.model.disable_adapter
+
+    def decoder(self, adapter: bool = True) -> Decoder:
+        return Decoder(self.model, self.adapter_context(adapter))
+
+    def generate(self, messages: list[dict], sampling: Sampling, on_text: Callable[[str], None] = lambda text: None,
+                 cancelled: Callable[[], bool] = lambda: False, stop: list[str] = (), adapter: bool = True) -> Completion:
+        """Answer the conversation alone (see `start`). Ctrl-C ends the answer early with what was shown."""
+        answering = self.start(messages, sampling, on_text, cancelled, stop)
         try:
-            # A seeded call samples reproducibly and leaves the process's RNG where it was (training, other calls).
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
-                                       enabled=sampling.seed is not None), torch.inference_mode():
-                if sampling.seed is not None:
-                    torch.manual_seed(sampling.seed)
-                self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                    generation_config=self.generation_config(sampling),
-                                    stopping_criteria=StoppingCriteriaList([stream]))
-            stream.finish()
+            self.decoder(adapter).run(answering.row)
         except KeyboardInterrupt:
-            interrupted = True
+            return answering.completion(interrupted=True)
+        return answering.completion()
+
+
+class Answering:
+    """One answer under way: the row the decoder advances, and the stream that turns its tokens into text."""
+
+    def __init__(self, row: Row, stream: StopWordStream):
+        self.row, self.stream = row, stream
+
+    def completion(self, interrupted: bool = False) -> Completion:
+        """The answer once its row has ended (or been interrupted: what was shown so far)."""
+        row, stream = self.row, self.stream
+        if not interrupted:
+            stream.finish()
         if interrupted:
             ended_by = "interrupted"
         elif stream.stopped:
             ended_by = "stop_word"
         elif stream.was_cancelled:
             ended_by = "cancelled"
-        elif stream.ended_with_eos:
-            ended_by = "eos"
         else:
-            ended_by = "length"
-        return Completion(stream.answer, len(ids), stream.length, ended_by)
+            ended_by = "eos" if row.ended == "eos" else "length"
+        return Completion(stream.answer, len(row.prompt), len(row.answer), ended_by)

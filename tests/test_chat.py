@@ -119,7 +119,7 @@ def test_reply_reports_dropped_turns_and_a_message_alone_too_long_is_refused(loa
 
 def feed_one_by_one(tokenizer, text, stop_words):
     chunks = []
-    stream = generation.StopWordStream(tokenizer, 0, stop_words, {tokenizer.eos_token_id}, chunks.append)
+    stream = generation.StopWordStream(tokenizer, stop_words, {tokenizer.eos_token_id}, chunks.append)
     ids = tokenizer.encode(text, add_special_tokens=False)
     for n in range(1, len(ids) + 1):
         stream.feed(ids[:n])
@@ -382,7 +382,7 @@ def test_half_a_character_cut_by_max_new_tokens_is_not_printed(tokenizer):
     ids = tokenizer.encode("你好🙂", add_special_tokens=False)
     cut = next(n for n in range(len(ids), 0, -1) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
     chunks = []
-    stream = generation.StopWordStream(tokenizer, 0, [], {tokenizer.eos_token_id}, chunks.append)
+    stream = generation.StopWordStream(tokenizer, [], {tokenizer.eos_token_id}, chunks.append)
     stream.feed(ids[:cut])
     stream.finish()  # generation ended here (max-new-tokens), mid-character
     assert "\ufffd" not in "".join(chunks) and "".join(chunks) == tokenizer.decode(ids[:cut]).rstrip("\ufffd")

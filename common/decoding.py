@@ -1,0 +1,193 @@
+"""Token-level decoding under the generation core: prompt ids in, answer ids out, for one answer or several at once.
+
+A `Decoder` holds the answers under way (`Row`s) and advances all of them by one token per `step()`, with one model
+forward for the whole batch. Their key/value caches sit in one transformers `DynamicCache`, left-padded to a common
+length; the attention mask hides the padding and the position ids are counted per row, so each row computes what it
+would alone (up to the float rounding of batched matrix products). A row joins after a prefill of its prompt alone
+(no padding, so a lone answer is exactly a plain decode) and leaves as soon as it ends; columns that only padding
+uses are trimmed. This is the server's continuous batching (requests join and leave between steps) and, with one
+row, the REPL's, eval's and the training previews' decode: one loop for all of them.
+
+Why a loop of our own rather than `generate()`: generate() decodes a fixed batch from start to end (a request
+arriving later waits for the whole batch), and its sampling settings and seed are one per call; here each row has its
+own (temperature, top-k/p, repetition penalty, seed, max tokens, stop test). Tokens are picked as generate() picks
+them: with the logits processors it builds from the same GenerationConfig, per row. transformers' continuous-batching manager (`init_continuous_batching`) was the first
+choice; it takes one do_sample and no seed for all requests.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Optional
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers import LogitsProcessorList
+
+
+@dataclass
+class Row:
+    """One answer being decoded. `processors`: transformers' logits processors for this answer, the list generate()
+    would build from the same GenerationConfig (repetition penalty, suppressed tokens..., and when sampling
+    temperature, top-k, top-p); `greedy`: pick the top token, else sample. `should_stop(answer_ids)` is asked after
+    every token (stop words, a client that left)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    eos_ids: frozenset
+    should_stop: Callable[[list[int]], bool] = lambda answer: False
+    processors: Optional[LogitsProcessorList] = None
+    greedy: bool = True
+    seed: Optional[int] = None
+    answer: list[int] = field(default_factory=list)
+    ended: Optional[str] = None  # eos | stopped (should_stop said so) | length; None while under way
+
+    def __post_init__(self):
+        # A seeded row samples from its own generator: reproducible whatever else is in the batch, and the process's
+        # RNG (training, other requests) is not moved.
+        self.rng = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        self.plain_greedy = self.greedy and not self.processors  # the batch's one argmax serves it
+
+    def push(self, token: int) -> bool:
+        """Take the next token; True when the answer has ended."""
+        self.answer.append(token)
+        if token in self.eos_ids:
+            self.ended = "eos"
+        elif self.should_stop(self.answer):
+            self.ended = "stopped"
+        elif len(self.answer) >= self.max_new_tokens:
+            self.ended = "length"
+        return self.ended is not None
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token from this row's float32 logits [vocab], as generate() picks it."""
+        scores = logits[None]
+        if self.processors:
+            seen = torch.tensor([self.prompt + self.answer], device=logits.device)
+            scores = self.processors(seen, scores)
+        if self.greedy:
+            return int(scores.argmax())
+        probs = scores.softmax(-1)
+        if self.rng is not None:  # a seeded row samples on the CPU, where its generator lives
+            probs = probs.cpu()
+        return int(torch.multinomial(probs, 1, generator=self.rng))
+
+
+class Decoder:
+    """Rows decoding together, one token each per step. Not thread-safe: one thread (the caller's, or the server's
+    worker) drives it. `context()` is entered around every forward (e.g. PEFT's `disable_adapter` for base answers)."""
+
+    def __init__(self, model, context: Callable[[], ContextManager] = nullcontext):
+        self.model, self.context = model, context
+        self.rows: list[Row] = []
+        self.cache: Optional[DynamicCache] = None
+        self.mask: Optional[torch.Tensor] = None  # [rows, cached positions]: 1 real, 0 padding
+        self.padded = False  # any 0 in mask: the forward needs the mask (without padding it can go without)
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def add(self, row: Row) -> bool:
+        """Prefill the row's prompt and pick its first token; the row joins the batch unless it has already ended
+        (True then). A failure leaves the batch as it was."""
+        ids = torch.tensor([row.prompt], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        with self.context(), torch.inference_mode():
+            logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            if row.push(row.pick(logits.float())):
+                return True
+        self._join(row, cache)
+        return False
+
+    def step(self) -> list[Row]:
+        """One token for every row; returns the rows that ended (removed from the batch). If the step fails, the batch
+        is emptied (its cache may be half written) and the error raised: every row it had is lost."""
+        if not self.rows:
+            return []
+        rows = self.rows
+        ids = torch.tensor([[r.answer[-1]] for r in rows], device=self.device)
+        positions = torch.tensor([[len(r.prompt) + len(r.answer) - 1] for r in rows], device=self.device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(rows), 1)], dim=1)
+        try:
+            with self.context(), torch.inference_mode():
+                logits = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
+                                    attention_mask=self.mask if self.padded else None).logits[:, -1].float()
+                # Greedy rows (the common case) take one argmax for the batch, not one per row.
+                greedy = logits.argmax(-1).tolist()
+                ended = [r.push(greedy[i] if r.plain_greedy else r.pick(logits[i]))
+                         for i, r in enumerate(rows)]
+        except BaseException:
+            self.clear()
+            raise
+        if any(ended):
+            self._keep([i for i, done in enumerate(ended) if not done])
+        return [r for r, done in zip(rows, ended) if done]
+
+    def drop(self, row: Row) -> None:
+        """Remove a row that has not ended (its caller gave up on it)."""
+        if row in self.rows:
+            self._keep([i for i, r in enumerate(self.rows) if r is not row])
+
+    def clear(self) -> None:
+        self.rows, self.cache, self.mask, self.padded = [], None, None, False
+
+    def run(self, row: Row) -> Row:
+        """Decode one row to its end, alone (the REPL, eval and the training previews)."""
+        if self.rows:
+            raise RuntimeError("Decoder.run decodes one row alone; this decoder has rows under way")
+        try:
+            if not self.add(row):
+                while not self.step():
+                    pass
+        finally:
+            self.clear()  # Ctrl-C mid-answer included: the next answer starts clean
+        return row
+
+    # ------------------------------------------------------------ the shared cache
+
+    def _join(self, row: Row, cache: DynamicCache) -> None:
+        mask = torch.ones(1, len(row.prompt), dtype=torch.long, device=self.device)
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.padded = [row], cache, mask, False
+            return
+        if not batchable(self.cache) or not batchable(cache):
+            raise RuntimeError("this model's cache layers cannot be batched: decode one row at a time")
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, width), left_pad(theirs.keys, width)])
+            mine.values = torch.cat([left_pad(mine.values, width), left_pad(theirs.values, width)])
+        self.mask = torch.cat([left_pad(self.mask, width, dim=1), left_pad(mask, width, dim=1)])
+        self.rows.append(row)
+        self.padded = True
+
+    def _keep(self, indices: list[int]) -> None:
+        """Keep these rows (in order), and trim the cache's leading columns that are padding in every kept row."""
+        if not indices:
+            return self.clear()
+        index = torch.tensor(indices, device=self.device)
+        self.rows = [self.rows[i] for i in indices]
+        mask = self.mask.index_select(0, index)
+        start = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self.mask = mask[:, start:]
+        self.padded = bool((self.mask == 0).any())
+
+
+def batchable(cache: DynamicCache) -> bool:
+    """Rows can share this cache: every layer a plain full-attention DynamicLayer (sliding-window and other layers
+    keep state per batch that padding would corrupt)."""
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """Zeros before `tensor` along `dim` up to `width` (cache tensors: [batch, heads, positions, head_dim])."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
