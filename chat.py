@@ -54,8 +54,10 @@ def parse_args(argv=None):
                          "other users in `ps`: prefer --api-key-file or $SFT_API_KEY)")
     serving.add_argument("--api-key-file", metavar="PATH", help="the key, on one line of a file (else $SFT_API_KEY; "
                          "without a key, only requests from this machine's own pages and tools are answered)")
-    serving.add_argument("--queue-size", type=int, default=16, metavar="N", help="requests that may wait while one "
-                         "is answered; more get 429 (default 16)")
+    serving.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests answered together, one "
+                         "token each per step of the model (default 8; 1: one at a time)")
+    serving.add_argument("--queue-size", type=int, default=16, metavar="N", help="requests that may wait while "
+                         "--max-batch are answered; more get 429 (default 16)")
     serving.add_argument("--max-request-bytes", type=int, metavar="N", help="larger request bodies get 413 before "
                          "they are read (default 1 MiB: common.serving.MAX_REQUEST_BYTES)")
     serving.add_argument("--read-timeout", type=float, metavar="SECONDS", help="a client that has not sent its whole "
@@ -67,6 +69,8 @@ def parse_args(argv=None):
         p.error("give --serve or --once, not both")
     if args.queue_size < 1:
         p.error("--queue-size must be at least 1")
+    if args.max_batch < 1:
+        p.error("--max-batch must be at least 1")
     if args.max_request_bytes is not None and args.max_request_bytes < 1:
         p.error("--max-request-bytes must be at least 1")
     if args.api_key == "":
@@ -120,7 +124,7 @@ def main(argv=None):
         from common.serving import serve
 
         return serve(generator, sampling, system, source, args.host, args.port, api_key, args.queue_size,
-                     args.max_request_bytes, args.read_timeout)
+                     args.max_request_bytes, args.read_timeout, args.max_batch)
     if args.once is not None:
         console = repl.Console(interactive=False, stream=not args.no_stream)
         return repl.converse(session, console, [("--once", args.once)])

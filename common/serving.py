@@ -4,9 +4,9 @@
     GET  /v1/models
     GET  /health                {"status", "model", "running", "waiting", "cancelled"}
 
-One model answers one request at a time (a model and its tokenizer are not thread-safe): requests wait in a bounded
-queue for a single worker thread that runs the generation core; the text it produces is handed to the event loop
-with call_soon_threadsafe. A client that disconnects cancels its generation at the next token. Every error reaches the
+One worker thread runs the model (a model and its tokenizer are not thread-safe): up to --max-batch requests decode
+together, one token each per forward (continuous batching: a request joins between steps and leaves when it ends),
+more wait in a bounded queue; the text it produces is handed to the event loop with call_soon_threadsafe. A client that disconnects cancels its generation at the next token. Every error reaches the
 client in OpenAI's shape, {"error": {"message", "type", "param", "code"}}; tracebacks stay in the server's log.
 Hostile input is refused before it costs anything: bodies over a size limit (413, unread), invalid UTF-8, deep
 nesting, lone surrogates; a keyless server refuses other sites' web pages (access_check), and a request that does not
@@ -38,7 +38,7 @@ from starlette.requests import ClientDisconnect
 
 from common.cli import UserError, first_line, reading
 from common.conversation import OPENAI_ROLES, BadRecord, messages_to_turns
-from common.generation import Completion, Generator, Sampling, no_room
+from common.generation import Answering, Completion, Generator, Sampling, no_room
 
 SEED_LIMIT = 2 ** 63  # torch.manual_seed takes 64-bit seeds; OpenAI's seed is a non-negative integer
 MAX_DEPTH = 32  # nesting of the body's JSON: a chat request needs 4 (body, messages, message, content part)
@@ -250,28 +250,32 @@ class Job:
 
 
 class Worker:
-    """The one thread that touches the model, fed by a queue of jobs: one answered, up to queue_size waiting."""
+    """The one thread that touches the model. Up to `max_batch` requests generate together, one token each per step
+    of a decoding.Decoder (one forward for all of them): a request joins at the next step after it arrives and leaves
+    when it ends, so a short answer does not wait for a long one. Up to `queue_size` more wait; beyond that, 429."""
 
-    def __init__(self, generator: Generator, queue_size: int):
-        self.generator, self.queue_size = generator, queue_size
+    def __init__(self, generator: Generator, queue_size: int, max_batch: int):
+        self.generator, self.queue_size, self.max_batch = generator, queue_size, max_batch
         self.jobs: queue.Queue[Job] = queue.Queue()
         # Accepted and not yet finished, counted here rather than by the queue's own bound: a job the worker has not
         # picked up yet would otherwise take a waiting place on an idle server.
         self.pending, self.lock = 0, threading.Lock()
         self.cancelled = 0  # jobs stopped, or never started, because their client went away
+        self.decoder = generator.decoder()
+        self.answering: dict[int, tuple[Job, Answering]] = {}  # id(row) -> its job and answer, for the rows decoding
         threading.Thread(target=self._run, name="generation", daemon=True).start()
 
     @property
     def running(self) -> int:
-        return min(self.pending, 1)
+        return min(self.pending, self.max_batch)
 
     @property
     def waiting(self) -> int:
-        return max(self.pending - 1, 0)
+        return max(self.pending - self.max_batch, 0)
 
     def submit(self, job: Job) -> None:
         with self.lock:
-            if self.pending > self.queue_size:
+            if self.pending >= self.max_batch + self.queue_size:
                 raise ApiError(429, f"the server is busy: {self.queue_size} request(s) already waiting for the model; "
                                     "retry later", type="rate_limit_error", code="queue_full")
             self.pending += 1
@@ -279,33 +283,65 @@ class Worker:
 
     def _run(self) -> None:
         while True:
-            job = self.jobs.get()
-            try:
-                job.post(self._answer(job))
-            finally:
-                with self.lock:
-                    self.pending -= 1
+            self._admit()
+            self._step()
 
-    def _answer(self, job: Job) -> Finished:
+    def _admit(self) -> None:
+        """Start waiting jobs while the batch has room; wait for one when nothing is decoding."""
+        while len(self.answering) < self.max_batch:
+            try:
+                job = self.jobs.get(block=not self.answering)
+            except queue.Empty:
+                return
+            self._start(job)
+
+    def _start(self, job: Job) -> None:
         if job.cancelled():
             self.cancelled += 1
-            return Finished()
+            return self._done(job, Finished())
         request = job.request
         try:
-            # Checked before generate() (which checks again) so that a prompt too long is a 400, not a broken stream.
-            self.generator.check_fits(len(self.generator.prompt_ids(request.messages)), request.sampling)
+            # The prompt is rendered and checked before Started, so that a prompt too long is a 400, not a broken
+            # stream; the prefill then picks the first token.
+            answering = self.generator.start(request.messages, request.sampling, on_text=job.post,
+                                             cancelled=job.cancelled, stop=request.stop)
             job.post(Started())
-            completion = self.generator.generate(request.messages, request.sampling, on_text=job.post,
-                                                 cancelled=job.cancelled, stop=request.stop)
+            ended = self.decoder.add(answering.row)
         except UserError as e:  # BadMessages, PromptTooLong
-            return Finished(error=bad_request(str(e), "messages"))
+            return self._done(job, Finished(error=bad_request(str(e), "messages")))
         except Exception as e:
-            traceback.print_exc()  # for the operator; the client gets one line and the server goes on
-            return Finished(error=ApiError(500, f"generation failed: {type(e).__name__}: {first_line(e)}",
-                                           type="server_error"))
+            return self._done(job, crashed(e))
+        if ended:
+            return self._finish(job, answering)
+        self.answering[id(answering.row)] = (job, answering)
+
+    def _step(self) -> None:
+        try:
+            ended = self.decoder.step()
+        except Exception as e:  # the decoder has dropped every row: each of their requests gets the error
+            error = crashed(e)
+            for job, _ in self.answering.values():
+                self._done(job, error)
+            self.answering.clear()
+            return
+        for row in ended:
+            self._finish(*self.answering.pop(id(row)))
+
+    def _finish(self, job: Job, answering: Answering) -> None:
+        completion = answering.completion()
         if completion.ended_by == "cancelled":
             self.cancelled += 1
-        return Finished(completion)
+        self._done(job, Finished(completion))
+
+    def _done(self, job: Job, event: Finished) -> None:
+        job.post(event)
+        with self.lock:
+            self.pending -= 1
+
+
+def crashed(e: Exception) -> Finished:
+    traceback.print_exc()  # for the operator; the client gets one line and the server goes on
+    return Finished(error=ApiError(500, f"generation failed: {type(e).__name__}: {first_line(e)}", type="server_error"))
 
 
 class ClientGone(Exception):
@@ -590,15 +626,15 @@ def model_id(source) -> str:
 
 def serve(generator: Generator, sampling: Sampling, system: Optional[str], source, host: str = "127.0.0.1",
           port: int = 8000, api_key: Optional[str] = None, queue_size: int = 16,
-          max_request_bytes: Optional[int] = None, read_timeout: Optional[float] = None) -> None:
+          max_request_bytes: Optional[int] = None, read_timeout: Optional[float] = None, max_batch: int = 8) -> None:
     """Serve until Ctrl-C (SIGINT) or SIGTERM."""
     import uvicorn
 
     model = model_id(source)
-    app = create_app(Worker(generator, queue_size), model, sampling, system, api_key,
+    app = create_app(Worker(generator, queue_size, max_batch), model, sampling, system, api_key,
                      max_request_bytes or MAX_REQUEST_BYTES, host)
     print(f"serving {model} at http://{host}:{port}/v1 | template {generator.template.name} | context "
-          f"{generator.max_length} tokens | one request at a time, up to {queue_size} waiting"
+          f"{generator.max_length} tokens | up to {max_batch} request(s) at a time, {queue_size} waiting"
           + ("" if api_key else " | no API key"), file=sys.stderr, flush=True)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host} without an API key: anyone who can reach this port can use the model",

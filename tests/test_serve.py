@@ -119,15 +119,17 @@ def start(request, tmp_path_factory, model, *flags, key=None) -> Server:
 
 @pytest.fixture(scope="module")
 def tiny(request, tmp_path_factory, tiny_model_dir):
-    """The tiny model behind a key, a system prompt and room for one waiting request."""
-    return start(request, tmp_path_factory, tiny_model_dir, "--system", SYSTEM, "--queue-size", "1",
+    """The tiny model behind a key, a system prompt, one request at a time and room for one waiting."""
+    return start(request, tmp_path_factory, tiny_model_dir, "--system", SYSTEM, "--queue-size", "1", "--max-batch", "1",
                  "--max-request-bytes", str(MAX_BYTES), key=KEY)
 
 
 @pytest.fixture(scope="module")
 def keyless(request, tmp_path_factory, tiny_model_dir):
-    """The tiny model without a key, giving clients one second to send a request."""
-    return start(request, tmp_path_factory, tiny_model_dir, "--read-timeout", "1")
+    """The tiny model without a key, giving clients one second to send a request; four requests decode together
+    and two more may wait."""
+    return start(request, tmp_path_factory, tiny_model_dir, "--read-timeout", "1", "--max-batch", "4",
+                 "--queue-size", "2")
 
 
 @pytest.fixture(scope="module")
@@ -450,6 +452,52 @@ def test_errors_reach_the_openai_client_and_the_server_goes_on(tiny):
     assert tiny.proc.poll() is None and tiny.health()["status"] == "ok"
     assert "Traceback" not in tiny.output()
     assert ask(client, QUESTION, max_tokens=4).choices[0].message.content is not None
+
+
+# ---------------------------------------------------------------- batching
+
+def test_concurrent_requests_decode_together_and_each_answers_as_alone(keyless):
+    """--max-batch 4: four streams are answered together (each has text before any ends) and each answer equals the
+    one it gets alone, whatever else is in the batch: greedy with different prompt lengths (the batch pads), a
+    seeded sample, a stop word, different max_tokens. Two more requests wait; a seventh gets 429."""
+    client = keyless.client()
+    full = ask(client, QUESTION, temperature=0, max_tokens=LONG // 3).choices[0].message.content
+    at = next(i for i in range(len(full) // 2, len(full) - 1) if "\ufffd" not in full[i:i + 2]
+              and full.find(full[i:i + 2]) == i)
+    requests = [dict(question=QUESTION, temperature=0, max_tokens=LONG // 3),
+                dict(question="你好" * 40, temperature=0, max_tokens=LONG // 2),
+                dict(question="hi", temperature=1.5, top_p=0.9, seed=11, max_tokens=LONG // 4),
+                dict(question=QUESTION, temperature=0, max_tokens=LONG // 3, stop=full[at:at + 2])]
+    alone = [ask(client, **r).choices[0].message.content for r in requests]
+    assert alone[0] == full and alone[3] == full[:at]
+    events = [{} for _ in requests]
+
+    def streaming(i):
+        text = []
+        for chunk in ask(client, stream=True, **requests[i]):
+            if chunk.choices and chunk.choices[0].delta.content:
+                events[i].setdefault("first_text", time.monotonic())
+                text.append(chunk.choices[0].delta.content)
+        events[i].update(end=time.monotonic(), text="".join(text))
+
+    threads = [threading.Thread(target=streaming, args=(i,)) for i in range(len(requests))]
+    later, refused = [None, None], []
+    waiting = [threading.Thread(target=lambda i=i: later.__setitem__(i, ask(client, "你好", temperature=0,
+                                                                              max_tokens=8))) for i in range(2)]
+    for t in threads:
+        t.start()
+    keyless.wait_health(lambda h: h["running"] == 4, "four requests decoding")
+    for t in waiting:
+        t.start()
+    keyless.wait_health(lambda h: h["waiting"] == 2, "two requests waiting")
+    refused.append(keyless.post({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))
+    for t in threads + waiting:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads + waiting)
+    assert [e["text"] for e in events] == alone
+    assert max(e["first_text"] for e in events) < min(e["end"] for e in events)  # decoded together, not in turn
+    assert is_openai_error(refused[0], 429)["code"] == "queue_full"
+    assert [a.usage.completion_tokens for a in later] == [8, 8]
 
 
 # ---------------------------------------------------------------- keys, and the keyless server

@@ -1,0 +1,105 @@
+"""The decoder (common/decoding.py) batches rows that join at different times, with prompts of different lengths and
+their own settings, and each row gets the tokens it would get alone.
+
+The model is a tiny random llama with larger weights (initializer_range 0.2, ten times the usual): its attention
+depends on positions and masks, so a wrong position id, a missing padding mask or a bad cache merge changes the
+answer (each was tried: the first test fails), where with the usual small weights attention is nearly uniform and
+hides such errors. The check teacher-forces each batched answer through the model alone (one forward over
+prompt + answer: no cache, no padding, no batch) and requires every greedy token to be that forward's top token up to
+float rounding: within TOLERANCE of the top score (near-ties that the rounding of batched matrix products may flip).
+Exact equality under load is checked on the real model (test_serve's demo tests).
+"""
+import pytest
+import torch
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from common.decoding import Decoder
+from common.generation import Generator, Sampling
+from common.templates import get_template
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def generator(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         initializer_range=0.2, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config).eval()
+    return Generator(model, tokenizer, get_template("qwen_chat"), max_length=1024)
+
+
+def start(generator, question, **sampling):
+    return generator.start([{"role": "user", "content": question}], Sampling(**sampling))
+
+
+def assert_as_alone(model, row) -> None:
+    """Every token of the row's answer is what its own forward, alone, would pick (up to rounding)."""
+    ids = torch.tensor([row.prompt + row.answer])
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0, len(row.prompt) - 1:-1].float()
+    assert len(logits) == len(row.answer) > 0
+    for i, (token, scores) in enumerate(zip(row.answer, logits)):
+        if row.processors:  # the row's own processors (repetition penalty) on the ids it had seen
+            scores = row.processors(torch.tensor([row.prompt + row.answer[:i]]), scores[None])[0]
+        assert scores[token] >= scores.max() - TOLERANCE, f"answer token {i}: {token} is not the top token alone"
+
+
+def test_rows_joining_and_leaving_at_different_times_answer_as_alone(generator):
+    model = generator.model
+    short = start(generator, "你好", max_new_tokens=6)
+    long = start(generator, "我最近很焦虑，晚上睡不着，白天也没有精神，怎么办？" * 3, max_new_tokens=10)
+    penalised = start(generator, "我和父母总是吵架。", max_new_tokens=30, repetition_penalty=1.3)
+    assert len(short.row.prompt) < len(penalised.row.prompt) < len(long.row.prompt)
+    decoder = Decoder(model)
+    ended = []
+    assert not decoder.add(short.row)
+    for _ in range(3):
+        ended += decoder.step()
+    assert not decoder.add(long.row)  # a longer prompt joins: the rows under way are padded on the left
+    assert decoder.padded and decoder.mask.shape == (2, len(long.row.prompt))
+    for _ in range(2):
+        ended += decoder.step()
+    assert not decoder.add(penalised.row)
+    for _ in range(200):
+        if not decoder.rows:
+            break
+        ended += decoder.step()
+        if decoder.rows == [penalised.row]:  # the others have left, and the padding columns with them
+            row = penalised.row
+            assert not decoder.padded
+            assert decoder.mask.shape[1] == decoder.cache.get_seq_length() == len(row.prompt) + len(row.answer) - 1
+    assert ended == [short.row, long.row, penalised.row]
+    assert [len(r.answer) for r in ended] == [6, 10, 30] and all(r.ended == "length" for r in ended)
+    for row in ended:
+        assert_as_alone(model, row)
+
+
+def test_a_lone_row_is_decoded_as_generate_decodes_it(generator):
+    """One row alone (the REPL's case) has no padding and no batch: the same tokens as generate(), exactly."""
+    answering = start(generator, "我最近很焦虑", max_new_tokens=24, repetition_penalty=1.2)
+    Decoder(generator.model).run(answering.row)
+    ids = torch.tensor([answering.row.prompt])
+    config = generator.generation_config(Sampling(max_new_tokens=24, repetition_penalty=1.2))
+    with torch.inference_mode():
+        out = generator.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    assert answering.row.answer == out[0, ids.shape[1]:].tolist()
+
+
+def test_seeded_rows_sample_alike_alone_and_in_a_batch(generator):
+    alone = start(generator, "你好", temperature=1.0, seed=5, max_new_tokens=16)
+    Decoder(generator.model).run(alone.row)
+    decoder = Decoder(generator.model)
+    batched = start(generator, "你好", temperature=1.0, seed=5, max_new_tokens=16)
+    other = start(generator, "我最近很焦虑，晚上睡不着。", temperature=1.0, max_new_tokens=16)
+    decoder.add(other.row)
+    decoder.add(batched.row)
+    while decoder.rows:
+        decoder.step()
+    assert batched.row.answer == alone.row.answer  # its own generator: the other row's draws do not move it
+    again = start(generator, "你好", temperature=1.0, seed=6, max_new_tokens=16)
+    Decoder(generator.model).run(again.row)
+    assert again.row.answer != alone.row.answer
