@@ -1,7 +1,7 @@
 """Side-by-side performance figures on this machine: each measured against a baseline in the same run, interleaved
 (A B A B, 3 rounds), medians and ratios. Prints a table and writes bench/results.json.
 
-    python bench/run.py                 # all five (~15 minutes on 2 cores)
+    python bench/run.py                 # all six (~18 minutes on 2 cores)
     python bench/run.py --only training,chat
     python bench/run.py --quick         # everything shrunk (tiny steps, one round): checks that the benches run
 
@@ -10,6 +10,7 @@
 3 dataprep   records/s to encode the conversations, cold vs from the cache (bench/dataprep.py)
 4 merge      merge.py vs PEFT merge_and_unload + save_pretrained, peak RSS and time (bench/merge_memory.py)
 5 chat       chat.py's generation path vs bare model.generate (bench/chat_latency.py)
+6 serving    chat.py --serve at 1, 4, 8 concurrent clients, batched vs one request at a time (bench/serving.py)
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ITEMS = ("training", "dataprep", "merge", "chat")  # packing comes with training: same rows
+ITEMS = ("training", "dataprep", "merge", "chat", "serving")  # packing comes with training: same rows
 BASELINE = "TRL SFTTrainer (plain script)"
 TARGETS = {"training_ratio": 2.0, "ceiling_share": {"float32": 0.7, "bfloat16": 0.25}, "packing": 0.97, "cached_seconds": 2.0,
-           "merge_rss_ratio": 0.5, "chat_overhead": 0.05}
+           "merge_rss_ratio": 0.5, "chat_overhead": 0.05, "serving_speedup_8": 3.0}
 
 
 def model_shapes(row: int) -> tuple[int, list[tuple[int, int, int]]]:
@@ -163,6 +164,18 @@ def summarise(results: dict) -> list[dict]:
              "ratio": round(1 / (1 + c["decode_overhead"]), 3), "target": "overhead <= 5%",
              "met": verdict(c["decode_overhead"] <= TARGETS["chat_overhead"])},
         ]
+    if "serving" in results:
+        s = results["serving"]
+        batched, alone = s["runs"].values()
+        for clients, speedup in s["speedup"].items():
+            goal = f">= {TARGETS['serving_speedup_8']}x" if clients == "8" else ""
+            rows.append({"item": f"6 serving: completion tokens/s, {clients} client(s) ({s['dtype']})",
+                         "ours": batched[clients]["tokens_per_s"], "baseline": alone[clients]["tokens_per_s"],
+                         "ratio": speedup, "target": goal,
+                         "met": verdict(speedup >= TARGETS["serving_speedup_8"]) if goal else ""})
+            rows.append({"item": f"6 serving: median time to first token s, {clients} client(s)",
+                         "ours": batched[clients]["median_ttft_s"], "baseline": alone[clients]["median_ttft_s"],
+                         "ratio": "", "target": "", "met": ""})
     return rows
 
 
@@ -221,6 +234,10 @@ def main() -> int:
         from bench import chat_latency
 
         results["chat"] = chat_latency.run(args.quick)
+    if "serving" in only:
+        from bench import serving
+
+        results["serving"] = serving.run(args.quick)
     rows = summarise(results)
     results["table"] = rows
     out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

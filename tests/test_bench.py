@@ -1,5 +1,5 @@
 """`bench/run.py --quick` runs every benchmark end to end (shrunk: one round, one timed step, a 13M-parameter merge)
-and writes a results file whose table covers the five figures. The figures are measurements of a shared machine, not
+and writes a results file whose table covers the six figures. The figures are measurements of a shared machine, not
 properties of the code, so no value is asserted; but every one must be a measurement: finite and positive."""
 import json
 import math
@@ -39,7 +39,7 @@ def test_bench_quick_runs_and_reports_every_item(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text(encoding="utf-8"))
     items = {row["item"].split(" ")[0] for row in results["table"]}
-    assert items == {"1", "2", "3", "4", "5"}
+    assert items == {"1", "2", "3", "4", "5", "6"}
     runs = results["training"]["runs"]
     for name in ("train.py", "TRL SFTTrainer (plain script)"):
         assert runs[name]["tokens_per_s"] > 0 and runs[name]["trained_tokens_per_step"] > 0
@@ -49,6 +49,8 @@ def test_bench_quick_runs_and_reports_every_item(tmp_path):
     for what, value in reported:
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (what, value)
     assert results["chat"]["same_tokens"]  # both generation paths produced the same answer
+    serving = results["serving"]["runs"]
+    assert [r["2"]["requests"] for r in serving.values()] == [2, 2]  # both servers answered every request
     # --quick reads the first 100 conversations of the bench's data: ../shared/data where it exists, else data/
     from bench.training import data_path
 
