@@ -7,6 +7,7 @@ tokens come from common/decoding.py (one answer alone here; the server batches s
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional
@@ -157,6 +158,27 @@ class Generator:
             raise BadMessages(str(e)) from None
         return self.template.encode_ids(self.tokenizer, turns)[0]
 
+    def check_could_fit(self, messages: list[dict], sampling: Sampling) -> None:
+        """Refuse, before tokenizing, messages whose text alone needs more tokens than the context leaves: a token
+        covers at most `longest_token` characters, so n characters take at least n / longest_token tokens. A 1 MiB
+        prompt (the server's default body limit) is refused at once instead of after a tokenization of half a
+        second or more."""
+        if self.max_length is None:
+            return
+        characters = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+        least = -(-characters // self.longest_token)
+        budget = self.max_length - sampling.max_new_tokens
+        if least > budget:
+            raise PromptTooLong(f"the conversation has {characters} characters, at least {least} tokens, more than "
+                                f"the {budget} the context allows ({self.max_length} minus {sampling.max_new_tokens} "
+                                "for the answer)")
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """The most characters one token of the vocabulary stands for (as the vocabulary spells it: byte-level BPE
+        spells each byte as one character, so this bounds text characters too)."""
+        return max((len(piece) for piece in self.tokenizer.get_vocab()), default=1) or 1
+
     def check_fits(self, prompt_tokens: int, sampling: Sampling) -> None:
         if self.max_length is None:
             return
@@ -186,6 +208,7 @@ class Generator:
         """An answer ready to decode (a decoding.Row and its text stream), or BadMessages / PromptTooLong. The visible
         text streams to on_text as it becomes safe to show; `cancelled()` is asked after each token (a client that
         went away); `stop` adds stop words for this answer."""
+        self.check_could_fit(messages, sampling)
         ids = self.prompt_ids(messages)
         self.check_fits(len(ids), sampling)
         stream = StopWordStream(self.tokenizer, self.stop_words + [w for w in stop if w], self.eos_ids, on_text,

@@ -102,6 +102,17 @@ def test_trimming_drops_oldest_turns_and_keeps_the_system_as_training_windows_do
     assert prompt_ids(s, turns[-1].input)[1] == 1
 
 
+def test_a_prompt_that_cannot_fit_is_refused_by_its_length_before_it_is_tokenized(loaded):
+    s = session(loaded, max_length=120, max_new_tokens=20, temperature=0)
+    longest = s.generator.longest_token
+    assert longest == max(len(piece) for piece in loaded[1].get_vocab())
+    with pytest.raises(generation.PromptTooLong, match=f"has {100 * longest + 1} characters, at least 101 tokens"):
+        s.generator.start([{"role": "user", "content": "x" * (100 * longest + 1)}], s.sampling)
+    # Within the bound, the exact count decides (a template adds tokens of its own).
+    with pytest.raises(generation.PromptTooLong, match="tokens with the template, more than the 100"):
+        s.generator.start([{"role": "user", "content": "焦虑" * 100}], s.sampling)
+
+
 def test_reply_reports_dropped_turns_and_a_message_alone_too_long_is_refused(loaded):
     s = session(loaded, max_length=120, max_new_tokens=20, temperature=0)
     s.history = history([("我最近很焦虑" * 5, "听起来你压力很大" * 5)] * 3)
