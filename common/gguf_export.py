@@ -28,7 +28,7 @@ class OutType:
 
     file_type: str  # a gguf.LlamaFileType member
     matrix: str  # a gguf.GGMLQuantizationType member
-    agreement: float | None = None  # verify's limit; None: float types, compared by max |logit diff| instead
+    agreement: float | None = None  # verify's limit; None: float types (all types' logits are compared as well)
 
 
 # The quantized types are those the `gguf` package's numpy quantizers write (no llama.cpp build); k-quants come from
@@ -135,14 +135,17 @@ def end_of_turn_id(template, tokenizer) -> int | None:
     tokenizer's EOS for templates that append it), for `tokenizer.ggml.eot_token_id`: without that key llama.cpp
     guesses the end of turn from token texts, and on a ChatML model it picks <|endoftext|>. It is the token that
     follows an answer's own tokens in the training encoding, when that token is a single stop word of the template
-    or a special added token (CONTROL in the GGUF). None when the answer ends in text of several tokens (a stop word the vocabulary does not
-    hold as one token, e.g. `<end_of_turn>` on a tokenizer without it) or in plain text: no one token ends the
-    turn, and a guessed one would either stop early or never; the Modelfile's stop strings cover those."""
+    or a special added token (CONTROL in the GGUF). None when the answer ends in text of several tokens (a stop word
+    the vocabulary does not hold as one token, e.g. `<end_of_turn>` on a tokenizer without it) or in plain text: no
+    one token ends the turn, and a guessed one would stop early or never; the Modelfile's stop strings cover those."""
     from common.conversation import Turn
     from common.templates import IGNORE
 
     answer = "OK"  # one word that encodes alike alone and before a special token
-    ids, labels = template.encode_ids(tokenizer, [Turn("hi", answer)])
+    try:
+        ids, labels = template.encode_ids(tokenizer, [Turn("hi", answer)])
+    except UserError:  # no turns to read the end off (`template: tokenizer` on a tokenizer without a chat template)
+        return None
     trained = [token for token, label in zip(ids, labels) if label != IGNORE]
     own = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if trained[:len(own)] != own or len(trained) == len(own):
@@ -306,8 +309,9 @@ def _round_as_stored(model, model_dir: Path, config, qtype: str) -> None:
 @torch.no_grad()
 def verify(model_dir: Path, gguf_file: Path, qtype: str, recipe, max_new_tokens: int = 32) -> dict:
     """Load the GGUF back through transformers (its tensors dequantized by gguf.quants.dequantize) and compare it
-    with the HF model it came from: logits (f32, f16), greedy answers on the evaluation prompts (quantized types, each
-    with its limit in OUT_TYPES), the chat template's token ids, the Modelfile's TEMPLATE."""
+    with the HF model it came from: logits (against the model rounded as the file stores it, but for f32), greedy
+    answers on the evaluation prompts (quantized types, each with its limit in OUT_TYPES), the chat template's token
+    ids, the Modelfile's TEMPLATE."""
     import tempfile
 
     from transformers import AutoModelForCausalLM
@@ -357,11 +361,14 @@ def verify(model_dir: Path, gguf_file: Path, qtype: str, recipe, max_new_tokens:
             picks = g_model(torch.cat([ids, answer], 1)).logits[0, ids.shape[1] - 1:-1].argmax(-1)
             agree, total = agree + int((picks == answer[0]).sum()), total + answer.shape[1]
         report.update(greedy_token_agreement=agree / max(total, 1), tokens=total, agreement_limit=agreement)
-    report["max_abs_diff_vs_float32"] = max((g_model(ids).logits - model(ids).logits).abs().max().item() for ids in inputs)
+
+    def max_diff() -> float:
+        return max((g_model(ids).logits - model(ids).logits).abs().max().item() for ids in inputs)
+
+    report["max_abs_diff_vs_float32"] = max_diff()
     if qtype != "f32":  # the file stores rounded matrices: compare with the same rounding, report the rounding too
         _round_as_stored(model, model_dir, config, qtype)
-    diff = max((g_model(ids).logits - model(ids).logits).abs().max().item() for ids in inputs)
-    report.update(max_abs_diff=diff, limit=1e-4 if qtype == "f32" else 1e-2)
-    report["ok"] = diff <= report["limit"] and report.get("greedy_token_agreement", 1) >= (agreement or 0)
-    report["ok"] = report["ok"] and report["chat_template_ids_equal"] and report.get("modelfile_ids_equal", True)
+    report.update(max_abs_diff=max_diff(), limit=1e-4 if qtype == "f32" else 1e-2)
+    report["ok"] = (report["max_abs_diff"] <= report["limit"] and report.get("greedy_token_agreement", 1) >= (agreement or 0)
+                    and report["chat_template_ids_equal"] and report.get("modelfile_ids_equal", True))
     return report

@@ -1,6 +1,7 @@
 """merge.py --gguf: the GGUF loads back through transformers with the merged model's logits (llama and qwen2, f32 /
-f16 / q8_0), its chat template gives the training token ids, the Modelfile's TEMPLATE renders the training text,
-and the output appears whole or not at all; on the demo model too."""
+f16 / q8_0 / q5_* / q4_*), its tensors in llama.cpp's type mix, its end-of-turn token the template's, its chat
+template gives the training token ids, the Modelfile's TEMPLATE renders the training text, verify fails on a damaged
+file, and the output appears whole or not at all; on the demo model too."""
 import json
 import os
 import shutil
