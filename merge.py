@@ -29,7 +29,8 @@ def parse_args(argv=None):
                    help="dtype the merged weights are stored in (the merge itself runs in float32); auto: the base's")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where B @ A is computed")
     p.add_argument("--gguf", choices=gguf_export.TYPES, help="also write OUT/model-TYPE.gguf (llama, qwen2) and an "
-                   "Ollama Modelfile, from the training template")
+                   "Ollama Modelfile, from the training template; k-quants (Q4_K_M...): llama-quantize on the f16 "
+                   "file (README)")
     p.add_argument("--verify", action="store_true", help="compare logits with PEFT's base + adapter (loads both, float64); "
                    "with --gguf, also load the GGUF back and compare it with the merged model")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")
@@ -88,12 +89,13 @@ def ship_gguf(model_dir: Path, out: Path, qtype: str, recipe, verify: bool) -> b
     if not verify:
         return True
     r = gguf_export.verify(model_dir, path, qtype, recipe)
-    if qtype == "q8_0":
-        print(f"verify: GGUF q8_0 vs the merged model, greedy answers to the evaluation prompts: the GGUF picks the "
-              f"same token at {100 * r['greedy_token_agreement']:.1f}% of {r['tokens']} positions (limit 90%)")
-    else:
-        print(f"verify: GGUF {qtype} vs the merged model{' rounded to f16 (what the file stores)' * (qtype == 'f16')}: "
-              f"max |logit diff| {r['max_abs_diff']:.3g} (limit {r['limit']:g}); vs float32: {r['max_abs_diff_vs_float32']:.3g}")
+    if "greedy_token_agreement" in r:
+        print(f"verify: GGUF {qtype} vs the merged model, greedy answers to the evaluation prompts: the GGUF picks the "
+              f"same token at {100 * r['greedy_token_agreement']:.1f}% of {r['tokens']} positions "
+              f"(limit {100 * r['agreement_limit']:.0f}%)")
+    rounded = f" rounded to {qtype} (what the file stores)" if qtype != "f32" else ""
+    print(f"verify: GGUF {qtype} vs the merged model{rounded}: max |logit diff| {r['max_abs_diff']:.3g} "
+          f"(limit {r['limit']:g}); vs float32: {r['max_abs_diff_vs_float32']:.3g}")
     print(f"verify: the GGUF's chat template gives the training token ids: {'yes' if r['chat_template_ids_equal'] else 'NO'}"
           + (f"; the Modelfile's TEMPLATE too: {'yes' if r['modelfile_ids_equal'] else 'NO'}" if "modelfile_ids_equal" in r else ""))
     print("verify: OK" if r["ok"] else f"verify FAILED: the GGUF does not match; nothing written to {out}", file=sys.stdout if r["ok"] else sys.stderr)

@@ -1,6 +1,7 @@
 """merge.py --gguf: the GGUF loads back through transformers with the merged model's logits (llama and qwen2, f32 /
-f16 / q8_0), its chat template gives the training token ids, the Modelfile's TEMPLATE renders the training text,
-and the output appears whole or not at all; on the demo model too."""
+f16 / q8_0 / q5_* / q4_*), its tensors in llama.cpp's type mix, its end-of-turn token the template's, its chat
+template gives the training token ids, the Modelfile's TEMPLATE renders the training text, verify fails on a damaged
+file, and the output appears whole or not at all; on the demo model too."""
 import json
 import os
 import shutil
@@ -36,6 +37,23 @@ def run(*args):
         return e.code
 
 
+def recipe_for(base: Path, template: str) -> Recipe:
+    return Recipe(model=ModelConfig(path=str(base)), data=DataConfig(path="d.json", template=template, system=SYSTEM,
+                                                                      max_length=256),
+                  evaluation=EvaluationConfig(prompts=["我最近很焦虑", "你好"], temperature=0.3, max_new_tokens=20))
+
+
+def make_model(root: Path, config, tokenizer, template="qwen_chat") -> Path:
+    """A full model (a fine-tune, or a model merged earlier) with its tokenizer and the recipe naming its template."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    save_recipe(recipe_for(root, template), root / "recipe.yaml")
+    return root
+
+
 def make_run(root: Path, config, tokenizer, template="qwen_chat"):
     """A finished run: base model, final/ adapter (random B) + tokenizer with the template + recipe.yaml."""
     from transformers import AutoModelForCausalLM
@@ -52,19 +70,17 @@ def make_run(root: Path, config, tokenizer, template="qwen_chat"):
     saved = tokenizer.__class__.from_pretrained(base)
     saved.chat_template = (TEMPLATES[template] if template in TEMPLATES else TOKENIZER).chat_template(saved)
     saved.save_pretrained(final)
-    recipe = Recipe(model=ModelConfig(path=str(base)), data=DataConfig(path="d.json", template=template, system=SYSTEM,
-                                                                        max_length=256),
-                    evaluation=EvaluationConfig(prompts=["我最近很焦虑", "你好"], temperature=0.3, max_new_tokens=20))
+    recipe = recipe_for(base, template)
     for d in (run_dir, final):
         save_recipe(recipe, d / "recipe.yaml")
     return final
 
 
-def tiny_config(kind: str, tokenizer):
+def tiny_config(kind: str, tokenizer, tie: bool = False):
     from transformers import LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=len(tokenizer) + 8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tie,
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     return LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
 
@@ -111,6 +127,8 @@ def test_gguf_reads_back_as_the_exporter_meant(tmp_path, tokenizer):
     field = lambda key: reader.fields[key].contents()  # noqa: E731
     assert field("general.architecture") == "llama" and field("tokenizer.ggml.pre") == "gpt-2"
     assert field("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+    # ChatML ends a turn with <|im_end|>, not EOS (</s>): without the key llama.cpp would guess it from token texts
+    assert field("tokenizer.ggml.eot_token_id") == tokenizer.convert_tokens_to_ids("<|im_end|>") != tokenizer.eos_token_id
     assert field("tokenizer.ggml.add_bos_token") is False  # the template writes BOS itself, as training did
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
     assert len(tokens) == len(tokenizer) + 8 and tokens[-1] == f"[PAD{len(tokenizer) + 7}]" and types[-1] == 5
@@ -120,6 +138,29 @@ def test_gguf_reads_back_as_the_exporter_meant(tmp_path, tokenizer):
     assert len(reader.tensors) == 2 * 9 + 3  # 9 per layer, embeddings, final norm, untied output
 
 
+@pytest.mark.parametrize("template, stop", [("llama3_chat", "<|eot_id|>"), ("llama2_chat", "</s>"), ("gemma", None)])
+def test_the_end_of_turn_token_is_the_templates_stop_token(tmp_path, tokenizer, template, stop):
+    """tokenizer.ggml.eot_token_id (uint32, as llama.cpp's convert_hf_to_gguf.py writes it) is the token training ended
+    answers with: Llama 3's <|eot_id|> (a special token added here), EOS for a template that appends it, and none
+    for gemma, whose <end_of_turn> is several tokens in this vocabulary (no one token ends its turns)."""
+    from gguf import GGUFReader, GGUFValueType
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    tok.add_tokens([AddedToken("<|eot_id|>", special=True)], special_tokens=True)
+    model = make_model(tmp_path / "model", tiny_config("llama", tok), tok, template)
+    assert run(model, "--gguf", "f16") == 0
+    reader = GGUFReader(model / "model-f16.gguf")
+    if stop is None:
+        assert "tokenizer.ggml.eot_token_id" not in reader.fields
+        return
+    eot = reader.fields["tokenizer.ggml.eot_token_id"]
+    assert eot.types == [GGUFValueType.UINT32] and eot.contents() == tok.convert_tokens_to_ids(stop)
+    assert reader.fields["tokenizer.ggml.tokens"].contents()[eot.contents()] == stop
+
+
 @pytest.mark.parametrize("qtype", ["f16", "q8_0"])
 def test_f16_and_q8_0_verify(tmp_path, tokenizer, qtype, capsys):
     final = make_run(tmp_path, tiny_config("qwen2", tokenizer), tokenizer)
@@ -127,6 +168,36 @@ def test_f16_and_q8_0_verify(tmp_path, tokenizer, qtype, capsys):
     text = capsys.readouterr().out
     assert "the GGUF's chat template gives the training token ids: yes; the Modelfile's TEMPLATE too: yes" in text
     assert ("rounded to f16" in text) if qtype == "f16" else ("same token at" in text)
+
+
+@pytest.mark.parametrize("qtype, tie", [("q4_0", False), ("q4_1", True), ("q5_0", True), ("q5_1", False)])
+def test_4_and_5_bit_types_store_llama_cpps_mix_and_verify(tmp_path, tokenizer, qtype, tie, capsys):
+    """The 4/5-bit types the gguf package quantizes: weight matrices in the type, norms and biases f32, the output
+    projection (output.weight, or the token embeddings tied to it) Q8_0 as llama.cpp keeps it high; --verify passes.
+    And the check can fail: the q4_0 file with its output rows in reverse order (a file that loads, with wrong data)
+    fails, on its logits against the same rounding and on the greedy answers."""
+    from gguf import GGUFReader
+
+    model = make_model(tmp_path, tiny_config("qwen2", tokenizer, tie), tokenizer)
+    assert run(model, "--gguf", qtype, "--verify") == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert f"vs the merged model rounded to {qtype} (what the file stores)" in text and "same token at" in text, text
+    path = model / f"model-{qtype}.gguf"
+    kinds = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    assert kinds["blk.0.attn_q.weight"] == kinds["blk.1.ffn_down.weight"] == qtype.upper()
+    assert kinds["blk.0.attn_norm.weight"] == kinds["blk.0.attn_q.bias"] == "F32"
+    assert kinds["token_embd.weight"] == ("Q8_0" if tie else qtype.upper())
+    assert kinds.get("output.weight") == (None if tie else "Q8_0")
+    if qtype != "q4_0":
+        return
+    reader = GGUFReader(path, "r+")
+    [output] = [t for t in reader.tensors if t.name == "output.weight"]
+    output.data[:] = output.data[::-1].copy()
+    reader.data.flush()
+    del reader, output
+    report = gguf_export.verify(model, path, qtype, merge.artifacts.model_settings(model))
+    assert not report["ok"] and report["max_abs_diff"] > report["limit"]
+    assert report["greedy_token_agreement"] < report["agreement_limit"]
 
 
 def test_an_existing_model_exports_in_place_and_unsupported_architectures_are_refused(tmp_path, tokenizer, capsys):
