@@ -1,5 +1,5 @@
 """train.py end to end on a 2-layer random llama (LoRA, QLoRA, full), packing, eval prompts, checkpoints, resume,
-Ctrl-C, DDP, bad combinations; and SmolLM2-135M learning for a few steps."""
+Ctrl-C, bad combinations; and SmolLM2-135M learning for a few steps."""
 import json
 import os
 import signal
@@ -523,6 +523,12 @@ def test_an_ignored_sigint_stays_ignored(tmp_path, monkeypatch, tiny_model_dir, 
     (["model.quantization=8bit", "lora.use_dora=true"], "use 4bit or drop DoRA"),
     (["train.deepspeed=zero2"], "train.deepspeed"),
     (["train.deepspeed=nope.json"], "neither zero2, zero3 nor an existing JSON file"),
+    (["train.deepspeed=zero3"], "`evaluation.prompts` cannot be answered during training under ZeRO-3"),
+    (["train.fsdp=full_shad"], "expected full_shard | shard_grad_op or null (did you mean `full_shard`?)"),
+    (["train.fsdp=full_shard", "evaluation.prompts=[]"], "`train.fsdp` needs CUDA GPUs"),
+    (["train.fsdp=full_shard"], "`evaluation.prompts` cannot be answered during training under `train.fsdp`"),
+    (["train.fsdp=shard_grad_op", "model.quantization=4bit"], "`train.fsdp` with `model.quantization` (QLoRA)"),
+    (["train.fsdp=shard_grad_op", "train.deepspeed=zero2"], "`train.fsdp` and `train.deepspeed` both shard"),
     (["train.scheduler=cosine_sometimes"], "unknown scheduler"),
     (["train.warmup_ratio=1.5"], "warmup_ratio"),
     (["--resume", "no/such/dir"], "--resume no/such/dir"),
@@ -560,7 +566,293 @@ def test_deepspeed_json_is_validated_with_the_recipe(tmp_path):
         from_dict(raw)
 
 
-# ---------------------------------------------------------------- distributed and the real model
+# ---------------------------------------------------------------- the real model (more processes: test_distributed.py)
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make demo-model` first (its tokenizer)")
+def test_packing_efficiency_on_psych_sample_at_512():
+    """With the demo model's tokenizer, as the demo trains: whole samples, >= 97% of the slots filled."""
+    from transformers import AutoTokenizer
+
+    from common.formats import load_conversations
+    from common.samples import encode_conversations, pack_rows, packing_stats
+    from common.templates import get_template
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
+    conversations = load_conversations([str(ROOT / "data" / "psych_sample.json")])
+    rows, _ = encode_conversations(conversations, tokenizer, get_template("tokenizer"), 512, "split")
+    packed = pack_rows(rows, 512, shuffle=True, seed=0)
+    real = sum(len(r["input_ids"]) for r in rows)
+    assert sum(sum(r["seq_lengths"]) for r in packed) == real and all(len(r["input_ids"]) <= 512 for r in packed)
+    assert sorted(n for r in packed for n in r["seq_lengths"]) == sorted(len(r["input_ids"]) for r in rows)
+    assert real / (len(packed) * 512) >= 0.97
+    assert packing_stats(rows, 512, True, 0) == (len(packed), real / (len(packed) * 512))  # --dry-run reports the same
+
+
+# ---------------------------------------------------------------- evaluation prompts
+
+
+def test_eval_callback_writes_answers_and_restores_state(tmp_path, tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from common.callbacks import EvalPromptsCallback, RunLog
+    from common.recipe import EvaluationConfig
+    from common.templates import get_template
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable()
+    model.train()
+    cfg = EvaluationConfig(prompts=PROMPTS, max_new_tokens=5, temperature=0.8)
+    callback = EvalPromptsCallback(tokenizer, get_template("qwen_chat"), cfg, "你是心理咨询师。", tmp_path, RunLog(tmp_path))
+    state = torch.random.get_rng_state()
+    out = callback.generate(model, 7)
+    assert out == tmp_path / "eval_outputs" / "step_7.txt"
+    text = out.read_text(encoding="utf-8")
+    assert all(p in text for p in PROMPTS) and text.count("### Answer") == 2
+    assert model.training and model.config.use_cache is False and model.is_gradient_checkpointing
+    assert torch.equal(torch.random.get_rng_state(), state)  # sampling did not move the training RNG
+    assert callback.generate(model, 7) is None  # once per step
+    assert "step 7" in (tmp_path / "train.log").read_text(encoding="utf-8")
+
+
+def test_eval_prompt_answers_equal_chat_once_greedy(tmp_path, monkeypatch, tiny_model_dir, data_file, capsys):
+    """One generation core: the answer written at the end of training and `chat.py --once` on the finished run are
+    the same text for the same prompt (greedy, the run's system prompt and stop words)."""
+    import re
+
+    import chat
+
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, data={"system": "你是心理咨询师。"},
+                          train={"max_steps": 2, "save_steps": 10},
+                          evaluation={"prompts": PROMPTS, "max_new_tokens": 16, "temperature": 0, "every_n_steps": 100})
+    assert run(recipe) == 0
+    written = (tmp_path / "recipe" / "eval_outputs" / "step_2.txt").read_text(encoding="utf-8")
+    answers = re.findall(r"### Answer \d+\n(.*?)\n\n(?=### Prompt|\Z)", written, flags=re.S)
+    assert len(answers) == 2 and any(a.strip() for a in answers), answers
+    capsys.readouterr()
+    for prompt, answer in zip(PROMPTS, answers):
+        chat.main(["--once", prompt, "--no-stream"])  # the latest run: final/ on its base, the run's settings
+        assert capsys.readouterr().out == answer + "\n"
+
+
+# ---------------------------------------------------------------- checkpoints, resume, interruption
+
+
+class Killed(Exception):
+    pass
+
+
+def test_rotation_keeps_the_limit_also_after_a_resume(tmp_path, monkeypatch, tiny_model_dir, data_file):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, train={"max_steps": 2, "save_steps": 1, "save_total_limit": 3},
+                          evaluation={"prompts": []})
+    assert run(recipe) == 0  # stands for a run killed after 2 checkpoints
+    out = tmp_path / "recipe"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    # Resumed from checkpoint-2: once newer checkpoints are complete it is rotated out like any other.
+    assert run(recipe, "train.max_steps=6", "--resume", "auto") == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5", "checkpoint-6"]
+    assert not list(out.glob(".saving-*"))
+    # Resumed from an older checkpoint than the newest, limit 1: only the newest complete one stays.
+    assert run(recipe, "train.max_steps=7", "train.save_total_limit=1", "--resume", out / "checkpoint-5") == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-7"]
+
+
+def test_resume_after_kills_matches_an_uninterrupted_run(tmp_path, monkeypatch, tiny_model_dir, data_file):
+    """Killed after checkpoint-4, then killed while saving checkpoint-6 (written, not yet renamed into place): the
+    unfinished save is invisible, resume picks checkpoint-4, and the final adapter equals the uninterrupted run's
+    (dropout and sampled eval answers included: the RNG state travels with the checkpoint)."""
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):  # train.main runs extra callbacks before the run's own: before the rename on save
+        def __init__(self, event: str, step: int):
+            self.event, self.step = event, step
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.event == "step_begin" and state.global_step == self.step:
+                raise Killed
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.event == "save" and state.global_step == self.step:
+                raise Killed
+
+    monkeypatch.chdir(tmp_path)
+    same = dict(train={"max_steps": 6, "save_steps": 2, "save_total_limit": 3},
+                evaluation={"prompts": PROMPTS[:1], "every_n_steps": 1})
+    assert run(write_recipe(tmp_path, tiny_model_dir, data_file, name="whole", **same)) == 0
+    killed = write_recipe(tmp_path, tiny_model_dir, data_file, name="killed", **same)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train.main([str(killed)], extra_callbacks=[Kill("step_begin", 4)])  # after checkpoint-4 is complete
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    with pytest.raises(Killed):
+        train.main([str(killed), "--resume", "auto"], extra_callbacks=[Kill("save", 6)])
+    assert (artifacts.staging_dir(out) / "checkpoint-6").is_dir() and not (out / "checkpoint-6").exists()
+    assert run(killed, "--resume", "auto") == 0
+    assert "resuming from" in (out / "train.log").read_text() and not list(out.glob(".saving-*"))
+
+    expected, got = adapter_tensors(tmp_path / "whole" / "final"), adapter_tensors(out / "final")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-5, rtol=0), name
+    assert not torch.allclose(expected[name], torch.zeros_like(expected[name]))
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, tiny_model_dir, data_file, request):
+    from common.callbacks import InterruptCallback
+
+    monkeypatch.chdir(tmp_path)
+    # as in a terminal, whatever started pytest (a background job starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    real = InterruptCallback.on_step_end
+
+    def ctrl_c_during_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered to the handler before the check below
+        return real(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(InterruptCallback, "on_step_end", ctrl_c_during_step_3)
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, train={"max_steps": 10, "save_steps": 100},
+                          evaluation={"prompts": []})
+    assert run(recipe) == 130
+    out = tmp_path / "recipe"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    assert not (out / "final").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert "--resume auto" in (out / "train.log").read_text()
+
+
+def start_train(tmp_path: Path, recipe: Path) -> subprocess.Popen:
+    """train.py RECIPE as a user starts it, in its own process: SIGINT at its default (a background job inherits it
+    ignored), one thread (two of these share the CPU), stdout and stderr to RECIPE.out."""
+    with open(recipe.with_suffix(".out"), "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), str(recipe)], cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for(proc: subprocess.Popen, path: Path, text: str, output: Path, timeout: float = 120) -> None:
+    """Poll path until it contains text; the process must still be running (else its output is shown)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(encoding="utf-8"):
+            return
+        assert proc.poll() is None, f"exited {proc.returncode} before {text!r}: " + output.read_text()[-3000:]
+        time.sleep(0.01)
+    pytest.fail(f"no {text!r} in {path} after {timeout} s")
+
+
+def test_sigterm_and_a_second_ctrl_c_on_real_processes(tmp_path, tiny_model_dir, data_file):
+    """`kill PID` saves a checkpoint after the current step and exits 143, with the resume hint; Ctrl-C and Ctrl-C
+    again aborts at once (the second gets Python's own handler, KeyboardInterrupt), leaving no half-written checkpoint
+    and no resume hint. Two real train.py processes, started together so that their start-ups overlap."""
+    endless = dict(train={"max_steps": 100_000, "save_steps": 100_000})
+    term = write_recipe(tmp_path, tiny_model_dir, data_file, name="term", evaluation={"prompts": []}, **endless)
+    # Answers written at the save make the time from the first Ctrl-C to a normal exit long: the second one lands
+    # before it, wherever it lands.
+    twice = write_recipe(tmp_path, tiny_model_dir, data_file, name="twice",
+                         evaluation={"prompts": PROMPTS[:1], "max_new_tokens": 64, "every_n_steps": 100_000}, **endless)
+    procs = [start_train(tmp_path, term), start_train(tmp_path, twice)]
+    try:
+        wait_for(procs[0], tmp_path / "term" / "train.log", "step 2/", tmp_path / "term.out")
+        procs[0].send_signal(signal.SIGTERM)
+        wait_for(procs[1], tmp_path / "twice" / "train.log", "step 2/", tmp_path / "twice.out")
+        procs[1].send_signal(signal.SIGINT)
+        wait_for(procs[1], tmp_path / "twice.out", "SIGINT: saving a checkpoint after this step", tmp_path / "twice.out")
+        procs[1].send_signal(signal.SIGINT)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    out, log = tmp_path / "term", (tmp_path / "term" / "train.log").read_text()
+    assert codes[0] == 128 + signal.SIGTERM, (tmp_path / "term.out").read_text()[-3000:]
+    assert "SIGTERM: saving a checkpoint after this step" in (tmp_path / "term.out").read_text()
+    step = int(log.split("interrupted by SIGTERM at step ")[1].split(":")[0])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{step}"] and step >= 2
+    assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == step
+    assert "--resume auto" in log and not (out / "final").exists()
+
+    out, log = tmp_path / "twice", (tmp_path / "twice" / "train.log").read_text()
+    assert codes[1] == -signal.SIGINT, (tmp_path / "twice.out").read_text()[-3000:]
+    assert "KeyboardInterrupt" in (tmp_path / "twice.out").read_text()
+    assert "stopped at step" not in log and not (out / "final").exists()
+    for checkpoint in out.glob("checkpoint-*"):  # one renamed into place before the abort is complete
+        assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path, monkeypatch, tiny_model_dir, data_file, request):
+    monkeypatch.chdir(tmp_path)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    seen = []
+    monkeypatch.setattr("common.callbacks.InterruptCallback.on_step_end",
+                        lambda self, *a, **k: seen.append(signal.getsignal(signal.SIGINT)))
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, train={"max_steps": 1}, evaluation={"prompts": []})
+    assert run(recipe) == 0
+    assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lora=null", "model.quantization=4bit"], "quantization"),
+    (["model.dtype=float16"], "float16` needs a GPU"),
+    (["model.quantization=8bit", "lora.use_dora=true"], "use 4bit or drop DoRA"),
+    (["train.deepspeed=zero2"], "train.deepspeed"),
+    (["train.deepspeed=nope.json"], "neither zero2, zero3 nor an existing JSON file"),
+    (["train.deepspeed=zero3"], "`evaluation.prompts` cannot be answered during training under ZeRO-3"),
+    (["train.fsdp=full_shad"], "expected full_shard | shard_grad_op or null (did you mean `full_shard`?)"),
+    (["train.fsdp=full_shard", "evaluation.prompts=[]"], "`train.fsdp` needs CUDA GPUs"),
+    (["train.fsdp=full_shard"], "`evaluation.prompts` cannot be answered during training under `train.fsdp`"),
+    (["train.fsdp=shard_grad_op", "model.quantization=4bit"], "`train.fsdp` with `model.quantization` (QLoRA)"),
+    (["train.fsdp=shard_grad_op", "train.deepspeed=zero2"], "`train.fsdp` and `train.deepspeed` both shard"),
+    (["train.scheduler=cosine_sometimes"], "unknown scheduler"),
+    (["train.warmup_ratio=1.5"], "warmup_ratio"),
+    (["--resume", "no/such/dir"], "--resume no/such/dir"),
+    (["model.path=/no/such/model"], "model.path"),
+])
+def test_bad_combinations_fail_with_one_clear_line(tmp_path, monkeypatch, tiny_model_dir, data_file, capsys,
+                                                   overrides, message):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file)
+    assert run(recipe, *overrides) == 2
+    err = capsys.readouterr().err
+    assert any(line.startswith("error: ") for line in err.splitlines()) and message in err and "Traceback" not in err
+
+
+def test_an_earlier_run_is_not_overwritten(tmp_path, monkeypatch, tiny_model_dir, data_file, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipe" / "final").mkdir(parents=True)
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file)
+    assert run(recipe) == 2
+    assert "--resume auto continues it, --force starts over" in capsys.readouterr().err
+
+
+def test_deepspeed_json_is_validated_with_the_recipe(tmp_path):
+    from common.cli import UserError
+    from common.recipe import from_dict
+
+    bad = tmp_path / "ds.json"
+    raw = {"model": {"path": str(tmp_path)}, "data": {"path": "d.json"}, "train": {"deepspeed": str(bad), "warmup_ratio": 2}}
+    bad.write_text('{"zero_optimization": {"stage": 7}}')
+    with pytest.raises(UserError, match="zero_optimization.stage") as e:
+        from_dict(raw)
+    assert "`train.warmup_ratio`" in str(e.value)  # reported together with the recipe's other problems
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        from_dict(raw)
+
+
+# ---------------------------------------------------------------- the real model (more processes: test_distributed.py)
 
 
 def test_ddp_two_processes_on_cpu(tmp_path, tiny_model_dir, data_file):
