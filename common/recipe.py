@@ -222,9 +222,8 @@ def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
         try:
             values[key] = _coerce(value, hints[key])
         except ValueError:
-            names = _literal_names(hints[key]) if isinstance(value, str) else []
-            problems.append(f"`{prefix}.{key}`: got {value!r}, expected {_describe(hints[key])}"
-                            f"{did_you_mean(value, names, cutoff=0.5)}")
+            hint = did_you_mean(value, _literal_names(hints[key]), cutoff=0.5) if isinstance(value, str) else ""
+            problems.append(f"`{prefix}.{key}`: got {value!r}, expected {_describe(hints[key])}{hint}")
     return cls(**values)
 
 
