@@ -88,7 +88,7 @@ class TrainConfig:
     logging_steps: int = 10
     seed: int = 42
     gradient_checkpointing: bool = False
-    deepspeed: Optional[str] = None  # a DEEPSPEED_PRESETS name (zero2 | zero3) or a DeepSpeed JSON file (GPU only)
+    deepspeed: Optional[str] = None  # a DEEPSPEED_PRESETS name (zero2 | zero3) or a DeepSpeed JSON file
     # FSDP2 through the Trainer (accelerate), each decoder layer a shard unit: full_shard frees a layer's gathered
     # weights after its forward (least memory), shard_grad_op keeps them until its backward (less communication)
     fsdp: Optional[Literal[FSDP_MODES]] = None
@@ -270,8 +270,6 @@ def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check
         problems.append("`train.epochs` must be > 0 unless `train.max_steps` is set")
     _check_method(recipe, problems, for_training)
     _check_sharding(recipe, problems)
-    if t.deepspeed == "zero3":
-        _check_prompts_unsharded(recipe, problems, "ZeRO-3 (`train.deepspeed`)")
     if check_machine:
         _check_machine(recipe, problems)
 
@@ -304,15 +302,19 @@ def _check_method(recipe: Recipe, problems: list[str], for_training: bool) -> No
 
 
 def _check_sharding(recipe: Recipe, problems: list[str]) -> None:
-    """train.fsdp against what cannot share a run with it."""
+    """train.fsdp and the ZeRO-3 preset against what cannot share a run with them (a DeepSpeed JSON's stage is read
+    with the machine checks)."""
     t = recipe.train
+    if t.deepspeed == "zero3":
+        _check_prompts_unsharded(recipe, problems, "ZeRO-3 (`train.deepspeed`)")
     if t.fsdp is None:
         return
     if t.deepspeed is not None:
         problems.append("`train.fsdp` and `train.deepspeed` both shard the model: set one of them")
     if recipe.model.quantization:
-        problems.append("`train.fsdp` with `model.quantization` (QLoRA) is not supported: bitsandbytes' packed "
-                        "weights are not sharded by FSDP here; use LoRA in bfloat16 with train.fsdp, or QLoRA without")
+        problems.append("`train.fsdp` with `model.quantization` (QLoRA) is not supported: FSDP would need the "
+                        "quantized weights stored in the compute dtype, which train.py does not set up; use LoRA in "
+                        "bfloat16 with train.fsdp, or QLoRA without it")
     _check_prompts_unsharded(recipe, problems, "`train.fsdp`")
 
 

@@ -233,6 +233,7 @@ def test_deepspeed_zero_on_cpu_processes(tmp_path, monkeypatch, tiny_model_dir, 
     cmd = [*LAUNCH, "--standalone", "--nproc-per-node", 2, ROOT / "train.py", recipe]
     wait([start(cmd, tmp_path, outputs[0])], outputs[:1], timeout=400)  # a first run compiles DeepSpeed's CPU op
     assert_same_first_losses(out, expected)
+    assert f"sharding: DeepSpeed {stage} over 2 processes" in (out / "train.log").read_text()
     whole = adapter_tensors(out / "final")
     wait([start([*cmd, "--resume", out / "checkpoint-2"], tmp_path, outputs[1])], outputs[1:], timeout=300)
     assert "resuming from" in (out / "train.log").read_text()
