@@ -15,7 +15,6 @@ its half of each global batch, then
 For each recipe (LoRA, full fine-tuning) rank 0 writes OUT_DIR/<recipe name>/: result.json, sharded/ (the directory
 written from the gathered state dict) and reference/ (the unsharded process's); tests/test_distributed.py reads them.
 """
-import copy
 import json
 import sys
 from pathlib import Path

@@ -23,15 +23,6 @@ SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
 PROMPTS = ["最近工作压力很大，晚上总是睡不着，怎么办？", "我和父母总是吵架，觉得他们不理解我。"]
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    """Eight counselling conversations: enough rows for a few steps, fast to encode."""
-    records = json.loads((ROOT / "data" / "psych_sample.json").read_text(encoding="utf-8"))[:8]
-    path = tmp_path_factory.mktemp("data") / "sample.json"
-    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    return path
-
-
 def _merge(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
