@@ -49,6 +49,11 @@ def summary(recipe, trainer, precision, data_lines: list[str], fast_paths, resum
              f"{t.batch_size * t.grad_accum * world} rows/step",
              f"schedule: {'max_steps ' + str(t.max_steps) if t.max_steps > 0 else f'{t.epochs} epoch(s)'}, lr {t.lr}, "
              f"{t.scheduler} after {t.warmup_ratio:.0%} warmup, save every {t.save_steps} (keep {t.save_total_limit})"]
+    if t.fsdp:
+        layers = ", ".join(trainer.args.fsdp_config["transformer_layer_cls_to_wrap"])
+        lines.append(f"sharding: FSDP2 {t.fsdp} over {world} processes, one unit per {layers}")
+    elif t.deepspeed:
+        lines.append(f"sharding: DeepSpeed {t.deepspeed} over {world} processes")
     if resume:
         lines.append(f"resuming from {resume}")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Instrumentation for the training benchmarks' child processes, as a TrainerCallback (no trainer is patched): the
 wall time of each optimizer step, the tokens fed and the tokens that carried a label (from the run's logs: the
 Trainer's num_input_tokens_seen and common.training's labelled_tokens, so the run logs every step), the logged losses,
-and the process's peak RSS."""
+and the process's peak RSS (and peak GPU memory on a GPU)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ import re
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 
@@ -51,4 +52,6 @@ class StepTimer(TrainerCallback):
                   "trained_tokens_per_step": (tr1 - tr0) / steps,
                   "step_seconds": [round(self.times[s + 1] - self.times[s], 3) for s in range(first, last)],
                   "losses": self.losses, "peak_rss_mb": status_mb("VmHWM"), **self.extra}
+        if torch.cuda.is_available():  # the GPU's own peak (tensors allocated by torch), for bench/gpu_check.py
+            result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         Path(self.result_file).write_text(json.dumps(result))

@@ -1,6 +1,6 @@
 """The baseline: a plain TRL SFT script, left at the library's defaults except where the benchmark fixes a setting.
 
-    python bench/trl_baseline.py MODEL DATA.json --max-steps N [--max-length 512] [--timing OUT.json]
+    python bench/trl_baseline.py MODEL DATA.json --max-steps N [--max-length 512] [--timing OUT.json] [--gpu] [--4bit]
 
 What it does, exactly:
 - data: the XTuner-format conversations, turned into `messages` (system, then user/assistant per turn), tokenized by
@@ -59,6 +59,10 @@ def main():
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--limit", type=int, help="use the first N conversations")
     p.add_argument("--timing", help="write step timings (bench/steptimer.py) to this JSON file")
+    p.add_argument("--gpu", action="store_true", help="train on the GPU (bench/gpu_check.py) instead of the CPU")
+    p.add_argument("--4bit", dest="four_bit", action="store_true",
+                   help="QLoRA: the model in bitsandbytes NF4 with double quantization, float32 compute (as train.py's "
+                        "model.quantization: 4bit)")
     args = p.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -67,11 +71,18 @@ def main():
     if args.limit:
         data = data.select(range(min(args.limit, len(data))))
     data = data.map(to_messages, remove_columns=data.column_names)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    quantization = None
+    if args.four_bit:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, quantization_config=quantization,
+                                                 device_map={"": 0} if args.gpu else None)
     config = SFTConfig(output_dir=tempfile.mkdtemp(prefix="trl-baseline-"), max_length=args.max_length, packing=True,
                        assistant_only_loss=True, bf16=False, gradient_checkpointing=False,
                        per_device_train_batch_size=1, max_steps=args.max_steps, save_strategy="no", report_to="none",
-                       use_cpu=True, disable_tqdm=True, logging_steps=1, include_num_input_tokens_seen="all")
+                       use_cpu=not args.gpu, disable_tqdm=True, logging_steps=1, include_num_input_tokens_seen="all")
     callbacks = []
     if args.timing:
         from steptimer import StepTimer

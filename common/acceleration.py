@@ -58,6 +58,8 @@ class FastPaths:
 def apply(model, recipe) -> FastPaths:
     """The recipe's fast paths on a loaded (and LoRA-wrapped) model, in place; returns those in effect, which the
     Trainer's loss reads. A recipe's own `model.attn_implementation` is kept as it is."""
+    from common.recipe import weights_sharded
+
     chosen = FastPaths.chosen(recipe.train.fast_paths)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     # Pairs pack into the policy's forward only: full fine-tuning's reference is another model (unpacked).
@@ -71,8 +73,10 @@ def apply(model, recipe) -> FastPaths:
     labelled = (chosen.labelled_loss and recipe.train.method == "sft" and not torch.cuda.is_available()
                 and "logits_to_keep" in inspect.signature(causal_lm.forward).parameters)
     packed = causal_lm.config._attn_implementation == PACKED_ATTENTION
+    # The chunked loss reads the LM head's weight outside the model's forward, where FSDP and ZeRO-3 hold a shard of it
+    chunked = chosen.chunked_loss and not weights_sharded(recipe.train)
     return FastPaths(packed_attention=packed, fused_lora=fused, labelled_loss=labelled,
-                     chunked_loss=labelled and chosen.chunked_loss and head_is_plain_linear(causal_lm),
+                     chunked_loss=labelled and chunked and head_is_plain_linear(causal_lm),
                      packed_pairs=pairs and packed)
 
 

@@ -138,7 +138,7 @@ def build_trainer(recipe, model, fast_paths, tokenizer, train_rows: list[dict], 
     columns = lambda rows: Dataset.from_dict({k: [r[k] for r in rows] for k in PAIR_COLUMNS})  # noqa: E731
     train, evals = columns(train_rows), columns(eval_rows) if eval_rows else None
     p, max_length = recipe.preference, recipe.data.max_length
-    arguments = run_arguments(recipe, dtype, evals is not None, disable_tqdm, pack=False)
+    arguments = run_arguments(recipe, model, dtype, evals is not None, disable_tqdm, pack=False)
     common = dict(model=model, train_dataset=train, eval_dataset=evals, processing_class=tokenizer, callbacks=callbacks)
     if recipe.train.method == "dpo":
         config = DPOConfig(**arguments, beta=p.beta, loss_type=[p.loss_type], label_smoothing=p.label_smoothing,

@@ -16,6 +16,7 @@ from common.samples import TRUNCATION_MODES
 
 
 FAST_PATHS = ("packed_attention", "fused_lora", "labelled_loss", "chunked_loss", "packed_pairs")  # common/acceleration.py
+FSDP_MODES = ("full_shard", "shard_grad_op")  # train.fsdp (common/training.py fsdp_arguments)
 METHODS = ("sft", "dpo", "orpo")  # train.method: SFT, or preference tuning on pairs (common/preference.py)
 # DPO losses of TRL's DPOTrainer that need no setting beyond beta (and label_smoothing for robust and exo_pair)
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
@@ -87,7 +88,10 @@ class TrainConfig:
     logging_steps: int = 10
     seed: int = 42
     gradient_checkpointing: bool = False
-    deepspeed: Optional[str] = None  # a DEEPSPEED_PRESETS name (zero2 | zero3) or a DeepSpeed JSON file (GPU only)
+    deepspeed: Optional[str] = None  # a DEEPSPEED_PRESETS name (zero2 | zero3) or a DeepSpeed JSON file
+    # FSDP2 through the Trainer (accelerate), each decoder layer a shard unit: full_shard frees a layer's gathered
+    # weights after its forward (least memory), shard_grad_op keeps them until its backward (less communication)
+    fsdp: Optional[Literal[FSDP_MODES]] = None
     # common/acceleration.py's faster paths, each computing the same loss: true (all), false (TRL's own loss and
     # attention, PEFT's LoRA forward) or a list of: packed_attention, fused_lora, labelled_loss, chunked_loss,
     # packed_pairs (DPO: a batch's pairs in one row, each prompt once)
@@ -198,6 +202,15 @@ def _suggest(name: str, options, prefix: str = "") -> str:
     return did_you_mean(name, options, prefix, cutoff=0.5, aliases=KEY_ALIASES)
 
 
+def _literal_names(tp) -> list[str]:
+    """The string choices of a Literal, also inside Optional/Union: what a misspelt value is matched against."""
+    if typing.get_origin(tp) is Literal:
+        return [a for a in typing.get_args(tp) if isinstance(a, str)]
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return [name for arg in typing.get_args(tp) for name in _literal_names(arg)]
+    return []
+
+
 def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -209,7 +222,8 @@ def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
         try:
             values[key] = _coerce(value, hints[key])
         except ValueError:
-            problems.append(f"`{prefix}.{key}`: got {value!r}, expected {_describe(hints[key])}")
+            hint = did_you_mean(value, _literal_names(hints[key]), cutoff=0.5) if isinstance(value, str) else ""
+            problems.append(f"`{prefix}.{key}`: got {value!r}, expected {_describe(hints[key])}{hint}")
     return cls(**values)
 
 
@@ -255,6 +269,7 @@ def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check
     if t.max_steps <= 0 and t.epochs <= 0:
         problems.append("`train.epochs` must be > 0 unless `train.max_steps` is set")
     _check_method(recipe, problems, for_training)
+    _check_sharding(recipe, problems)
     if check_machine:
         _check_machine(recipe, problems)
 
@@ -286,6 +301,40 @@ def _check_method(recipe: Recipe, problems: list[str], for_training: bool) -> No
             problems.append(f"`model.adapter`: {m.adapter} holds no adapter_config.json (not a PEFT adapter directory)")
 
 
+def _check_sharding(recipe: Recipe, problems: list[str]) -> None:
+    """train.fsdp and the ZeRO-3 preset against what cannot share a run with them (a DeepSpeed JSON's stage is read
+    with the machine checks)."""
+    t = recipe.train
+    if t.deepspeed == "zero3":
+        _check_prompts_unsharded(recipe, problems, "ZeRO-3 (`train.deepspeed`)")
+    if t.fsdp is None:
+        return
+    if t.deepspeed is not None:
+        problems.append("`train.fsdp` and `train.deepspeed` both shard the model: set one of them")
+    if recipe.model.quantization:
+        problems.append("`train.fsdp` with `model.quantization` (QLoRA) is not supported: FSDP would need the "
+                        "quantized weights stored in the compute dtype, which train.py does not set up; use LoRA in "
+                        "bfloat16 with train.fsdp, or QLoRA without it")
+    _check_prompts_unsharded(recipe, problems, "`train.fsdp`")
+
+
+def weights_sharded(t: TrainConfig) -> bool:
+    """Whether each process holds only a shard of the weights (train.fsdp, or ZeRO-3): outside the model's forward a
+    layer's weight is then a shard, not the whole matrix. The DeepSpeed JSON was checked with the recipe."""
+    if t.fsdp is not None or t.deepspeed == "zero3":
+        return True
+    return t.deepspeed not in (None, *DEEPSPEED_PRESETS) and read_json(t.deepspeed)["zero_optimization"]["stage"] == 3
+
+
+def _check_prompts_unsharded(recipe: Recipe, problems: list[str], sharding: str) -> None:
+    # The main process answers the evaluation prompts alone; with sharded weights its forward waits for the other
+    # processes' shards, which never come (a hang until the collective times out).
+    if recipe.evaluation.prompts:
+        problems.append(f"`evaluation.prompts` cannot be answered during training under {sharding} (each process holds "
+                        "a shard of the weights, and the main process answers alone); set evaluation.prompts: [] "
+                        "and answer them after training with eval.py or chat.py")
+
+
 # `train.deepspeed` presets. The Trainer fills the "auto" values from its own arguments (batch sizes, accumulation,
 # clipping, precision).
 DEEPSPEED_PRESETS = {
@@ -313,6 +362,10 @@ def _check_machine(recipe: Recipe, problems: list[str]) -> None:
         problems.append("`lora.use_dora` with `model.quantization: 8bit` fails in bitsandbytes' CPU backend; use 4bit or drop DoRA")
     if m.attn_implementation in ("flash_attention_2", "flash_attention_3") and not cuda:
         problems.append(f"`model.attn_implementation: {m.attn_implementation}` needs a CUDA GPU")
+    if recipe.train.fsdp is not None and not cuda:
+        # accelerate 1.15 shards only on accelerator devices: CPU processes would silently train as plain data-parallel
+        problems.append("`train.fsdp` needs CUDA GPUs (accelerate shards only on accelerator devices); on CPU drop "
+                        "the key: torchrun trains data-parallel")
     if ds is None:
         return
     if ds not in DEEPSPEED_PRESETS:
@@ -323,12 +376,13 @@ def _check_machine(recipe: Recipe, problems: list[str]) -> None:
                 zero = read_json(ds).get("zero_optimization")
                 if not isinstance(zero, dict) or zero.get("stage") not in (0, 1, 2, 3):
                     problems.append(f"`train.deepspeed`: {ds} needs `zero_optimization.stage` set to 0, 1, 2 or 3")
+                elif zero["stage"] == 3:
+                    _check_prompts_unsharded(recipe, problems, "ZeRO-3 (`train.deepspeed`)")
             except UserError as e:
                 problems.append(f"`train.deepspeed`: {e}")
     if importlib.util.find_spec("deepspeed") is None:
-        problems.append("`train.deepspeed` needs the deepspeed package (pip install deepspeed) on a CUDA machine")
-    elif not cuda:
-        problems.append("`train.deepspeed` is for GPU training; this machine has no CUDA device (drop the key on CPU)")
+        # not a requirement: on a CPU its first run compiles a C++ op for a few minutes (README, "More than one machine")
+        problems.append("`train.deepspeed` needs the deepspeed package (pip install deepspeed)")
 
 
 def _could_be_hub_id(path: str) -> bool:

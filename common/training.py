@@ -29,8 +29,39 @@ def deepspeed_config(value: str | None) -> dict | None:
     return read_json(value)
 
 
-def run_arguments(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tqdm: bool, pack: bool) -> dict:
-    """The TrainingArguments of a run, whatever its method (SFTConfig and TRL's other configs take them all)."""
+def decoder_layers(model) -> list[str]:
+    """The class names FSDP shards one by one: the model's own `_no_split_modules` (its decoder layer, the unit that
+    transformers keeps whole when it spreads a model over devices), looked up through PEFT's wrappers."""
+    from common.loss import causal_lm_of
+
+    names = getattr(causal_lm_of(model), "_no_split_modules", None) or []
+    present = {type(m).__name__ for m in model.modules()}
+    return sorted(name for name in names if name in present)
+
+
+def fsdp_arguments(recipe: Recipe, model) -> dict:
+    """`train.fsdp` as the Trainer's FSDP arguments: FSDP2 through accelerate, each decoder layer a unit. full_shard
+    frees a layer's gathered weights after its forward and gathers them again for its backward; shard_grad_op keeps
+    them (more memory, less communication). Checkpoints are gathered into full state dicts (FULL_STATE_DICT), so a
+    checkpoint's adapter or model and final/ are the same standard directories as on one process."""
+    t = recipe.train
+    if t.fsdp is None:
+        return {}
+    layers = decoder_layers(model)
+    if not layers:
+        raise UserError(f"`train.fsdp`: {type(model).__name__} names no decoder layer "
+                        "(`_no_split_modules`) to shard by")
+    return dict(fsdp=True, fsdp_config={
+        "version": 2, "reshard_after_forward": t.fsdp == "full_shard", "transformer_layer_cls_to_wrap": layers,
+        "state_dict_type": "FULL_STATE_DICT",
+        # FSDP's own checkpointing of each layer; the Trainer's would gather every layer's weights once more in the
+        # backward (transformers warns about it)
+        "activation_checkpointing": t.gradient_checkpointing})
+
+
+def run_arguments(recipe: Recipe, model, dtype: torch.dtype, has_eval: bool, disable_tqdm: bool, pack: bool) -> dict:
+    """The TrainingArguments of a run of `model`, whatever its method (SFTConfig and TRL's other configs take them
+    all)."""
     t = recipe.train
     every = recipe.evaluation.every_n_steps
     return dict(
@@ -56,7 +87,7 @@ def run_arguments(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tq
         bf16=dtype == torch.bfloat16,
         use_cpu=not torch.cuda.is_available(),  # also what lets bf16 autocast run on a CPU
         fp16=dtype == torch.float16,
-        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing and t.fsdp is None,  # FSDP checkpoints its own layers
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=t.logging_steps,
         logging_first_step=True,  # the loss at the start is the reference for "is it learning"
@@ -68,6 +99,7 @@ def run_arguments(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tq
         report_to="none",  # TensorBoard writes into the run directory (common.callbacks.run_callbacks)
         disable_tqdm=disable_tqdm,
         deepspeed=deepspeed_config(t.deepspeed),
+        **fsdp_arguments(recipe, model),
         # The Trainer's own token counter (logged as num_input_tokens_seen): padding-free rows hold no padding, so all
         # their tokens count; padded batches count their attention mask.
         include_num_input_tokens_seen="all" if pack else "non_padding",
@@ -77,10 +109,10 @@ def run_arguments(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tq
     )
 
 
-def sft_config(recipe: Recipe, dtype: torch.dtype, has_eval: bool, disable_tqdm: bool) -> SFTConfig:
+def sft_config(recipe: Recipe, model, dtype: torch.dtype, has_eval: bool, disable_tqdm: bool) -> SFTConfig:
     d = recipe.data
     return SFTConfig(
-        **run_arguments(recipe, dtype, has_eval, disable_tqdm, d.pack),
+        **run_arguments(recipe, model, dtype, has_eval, disable_tqdm, d.pack),
         # Our rows are final: TRL keeps input_ids/labels as they are (it tokenizes and masks only rows without
         # input_ids/labels): no chat template, no completion/assistant masks, no EOS appended. Packing is ours
         # (samples.pack_rows); padding-free collation turns each row's seq_lengths into position ids that restart per sample,
@@ -151,7 +183,7 @@ def build_trainer(recipe: Recipe, model, fast_paths: FastPaths, tokenizer, train
         columns = lambda rows: {k: [r[k] for r in rows] for k in ("input_ids", "labels")}  # noqa: E731
         train = Dataset.from_dict(columns(train_rows))
         evals = Dataset.from_dict(columns(eval_rows)) if eval_rows else None
-    args = sft_config(recipe, dtype, has_eval=evals is not None, disable_tqdm=disable_tqdm)
+    args = sft_config(recipe, model, dtype, has_eval=evals is not None, disable_tqdm=disable_tqdm)
     trainer = LabelledSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
                                  processing_class=tokenizer, callbacks=callbacks, fast_paths=fast_paths)
     use_run_console(trainer)

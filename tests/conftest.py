@@ -66,3 +66,12 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """Eight counselling conversations: enough rows for a few steps, fast to encode (test_train, test_distributed)."""
+    records = json.loads((ROOT / "data" / "psych_sample.json").read_text(encoding="utf-8"))[:8]
+    path = tmp_path_factory.mktemp("data") / "sample.json"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path

@@ -57,3 +57,22 @@ def test_bench_quick_runs_and_reports_every_item(tmp_path):
     expected = min(100, len(json.loads(data_path().read_text(encoding="utf-8"))))
     assert results["dataprep"]["records"] == expected and results["dataprep"]["data"] == str(data_path())
     assert "1 training: trained (labelled) tokens/s" in proc.stdout
+
+
+def test_gpu_check_script_parses_and_its_environment_step_runs():
+    """bench/gpu_check.sh has not run on a GPU here: CI checks that it and the Python it runs parse, and runs the one
+    step that needs no GPU (its environment report, which must say what this machine is)."""
+    assert subprocess.run(["bash", "-n", "bench/gpu_check.sh"], cwd=ROOT).returncode == 0
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    python = sorted({word for word in script.split() if word.startswith("bench/") and word.endswith(".py")})
+    assert python == ["bench/gpu_check.py"]
+    for path in ["bench/gpu_check.py", "bench/training.py", "bench/trl_baseline.py", "bench/steptimer.py"]:
+        proc = subprocess.run([sys.executable, "-m", "py_compile", path], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "env"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import torch
+
+    assert f"| torch | {torch.__version__} |" in proc.stdout
+    assert f"| CUDA available | {torch.cuda.is_available()} |" in proc.stdout and "| auto precision |" in proc.stdout

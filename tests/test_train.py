@@ -1,5 +1,5 @@
 """train.py end to end on a 2-layer random llama (LoRA, QLoRA, full), packing, eval prompts, checkpoints, resume,
-Ctrl-C, DDP, bad combinations; and SmolLM2-135M learning for a few steps."""
+Ctrl-C, bad combinations; and SmolLM2-135M learning for a few steps."""
 import json
 import os
 import signal
@@ -21,15 +21,6 @@ from common.templates import IGNORE  # noqa: E402
 
 SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
 PROMPTS = ["最近工作压力很大，晚上总是睡不着，怎么办？", "我和父母总是吵架，觉得他们不理解我。"]
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    """Eight counselling conversations: enough rows for a few steps, fast to encode."""
-    records = json.loads((ROOT / "data" / "psych_sample.json").read_text(encoding="utf-8"))[:8]
-    path = tmp_path_factory.mktemp("data") / "sample.json"
-    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    return path
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -523,6 +514,12 @@ def test_an_ignored_sigint_stays_ignored(tmp_path, monkeypatch, tiny_model_dir, 
     (["model.quantization=8bit", "lora.use_dora=true"], "use 4bit or drop DoRA"),
     (["train.deepspeed=zero2"], "train.deepspeed"),
     (["train.deepspeed=nope.json"], "neither zero2, zero3 nor an existing JSON file"),
+    (["train.deepspeed=zero3"], "`evaluation.prompts` cannot be answered during training under ZeRO-3"),
+    (["train.fsdp=full_shad"], "expected full_shard | shard_grad_op or null (did you mean `full_shard`?)"),
+    (["train.fsdp=full_shard", "evaluation.prompts=[]"], "`train.fsdp` needs CUDA GPUs"),
+    (["train.fsdp=full_shard"], "`evaluation.prompts` cannot be answered during training under `train.fsdp`"),
+    (["train.fsdp=shard_grad_op", "model.quantization=4bit"], "`train.fsdp` with `model.quantization` (QLoRA)"),
+    (["train.fsdp=shard_grad_op", "train.deepspeed=zero2"], "`train.fsdp` and `train.deepspeed` both shard"),
     (["train.scheduler=cosine_sometimes"], "unknown scheduler"),
     (["train.warmup_ratio=1.5"], "warmup_ratio"),
     (["--resume", "no/such/dir"], "--resume no/such/dir"),
@@ -560,32 +557,7 @@ def test_deepspeed_json_is_validated_with_the_recipe(tmp_path):
         from_dict(raw)
 
 
-# ---------------------------------------------------------------- distributed and the real model
-
-
-def test_ddp_two_processes_on_cpu(tmp_path, tiny_model_dir, data_file):
-    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, train={"max_steps": 3, "save_steps": 2},
-                          evaluation={"prompts": PROMPTS[:1], "every_n_steps": 100})
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train.py"), str(recipe)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=300)
-    finally:  # a hung rendezvous must not leave workers behind
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, output[-3000:]
-    out = tmp_path / "recipe"
-    log = (out / "train.log").read_text()
-    assert "x 2 process(es)" in log
-    assert log.count("step 3/3") == 1  # only the main process writes
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line]
-    assert steps == [1, 2, 3]
-    assert (out / "final" / "adapter_model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
-    assert sorted(p.name for p in (out / "eval_outputs").iterdir()) == ["step_0.txt", "step_2.txt", "step_3.txt"]
+# ---------------------------------------------------------------- the real model (more processes: test_distributed.py)
 
 
 @pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make demo-model` first")
