@@ -5,6 +5,7 @@ the evaluation-prompt callback, eval.py and the API server all answer through it
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -143,6 +144,16 @@ def no_room(max_new_tokens: int, context: Optional[int], name: str = "max_new_to
     return None
 
 
+def adapter_switch(model, on: bool):
+    """A context in which the model answers with its PEFT adapter (on) or as its base (off): PEFT's
+    disable_adapter(), the switch eval.py's Contestants use for the base, so one load serves both."""
+    if on:
+        return contextlib.nullcontext()
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError("the model has no adapter to switch off")
+    return model.disable_adapter()
+
+
 class Generator:
     """Answers conversations with one model, in one template. Holds no conversation: callers pass the messages."""
 
@@ -184,10 +195,12 @@ class Generator:
         return config
 
     def generate(self, messages: list[dict], sampling: Sampling, on_text: Callable[[str], None] = lambda text: None,
-                 cancelled: Callable[[], bool] = lambda: False, stop: list[str] = ()) -> Completion:
+                 cancelled: Callable[[], bool] = lambda: False, stop: list[str] = (),
+                 adapter: bool = True) -> Completion:
         """Answer the conversation. The visible text streams to on_text as it becomes safe to show; `cancelled()` is
-        asked after each token (a client that went away); `stop` adds stop words for this call. Ctrl-C ends the
-        answer early with what was shown."""
+        asked after each token (a client that went away); `stop` adds stop words for this call; adapter=False answers
+        as the base, with the PEFT adapter switched off for this call. Ctrl-C ends the answer early with what was
+        shown."""
         ids = self.prompt_ids(messages)
         self.check_fits(len(ids), sampling)
         stop_words = self.stop_words + [w for w in stop if w]
@@ -198,7 +211,8 @@ class Generator:
         try:
             # A seeded call samples reproducibly and leaves the process's RNG where it was (training, other calls).
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
-                                       enabled=sampling.seed is not None), torch.inference_mode():
+                                       enabled=sampling.seed is not None), torch.inference_mode(), \
+                    adapter_switch(self.model, adapter):
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
                 self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),

@@ -1,8 +1,9 @@
 """`chat.py --serve`: the model behind an OpenAI-compatible HTTP API (FastAPI + uvicorn).
 
     POST /v1/chat/completions   (stream: true for server-sent events)
-    GET  /v1/models
+    GET  /v1/models             the served model; an adapter run also lists its base, `ID:base` (the adapter off)
     GET  /health                {"status", "model", "running", "waiting", "cancelled"}
+    GET  /                      the web page (common/webpage.py: chat, base vs tuned, the run)
 
 One model answers one request at a time (a model and its tokenizer are not thread-safe): requests wait in a bounded
 queue for a single worker thread that runs the generation core; the text it produces is handed to the event loop
@@ -38,7 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from common.cli import UserError, first_line, reading
 from common.conversation import OPENAI_ROLES, BadRecord, messages_to_turns
-from common.generation import Completion, Generator, Sampling, no_room
+from common.generation import Completion, Generator, PromptTooLong, Sampling, no_room
 
 SEED_LIMIT = 2 ** 63  # torch.manual_seed takes 64-bit seeds; OpenAI's seed is a non-negative integer
 MAX_DEPTH = 32  # nesting of the body's JSON: a chat request needs 4 (body, messages, message, content part)
@@ -46,6 +47,7 @@ API_KEY_ENV = "SFT_API_KEY"  # the key from the environment: unlike --api-key, n
 READ_TIMEOUT = 30  # --read-timeout's default: seconds a client has to send a whole request, headers and body
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 WILDCARD = {"0.0.0.0", "::", ""}  # every interface: no one name the server is addressed by
+BASE_SUFFIX = ":base"  # the model id that asks an adapter run's base: the same load with the adapter switched off
 MAX_REQUEST_BYTES = 1 << 20  # --max-request-bytes' default: 1 MiB is far more text than a 32k-token context holds
 ROLES = {**OPENAI_ROLES, "developer": "system"}  # `developer`: OpenAI's newer name for the system message
 # OpenAI fields this server does not implement: refused by name rather than silently ignored, when set to anything
@@ -90,28 +92,19 @@ class ChatRequest:
     stop: list[str]  # added to the template's stop words for this request
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
+    adapter: bool = True  # False: the base answers (`model` was ID:base), the adapter switched off
 
 
 def parse_request(body: bytes, defaults: Sampling, system: Optional[str] = None,
-                  context: Optional[int] = None) -> ChatRequest:
+                  context: Optional[int] = None, models: Optional[dict[str, bool]] = None) -> ChatRequest:
     """The request body -> what to generate, or an ApiError (400) that names the offending field. `context`: the
-    model's context in tokens, which max_tokens must leave room in."""
-    try:
-        text = body.decode("utf-8")  # strict: JSON is UTF-8, and json.loads(bytes) would let encoded surrogates in
-    except UnicodeDecodeError as e:
-        raise bad_request(f"the body is not valid UTF-8: {e.reason} at byte {e.start}") from None
-    try:
-        data = json.loads(text)
-    except RecursionError:  # the decoder recurses per level: thousands of [ end it there, cheaply
-        raise bad_request(f"the body is nested more than {MAX_DEPTH} levels deep") from None
-    except ValueError as e:
-        raise bad_request(f"the body is not valid JSON: {e}") from None
-    check_values(data)
-    if not isinstance(data, dict):
-        raise bad_request(f"the body must be a JSON object, got {json_type(data)}")
+    model's context in tokens, which max_tokens must leave room in. `models`: the ids served, each with whether its
+    adapter is on (served_models); a request without `model` asks the served model, one with another id is a 404."""
+    data = json_object(body)
     for name, why in UNSUPPORTED.items():
         if data.get(name) not in (None, False, 0, [], {}):
             raise bad_request(f"`{name}` is not supported by this server: {why}", name)
+    adapter = model_adapter(data.get("model"), models)
     messages = parse_messages(data.get("messages"))
     if integer(data, "n", minimum=1) not in (None, 1):
         raise bad_request("n > 1 is not supported: the server gives one answer per request", "n")
@@ -132,7 +125,41 @@ def parse_request(body: bytes, defaults: Sampling, system: Optional[str] = None,
     include_usage = stream and flag(options or {}, "include_usage", "stream_options.include_usage")
     if system and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system}] + messages
-    return ChatRequest(messages, sampling, stop_words(data.get("stop")), stream, include_usage)
+    return ChatRequest(messages, sampling, stop_words(data.get("stop")), stream, include_usage, adapter)
+
+
+def served_models(model: str, adapter: bool) -> dict[str, bool]:
+    """The ids /v1/models lists, each with whether the adapter is on: the served model, and for an adapter run its
+    base (BASE_SUFFIX), answered by the same load with the adapter switched off."""
+    return {model: True, **({model + BASE_SUFFIX: False} if adapter else {})}
+
+
+def model_adapter(model, models: Optional[dict[str, bool]]) -> bool:
+    """Whether the request's `model` has the adapter on; an id that is not served is a 404, as OpenAI answers."""
+    if model is None or models is None:
+        return True
+    if not isinstance(model, str) or model not in models:
+        raise ApiError(404, f"the model {json.dumps(model, ensure_ascii=False)} is not served here: use one of "
+                            f"{', '.join(models)} (GET /v1/models)", param="model", code="model_not_found")
+    return models[model]
+
+
+def json_object(body: bytes) -> dict:
+    """A request body -> its JSON object, or a 400 saying what is wrong with it (check_values: depth, surrogates)."""
+    try:
+        text = body.decode("utf-8")  # strict: JSON is UTF-8, and json.loads(bytes) would let encoded surrogates in
+    except UnicodeDecodeError as e:
+        raise bad_request(f"the body is not valid UTF-8: {e.reason} at byte {e.start}") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:  # the decoder recurses per level: thousands of [ end it there, cheaply
+        raise bad_request(f"the body is nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as e:
+        raise bad_request(f"the body is not valid JSON: {e}") from None
+    check_values(data)
+    if not isinstance(data, dict):
+        raise bad_request(f"the body must be a JSON object, got {json_type(data)}")
+    return data
 
 
 def parse_messages(messages) -> list[dict]:
@@ -296,8 +323,10 @@ class Worker:
             self.generator.check_fits(len(self.generator.prompt_ids(request.messages)), request.sampling)
             job.post(Started())
             completion = self.generator.generate(request.messages, request.sampling, on_text=job.post,
-                                                 cancelled=job.cancelled, stop=request.stop)
-        except UserError as e:  # BadMessages, PromptTooLong
+                                                 cancelled=job.cancelled, stop=request.stop, adapter=request.adapter)
+        except PromptTooLong as e:  # OpenAI's code for it: a client (the web page) drops old turns and retries
+            return Finished(error=ApiError(400, str(e), param="messages", code="context_length_exceeded"))
+        except UserError as e:  # BadMessages
             return Finished(error=bad_request(str(e), "messages"))
         except Exception as e:
             traceback.print_exc()  # for the operator; the client gets one line and the server goes on
@@ -409,12 +438,16 @@ def finish(job: Job, watcher: asyncio.Task) -> None:
 
 def create_app(worker: Worker, model: str, defaults: Sampling, system: Optional[str] = None,
                api_key: Optional[str] = None, max_request_bytes: int = MAX_REQUEST_BYTES,
-               host: str = "127.0.0.1") -> FastAPI:
+               host: str = "127.0.0.1", source=None) -> FastAPI:
+    """The API, and the web page when `source` (the artifacts.ModelSource served) is given; an adapter in it makes
+    the base servable too (served_models)."""
     # No /docs or /openapi.json: they would be reachable without the key and describe nothing a client needs.
     app = FastAPI(title="chat.py --serve", docs_url=None, redoc_url=None, openapi_url=None)
     add_error_handlers(app)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(access_check(api_key, host))])
+    check = access_check(api_key, host)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check)])
     created = int(time.time())
+    served = served_models(model, source is not None and source.adapter is not None)
 
     @app.get("/health")
     async def health():
@@ -423,12 +456,13 @@ def create_app(worker: Worker, model: str, defaults: Sampling, system: Optional[
 
     @v1.get("/models")
     async def models():
-        return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "local"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "local"}
+                                           for name in served]}
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request, max_request_bytes)
-        chat = parse_request(body, defaults, system, worker.generator.max_length)
+        chat = parse_request(body, defaults, system, worker.generator.max_length, served)
         job = Job(chat, asyncio.get_running_loop())
         worker.submit(job)
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
@@ -451,6 +485,10 @@ def create_app(worker: Worker, model: str, defaults: Sampling, system: Optional[
         return bodies.whole(finished.completion)
 
     app.include_router(v1)
+    if source is not None:
+        from common import webpage
+
+        webpage.add_routes(app, check, webpage.Page.of(source, model, served, defaults, system, worker.generator))
     return app
 
 
@@ -596,8 +634,9 @@ def serve(generator: Generator, sampling: Sampling, system: Optional[str], sourc
 
     model = model_id(source)
     app = create_app(Worker(generator, queue_size), model, sampling, system, api_key,
-                     max_request_bytes or MAX_REQUEST_BYTES, host)
-    print(f"serving {model} at http://{host}:{port}/v1 | template {generator.template.name} | context "
+                     max_request_bytes or MAX_REQUEST_BYTES, host, source)
+    base = f" (and its base, {model}{BASE_SUFFIX})" if source.adapter is not None else ""
+    print(f"serving {model}{base} at http://{host}:{port}/v1 | web page http://{host}:{port}/ | template {generator.template.name} | context "
           f"{generator.max_length} tokens | one request at a time, up to {queue_size} waiting"
           + ("" if api_key else " | no API key"), file=sys.stderr, flush=True)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):

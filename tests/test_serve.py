@@ -154,8 +154,14 @@ def once(capsys, model, question, max_new_tokens, *flags) -> str:
     return out[:-1]
 
 
+def served(client) -> str:
+    """The id of the model the server serves (the first /v1/models lists): a request naming another is a 404."""
+    return client.models.list().data[0].id
+
+
 def ask(client, question, **kwargs):
-    return client.chat.completions.create(model="any", messages=[{"role": "user", "content": question}], **kwargs)
+    return client.chat.completions.create(model=served(client), messages=[{"role": "user", "content": question}],
+                                          **kwargs)
 
 
 def ask_streaming(client, question, **kwargs):
@@ -210,9 +216,9 @@ def test_greedy_answer_equals_chat_once_with_usage_and_length(tiny, tiny_model_d
 def test_a_system_message_in_the_request_replaces_the_servers(tiny):
     client = tiny.client()
     default = ask(client, QUESTION, temperature=0, max_tokens=4)
-    own = client.chat.completions.create(model="any", temperature=0, max_tokens=4, messages=[
+    own = client.chat.completions.create(model=served(client), temperature=0, max_tokens=4, messages=[
         {"role": "system", "content": "hi"}, {"role": "user", "content": QUESTION}])
-    both = client.chat.completions.create(model="any", temperature=0, max_tokens=4, messages=[
+    both = client.chat.completions.create(model=served(client), temperature=0, max_tokens=4, messages=[
         {"role": "system", "content": SYSTEM + "hi"}, {"role": "user", "content": QUESTION}])
     # One system prompt either way: the request's, not the server's on top of it.
     assert own.usage.prompt_tokens < default.usage.prompt_tokens < both.usage.prompt_tokens
@@ -273,7 +279,7 @@ def test_two_concurrent_clients_both_get_complete_answers(tiny):
     assert results == expected
 
 
-def test_a_full_queue_answers_429_and_the_server_goes_on(tiny):
+def test_a_full_queue_answers_429_and_the_server_goes_on(tiny, tiny_model_dir):
     tiny.wait_idle()
     queued = {}
 
@@ -282,8 +288,8 @@ def test_a_full_queue_answers_429_and_the_server_goes_on(tiny):
                                         "max_tokens": 8})
 
     # --queue-size 1: one long answer streaming, one request waiting, then several more at once: all refused.
-    running = tiny.client().chat.completions.create(model="any", stream=True, max_tokens=LONG, temperature=0,
-                                                    messages=[{"role": "user", "content": QUESTION}])
+    running = tiny.client().chat.completions.create(model=tiny_model_dir.name, stream=True, max_tokens=LONG,
+                                                    temperature=0, messages=[{"role": "user", "content": QUESTION}])
     waiting = threading.Thread(target=short_request)
     try:
         next(iter(running))  # the role chunk: this one is being answered
@@ -312,7 +318,7 @@ def test_a_full_queue_answers_429_and_the_server_goes_on(tiny):
     assert ask(tiny.client(), QUESTION, max_tokens=4).usage.completion_tokens == 4
 
 
-def test_a_client_that_disconnects_mid_stream_cancels_its_generation(tiny):
+def test_a_client_that_disconnects_mid_stream_cancels_its_generation(tiny, tiny_model_dir):
     tiny.wait_idle()
     before = tiny.health()["cancelled"]
     body = {"messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": LONG, "stream": True}
@@ -326,8 +332,8 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(tiny):
     tiny.wait_health(lambda h: h["cancelled"] == before + 1, "the generation cancelled")
     tiny.wait_idle()
     # A client gone while its request was still waiting in the queue: dropped before it starts.
-    running = tiny.client().chat.completions.create(model="any", stream=True, max_tokens=LONG, temperature=0,
-                                                    messages=[{"role": "user", "content": QUESTION}])
+    running = tiny.client().chat.completions.create(model=tiny_model_dir.name, stream=True, max_tokens=LONG,
+                                                    temperature=0, messages=[{"role": "user", "content": QUESTION}])
     try:
         next(iter(running))
         with pytest.raises(httpx2.TimeoutException):
@@ -402,7 +408,7 @@ def test_tiny_temperatures_are_greedy_and_off_values_of_unsupported_fields_are_a
 
 def test_the_developer_role_is_a_system_message(tiny):
     client = tiny.client()
-    as_system, as_developer = (client.chat.completions.create(model="any", temperature=0, max_tokens=8, messages=[
+    as_system, as_developer = (client.chat.completions.create(model=served(client), temperature=0, max_tokens=8, messages=[
         {"role": role, "content": "hi"}, {"role": "user", "content": QUESTION}]) for role in ("system", "developer"))
     assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
     assert as_developer.choices[0].message.content == as_system.choices[0].message.content
@@ -443,7 +449,7 @@ def test_a_client_that_leaves_mid_body_is_one_line_in_the_log(tiny):
 def test_errors_reach_the_openai_client_and_the_server_goes_on(tiny):
     client = tiny.client()
     with pytest.raises(openai.BadRequestError, match="unknown role"):
-        client.chat.completions.create(model="any", messages=[{"role": "tool", "content": "x"}])
+        client.chat.completions.create(model=served(client), messages=[{"role": "tool", "content": "x"}])
     for path, status in (("/v1/nothing", 404), ("/nothing", 404)):
         is_openai_error(httpx2.get(tiny.url + path, headers=tiny.headers(), timeout=10), status)
     is_openai_error(httpx2.get(f"{tiny.url}/v1/chat/completions", headers=tiny.headers(), timeout=10), 405)
