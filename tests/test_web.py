@@ -205,6 +205,11 @@ def test_a_phone_sized_window_keeps_the_chat_usable_without_horizontal_overflow(
 
 def test_the_base_is_a_second_model_id_and_other_ids_are_404(server):
     assert [m.id for m in client(server).models.list().data] == ["run", "run:base"]
+    body = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}],
+            "temperature": 0, "max_tokens": MAX_TOKENS}  # no `model`: the served (tuned) model
+    response = httpx2.post(server + "/v1/chat/completions", json=body, timeout=60,
+                           headers={"Authorization": f"Bearer {KEY}"})
+    assert response.json()["choices"][0]["message"]["content"] == greedy(server, "run", QUESTION)
     with pytest.raises(openai.NotFoundError, match="model_not_found|not served"):
         client(server).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
 

@@ -10,6 +10,7 @@ const SVG = "http://www.w3.org/2000/svg";
 
 let info = null; // GET /web/info: ids, template, defaults
 let history = []; // the chat: {role, content, element}, oldest first
+let conversation = 0; // New conversation counts up: an answer still streaming for an older one is dropped
 let chatAbort = null;
 let compareAborts = [];
 let lastComparison = null; // {messages, base, tuned} of the last comparison that can be rated
@@ -232,6 +233,7 @@ function chatNote(text) {
 // Answer the history (its last message is the user's). A conversation too long for the context loses its oldest
 // turns, as the chat REPL's does, and the page says so.
 async function answer() {
+  const mine = conversation;
   const bubble = addMessage("assistant", "");
   const text = bubble.querySelector(".text");
   bubble.classList.add("pending");
@@ -260,6 +262,7 @@ async function answer() {
       }
     }
   } catch (error) {
+    if (mine !== conversation) return;
     if (error.name !== "AbortError") {
       const question = history.pop(); // the question goes back to the box, to send again
       question.element.remove();
@@ -271,6 +274,7 @@ async function answer() {
     }
     note = "stopped";
   }
+  if (mine !== conversation) return;
   bubble.classList.remove("pending");
   bubble.dataset.chunks = String(chunks);
   history.push({ role: "assistant", content: answerText, element: bubble });
@@ -310,6 +314,8 @@ $("regenerate").addEventListener("click", () => {
 
 $("new").addEventListener("click", () => {
   if (chatAbort) chatAbort.abort();
+  chatAbort = null;
+  conversation += 1;
   history = [];
   $("messages").textContent = "";
   chatNote("");
