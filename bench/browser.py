@@ -46,8 +46,6 @@ def free_port() -> int:
 def served(model: Path, log: Path, key_file: Optional[Path] = None, *flags: str):
     """`chat.py MODEL --serve` on a free local port, until the block ends: yields its base URL. Its output goes to
     `log` (a pipe nobody reads could fill up and stall it), quoted when it fails to start."""
-    import httpx2
-
     port = free_port()
     argv = [sys.executable, "chat.py", str(model), "--serve", "--port", str(port), *flags]
     if key_file is not None:
@@ -59,18 +57,7 @@ def served(model: Path, log: Path, key_file: Optional[Path] = None, *flags: str)
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"chat.py --serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx2.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no /health within {START_TIMEOUT}s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
+        wait_ready(url, proc, log)
         yield url
     finally:
         proc.terminate()
@@ -79,6 +66,24 @@ def served(model: Path, log: Path, key_file: Optional[Path] = None, *flags: str)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: float = START_TIMEOUT) -> None:
+    """Until the server at `url` answers /health (tests/test_serve.py's servers too); its log's tail if it exits or
+    takes longer."""
+    import httpx2
+
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None:
+        try:
+            if httpx2.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx2.TransportError:
+            pass  # not listening yet
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no /health within {seconds:g}s:\n{log.read_text(errors='replace')[-4000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"the server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
 
 
 def chromium(width: int = 1200, height: int = 900):

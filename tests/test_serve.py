@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import chat
+from bench import browser
 from common.generation import Generator
 from common.modeling import load_tokenizer
 from common.serving import API_KEY_ENV, api_key_from
@@ -41,7 +42,7 @@ class Server:
     and stall it) that failures show."""
 
     def __init__(self, log_dir: Path, model: Path, *flags: str, key: str = None):
-        self.port, self.key, self.log = free_port(), key, log_dir / "server.log"
+        self.port, self.key, self.log = browser.free_port(), key, log_dir / "server.log"
         argv = [sys.executable, "chat.py", str(model), "--serve", "--port", str(self.port), *flags]
         if key:  # from a file, as a user should give it (not on the command line, where `ps` shows it)
             (log_dir / "key.txt").write_text(key + "\n")
@@ -53,18 +54,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        for _ in range(int(START_TIMEOUT / POLL)):
-            assert self.proc.poll() is None, f"the server exited with {self.proc.returncode}:\n{self.output()}"
-            try:
-                if httpx2.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx2.TransportError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                break
-            time.sleep(POLL)
-        raise AssertionError(f"no /health within {START_TIMEOUT}s:\n{self.output()}")
+        browser.wait_ready(self.url, self.proc, self.log, START_TIMEOUT)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -102,12 +92,6 @@ class Server:
 
     def wait_idle(self) -> None:
         self.wait_health(lambda h: h["running"] == 0 and h["waiting"] == 0, "an idle server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(request, tmp_path_factory, model, *flags, key=None) -> Server:

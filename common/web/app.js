@@ -471,9 +471,10 @@ function renderReport(report, problem, runDir) {
     `${report.conversations}.`;
   const rows = [["loss (answer tokens)", base.loss, tuned.loss], ["perplexity", base.ppl, tuned.ppl],
                 ["answer tokens scored", base.tokens, tuned.tokens]];
-  if (report.preference) {
-    for (const [name, values] of Object.entries(report.preference)) {
-      if (values && typeof values.base === "number") rows.push([name.replace(/_/g, " "), values.base, values.tuned]);
+  const pairs = report.preference; // held-out preference pairs (a DPO/ORPO run): common/preference.compare
+  if (pairs) {
+    for (const name of ["accuracy", "mean_margin", "accuracy_per_token", "mean_margin_per_token"]) {
+      rows.push([`preference ${name.replace(/_/g, " ")}`, pairs.base[name], pairs.tuned[name]]);
     }
   }
   fillTable($("held-out"), ["held-out", "base", "tuned"], rows);
