@@ -11,6 +11,7 @@ settings, as a user of the page would get them, so two takes differ.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -58,15 +59,19 @@ def main(argv=None) -> int:
         print(f"bench/screenshots.py: {problem}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as logs, browser.served(final.resolve(), Path(logs) / "server.log") as url:
+    # Named relative to the repository (the server's working directory) where it is inside it: the page shows paths
+    # as the server was given them, and the README's pictures should not show this machine's.
+    served = Path(os.path.relpath(final.resolve(), ROOT)) if final.resolve().is_relative_to(ROOT) else final.resolve()
+    with tempfile.TemporaryDirectory() as logs, browser.served(served, Path(logs) / "server.log") as url:
         driver = browser.chromium(WIDTH, HEIGHT)
         try:
             browser.open_page(driver, url)
             driver.execute_script("document.getElementById('max-tokens').value = arguments[0];", args.max_tokens)
             browser.chat(driver, QUESTION)
             browser.chat(driver, FOLLOW_UP)
-            driver.execute_script("window.scrollTo(0, 0);")
+            driver.execute_script("document.getElementById('settings').open = true; window.scrollTo(0, 0);")
             shoot(driver, args.out / "chat.png")
+            driver.execute_script("document.getElementById('settings').open = false;")
             browser.compare(driver, QUESTION)
             shoot(driver, args.out / "compare.png")
             browser.show_run(driver)

@@ -520,7 +520,8 @@ function drawChart(box, metrics) {
     box.textContent = "No loss logged yet (metrics.jsonl).";
     return;
   }
-  const W = 640, H = 260, left = 52, right = 16, top = 14, bottom = 40;
+  // Drawn at the box's own width (redrawn at each refresh), so that its text is the page's size, not scaled.
+  const W = Math.max(320, box.clientWidth - 14), H = 260, left = 52, right = 16, top = 14, bottom = 40;
   const steps = points.map((p) => p[0]);
   const values = points.map((p) => p[1]);
   const s0 = Math.min(...steps), s1 = Math.max(...steps);
