@@ -58,6 +58,7 @@ def server(run_dir, tmp_path_factory):
     (logs / "key.txt").write_text(KEY + "\n")
     # float32 as trained: `auto` would be bfloat16 on a CPU with native bf16, and the tiny model's answers with it
     with browser.served(run_dir, logs / "server.log", logs / "key.txt", "--torch-dtype", "float32") as url:
+        assert f"web page {url}/ " in (logs / "server.log").read_text()  # the start-up line tells where the page is
         yield url
 
 
