@@ -9,10 +9,11 @@ DEMO_MODEL := models/SmolLM2-135M-Instruct
 
 setup: $(STAMP)
 
-# Re-install only when the pins change; a present, up-to-date .venv makes this a no-op.
-$(STAMP): requirements.txt
+# Re-install only when the pins change (requirements.txt, and the test tools' pins here); a present, up-to-date .venv
+# makes this a no-op.
+$(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt pytest==9.2.0 openai==3.57.0
+	$(PY) -m pip install --quiet -r requirements.txt pytest==9.2.0 openai==3.57.0 selenium==4.51.0
 	touch $(STAMP)
 
 $(DEMO_MODEL)/config.json: | $(STAMP)

@@ -4,7 +4,9 @@
     python chat.py work_dirs/demo/merged              # a merged (or any Hugging Face) model
     python chat.py models/Qwen1.5-1.8B-Chat --adapter work_dirs/psych_qwen/final --prompt-template qwen_chat
     python chat.py --once "你好"                      # answer one question and exit
-    python chat.py --serve --port 8000                # an OpenAI-compatible API at http://127.0.0.1:8000/v1
+    python chat.py --serve --port 8000                # an OpenAI-compatible API at http://127.0.0.1:8000/v1, and
+                                                      # a web page at http://127.0.0.1:8000/ (chat, compare, run)
+    python chat.py work_dirs/demo/final --serve       # an adapter: its base is served too, as the model `demo:base`
     printf '你好\\n我最近很焦虑\\n' | python chat.py    # piped: one user turn per line, plain answers
 
 In the REPL: end a line with \\ to continue it on the next; /reset (RESET) clears the history, /system TEXT sets the
@@ -47,7 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--once", metavar="QUESTION", help="answer QUESTION and exit")
     serving = p.add_argument_group("API server (--serve)")
     serving.add_argument("--serve", action="store_true", help="serve the model as an OpenAI-compatible API "
-                         "(/v1/chat/completions, /v1/models, /health)")
+                         "(/v1/chat/completions, /v1/models, /health) and a web page at / (chat, base vs tuned, the "
+                         "run). An adapter (RUN/final, or --adapter) also serves its base, adapter off, as the model "
+                         "ID:base (ID: the run's name)")
     serving.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     serving.add_argument("--port", type=int, default=8000, help="(default 8000)")
     serving.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on /v1 (visible to "

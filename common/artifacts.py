@@ -9,6 +9,7 @@ how to read the run's recipe from any of them. Every script asks here.
     final/                      PEFT adapter (or full model) + tokenizer with its chat template + recipe.yaml
     merged/                     merge.py's default output: a full HF model (+ model-<type>.gguf, Modelfile)
     eval/                       eval.py's report.md and report.json
+    ratings.jsonl               preference pairs rated on the web page (chat.py --serve), one a line, appended
   work_dirs/latest -> OUTPUT_DIR (symlink to the newest run)
 
 Outputs appear whole or not at all: written under a temporary name beside their destination, then renamed.
@@ -30,6 +31,7 @@ RECIPE_FILE = "recipe.yaml"
 LOG_FILE, METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR = "train.log", "metrics.jsonl", "loss.png", "runs"
 EVAL_OUTPUTS_DIR = "eval_outputs"
 FINAL_DIR, MERGED_DIR, EVAL_DIR = "final", "merged", "eval"
+EVAL_REPORT, RATINGS_FILE = "report.json", "ratings.jsonl"  # in EVAL_DIR; in the run directory
 CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's PREFIX_CHECKPOINT_DIR + "-"
 STAGING_PREFIX = ".saving-"  # never matches `checkpoint-*`, so resume and rotation ignore half-written saves
 TRAINER_STATE = "trainer_state.json"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.cli import UserError
+from common.generation import adapter_switch
 
 WHO = ("base", "tuned")
 
@@ -56,7 +57,7 @@ class Contestants:
             finally:
                 self.model.set_adapter("default")
         else:
-            with self.model.disable_adapter():
+            with adapter_switch(self.model, on=False):
                 yield self.model
 
 
@@ -274,7 +275,9 @@ def report_markdown(result: Result) -> str:
 
 
 def write_report(out_dir, result: Result) -> None:
-    (out_dir / "report.json").write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n",
+    from common.artifacts import EVAL_REPORT
+
+    (out_dir / EVAL_REPORT).write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n",
                                          encoding="utf-8")
     (out_dir / "report.md").write_text(report_markdown(result), encoding="utf-8")
 

@@ -145,7 +145,8 @@ def _records(path: Path, report: LoadReport) -> list[tuple[str, object]]:
         if path.suffix == ".jsonl":
             report.note(f"{path}: .jsonl file holds one JSON array; read it as JSON")
         return [(f"record {i}", r) for i, r in enumerate(whole)]
-    if isinstance(whole, dict) and detect_format(whole) is not None:
+    # A .jsonl file of one line is one record, whatever it holds (a first preference pair, rated on the web page).
+    if isinstance(whole, dict) and (path.suffix == ".jsonl" or detect_format(whole) is not None):
         if path.suffix != ".jsonl":
             report.note(f"{path}: holds a single object, not a list; read it as one record")
         return [("record 0", whole)]

@@ -6,11 +6,11 @@ tokens come from common/decoding.py (one answer alone here; the server batches s
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional
+from typing import Callable, Optional
 
 from common.cli import UserError
 from common.conversation import BadRecord, messages_to_turns
@@ -141,6 +141,16 @@ def no_room(max_new_tokens: int, context: Optional[int], name: str = "max_new_to
     return None
 
 
+def adapter_switch(model, on: bool):
+    """A context in which the model answers with its PEFT adapter (on) or as its base (off): PEFT's
+    disable_adapter(), the switch eval.py's Contestants use for the base, so one load serves both."""
+    if on:
+        return contextlib.nullcontext()
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError("the model has no adapter to switch off")
+    return model.disable_adapter()
+
+
 class Generator:
     """Answers conversations with one model, in one template. Holds no conversation: callers pass the messages."""
 
@@ -220,21 +230,14 @@ class Generator:
                   greedy=not config.do_sample, seed=sampling.seed)
         return Answering(row, stream)
 
-    def adapter_context(self, adapter: bool = True) -> Callable[[], ContextManager]:
-        """What to run the model in: as loaded (`adapter`), or with its PEFT adapter switched off (the base model's
-        answers, for comparison)."""
-        if adapter:
-            return nullcontext
-        if not hasattr(self.model, "disable_adapter"):
-            raise BadMessages("the base model's answer needs an adapter to switch off, and this model has none")
-        return self.model.disable_adapter
-
     def decoder(self, adapter: bool = True) -> Decoder:
-        return Decoder(self.model, self.adapter_context(adapter))
+        """A decoder of this model: with its PEFT adapter (as loaded), or as its base (adapter=False)."""
+        return Decoder(self.model, lambda: adapter_switch(self.model, adapter))
 
     def generate(self, messages: list[dict], sampling: Sampling, on_text: Callable[[str], None] = lambda text: None,
                  cancelled: Callable[[], bool] = lambda: False, stop: list[str] = (), adapter: bool = True) -> Completion:
-        """Answer the conversation alone (see `start`). Ctrl-C ends the answer early with what was shown."""
+        """Answer the conversation alone (see `start`); adapter=False answers as the base, with the PEFT adapter
+        switched off. Ctrl-C ends the answer early with what was shown."""
         answering = self.start(messages, sampling, on_text, cancelled, stop)
         try:
             self.decoder(adapter).run(answering.row)

@@ -1,14 +1,15 @@
 """`chat.py --serve`: the model behind an OpenAI-compatible HTTP API (FastAPI + uvicorn).
 
     POST /v1/chat/completions   (stream: true for server-sent events)
-    GET  /v1/models
+    GET  /v1/models             the served model; an adapter run also lists its base, `ID:base` (the adapter off)
     GET  /health                {"status", "model", "running", "waiting", "cancelled"}
+    GET  /                      the web page (common/webpage.py: chat, base vs tuned, the run)
 
 One worker thread runs the model (a model and its tokenizer are not thread-safe): up to --max-batch requests decode
 together, one token each per forward (continuous batching: a request joins between steps and leaves when it ends),
-more wait in a bounded queue; the text it produces is handed to the event loop with call_soon_threadsafe. A client that disconnects cancels its generation at the next token. Every error reaches the
-client in OpenAI's shape, {"error": {"message", "type", "param", "code"}}; tracebacks stay in the server's log.
-Hostile input is refused before it costs anything: bodies over a size limit (413, unread), invalid UTF-8, deep
+more wait in a bounded queue; the text it produces is handed to the event loop with call_soon_threadsafe. A client
+that disconnects cancels its generation at the next token. Every error reaches the client in OpenAI's shape,
+{"error": {"message", "type", "param", "code"}}; tracebacks stay in the server's log. Hostile input is refused before it costs anything: bodies over a size limit (413, unread), invalid UTF-8, deep
 nesting, lone surrogates; a keyless server refuses other sites' web pages (access_check), and a request that does not
 arrive in time is disconnected (read_timeout_protocol).
 """
@@ -38,7 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from common.cli import UserError, first_line, reading
 from common.conversation import OPENAI_ROLES, BadRecord, messages_to_turns
-from common.generation import Answering, Completion, Generator, Sampling, no_room
+from common.generation import Answering, Completion, Generator, PromptTooLong, Sampling, no_room
 
 SEED_LIMIT = 2 ** 63  # torch.manual_seed takes 64-bit seeds; OpenAI's seed is a non-negative integer
 MAX_DEPTH = 32  # nesting of the body's JSON: a chat request needs 4 (body, messages, message, content part)
@@ -46,6 +47,7 @@ API_KEY_ENV = "SFT_API_KEY"  # the key from the environment: unlike --api-key, n
 READ_TIMEOUT = 30  # --read-timeout's default: seconds a client has to send a whole request, headers and body
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 WILDCARD = {"0.0.0.0", "::", ""}  # every interface: no one name the server is addressed by
+BASE_SUFFIX = ":base"  # the model id that asks an adapter run's base: the same load with the adapter switched off
 MAX_REQUEST_BYTES = 1 << 20  # --max-request-bytes' default: 1 MiB is far more text than a 32k-token context holds
 ROLES = {**OPENAI_ROLES, "developer": "system"}  # `developer`: OpenAI's newer name for the system message
 # OpenAI fields this server does not implement: refused by name rather than silently ignored, when set to anything
@@ -90,28 +92,19 @@ class ChatRequest:
     stop: list[str]  # added to the template's stop words for this request
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
+    adapter: bool = True  # False: the base answers (`model` was ID:base), the adapter switched off
 
 
 def parse_request(body: bytes, defaults: Sampling, system: Optional[str] = None,
-                  context: Optional[int] = None) -> ChatRequest:
+                  context: Optional[int] = None, models: Optional[dict[str, bool]] = None) -> ChatRequest:
     """The request body -> what to generate, or an ApiError (400) that names the offending field. `context`: the
-    model's context in tokens, which max_tokens must leave room in."""
-    try:
-        text = body.decode("utf-8")  # strict: JSON is UTF-8, and json.loads(bytes) would let encoded surrogates in
-    except UnicodeDecodeError as e:
-        raise bad_request(f"the body is not valid UTF-8: {e.reason} at byte {e.start}") from None
-    try:
-        data = json.loads(text)
-    except RecursionError:  # the decoder recurses per level: thousands of [ end it there, cheaply
-        raise bad_request(f"the body is nested more than {MAX_DEPTH} levels deep") from None
-    except ValueError as e:
-        raise bad_request(f"the body is not valid JSON: {e}") from None
-    check_values(data)
-    if not isinstance(data, dict):
-        raise bad_request(f"the body must be a JSON object, got {json_type(data)}")
+    model's context in tokens, which max_tokens must leave room in. `models`: the ids served, each with whether its
+    adapter is on (served_models); a request without `model` asks the served model, one with another id is a 404."""
+    data = json_object(body)
     for name, why in UNSUPPORTED.items():
         if data.get(name) not in (None, False, 0, [], {}):
             raise bad_request(f"`{name}` is not supported by this server: {why}", name)
+    adapter = model_adapter(data.get("model"), models)
     messages = parse_messages(data.get("messages"))
     if integer(data, "n", minimum=1) not in (None, 1):
         raise bad_request("n > 1 is not supported: the server gives one answer per request", "n")
@@ -132,7 +125,41 @@ def parse_request(body: bytes, defaults: Sampling, system: Optional[str] = None,
     include_usage = stream and flag(options or {}, "include_usage", "stream_options.include_usage")
     if system and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system}] + messages
-    return ChatRequest(messages, sampling, stop_words(data.get("stop")), stream, include_usage)
+    return ChatRequest(messages, sampling, stop_words(data.get("stop")), stream, include_usage, adapter)
+
+
+def served_models(model: str, adapter: bool) -> dict[str, bool]:
+    """The ids /v1/models lists, each with whether the adapter is on: the served model, and for an adapter run its
+    base (BASE_SUFFIX), answered by the same load with the adapter switched off."""
+    return {model: True, **({model + BASE_SUFFIX: False} if adapter else {})}
+
+
+def model_adapter(model, models: Optional[dict[str, bool]]) -> bool:
+    """Whether the request's `model` has the adapter on; an id that is not served is a 404, as OpenAI answers."""
+    if model is None or models is None:
+        return True
+    if not isinstance(model, str) or model not in models:
+        raise ApiError(404, f"the model {json.dumps(model, ensure_ascii=False)} is not served here: use one of "
+                            f"{', '.join(models)} (GET /v1/models)", param="model", code="model_not_found")
+    return models[model]
+
+
+def json_object(body: bytes) -> dict:
+    """A request body -> its JSON object, or a 400 saying what is wrong with it (check_values: depth, surrogates)."""
+    try:
+        text = body.decode("utf-8")  # strict: JSON is UTF-8, and json.loads(bytes) would let encoded surrogates in
+    except UnicodeDecodeError as e:
+        raise bad_request(f"the body is not valid UTF-8: {e.reason} at byte {e.start}") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:  # the decoder recurses per level: thousands of [ end it there, cheaply
+        raise bad_request(f"the body is nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as e:
+        raise bad_request(f"the body is not valid JSON: {e}") from None
+    check_values(data)
+    if not isinstance(data, dict):
+        raise bad_request(f"the body must be a JSON object, got {json_type(data)}")
+    return data
 
 
 def parse_messages(messages) -> list[dict]:
@@ -252,7 +279,9 @@ class Job:
 class Worker:
     """The one thread that touches the model. Up to `max_batch` requests generate together, one token each per step
     of a decoding.Decoder (one forward for all of them): a request joins at the next step after it arrives and leaves
-    when it ends, so a short answer does not wait for a long one. Up to `queue_size` more wait; beyond that, 429."""
+    when it ends, so a short answer does not wait for a long one. Up to `queue_size` more wait; beyond that, 429.
+    Requests for the base model (the adapter off) decode in a second batch, stepped in turn with the first: one
+    forward cannot switch a PEFT adapter per row."""
 
     def __init__(self, generator: Generator, queue_size: int, max_batch: int):
         self.generator, self.queue_size, self.max_batch = generator, queue_size, max_batch
@@ -261,7 +290,7 @@ class Worker:
         # picked up yet would otherwise take a waiting place on an idle server.
         self.pending, self.lock = 0, threading.Lock()
         self.cancelled = 0  # jobs stopped, or never started, because their client went away
-        self.decoder = generator.decoder()
+        self.decoders = {adapter: generator.decoder(adapter) for adapter in (True, False)}  # by ChatRequest.adapter
         self.answering: dict[int, tuple[Job, Answering]] = {}  # id(row) -> its job and answer, for the rows decoding
         threading.Thread(target=self._run, name="generation", daemon=True).start()
 
@@ -306,8 +335,11 @@ class Worker:
             answering = self.generator.start(request.messages, request.sampling, on_text=job.post,
                                              cancelled=job.cancelled, stop=request.stop)
             job.post(Started())
-            ended = self.decoder.add(answering.row)
-        except UserError as e:  # BadMessages, PromptTooLong
+            ended = self.decoders[request.adapter].add(answering.row)
+        except PromptTooLong as e:  # OpenAI's code for it: a client (the web page) drops old turns and retries
+            return self._done(job, Finished(error=ApiError(400, str(e), param="messages",
+                                                           code="context_length_exceeded")))
+        except UserError as e:  # BadMessages
             return self._done(job, Finished(error=bad_request(str(e), "messages")))
         except Exception as e:
             return self._done(job, crashed(e))
@@ -316,16 +348,17 @@ class Worker:
         self.answering[id(answering.row)] = (job, answering)
 
     def _step(self) -> None:
-        try:
-            ended = self.decoder.step()
-        except Exception as e:  # the decoder has dropped every row: each of their requests gets the error
-            error = crashed(e)
-            for job, _ in self.answering.values():
-                self._done(job, error)
-            self.answering.clear()
-            return
-        for row in ended:
-            self._finish(*self.answering.pop(id(row)))
+        for decoder in self.decoders.values():
+            rows = list(decoder.rows)
+            try:
+                ended = decoder.step()
+            except Exception as e:  # the decoder has dropped every row: each of their requests gets the error
+                error = crashed(e)
+                for row in rows:
+                    self._done(self.answering.pop(id(row))[0], error)
+                continue
+            for row in ended:
+                self._finish(*self.answering.pop(id(row)))
 
     def _finish(self, job: Job, answering: Answering) -> None:
         completion = answering.completion()
@@ -445,12 +478,16 @@ def finish(job: Job, watcher: asyncio.Task) -> None:
 
 def create_app(worker: Worker, model: str, defaults: Sampling, system: Optional[str] = None,
                api_key: Optional[str] = None, max_request_bytes: int = MAX_REQUEST_BYTES,
-               host: str = "127.0.0.1") -> FastAPI:
+               host: str = "127.0.0.1", source=None) -> FastAPI:
+    """The API, and the web page when `source` (the artifacts.ModelSource served) is given; an adapter in it makes
+    the base servable too (served_models)."""
     # No /docs or /openapi.json: they would be reachable without the key and describe nothing a client needs.
     app = FastAPI(title="chat.py --serve", docs_url=None, redoc_url=None, openapi_url=None)
     add_error_handlers(app)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(access_check(api_key, host))])
+    check = access_check(api_key, host)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check)])
     created = int(time.time())
+    served = served_models(model, source is not None and source.adapter is not None)
 
     @app.get("/health")
     async def health():
@@ -459,12 +496,13 @@ def create_app(worker: Worker, model: str, defaults: Sampling, system: Optional[
 
     @v1.get("/models")
     async def models():
-        return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "local"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "local"}
+                                           for name in served]}
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request, max_request_bytes)
-        chat = parse_request(body, defaults, system, worker.generator.max_length)
+        chat = parse_request(body, defaults, system, worker.generator.max_length, served)
         job = Job(chat, asyncio.get_running_loop())
         worker.submit(job)
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
@@ -487,6 +525,10 @@ def create_app(worker: Worker, model: str, defaults: Sampling, system: Optional[
         return bodies.whole(finished.completion)
 
     app.include_router(v1)
+    if source is not None:
+        from common import webpage
+
+        webpage.add_routes(app, check, webpage.Page.of(source, model, served, defaults, system, worker.generator))
     return app
 
 
@@ -632,9 +674,11 @@ def serve(generator: Generator, sampling: Sampling, system: Optional[str], sourc
 
     model = model_id(source)
     app = create_app(Worker(generator, queue_size, max_batch), model, sampling, system, api_key,
-                     max_request_bytes or MAX_REQUEST_BYTES, host)
-    print(f"serving {model} at http://{host}:{port}/v1 | template {generator.template.name} | context "
-          f"{generator.max_length} tokens | up to {max_batch} request(s) at a time, {queue_size} waiting"
+                     max_request_bytes or MAX_REQUEST_BYTES, host, source)
+    base = f" (and its base, {model}{BASE_SUFFIX})" if source.adapter is not None else ""
+    print(f"serving {model}{base} at http://{host}:{port}/v1 | web page http://{host}:{port}/ | template "
+          f"{generator.template.name} | context {generator.max_length} tokens | up to {max_batch} request(s) at a "
+          f"time, {queue_size} waiting"
           + ("" if api_key else " | no API key"), file=sys.stderr, flush=True)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host} without an API key: anyone who can reach this port can use the model",

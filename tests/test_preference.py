@@ -96,6 +96,14 @@ def test_the_four_peer_formats_are_detected_and_read():
     assert every == conversational + plain + sharegpt + alpaca
 
 
+def test_a_jsonl_file_of_one_pair_is_one_record(tmp_path):
+    # The web page's ratings.jsonl after its first rating: one line, one object (a .json file of one object that is
+    # not a conversation is still refused as not a list of records).
+    first = (FIXTURES / "pairs_conversational.jsonl").read_text(encoding="utf-8").splitlines()[0]
+    (tmp_path / "ratings.jsonl").write_text(first + "\n", encoding="utf-8")
+    assert load_pairs([tmp_path / "ratings.jsonl"]) == load_pairs([FIXTURES / "pairs_conversational.jsonl"])[:1]
+
+
 def test_shipped_pairs_read_and_fit_smollm2_at_512():
     from common.modeling import load_tokenizer
 

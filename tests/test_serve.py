@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import chat
+from bench import browser
 from common.generation import Generator
 from common.modeling import load_tokenizer
 from common.serving import API_KEY_ENV, api_key_from
@@ -41,7 +42,7 @@ class Server:
     and stall it) that failures show."""
 
     def __init__(self, log_dir: Path, model: Path, *flags: str, key: str = None):
-        self.port, self.key, self.log = free_port(), key, log_dir / "server.log"
+        self.port, self.key, self.log = browser.free_port(), key, log_dir / "server.log"
         argv = [sys.executable, "chat.py", str(model), "--serve", "--port", str(self.port), *flags]
         if key:  # from a file, as a user should give it (not on the command line, where `ps` shows it)
             (log_dir / "key.txt").write_text(key + "\n")
@@ -53,18 +54,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        for _ in range(int(START_TIMEOUT / POLL)):
-            assert self.proc.poll() is None, f"the server exited with {self.proc.returncode}:\n{self.output()}"
-            try:
-                if httpx2.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx2.TransportError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                break
-            time.sleep(POLL)
-        raise AssertionError(f"no /health within {START_TIMEOUT}s:\n{self.output()}")
+        browser.wait_ready(self.url, self.proc, self.log, START_TIMEOUT)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -102,12 +92,6 @@ class Server:
 
     def wait_idle(self) -> None:
         self.wait_health(lambda h: h["running"] == 0 and h["waiting"] == 0, "an idle server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(request, tmp_path_factory, model, *flags, key=None) -> Server:
@@ -157,8 +141,14 @@ def once(capsys, model, question, max_new_tokens, *flags) -> str:
     return out[:-1]
 
 
+def served(client) -> str:
+    """The id of the model the server serves (the first /v1/models lists): a request naming another is a 404."""
+    return client.models.list().data[0].id
+
+
 def ask(client, question, **kwargs):
-    return client.chat.completions.create(model="any", messages=[{"role": "user", "content": question}], **kwargs)
+    return client.chat.completions.create(model=served(client), messages=[{"role": "user", "content": question}],
+                                          **kwargs)
 
 
 def ask_streaming(client, question, **kwargs):
@@ -213,9 +203,9 @@ def test_greedy_answer_equals_chat_once_with_usage_and_length(tiny, tiny_model_d
 def test_a_system_message_in_the_request_replaces_the_servers(tiny):
     client = tiny.client()
     default = ask(client, QUESTION, temperature=0, max_tokens=4)
-    own = client.chat.completions.create(model="any", temperature=0, max_tokens=4, messages=[
+    own = client.chat.completions.create(model=served(client), temperature=0, max_tokens=4, messages=[
         {"role": "system", "content": "hi"}, {"role": "user", "content": QUESTION}])
-    both = client.chat.completions.create(model="any", temperature=0, max_tokens=4, messages=[
+    both = client.chat.completions.create(model=served(client), temperature=0, max_tokens=4, messages=[
         {"role": "system", "content": SYSTEM + "hi"}, {"role": "user", "content": QUESTION}])
     # One system prompt either way: the request's, not the server's on top of it.
     assert own.usage.prompt_tokens < default.usage.prompt_tokens < both.usage.prompt_tokens
@@ -276,7 +266,7 @@ def test_two_concurrent_clients_both_get_complete_answers(tiny):
     assert results == expected
 
 
-def test_a_full_queue_answers_429_and_the_server_goes_on(tiny):
+def test_a_full_queue_answers_429_and_the_server_goes_on(tiny, tiny_model_dir):
     tiny.wait_idle()
     queued = {}
 
@@ -285,8 +275,8 @@ def test_a_full_queue_answers_429_and_the_server_goes_on(tiny):
                                         "max_tokens": 8})
 
     # --queue-size 1: one long answer streaming, one request waiting, then several more at once: all refused.
-    running = tiny.client().chat.completions.create(model="any", stream=True, max_tokens=LONG, temperature=0,
-                                                    messages=[{"role": "user", "content": QUESTION}])
+    running = tiny.client().chat.completions.create(model=tiny_model_dir.name, stream=True, max_tokens=LONG,
+                                                    temperature=0, messages=[{"role": "user", "content": QUESTION}])
     waiting = threading.Thread(target=short_request)
     try:
         next(iter(running))  # the role chunk: this one is being answered
@@ -315,7 +305,7 @@ def test_a_full_queue_answers_429_and_the_server_goes_on(tiny):
     assert ask(tiny.client(), QUESTION, max_tokens=4).usage.completion_tokens == 4
 
 
-def test_a_client_that_disconnects_mid_stream_cancels_its_generation(tiny):
+def test_a_client_that_disconnects_mid_stream_cancels_its_generation(tiny, tiny_model_dir):
     tiny.wait_idle()
     before = tiny.health()["cancelled"]
     body = {"messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": LONG, "stream": True}
@@ -329,8 +319,8 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(tiny):
     tiny.wait_health(lambda h: h["cancelled"] == before + 1, "the generation cancelled")
     tiny.wait_idle()
     # A client gone while its request was still waiting in the queue: dropped before it starts.
-    running = tiny.client().chat.completions.create(model="any", stream=True, max_tokens=LONG, temperature=0,
-                                                    messages=[{"role": "user", "content": QUESTION}])
+    running = tiny.client().chat.completions.create(model=tiny_model_dir.name, stream=True, max_tokens=LONG,
+                                                    temperature=0, messages=[{"role": "user", "content": QUESTION}])
     try:
         next(iter(running))
         with pytest.raises(httpx2.TimeoutException):
@@ -405,7 +395,7 @@ def test_tiny_temperatures_are_greedy_and_off_values_of_unsupported_fields_are_a
 
 def test_the_developer_role_is_a_system_message(tiny):
     client = tiny.client()
-    as_system, as_developer = (client.chat.completions.create(model="any", temperature=0, max_tokens=8, messages=[
+    as_system, as_developer = (client.chat.completions.create(model=served(client), temperature=0, max_tokens=8, messages=[
         {"role": role, "content": "hi"}, {"role": "user", "content": QUESTION}]) for role in ("system", "developer"))
     assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
     assert as_developer.choices[0].message.content == as_system.choices[0].message.content
@@ -446,7 +436,7 @@ def test_a_client_that_leaves_mid_body_is_one_line_in_the_log(tiny):
 def test_errors_reach_the_openai_client_and_the_server_goes_on(tiny):
     client = tiny.client()
     with pytest.raises(openai.BadRequestError, match="unknown role"):
-        client.chat.completions.create(model="any", messages=[{"role": "tool", "content": "x"}])
+        client.chat.completions.create(model=served(client), messages=[{"role": "tool", "content": "x"}])
     for path, status in (("/v1/nothing", 404), ("/nothing", 404)):
         is_openai_error(httpx2.get(tiny.url + path, headers=tiny.headers(), timeout=10), status)
     is_openai_error(httpx2.get(f"{tiny.url}/v1/chat/completions", headers=tiny.headers(), timeout=10), 405)
