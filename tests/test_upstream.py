@@ -8,6 +8,8 @@ that is not checked here is a defect.
 | transformers | `integrations.sdpa_attention.sdpa_attention_forward` | acceleration.packed_attention | sdpa's own path when ours steps aside (decoding) | test_speed (generate equal to sdpa) |
 | transformers | `masking_utils.ALL_MASK_ATTENTION_FUNCTIONS`, `sdpa_mask` | acceleration.register_packed_attention | a registered attention needs a mask function; `AttentionInterface` has no mask twin | test_speed |
 | peft | `tuners.lora.layer.Linear` internals: `lora_variant`, `_cast_input_dtype`, `scaling`, `lora_dropout`, `merged`, `disable_adapters`, `fan_in_fan_out` | acceleration._fused_lora_forward | the fused forward re-does `Linear.forward` in one addmm | test_speed (loss and gradients equal) |
+| transformers | `GenerationMixin._get_logits_processor(generation_config, input_ids_seq_length, device)` | generation.Generator.start | the decoder picks tokens with the processors generate() would use for the same settings; no public builder | test_decoding (a lone row equals generate()), test_chat |
+| transformers | `cache_utils.DynamicLayer` and its `keys`/`values` tensors | decoding.Decoder (batching rows in one cache) | rows joining and leaving a batch pad, concatenate and select cache tensors; `DynamicCache` has no public merge | test_decoding |
 | huggingface_hub | `serialization._base.parse_size_to_int` | merging | the size parser `split_torch_state_dict_into_shards` uses, not re-exported | test_merge |
 | safetensors | `torch._getdtype` | weights.ModelWeights | a header's dtype string as a torch dtype (merge and the GGUF export plan from headers) | test_merge, test_gguf |
 | torch | `ops.mkldnn._is_mkldnn_bf16_supported` | precision.cpu_has_native_bf16 | oneDNN's own answer to "native bf16 here" | test_precision |
@@ -124,3 +126,19 @@ def test_trl_dpo_dataset_hook_and_fused_head_output_keep_their_shape():
     fields = {f.name for f in dataclasses.fields(FusedCausalLMOutput)}
     assert {"loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask",
             "aux_loss"} <= fields
+
+
+def test_generate_builds_logits_processors_and_dynamic_layers_hold_tensors(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig
+    from transformers.cache_utils import DynamicLayer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_k=5, repetition_penalty=1.2)
+    processors = model._get_logits_processor(config, input_ids_seq_length=3, device=model.device)
+    names = [type(p).__name__ for p in processors]
+    assert {"RepetitionPenaltyLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper"} <= set(names)
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True)
+    assert all(type(layer) is DynamicLayer for layer in cache.layers)
+    assert cache.layers[0].keys.shape[0] == 1 and cache.layers[0].keys.shape[2] == 3
