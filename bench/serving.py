@@ -6,8 +6,8 @@ token (from sending the request to the first content delta) is the median over t
     python bench/serving.py [--quick]
 
 Each client sends its requests one after another (streaming, through the official `openai` client); the prompts are
-the first user turns of the bench's conversations, the same for both servers. The two servers run one after the
-other, never at once (they would share the two cores).
+the first user turns of the bench's conversations, the same for both servers. Both servers are up, one is asked at a time, levels
+alternating between them over two rounds (medians); `seconds` and `requests` are the first round's.
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ from bench.training import MODEL, data_path  # noqa: E402
 LEVELS = (1, 4, 8)
 REQUESTS_PER_CLIENT = 2
 MAX_TOKENS = 64
+ROUNDS = 2
+BATCHED, ALONE = "batched (--max-batch 8)", "one at a time (--max-batch 1)"
 START_TIMEOUT = 180
 
 
@@ -51,7 +53,9 @@ class Server:
             if self.proc.poll() is not None:
                 raise SystemExit(f"the server exited with {self.proc.returncode}: {' '.join(self.argv)}")
             try:
-                if httpx2.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                health = httpx2.get(f"http://127.0.0.1:{self.port}/health", timeout=2)
+                if health.status_code == 200:
+                    self.model = health.json()["model"]  # the served id: requests must name it
                     return self
             except httpx2.TransportError:
                 time.sleep(0.2)
@@ -73,11 +77,11 @@ class Server:
                              timeout=600)
 
 
-def one_request(client, question: str, max_tokens: int) -> dict:
+def one_request(client, model: str, question: str, max_tokens: int) -> dict:
     sent = time.perf_counter()
     first, tokens, text = None, 0, []
     for chunk in client.chat.completions.create(
-            model="any", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=max_tokens,
+            model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=max_tokens,
             stream=True, stream_options={"include_usage": True}):
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter()
@@ -90,14 +94,19 @@ def one_request(client, question: str, max_tokens: int) -> dict:
 def level(server: Server, clients: int, questions: list[str], per_client: int, max_tokens: int) -> dict:
     """`clients` threads, each sending `per_client` requests in turn; aggregate completion tokens/s over the wall."""
     results: list[dict] = []
+    failures: list[BaseException] = []
     lock = threading.Lock()
 
     def client_loop(c: int):
         client = server.client()
-        for r in range(per_client):
-            outcome = one_request(client, questions[(c * per_client + r) % len(questions)], max_tokens)
-            with lock:
-                results.append(outcome)
+        try:
+            for r in range(per_client):
+                outcome = one_request(client, server.model, questions[(c * per_client + r) % len(questions)],
+                                      max_tokens)
+                with lock:
+                    results.append(outcome)
+        except Exception as e:  # re-raised below: a thread's exception would otherwise only be printed
+            failures.append(e)
 
     threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
     start = time.perf_counter()
@@ -106,6 +115,8 @@ def level(server: Server, clients: int, questions: list[str], per_client: int, m
     for t in threads:
         t.join(timeout=900)
     wall = time.perf_counter() - start
+    if failures or len(results) != clients * per_client:
+        raise SystemExit(f"{len(results)} of {clients * per_client} requests answered: {failures[:1]}")
     tokens = sum(r["tokens"] for r in results)
     return {"clients": clients, "requests": len(results), "completion_tokens": tokens, "seconds": round(wall, 2),
             "tokens_per_s": round(tokens / wall, 2), "median_ttft_s": round(statistics.median(r["ttft"] for r in results), 3),
@@ -119,7 +130,7 @@ def run(quick: bool) -> dict:
     questions = [c["conversation"][0]["input"][:60 if quick else 200] for c in conversations[:16]]
     levels = (2,) if quick else LEVELS
     per_client, max_tokens = (1, 4) if quick else (REQUESTS_PER_CLIENT, MAX_TOKENS)
-    servers = {"batched (--max-batch 8)": ("--max-batch", "8"), "one at a time (--max-batch 1)": ("--max-batch", "1")}
+    servers = {BATCHED: ("--max-batch", "8", "--queue-size", "16"), ALONE: ("--max-batch", "1", "--queue-size", "16")}
     import torch
 
     from common import precision
@@ -127,19 +138,31 @@ def run(quick: bool) -> dict:
     out = {"bench": "serving", "quick": quick, "model": str(MODEL.relative_to(ROOT)), "cpu": precision.cpu_description(),
            "threads": torch.get_num_threads(), "dtype": precision.resolve("auto", "cpu").name, "max_tokens": max_tokens,
            "requests_per_client": per_client, "levels": list(levels), "runs": {}}
-    answers = {}
-    for name, flags in servers.items():
-        with Server(*flags, "--queue-size", "16") as server:
-            if not quick:
+    rounds = 1 if quick else ROUNDS
+    samples = {name: {c: [] for c in levels} for name in servers}
+    answers = {name: set() for name in servers}
+    # Both servers are up at once, but only one is ever asked: an idle server costs no CPU. Levels alternate between
+    # them (A B, then B A in the next round), so that a change of the machine's load falls on both.
+    with Server(*servers[BATCHED]) as batched_server, Server(*servers[ALONE]) as alone_server:
+        running = {BATCHED: batched_server, ALONE: alone_server}
+        if not quick:
+            for server in running.values():
                 level(server, 1, questions, 1, 4)  # warm-up: first-call allocations
-            runs = [level(server, c, questions, per_client, max_tokens) for c in levels]
-        answers[name] = set().union(*(r.pop("answers") for r in runs))
-        out["runs"][name] = {str(r["clients"]): r for r in runs}
+        for round_ in range(rounds):
+            for c in levels:
+                for name in (BATCHED, ALONE) if round_ % 2 == 0 else (ALONE, BATCHED):
+                    result = level(running[name], c, questions, per_client, max_tokens)
+                    answers[name] |= result.pop("answers")
+                    samples[name][c].append(result)
+    for name in servers:
+        out["runs"][name] = {str(c): {**rs[0], "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rs), 2),
+                                      "median_ttft_s": round(statistics.median(r["median_ttft_s"] for r in rs), 3),
+                                      "rounds": len(rs)} for c, rs in samples[name].items()}
     batched, alone = (out["runs"][name] for name in servers)
     out["speedup"] = {c: round(batched[c]["tokens_per_s"] / alone[c]["tokens_per_s"], 2) for c in batched}
     # The same prompts, greedy, on both servers: how many distinct answers only one of them gave (0 in float32;
     # bfloat16's rounding depends on the batch, so answers may part after some tokens).
-    out["answers_differing"] = len(answers[next(iter(servers))] ^ answers[list(servers)[1]])
+    out["answers_differing"] = len(answers[BATCHED] ^ answers[ALONE])
     return out
 
 
