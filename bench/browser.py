@@ -60,12 +60,17 @@ def served(model: Path, log: Path, key_file: Optional[Path] = None, *flags: str)
         wait_ready(url, proc, log)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen, seconds: float = 10) -> None:
+    """SIGTERM (a server's graceful shutdown), then SIGKILL if it has not exited within `seconds`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=seconds)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: float = START_TIMEOUT) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from bench.browser import stop_process  # noqa: E402
 QUESTION = "我最近总是失眠，晚上躺在床上脑子停不下来，怎么办？"
 
 
@@ -120,11 +121,7 @@ def serve(model: str, port: str, log: str) -> None:
         if not answer.strip():
             sys.exit("the server answered with empty text")
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server, seconds=30)
 
 
 def table(rows: dict) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.browser import stop_process  # noqa: E402
 from bench.training import MODEL, data_path  # noqa: E402
 
 LEVELS = (1, 4, 8)
@@ -63,12 +64,7 @@ class Server:
         raise SystemExit(f"no /health within {START_TIMEOUT} s: {' '.join(self.argv)}")
 
     def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
     def client(self):
         import openai

@@ -57,12 +57,7 @@ class Server:
         browser.wait_ready(self.url, self.proc, self.log, START_TIMEOUT)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        browser.stop_process(self.proc)
 
     def output(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")[-4000:]
