@@ -1,0 +1,179 @@
+"""Decode speed: tokens/s of the generation core (common/decoding.py, one answer alone, as chat.py, eval.py and the
+training previews decode) against plain `model.generate` with the same settings, in the same run, and against
+llama.cpp on our own GGUF export of the same model when llama-cpp-python is installed (issue 26's reference).
+
+    python bench/decode.py [--quick] [--llama-python PATH]
+
+Greedy, on the demo model, float32 and the `auto` dtype, up to 64 and 256 new tokens; each answer ends at EOS or the
+limit, the same tokens on both paths (checked). Decode tokens/s: tokens after the first over the time after the
+first; time to first token: from the call to the first token. Alternating A B, then B A; medians over rounds.
+llama.cpp: `--llama-python` names a Python that has `llama_cpp` (it compiles llama.cpp from source, ~10 minutes on 2
+cores, so it lives in a venv of its own: `python3 -m venv ../llamavenv && ../llamavenv/bin/pip install
+llama-cpp-python`), default $LLAMA_CPP_PYTHON; the f16 GGUF is written by `merge.py --gguf f16` into a temporary
+copy of the model; 2 threads, greedy, the same prompt ids. Without it the figure is reported as skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.training import MODEL  # noqa: E402
+
+QUESTIONS = ["Explain in detail how to build a habit of going to bed on time.",
+             "Write a long letter to a friend who feels anxious about exams."]
+ROUNDS = 3
+
+# Run by llama.cpp's Python: argv = GGUF path, max new tokens, threads, then JSON prompt id lists on stdin.
+LLAMA_SCRIPT = """
+import json, sys, time
+from llama_cpp import Llama
+path, limit, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = Llama(model_path=path, n_threads=threads, n_ctx=2048, verbose=False)
+out = []
+for ids in json.loads(sys.stdin.read()):
+    llm.reset()
+    start, n = time.perf_counter(), 0
+    for token in llm.generate(ids, temp=0.0, top_k=1):
+        n += 1
+        if n == 1:
+            first = time.perf_counter()
+        if token == llm.token_eos() or n >= limit:
+            break
+    end = time.perf_counter()
+    out.append({"ttft": first - start, "decode": (n - 1) / (end - first) if n > 1 else 0.0, "tokens": n})
+print(json.dumps(out))
+"""
+
+
+def timed(decode) -> dict:
+    """decode(on_token) -> answer ids; on_token is called once per new token."""
+    marks = []
+    start = time.perf_counter()
+    ids = decode(lambda: marks.append(time.perf_counter()))
+    end = time.perf_counter()
+    return {"ttft": marks[0] - start, "decode": (len(ids) - 1) / (end - marks[0]), "tokens": len(ids), "ids": ids}
+
+
+def core_and_generate(dtype: str, limit: int, rounds: int) -> dict:
+    import torch
+
+    from common.artifacts import resolve_model
+    from common.decoding import Decoder, Row
+    from common.generation import Generator, Sampling
+    from common.modeling import load_for_generation
+    from common.templates import get_template
+
+    model, tokenizer = load_for_generation(resolve_model(str(MODEL)), dtype)
+    generator = Generator(model, tokenizer, get_template("tokenizer"), max_length=2048)
+    sampling = Sampling(max_new_tokens=limit)
+    config = generator.generation_config(sampling)
+    prompts = [generator.prompt_ids([{"role": "user", "content": q}]) for q in QUESTIONS]
+
+    class FirstToken:  # generate()'s streamer: its first put() is the prompt, each later one a new token
+        def __init__(self, on_token):
+            self.calls, self.on_token = 0, on_token
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls >= 2:
+                self.on_token()
+
+        def end(self):
+            pass
+
+    def core(ids):
+        # should_stop is asked after each new token but an ending EOS: the first mark is the first token all the same
+        def decode(on_token):
+            row = Row(ids, limit, frozenset(generator.eos_ids), lambda answer: on_token() or False)
+            Decoder(model).run(row)
+            return row.answer
+        return timed(decode)
+
+    def plain(ids):
+        def decode(on_token):
+            input_ids = torch.tensor([ids])
+            with torch.inference_mode():
+                out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                     generation_config=config, streamer=FirstToken(on_token))
+            return out[0, len(ids):].tolist()
+        return timed(decode)
+
+    samples = {"core": [], "generate": []}
+    core(prompts[0])  # warm-up: first-call allocations
+    for round_ in range(rounds):
+        for ids in prompts:
+            order = (("core", core), ("generate", plain)) if round_ % 2 == 0 else (("generate", plain), ("core", core))
+            results = {name: run(ids) for name, run in order}
+            same = results["core"]["ids"] == results["generate"]["ids"]
+            for name, r in results.items():
+                samples[name].append({**{k: v for k, v in r.items() if k != "ids"}, "same_tokens": same})
+    out = {"dtype": str(model.dtype).removeprefix("torch."), "prompts_tokens": [len(p) for p in prompts]}
+    for name, rs in samples.items():
+        out[name] = {"decode_tokens_per_s": round(statistics.median(r["decode"] for r in rs), 2),
+                     "ttft_s": round(statistics.median(r["ttft"] for r in rs), 4),
+                     "tokens": statistics.median(r["tokens"] for r in rs)}
+    out["same_tokens"] = all(r["same_tokens"] for r in samples["core"])
+    out["core_vs_generate"] = round(out["core"]["decode_tokens_per_s"] / out["generate"]["decode_tokens_per_s"], 3)
+    out["prompts"] = prompts
+    return out
+
+
+def llama_cpp(python: str, prompts: list[list[int]], limit: int, rounds: int) -> dict:
+    """llama.cpp's decode on the f16 GGUF of the demo model (exported into a temporary copy of it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / MODEL.name
+        shutil.copytree(MODEL, copy)
+        subprocess.run([sys.executable, "merge.py", str(copy), "--gguf", "f16"], cwd=ROOT, check=True,
+                       capture_output=True, timeout=600)
+        runs = []
+        for _ in range(rounds):
+            proc = subprocess.run([python, "-c", LLAMA_SCRIPT, str(copy / "model-f16.gguf"), str(limit), "2"],
+                                  input=json.dumps(prompts), capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                return {"skipped": f"llama.cpp failed: {proc.stderr.strip().splitlines()[-1:]}"}
+            runs += json.loads(proc.stdout)
+    return {"decode_tokens_per_s": round(statistics.median(r["decode"] for r in runs), 2),
+            "ttft_s": round(statistics.median(r["ttft"] for r in runs), 4),
+            "tokens": statistics.median(r["tokens"] for r in runs)}
+
+
+def run(quick: bool, llama_python: str | None = None) -> dict:
+    from common import precision
+
+    limits = (8,) if quick else (64, 256)
+    rounds = 1 if quick else ROUNDS
+    out = {"bench": "decode", "quick": quick, "model": str(MODEL.relative_to(ROOT)), "cpu": precision.cpu_description(),
+           "auto_dtype": precision.resolve("auto", "cpu").name, "runs": []}
+    for dtype in ("float32", "auto"):
+        for limit in limits:
+            result = {"max_new_tokens": limit, **core_and_generate(dtype, limit, rounds)}
+            prompts = result.pop("prompts")
+            if llama_python and dtype == "auto":
+                result["llama.cpp f16"] = llama_cpp(llama_python, prompts, limit, rounds)
+            elif dtype == "auto":
+                result["llama.cpp f16"] = {"skipped": "no llama-cpp-python (--llama-python or $LLAMA_CPP_PYTHON)"}
+            llama = result.get("llama.cpp f16", {})
+            if "decode_tokens_per_s" in llama:
+                result["core_vs_llama_cpp"] = round(result["core"]["decode_tokens_per_s"]
+                                                    / llama["decode_tokens_per_s"], 3)
+            out["runs"].append(result)
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--llama-python", default=os.environ.get("LLAMA_CPP_PYTHON"),
+                        help="a Python with llama_cpp installed (default $LLAMA_CPP_PYTHON)")
+    args = parser.parse_args()
+    print(json.dumps(run(args.quick, args.llama_python), indent=2))
