@@ -125,11 +125,6 @@ class Decoder:
             self._keep([i for i, done in enumerate(ended) if not done])
         return [r for r, done in zip(rows, ended) if done]
 
-    def drop(self, row: Row) -> None:
-        """Remove a row that has not ended (its caller gave up on it)."""
-        if row in self.rows:
-            self._keep([i for i, r in enumerate(self.rows) if r is not row])
-
     def clear(self) -> None:
         self.rows, self.cache, self.mask, self.padded = [], None, None, False
 

@@ -173,15 +173,9 @@ class Generator:
         covers at most `longest_token` characters, so n characters take at least n / longest_token tokens. A 1 MiB
         prompt (the server's default body limit) is refused at once instead of after a tokenization of half a
         second or more."""
-        if self.max_length is None:
-            return
         characters = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
-        least = -(-characters // self.longest_token)
-        budget = self.max_length - sampling.max_new_tokens
-        if least > budget:
-            raise PromptTooLong(f"the conversation has {characters} characters, at least {least} tokens, more than "
-                                f"the {budget} the context allows ({self.max_length} minus {sampling.max_new_tokens} "
-                                "for the answer)")
+        self.check_fits(-(-characters // self.longest_token), sampling,
+                        f"has {characters} characters, at least {{}} tokens")
 
     @functools.cached_property
     def longest_token(self) -> int:
@@ -189,7 +183,10 @@ class Generator:
         spells each byte as one character, so this bounds text characters too)."""
         return max((len(piece) for piece in self.tokenizer.get_vocab()), default=1) or 1
 
-    def check_fits(self, prompt_tokens: int, sampling: Sampling) -> None:
+    def check_fits(self, prompt_tokens: int, sampling: Sampling,
+                   counted: str = "is {} tokens with the template") -> None:
+        """PromptTooLong when an answer of max_new_tokens leaves no room, or prompt_tokens exceed what it leaves;
+        `counted` says how prompt_tokens was counted, in the message."""
         if self.max_length is None:
             return
         problem = no_room(sampling.max_new_tokens, self.max_length)
@@ -197,8 +194,8 @@ class Generator:
             raise PromptTooLong(problem)
         budget = self.max_length - sampling.max_new_tokens
         if prompt_tokens > budget:
-            raise PromptTooLong(f"the conversation is {prompt_tokens} tokens with the template, more than the {budget} "
-                                f"the context allows ({self.max_length} minus {sampling.max_new_tokens} for the answer)")
+            raise PromptTooLong(f"the conversation {counted.format(prompt_tokens)}, more than the {budget} the "
+                                f"context allows ({self.max_length} minus {sampling.max_new_tokens} for the answer)")
 
     def generation_config(self, sampling: Sampling):
         """generate()'s settings for the same answer: what the decoder's output is checked against (tests, bench)."""
