@@ -1,5 +1,6 @@
 """Decode speed: tokens/s of the generation core (common/decoding.py, one answer alone, as chat.py, eval.py and the
-training previews decode) against plain `model.generate` with the same settings, in the same run, and against
+training previews decode, on a model from `load_for_generation`, float32 products split over the threads) against
+plain `model.generate` with the same settings on the model as transformers loads it, in the same run, and against
 llama.cpp on our own GGUF export of the same model when llama-cpp-python is installed (issue 26's reference).
 
     python bench/decode.py [--quick] [--llama-python PATH]
@@ -74,6 +75,7 @@ def core_and_generate(dtype: str, limit: int, rounds: int) -> dict:
     from common.templates import get_template
 
     model, tokenizer = load_for_generation(resolve_model(str(MODEL)), dtype)
+    plain_model = load_for_generation(resolve_model(str(MODEL)), dtype, threaded_products=False)[0]
     generator = Generator(model, tokenizer, get_template("tokenizer"), max_length=2048)
     sampling = Sampling(max_new_tokens=limit)
     config = generator.generation_config(sampling)
@@ -103,7 +105,7 @@ def core_and_generate(dtype: str, limit: int, rounds: int) -> dict:
         def decode(on_token):
             input_ids = torch.tensor([ids])
             with torch.inference_mode():
-                out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                out = plain_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                      generation_config=config, streamer=FirstToken(on_token))
             return out[0, len(ids):].tolist()
         return timed(decode)

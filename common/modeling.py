@@ -106,9 +106,10 @@ def load_model(recipe, dtype: torch.dtype):
     return model
 
 
-def load_for_generation(source, dtype: str = "auto", bits: Optional[int] = None):
+def load_for_generation(source, dtype: str = "auto", bits: Optional[int] = None, threaded_products: bool = True):
     """(model, tokenizer) of an artifacts.ModelSource, ready to generate: the precision chosen as for training
-    (`auto` by the hardware), an adapter loaded on top with PEFT."""
+    (`auto` by the hardware), an adapter loaded on top with PEFT. threaded_products: float32 one-row products on
+    every thread (common.decoding.split_products: the same results, faster decoding); off, the layers as they come."""
     from transformers.utils import logging as hf_logging
 
     from common.precision import resolve
@@ -120,6 +121,10 @@ def load_for_generation(source, dtype: str = "auto", bits: Optional[int] = None)
     trust = source.recipe.model.trust_remote_code
     tokenizer = _with_pad_token(load_tokenizer(source.tokenizer_dir, trust))
     model = load_causal_lm(source.model, precision.dtype, f"{bits}bit" if bits else None, trust, what="model")
+    if threaded_products:
+        from common.decoding import split_products
+
+        split_products(model)
     if source.adapter is not None:
         from peft import PeftModel
 

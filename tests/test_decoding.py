@@ -14,7 +14,7 @@ import torch
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common.decoding import Decoder
+from common.decoding import Decoder, split_products
 from common.generation import Generator, Sampling
 from common.templates import get_template
 
@@ -103,3 +103,54 @@ def test_seeded_rows_sample_alike_alone_and_in_a_batch(generator):
     again = start(generator, "你好", temperature=1.0, seed=6, max_new_tokens=16)
     Decoder(generator.model).run(again.row)
     assert again.row.answer != alone.row.answer
+
+
+# ---------------------------------------------------------------- one-row products on all threads
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("out_features,in_features,bias", [(1536, 576, False), (192, 576, True), (576, 1536, False),
+                                                           (49152, 576, False), (150, 64, True), (64, 5, False)])
+def test_split_products_give_the_same_bits_as_the_layer(two_threads, out_features, in_features, bias):
+    """The split forward is bit-identical to nn.Linear's for a token, a batch of tokens and a prompt; aligned weights
+    are split (bmm / baddbmm run), ragged ones (150 rows: 75 per thread; 5 columns) left to F.linear."""
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(in_features, out_features, bias=bias)
+    split = torch.nn.Linear(in_features, out_features, bias=bias)
+    split.load_state_dict(plain.state_dict())
+    assert split_products(split) == 1
+    aligned = out_features % 32 == 0 and in_features % 16 == 0
+    for shape in [(1, in_features), (1, 1, in_features), (3, 1, in_features), (45, in_features),
+                  (2, 130, in_features)]:
+        x = torch.randn(*shape)
+        with torch.inference_mode(), torch.profiler.profile() as prof:
+            got = split(x)
+        ops = {e.name for e in prof.events()}
+        assert (("aten::baddbmm" if bias else "aten::bmm") in ops) == aligned, (shape, sorted(ops))
+        with torch.inference_mode():
+            assert torch.equal(got, plain(x)), shape
+    x = torch.randn(4, in_features, requires_grad=True)  # with autograd on: nn.Linear's own forward, as for training
+    assert torch.equal(split(x), plain(x))
+
+
+def test_split_products_leave_answers_and_other_layers_alone(generator, two_threads):
+    """A model given split products decodes the same greedy tokens as generate() on the model as it comes; bf16
+    layers are not split (torch's bf16 one-row kernel is already threaded)."""
+    model = generator.model
+    split = LlamaForCausalLM(model.config).eval()
+    split.load_state_dict(model.state_dict())
+    assert split_products(split) == 2 * 7 + 1
+    answering = start(generator, "我最近很焦虑", max_new_tokens=24)
+    Decoder(split).run(answering.row)
+    ids = torch.tensor([answering.row.prompt])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                             generation_config=generator.generation_config(Sampling(max_new_tokens=24)))
+    assert answering.row.answer == out[0, ids.shape[1]:].tolist()
+    assert split_products(torch.nn.Linear(64, 64).bfloat16()) == 0
