@@ -106,7 +106,7 @@ def core_and_generate(dtype: str, limit: int, rounds: int) -> dict:
             input_ids = torch.tensor([ids])
             with torch.inference_mode():
                 out = plain_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                     generation_config=config, streamer=FirstToken(on_token))
+                                           generation_config=config, streamer=FirstToken(on_token))
             return out[0, len(ids):].tolist()
         return timed(decode)
 

@@ -197,7 +197,7 @@ def split_products(model) -> int:
     """Give every plain float32 `nn.Linear` of a model loaded for generation a forward that splits the weight's output
     rows across torch's threads; returns how many. Why: a decode step multiplies one row (a token) by every weight,
     and MKL runs those float32 one-row products on one thread (measured: the same 12 GB/s with 1 or 2 threads, where
-    reading memory reaches 26 GB/s on both), so decoding a small model waits on one core reading its weights. As
+    a plain read of memory reaches 26 GB/s with two), so decoding a small model waits on one core reading its weights. As
     `bmm` over `threads` slices of the weight (a view: nothing is copied), each slice is its own product and torch
     runs them in parallel. Every output element is the same dot product, summed in the same order: the results are
     bit-identical to `F.linear` (tests/test_decoding.py checks it, bias included), so the answers do not change.
