@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench import children  # noqa: E402
+
 DEMO_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 PAIRS = 3
 
@@ -91,14 +93,10 @@ def build_inputs(work: Path, quick: bool) -> dict:
     }
 
 
-def measure(path: str, args: list[str], work: Path) -> dict:
+def child(path: str, args: list[str], work: Path) -> children.Child:
     """One merge in a fresh child: the peak RSS of its merge, and the RSS it started from (after imports)."""
-    result_file = work / "child.json"
-    child = subprocess.run([sys.executable, "-c", CHILD, path, str(result_file), *args], cwd=ROOT,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if child.returncode != 0:
-        raise RuntimeError(f"{path} merge exited {child.returncode}: {child.stderr[-2000:]}")
-    return json.loads(result_file.read_text())
+    return children.Child([sys.executable, "-c", CHILD, path, str(work / f"{path}.json"), *args], work / f"{path}.json",
+                          ROOT)
 
 
 def run(quick: bool) -> dict:
@@ -112,8 +110,9 @@ def run(quick: bool) -> dict:
         }
         samples = {name: [] for name in paths}
         for _ in range(PAIRS):  # interleaved A B A B, so drift in the machine's load hits both paths alike
-            for name, args in paths.items():
-                samples[name].append(measure(name, args, work))
+            pair = children.results([child(name, args, work) for name, args in paths.items()], at_once=quick)
+            for name, figures in zip(paths, pair):
+                samples[name].append(figures)
         out_shards = {name: len(list((work / f"out-{tag}").glob("*.safetensors"))) for name, tag in (("streaming", "stream"), ("peft", "peft"))}
 
     result = {"bench": "merge_memory", "quick": quick, "pairs": PAIRS, "base": inputs, "output_shards": out_shards}

@@ -45,10 +45,14 @@ class Server:
         self.argv = [sys.executable, "chat.py", str(MODEL), "--serve", "--port", str(self.port), *flags]
 
     def __enter__(self) -> Server:
-        import httpx2
-
+        """Starts the process; `ready()` waits for it (so that two servers import and load at once)."""
         self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return self
+
+    def ready(self) -> Server:
+        import httpx2
+
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -60,7 +64,6 @@ class Server:
                     return self
             except httpx2.TransportError:
                 time.sleep(0.2)
-        self.__exit__()
         raise SystemExit(f"no /health within {START_TIMEOUT} s: {' '.join(self.argv)}")
 
     def __exit__(self, *exc) -> None:
@@ -140,7 +143,7 @@ def run(quick: bool) -> dict:
     # Both servers are up at once, but only one is ever asked: an idle server costs no CPU. Levels alternate between
     # them (A B, then B A in the next round), so that a change of the machine's load falls on both.
     with Server(*servers[BATCHED]) as batched_server, Server(*servers[ALONE]) as alone_server:
-        running = {BATCHED: batched_server, ALONE: alone_server}
+        running = {BATCHED: batched_server.ready(), ALONE: alone_server.ready()}
         if not quick:
             for server in running.values():
                 level(server, 1, questions, 1, 4)  # warm-up: first-call allocations

@@ -13,14 +13,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench import children  # noqa: E402
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 RECIPE = ROOT / "recipes" / "demo_smollm2.yaml"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "psych_multiturn.json"
@@ -61,13 +60,8 @@ def child_ours(result_file: str, max_length: int, recipe_args: list[str]) -> Non
 
 
 def run_child(cmd: list[str], result_file: Path, env: dict) -> dict:
-    result_file.unlink(missing_ok=True)
-    start = time.time()
     # Run in the scratch dir: train.py points work_dirs/latest at its run, and the user's latest run must stay latest.
-    proc = subprocess.run(cmd, cwd=result_file.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0 or not result_file.is_file():
-        raise RuntimeError(f"{' '.join(cmd[:3])} exited {proc.returncode}: {proc.stderr[-3000:]}")
-    return {**json.loads(result_file.read_text()), "process_seconds": time.time() - start}
+    return children.results([children.Child(cmd, result_file, result_file.parent, env)])[0]
 
 
 def run(quick: bool, work: Path | None = None, variants: list[str] | None = None, pairs: int = PAIRS) -> dict:
@@ -86,23 +80,27 @@ def run(quick: bool, work: Path | None = None, variants: list[str] | None = None
             data_file = data
         # Encoded rows (ours) and TRL's mapped datasets cache here, warmed by the first run of each.
         env = {**os.environ, "HF_DATASETS_CACHE": str(work or tmp / "cache"), "TOKENIZERS_PARALLELISM": "false"}
-        result_file = tmp / "result.json"
+        files = iter(tmp / f"result-{i}.json" for i in range(len(VARIANTS) + 1))  # one per child: --quick runs them at once
         recipe_args = peer_job_args(tmp, steps, max_length, data_file)
-        commands = {"TRL SFTTrainer (plain script)": [
+        result_file = next(files)
+        commands = {"TRL SFTTrainer (plain script)": ([
             sys.executable, str(ROOT / "bench" / "trl_baseline.py"), str(MODEL), str(data_file), "--max-steps", str(steps + 1),
-            "--max-length", str(max_length), "--timing", str(result_file)]}
+            "--max-length", str(max_length), "--timing", str(result_file)], result_file)}
         from common import precision
 
         names = ["train.py"] if quick else variants or list(VARIANTS)
         if precision.resolve("auto", "cpu").name == "float32":  # auto is the float32 run itself here
             names = [n for n in names if n != "train.py, auto precision"]
         for name in names:
-            commands[name] = [sys.executable, str(Path(__file__).resolve()), "--child", str(result_file), str(max_length),
-                              *recipe_args, *VARIANTS[name], "--force"]
+            result_file = next(files)
+            commands[name] = ([sys.executable, str(Path(__file__).resolve()), "--child", str(result_file), str(max_length),
+                               *recipe_args, *VARIANTS[name], "--force"], result_file)
         runs = {name: [] for name in commands}
+        # Run in the scratch dir: train.py points work_dirs/latest at its run, and the user's latest run must stay latest.
+        batch = lambda: [children.Child(cmd, file, tmp, env) for cmd, file in commands.values()]  # noqa: E731
         for _ in range(1 if quick else pairs):  # interleaved, so drift in the machine's load hits all alike
-            for name, cmd in commands.items():
-                runs[name].append(run_child(cmd, result_file, env))
+            for name, figures in zip(commands, children.results(batch(), at_once=quick)):
+                runs[name].append(figures)
 
     result = {"bench": "training", "quick": quick, "model": str(MODEL.relative_to(ROOT)), "data": str(data),
               "conversations": limit or len(json.loads(data.read_text(encoding="utf-8"))),

@@ -698,7 +698,7 @@ NOT_LIVE = {"getattr_on_stand_in", "missing_module"}  # refused by name; they wo
 PAYLOADS = ["os_system", "subprocess_popen", "subprocess_popen_delayed", "os_posix_spawn", "builtins_eval",
             "builtins_exec", "getattr_chain", "builtins_open", "os_remove", "shutil_rmtree", "socket_connect",
             "urllib_urlopen", "runpy_run_path", "nested_pickle_loads", "nested_torch_load", "builtins_import",
-            "importlib_loader", "zip_torch_file", *NOT_LIVE]
+            "importlib_loader", "zip_torch_file", *sorted(NOT_LIVE)]
 
 
 class Witness:
