@@ -350,13 +350,14 @@ def test_a_template_with_a_round_counter_gets_no_modelfile(tmp_path, tokenizer, 
 
 @pytest.mark.skipif(not (SMOLLM2 / "config.json").exists(), reason="run `make demo-model` first")
 def test_the_demo_model_exports_and_loads_back(tmp_path, capsys):
-    """SmolLM2-135M-Instruct (llama, tied embeddings, ChatML) as a full model: the q8_0 export verifies (f32 and f16
-    are checked on the tiny models above; reading a GGUF back costs ~10 s here, so one type)."""
+    """SmolLM2-135M-Instruct (llama, tied embeddings, its real 49k-token tokenizer and ChatML template) as a full
+    model: the f16 export verifies. One type: reading a real GGUF back through transformers costs ~25 s on a 2-core
+    AVX2 CPU, and the quantized types' arithmetic (q8_0's greedy agreement included) is checked on the tiny models."""
     model = tmp_path / "smollm2"
     model.mkdir()
     for f in SMOLLM2.iterdir():
         (model / f.name).symlink_to(f)  # read-only use: the export writes only new files beside them
-    assert run(model, "--gguf", "q8_0", "--verify") == 0, capsys.readouterr().err
+    assert run(model, "--gguf", "f16", "--verify") == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "verify: OK" in text and "the Modelfile's TEMPLATE too: yes" in text, text
-    assert os.path.getsize(model / "model-q8_0.gguf") < 0.3 * sum(f.stat().st_size for f in SMOLLM2.glob("*.safetensors"))
+    assert os.path.getsize(model / "model-f16.gguf") < 0.55 * sum(f.stat().st_size for f in SMOLLM2.glob("*.safetensors"))
