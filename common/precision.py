@@ -76,25 +76,44 @@ def slowdown(dtype: torch.dtype, n: int = 256) -> float:
     return seconds(dtype) / max(seconds(torch.float32), 1e-9)
 
 
-def resolve(requested: str, device: str | None = None) -> Precision:
+@dataclass(frozen=True)
+class Hardware:
+    """What `resolve` goes by. Each fact is probed on this machine when asked for, unless given: the tests describe
+    other machines with it (a CPU with or without native bf16, a GPU with or without bf16)."""
+
+    native_bf16: bool | None = None  # this CPU's (cpu_has_native_bf16)
+    gpu_bf16: bool | None = None  # the GPU's (torch.cuda.is_bf16_supported)
+    emulated_slowdown: float | None = None  # how many times slower than float32 an emulated dtype multiplies
+
+    def cpu_bf16(self) -> bool:
+        return cpu_has_native_bf16() if self.native_bf16 is None else self.native_bf16
+
+    def cuda_bf16(self) -> bool:
+        return torch.cuda.is_bf16_supported() if self.gpu_bf16 is None else self.gpu_bf16
+
+    def slowdown(self, dtype: torch.dtype) -> float:
+        return slowdown(dtype) if self.emulated_slowdown is None else self.emulated_slowdown
+
+
+def resolve(requested: str, device: str | None = None, hardware: Hardware = Hardware()) -> Precision:
     """The dtype to load and compute in. `requested`: auto or a dtype name/alias; device: cuda | cpu (default: cuda
     when available)."""
     name = canonical(requested)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
+        bf16 = hardware.cuda_bf16()
         if name == "auto":
             return (Precision(torch.bfloat16, "bfloat16: this GPU supports it") if bf16 else
                     Precision(torch.float16, "float16: this GPU has no bfloat16 (mixed precision with loss scaling)"))
         return Precision(DTYPES[name], f"{name}: as asked")
-    native = cpu_has_native_bf16()
+    native = hardware.cpu_bf16()
     if name == "auto":
         return (Precision(torch.bfloat16, "bfloat16: this CPU has native bfloat16 (AVX512-BF16/AMX)") if native else
                 Precision(torch.float32, "float32: this CPU has no native bfloat16"))
     dtype = DTYPES[name]
     if dtype == torch.float32 or (dtype == torch.bfloat16 and native):
         return Precision(dtype, f"{name}: as asked")
-    factor = slowdown(dtype)
+    factor = hardware.slowdown(dtype)
     warning = (f"{name} on this CPU is emulated (no native support): its matrix products ran {factor:.0f}x slower "
                f"than float32 in a quick probe; `auto` would choose "
                f"{'bfloat16' if native else 'float32'} here") if factor > 2 else None

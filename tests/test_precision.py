@@ -17,41 +17,37 @@ from common.recipe import from_dict  # noqa: E402
 NATIVE = precision.cpu_has_native_bf16()
 
 
-@pytest.fixture
-def cpu(monkeypatch):
-    """Pretend to be a CPU with or without native bf16: cpu(True) / cpu(False)."""
-    def set_native(native: bool, slowdown: float = 150.0):
-        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
-        monkeypatch.setattr(precision, "slowdown", lambda dtype, n=256: slowdown)
-    return set_native
+def cpu(native: bool, slowdown: float = 150.0) -> precision.Hardware:
+    """A CPU with or without native bf16, whose emulated products are `slowdown` times slower than float32."""
+    return precision.Hardware(native_bf16=native, emulated_slowdown=slowdown)
 
 
-def test_auto_on_a_cpu_without_native_bf16_is_float32(cpu):
-    cpu(False)
-    p = precision.resolve("auto", "cpu")
+def test_auto_on_a_cpu_without_native_bf16_is_float32():
+    p = precision.resolve("auto", "cpu", cpu(False))
     assert p.dtype == torch.float32 and p.reason == "float32: this CPU has no native bfloat16" and p.warning is None
 
 
-def test_auto_on_a_cpu_with_native_bf16_is_bfloat16(cpu):
-    cpu(True)
-    p = precision.resolve("auto", "cpu")
+def test_auto_on_a_cpu_with_native_bf16_is_bfloat16():
+    p = precision.resolve("auto", "cpu", cpu(True))
     assert p.dtype == torch.bfloat16 and "native bfloat16" in p.reason and p.warning is None
 
 
-def test_explicit_bf16_without_native_support_warns_how_much_slower(cpu):
-    cpu(False, slowdown=180.0)
-    p = precision.resolve("bf16", "cpu")
+def test_explicit_bf16_without_native_support_warns_how_much_slower():
+    p = precision.resolve("bf16", "cpu", cpu(False, slowdown=180.0))
     assert p.dtype == torch.bfloat16
     assert "emulated" in p.warning and "180x slower than float32" in p.warning and "`auto` would choose float32" in p.warning
-    cpu(True)
-    assert precision.resolve("bfloat16", "cpu").warning is None
-    assert precision.resolve("float32", "cpu") == precision.Precision(torch.float32, "float32: as asked")
+    assert precision.resolve("bfloat16", "cpu", cpu(True)).warning is None
+    assert precision.resolve("float32", "cpu", cpu(True)) == precision.Precision(torch.float32, "float32: as asked")
+
+
+def test_this_machines_probes_decide_when_nothing_is_given():
+    native = precision.cpu_has_native_bf16()
+    assert precision.resolve("auto", "cpu").dtype == (torch.bfloat16 if native else torch.float32)
 
 
 @pytest.mark.parametrize("bf16,expected", [(True, torch.bfloat16), (False, torch.float16)])
-def test_auto_on_cuda_follows_the_gpu(monkeypatch, bf16, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    p = precision.resolve("auto", "cuda")
+def test_auto_on_cuda_follows_the_gpu(bf16, expected):
+    p = precision.resolve("auto", "cuda", precision.Hardware(gpu_bf16=bf16))
     assert p.dtype == expected and ("loss scaling" in p.reason) == (not bf16)
 
 
@@ -101,11 +97,11 @@ def train_one_step_auto(tmp_path, monkeypatch, model_dir) -> str:
     return (tmp_path / "recipe" / "train.log").read_text()
 
 
-def test_train_log_says_what_auto_chose(tmp_path, monkeypatch, cpu, tiny_model_dir):
-    cpu(False)
+def test_train_log_says_what_auto_chose(tmp_path, monkeypatch, tiny_model_dir):
+    chosen = precision.resolve("auto", "cpu")  # this machine's choice: float32, or bfloat16 where native
     log = train_one_step_auto(tmp_path, monkeypatch, tiny_model_dir)
-    assert "precision: float32: this CPU has no native bfloat16" in log
-    assert "(float32)" in log  # the model line
+    assert f"precision: {chosen.reason}" in log and "this CPU" in chosen.reason
+    assert f"({chosen.name})" in log  # the model line
 
 
 @pytest.mark.skipif(not NATIVE, reason="this CPU has no native bf16: bf16 training would be emulated (~200x slower)")

@@ -210,11 +210,13 @@ def test_full_finetune_saves_a_whole_model(tmp_path, monkeypatch, tiny_model_dir
 
 
 def test_dry_run_and_dump_stop_before_loading_weights(tmp_path, monkeypatch, tiny_model_dir, data_file, capsys):
-    import common.modeling
-
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(common.modeling, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
-    recipe = write_recipe(tmp_path, tiny_model_dir, data_file)
+    weightless = tmp_path / "weightless"  # the model's config and tokenizer, no weights: loading them would fail
+    weightless.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if not f.name.endswith((".safetensors", ".bin")):
+            (weightless / f.name).symlink_to(f.resolve())
+    recipe = write_recipe(tmp_path, weightless, data_file)
     assert run(recipe, "--dry-run", "data.max_length=64") == 0
     assert "max_length 64" in capsys.readouterr().out
     assert run(recipe, "--dump-dataset", tmp_path / "rows.jsonl") == 0
@@ -406,23 +408,21 @@ def test_resume_after_kills_matches_an_uninterrupted_run(tmp_path, monkeypatch, 
 
 
 def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, tiny_model_dir, data_file, request):
-    from common.callbacks import InterruptCallback
+    from transformers import TrainerCallback
 
     monkeypatch.chdir(tmp_path)
     # as in a terminal, whatever started pytest (a background job starts with SIGINT ignored)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
-    real = InterruptCallback.on_step_end
 
-    def ctrl_c_during_step_3(self, args, state, control, **kwargs):
-        if state.global_step == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # delivered to the handler before the check below
-        return real(self, args, state, control, **kwargs)
+    class CtrlCDuringStep3(TrainerCallback):  # train.main's extra callbacks run before the run's own
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # delivered to the handler before the run's check
 
-    monkeypatch.setattr(InterruptCallback, "on_step_end", ctrl_c_during_step_3)
     recipe = write_recipe(tmp_path, tiny_model_dir, data_file, train={"max_steps": 10, "save_steps": 100},
                           evaluation={"prompts": []})
-    assert run(recipe) == 130
+    assert train.main([str(recipe)], extra_callbacks=[CtrlCDuringStep3()]) == 130
     out = tmp_path / "recipe"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
     assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
@@ -497,11 +497,16 @@ def test_an_ignored_sigint_stays_ignored(tmp_path, monkeypatch, tiny_model_dir, 
     monkeypatch.chdir(tmp_path)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    from transformers import TrainerCallback
+
     seen = []
-    monkeypatch.setattr("common.callbacks.InterruptCallback.on_step_end",
-                        lambda self, *a, **k: seen.append(signal.getsignal(signal.SIGINT)))
+
+    class Handler(TrainerCallback):  # the SIGINT handler during each step, as the run's own callbacks see it
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(signal.getsignal(signal.SIGINT))
+
     recipe = write_recipe(tmp_path, tiny_model_dir, data_file, train={"max_steps": 1}, evaluation={"prompts": []})
-    assert run(recipe) == 0
+    assert train.main([str(recipe)], extra_callbacks=[Handler()]) == 0
     assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
