@@ -292,17 +292,22 @@ def recipe_for(tmp_path, tiny_model_dir, *overrides):
     return load_recipe(path, list(overrides))
 
 
-def test_encoded_rows_are_cached(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+def test_encoded_rows_are_cached(tmp_path, tiny_model_dir, tokenizer):
     import common.dataset as data
 
-    recipe = recipe_for(tmp_path, tiny_model_dir)
+    recipe = recipe_for(tmp_path, tiny_model_dir, "data.max_length=241")  # a key of this test's own
     rows, _, stats = data.build_datasets(recipe, tokenizer)
-    monkeypatch.setattr(data, "_encode_recipe_data", lambda *a: pytest.fail("cache not used"))
+    entries = list(data.cache_dir().glob("*/meta.json"))
+    meta_file = data.cache_dir() / data._cache_key(recipe, tokenizer) / "meta.json"
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    meta["stats"]["records"] += 1000  # a mark that only a read of the cache returns
+    meta_file.write_text(json.dumps(meta), encoding="utf-8")
     rows2, _, stats2 = data.build_datasets(recipe, tokenizer)
-    assert rows2 == rows and stats2 == stats
-    recipe.data.max_length = 255  # any setting that changes the rows changes the key
-    with pytest.raises(pytest.fail.Exception, match="cache not used"):
-        data.build_datasets(recipe, tokenizer)
+    assert rows2 == rows and stats2 == {**stats, "records": stats["records"] + 1000}
+    recipe.data.max_length = 240  # any setting that changes the rows changes the key: encoded afresh
+    _, _, stats3 = data.build_datasets(recipe, tokenizer)
+    assert stats3["records"] == stats["records"]  # not the marked entry
+    assert len(list(data.cache_dir().glob("*/meta.json"))) == len(entries) + 1
 
 
 def test_outputs_appear_whole(tmp_path):
