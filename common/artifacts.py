@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from common.cli import UserError, read_json, reading
+from common.cli import UserError, first_line, read_json, reading
 
 WORK_DIRS = Path("work_dirs")
 LATEST = "latest"
@@ -400,8 +400,9 @@ def atomic_dir(dst: Path, replace: bool = True):
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _as_user_error(e, dst)
         raise
     if replace:
         replace_dir(tmp, dst)
@@ -422,10 +423,18 @@ def atomic_file(dst: Path):
     tmp.unlink(missing_ok=True)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        _as_user_error(e, dst)
         raise
     os.replace(tmp, dst)
+
+
+def _as_user_error(e: BaseException, dst: Path) -> None:
+    """An OSError while an output was being written (a full disk, a file-size or quota limit, a read-only or vanished
+    folder) is the machine's state, not a bug: one line naming the output, which was not written, and exit 2."""
+    if isinstance(e, OSError):
+        raise UserError(f"{dst}: not written ({first_line(e)}); nothing of it was left behind") from e
 
 
 def write_text(path: Path, text: str) -> None:

@@ -219,24 +219,31 @@ def test_an_existing_model_exports_in_place_and_unsupported_architectures_are_re
     assert not list(gpt2.glob("*.gguf")) and not list(gpt2.glob(".*tmp*"))
 
 
-def test_an_interrupted_export_leaves_nothing(tmp_path, tokenizer, monkeypatch):
+def test_an_export_that_fails_midway_leaves_nothing(tmp_path, tokenizer):
+    """The disk fills up while the GGUF is written (a real one: merge.py in a process whose files may not grow past
+    a third of the GGUF's size): one line and exit 2, and no GGUF or Modelfile, whole or partial, beside the model."""
     final = make_run(tmp_path, tiny_config("llama", tokenizer), tokenizer)
     assert run(final) == 0
     merged = final.parent / "merged"
-    calls = []
+    assert run(merged, "--gguf", "f32") == 0  # the size of the whole file, then gone again
+    whole = gguf_export.gguf_path(merged, "f32")
+    limit = whole.stat().st_size // 3
+    for f in merged.iterdir():
+        if "gguf" in f.name or f.name == "Modelfile":
+            f.unlink()
 
-    def fail_midway(self, tensor, *a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(self, tensor, *a, **k)
+    def small_disk():
+        import resource
+        import signal
 
-    import gguf
-    real = gguf.GGUFWriter.write_tensor_data
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", fail_midway)
-    with pytest.raises(KeyboardInterrupt):
-        run(merged, "--gguf", "f32")
-    assert sorted(p.name for p in merged.iterdir() if "gguf" in p.name) == []
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "merge.py", str(merged), "--gguf", "f32"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, preexec_fn=small_disk)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    assert sorted(f.name for f in merged.iterdir() if "gguf" in f.name or f.name == "Modelfile") == []
 
 
 # ---------------------------------------------------------------- the Modelfile's TEMPLATE
