@@ -107,8 +107,10 @@ def chat_settings(args, source):
 
 
 @main_guard
-def main(argv=None):
+def main(argv=None, stdin=None):
+    """stdin: where messages come from (default: sys.stdin; a terminal gets the interactive REPL)."""
     args = parse_args(argv)
+    stdin = stdin if stdin is not None else sys.stdin
     from common import artifacts, repl
     from common.generation import Generator
     from common.modeling import load_for_generation
@@ -132,7 +134,7 @@ def main(argv=None):
     if args.once is not None:
         console = repl.Console(interactive=False, stream=not args.no_stream)
         return repl.converse(session, console, [("--once", args.once)])
-    console = repl.Console(interactive=sys.stdin.isatty(), stream=not args.no_stream)
+    console = repl.Console(interactive=stdin.isatty(), stream=not args.no_stream, lines=stdin)
     if console.interactive:
         import readline  # noqa: F401  (line editing and history for input())
 

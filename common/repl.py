@@ -73,8 +73,10 @@ class ChatSession:
 class Console:
     """Prompts and colours in a terminal; plain text otherwise (pipes, --once)."""
 
-    def __init__(self, interactive: bool, stream: bool):
+    def __init__(self, interactive: bool, stream: bool, lines=None):
+        """lines: where piped messages come from (default: stdin)."""
         self.interactive, self.stream, self.pending = interactive, stream, []
+        self.lines = lines if lines is not None else sys.stdin
         self.colour = interactive and sys.stdout.isatty() and "NO_COLOR" not in os.environ
 
     def _paint(self, code: str, text: str, prompt: bool = False) -> str:
@@ -87,7 +89,7 @@ class Console:
         """One message: lines ending with \\ continue onto the next. EOFError at the end of input."""
         lines, prompt = [], ">>> "
         while True:
-            line = input(self._paint("1;32", prompt, True)) if self.interactive else sys.stdin.readline()
+            line = input(self._paint("1;32", prompt, True)) if self.interactive else self.lines.readline()
             if not self.interactive and not line:
                 raise EOFError
             line = line.rstrip("\r\n")

@@ -237,10 +237,9 @@ def test_ctrl_c_stops_the_answer_and_keeps_what_was_shown(loaded, whole_characte
 # ---------------------------------------------------------------- the script
 
 def run_main(monkeypatch, capsys, argv, stdin=""):
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))  # StringIO.isatty() is False: piped mode
     code = 0
     try:
-        chat.main(argv)
+        chat.main(argv, stdin=io.StringIO(stdin))  # StringIO.isatty() is False: piped mode
     except SystemExit as e:
         code = e.code
     out, err = capsys.readouterr()
