@@ -220,12 +220,21 @@ def test_verify_fails_when_adapter_changes_nothing(tmp_path, base, capsys):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
-def test_verify_catches_a_wrong_merge(tmp_path, base, monkeypatch):
-    adapter = save_adapter(base, tmp_path / "adapter")
+def test_verify_catches_a_wrong_merge(tmp_path, base):
+    """A merged model that is not base + the adapter fails verify: here the same A and B merged at half the scale
+    (lora_alpha 4 instead of 8), as a merge that got the scaling wrong would write it."""
     from common import merging
-    monkeypatch.setattr(merging.Lora, "merge", lambda self, w, device: w.float() + (self.B @ self.A))  # no scaling
-    assert run(base, adapter, tmp_path / "out", "--verify") == 1
-    assert not (tmp_path / "out").exists()
+    from common.weights import ModelWeights
+
+    adapter = save_adapter(base, tmp_path / "adapter")
+    half = save_adapter(base, tmp_path / "half", lora_alpha=4)  # the same seed: the same A and B
+    assert run(base, half, tmp_path / "out") == 0
+    plan = merging.plan_merge(ModelWeights(base), merging.load_adapter(adapter), {}, None, "cpu")
+    report = merging.verify(plan, tmp_path / "out", "cpu")
+    assert not report["ok"] and report["max_abs_diff"] > 1e-2, report
+    right = merging.verify(merging.plan_merge(ModelWeights(base), merging.load_adapter(half), {}, None, "cpu"),
+                           tmp_path / "out", "cpu")
+    assert right["ok"], right  # the same files verify against the adapter they were merged from
 
 
 # -------------------------------------------------------------------------------------------- defaults: latest run
