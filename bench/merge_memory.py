@@ -95,8 +95,8 @@ def build_inputs(work: Path, quick: bool) -> dict:
 
 def child(path: str, args: list[str], work: Path) -> children.Child:
     """One merge in a fresh child: the peak RSS of its merge, and the RSS it started from (after imports)."""
-    return children.Child([sys.executable, "-c", CHILD, path, str(work / f"{path}.json"), *args], work / f"{path}.json",
-                          ROOT)
+    result_file = work / f"{path}.json"
+    return children.Child([sys.executable, "-c", CHILD, path, str(result_file), *args], result_file, ROOT)
 
 
 def run(quick: bool) -> dict:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.training import BASELINE  # noqa: E402
 
 ITEMS = ("training", "dataprep", "merge", "chat", "serving")  # packing comes with training: same rows
-BASELINE = "TRL SFTTrainer (plain script)"
 TARGETS = {"training_ratio": 2.0, "ceiling_share": {"float32": 0.7, "bfloat16": 0.25}, "packing": 0.97, "cached_seconds": 2.0,
            "merge_rss_ratio": 0.5, "chat_overhead": 0.05, "serving_speedup_8": 3.0}
 

@@ -23,6 +23,7 @@ from bench import children  # noqa: E402
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 RECIPE = ROOT / "recipes" / "demo_smollm2.yaml"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "psych_multiturn.json"
+BASELINE = "TRL SFTTrainer (plain script)"
 PAIRS, STEPS, QUICK_STEPS = 3, 7, 1  # the peer job: 8 steps, the first a warm-up, steps 2-8 timed
 
 # train.py with one default changed: what each default buys. `overrides` are recipe overrides; `train.fast_paths`
@@ -80,24 +81,23 @@ def run(quick: bool, work: Path | None = None, variants: list[str] | None = None
             data_file = data
         # Encoded rows (ours) and TRL's mapped datasets cache here, warmed by the first run of each.
         env = {**os.environ, "HF_DATASETS_CACHE": str(work or tmp / "cache"), "TOKENIZERS_PARALLELISM": "false"}
-        files = iter(tmp / f"result-{i}.json" for i in range(len(VARIANTS) + 1))  # one per child: --quick runs them at once
         recipe_args = peer_job_args(tmp, steps, max_length, data_file)
-        result_file = next(files)
-        commands = {"TRL SFTTrainer (plain script)": ([
-            sys.executable, str(ROOT / "bench" / "trl_baseline.py"), str(MODEL), str(data_file), "--max-steps", str(steps + 1),
-            "--max-length", str(max_length), "--timing", str(result_file)], result_file)}
         from common import precision
 
         names = ["train.py"] if quick else variants or list(VARIANTS)
         if precision.resolve("auto", "cpu").name == "float32":  # auto is the float32 run itself here
             names = [n for n in names if n != "train.py, auto precision"]
+        # A result file per child: --quick runs them at once.
+        files = {name: tmp / f"result-{i}.json" for i, name in enumerate([BASELINE, *names])}
+        commands = {BASELINE: [
+            sys.executable, str(ROOT / "bench" / "trl_baseline.py"), str(MODEL), str(data_file), "--max-steps", str(steps + 1),
+            "--max-length", str(max_length), "--timing", str(files[BASELINE])]}
         for name in names:
-            result_file = next(files)
-            commands[name] = ([sys.executable, str(Path(__file__).resolve()), "--child", str(result_file), str(max_length),
-                               *recipe_args, *VARIANTS[name], "--force"], result_file)
+            commands[name] = [sys.executable, str(Path(__file__).resolve()), "--child", str(files[name]), str(max_length),
+                              *recipe_args, *VARIANTS[name], "--force"]
         runs = {name: [] for name in commands}
         # Run in the scratch dir: train.py points work_dirs/latest at its run, and the user's latest run must stay latest.
-        batch = lambda: [children.Child(cmd, file, tmp, env) for cmd, file in commands.values()]  # noqa: E731
+        batch = lambda: [children.Child(cmd, files[name], tmp, env) for name, cmd in commands.items()]  # noqa: E731
         for _ in range(1 if quick else pairs):  # interleaved, so drift in the machine's load hits all alike
             for name, figures in zip(commands, children.results(batch(), at_once=quick)):
                 runs[name].append(figures)
@@ -116,7 +116,7 @@ def run(quick: bool, work: Path | None = None, variants: list[str] | None = None
             "samples": [{k: r[k] for k in ("tokens_per_s", "trained_tokens_per_s", "peak_rss_mb", "step_seconds",
                                            "losses", "process_seconds")} for r in rs],
         }
-    base = result["runs"]["TRL SFTTrainer (plain script)"]
+    base = result["runs"][BASELINE]
     for name, r in result["runs"].items():
         r["ratio_tokens_per_s"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
         r["ratio_trained_tokens_per_s"] = round(r["trained_tokens_per_s"] / base["trained_tokens_per_s"], 2)
