@@ -431,10 +431,19 @@ def atomic_file(dst: Path):
 
 
 def _as_user_error(e: BaseException, dst: Path) -> None:
-    """An OSError while an output was being written (a full disk, a file-size or quota limit, a read-only or vanished
+    """An OS error while an output was being written (a full disk, a file-size or quota limit, a read-only or vanished
     folder) is the machine's state, not a bug: one line naming the output, which was not written, and exit 2."""
+    from safetensors import SafetensorError
+
     if isinstance(e, OSError):
-        raise UserError(f"{dst}: not written ({first_line(e)}); nothing of it was left behind") from e
+        why = first_line(e)
+        if e.errno is None:  # numpy's tofile reports a short write without one: "N requested and M written"
+            why += ": a full disk, or a file-size or quota limit"
+    elif isinstance(e, SafetensorError) and "I/O error" in str(e):  # its own type around the OS's error (shards)
+        why = first_line(e)
+    else:
+        return
+    raise UserError(f"{dst}: not written ({why}); nothing of it was left behind") from e
 
 
 def write_text(path: Path, text: str) -> None:

@@ -22,6 +22,7 @@ from common.cli import UserError  # noqa: E402
 from common.conversation import Turn, turns_to_messages  # noqa: E402
 from common.recipe import DataConfig, EvaluationConfig, ModelConfig, Recipe, save_recipe  # noqa: E402
 from common.templates import TEMPLATES, TOKENIZER  # noqa: E402
+from tests.small_disk import one_line_exit_2, run_on_a_small_disk  # noqa: E402
 
 SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
 GO_RENDERER = ROOT / "tests" / "fixtures" / "ollama_render" / "main.go"
@@ -220,8 +221,8 @@ def test_an_existing_model_exports_in_place_and_unsupported_architectures_are_re
 
 
 def test_an_export_that_fails_midway_leaves_nothing(tmp_path, tokenizer):
-    """The disk fills up while the GGUF is written (a real one: merge.py in a process whose files may not grow past
-    a third of the GGUF's size): one line and exit 2, and no GGUF or Modelfile, whole or partial, beside the model."""
+    """The disk fills up while the GGUF is written (tests/small_disk.py: at a third of the GGUF's size): one line
+    and exit 2, and no GGUF or Modelfile, whole or partial, beside the model."""
     final = make_run(tmp_path, tiny_config("llama", tokenizer), tokenizer)
     assert run(final) == 0
     merged = final.parent / "merged"
@@ -232,17 +233,8 @@ def test_an_export_that_fails_midway_leaves_nothing(tmp_path, tokenizer):
         if "gguf" in f.name or f.name == "Modelfile":
             f.unlink()
 
-    def small_disk():
-        import resource
-        import signal
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    proc = subprocess.run([sys.executable, "merge.py", str(merged), "--gguf", "f32"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, preexec_fn=small_disk)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    proc = run_on_a_small_disk("merge.py", merged, "--gguf", "f32", limit=limit)
+    assert one_line_exit_2(proc) and "not written" in proc.stderr, proc.stderr[-3000:]
     assert sorted(f.name for f in merged.iterdir() if "gguf" in f.name or f.name == "Modelfile") == []
 
 

@@ -220,6 +220,18 @@ def test_verify_fails_when_adapter_changes_nothing(tmp_path, base, capsys):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
+def test_a_merge_that_fills_the_disk_leaves_nothing(tmp_path, base):
+    """The disk fills up while the shards are written (tests/small_disk.py: at a third of the base's size): one line
+    naming the output and exit 2, and no output directory, whole or partial."""
+    from tests.small_disk import one_line_exit_2, run_on_a_small_disk
+
+    adapter = save_adapter(base, tmp_path / "adapter")
+    limit = sum(f.stat().st_size for f in base.glob("*.safetensors")) // 3
+    proc = run_on_a_small_disk("merge.py", base, adapter, tmp_path / "out", limit=limit)
+    assert one_line_exit_2(proc) and f"{tmp_path / 'out'}: not written" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
 def test_verify_catches_a_wrong_merge(tmp_path, base):
     """A merged model that is not base + the adapter fails verify: here the same A and B merged at half the scale
     (lora_alpha 4 instead of 8), as a merge that got the scaling wrong would write it."""
