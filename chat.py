@@ -47,6 +47,8 @@ def parse_args(argv=None):
                    "and EOS always apply)")
     p.add_argument("--no-stream", action="store_true", help="print each answer whole instead of token by token")
     p.add_argument("--once", metavar="QUESTION", help="answer QUESTION and exit")
+    p.add_argument("--eager", action="store_true", help="decode without the compiled decode step: neither use nor "
+                   "build one (README: Decoding; $DECODE_STEP_CACHE=off does the same everywhere)")
     serving = p.add_argument_group("API server (--serve)")
     serving.add_argument("--serve", action="store_true", help="serve the model as an OpenAI-compatible API "
                          "(/v1/chat/completions, /v1/models, /health) and a web page at / (chat, base vs tuned, the "
@@ -112,6 +114,7 @@ def main(argv=None, stdin=None):
     args = parse_args(argv)
     stdin = stdin if stdin is not None else sys.stdin
     from common import artifacts, repl
+    from common.decode_step import FastStep
     from common.generation import Generator
     from common.modeling import load_for_generation
 
@@ -122,7 +125,10 @@ def main(argv=None, stdin=None):
     source = artifacts.resolve_model(args.model, args.adapter)
     template, system, sampling, max_length = chat_settings(args, source)  # an unknown name fails before the load
     model, tokenizer = load_for_generation(source, args.torch_dtype, args.bits)
-    generator = Generator(model, tokenizer, template, max_length, args.stop_words)
+    # The compiled decode step where one applies; built in the background for the REPL and the server, which answer
+    # many times, not for --once, which a build would not pay back.
+    fast = None if args.eager else FastStep.for_model(model, build=args.once is None)
+    generator = Generator(model, tokenizer, template, max_length, args.stop_words, fast)
     if system and not template.has_system:
         print(f"note: template `{template.name}` has no system slot: the system prompt is not used", file=sys.stderr)
     session = repl.ChatSession(generator, sampling, system)  # checks the settings fit the context (--serve too)

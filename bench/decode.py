@@ -33,6 +33,7 @@ from bench.training import MODEL  # noqa: E402
 QUESTIONS = ["Explain in detail how to build a habit of going to bed on time.",
              "Write a long letter to a friend who feels anxious about exams."]
 ROUNDS = 3
+BUILD_TIMEOUT = 1200  # seconds for the compiled step's build (~2 minutes for SmolLM2 on 2 cores)
 
 # Run by llama.cpp's Python: argv = GGUF path, max new tokens, threads, then JSON prompt id lists on stdin.
 LLAMA_SCRIPT = """
@@ -65,7 +66,22 @@ def timed(decode) -> dict:
     return {"ttft": marks[0] - start, "decode": (len(ids) - 1) / (end - marks[0]), "tokens": len(ids), "ids": ids}
 
 
-def core_and_generate(dtype: str, limit: int, rounds: int) -> dict:
+def compiled_step(model, root: Path) -> tuple:
+    """(FastStep, seconds its build took here, None if it was built before) of the model's compiled decode step,
+    built by the background process chat.py starts, waited for."""
+    from common.decode_step import PACKAGE, FastStep
+
+    fast = FastStep.for_model(model, build=True, root=root)
+    start, lock = time.perf_counter(), root / f"{fast.key}.lock"
+    built = lock.exists()
+    while lock.exists() and time.perf_counter() - start < BUILD_TIMEOUT:
+        time.sleep(0.5)
+    if not (root / fast.key / PACKAGE).is_file():
+        raise RuntimeError(f"no compiled step was built; see {root / (fast.key + '.log')}")
+    return fast, round(time.perf_counter() - start, 1) if built else None
+
+
+def core_and_generate(dtype: str, limit: int, rounds: int, steps: Path) -> dict:
     import torch
 
     from common.artifacts import resolve_model
@@ -76,6 +92,7 @@ def core_and_generate(dtype: str, limit: int, rounds: int) -> dict:
 
     model, tokenizer = load_for_generation(resolve_model(str(MODEL)), dtype)
     plain_model = load_for_generation(resolve_model(str(MODEL)), dtype, threaded_products=False)[0]
+    fast, build_s = compiled_step(model, steps)
     generator = Generator(model, tokenizer, get_template("tokenizer"), max_length=2048)
     sampling = Sampling(max_new_tokens=limit)
     config = generator.generation_config(sampling)
@@ -93,13 +110,16 @@ def core_and_generate(dtype: str, limit: int, rounds: int) -> dict:
         def end(self):
             pass
 
-    def core(ids):
+    def core(ids, fast=None):
         # should_stop is asked after each new token but an ending EOS: the first mark is the first token all the same
         def decode(on_token):
             row = Row(ids, limit, frozenset(generator.eos_ids), lambda answer: on_token() or False)
-            Decoder(model).run(row)
+            Decoder(model, fast=fast).run(row)
             return row.answer
         return timed(decode)
+
+    def compiled(ids):
+        return core(ids, fast)
 
     def plain(ids):
         def decode(on_token):
@@ -110,22 +130,28 @@ def core_and_generate(dtype: str, limit: int, rounds: int) -> dict:
             return out[0, len(ids):].tolist()
         return timed(decode)
 
-    samples = {"core": [], "generate": []}
+    paths = (("core", core), ("generate", plain), ("compiled", compiled))
+    samples = {name: [] for name, _ in paths}
+    first_answer = compiled(prompts[0])  # the process's first compiled answer: loads the package, checks a step
     core(prompts[0])  # warm-up: first-call allocations
     for round_ in range(rounds):
         for ids in prompts:
-            order = (("core", core), ("generate", plain)) if round_ % 2 == 0 else (("generate", plain), ("core", core))
-            results = {name: run(ids) for name, run in order}
-            same = results["core"]["ids"] == results["generate"]["ids"]
+            results = {name: run(ids) for name, run in (paths if round_ % 2 == 0 else paths[::-1])}
             for name, r in results.items():
+                same = r["ids"] == results["core"]["ids"]
                 samples[name].append({**{k: v for k, v in r.items() if k != "ids"}, "same_tokens": same})
-    out = {"dtype": str(model.dtype).removeprefix("torch."), "prompts_tokens": [len(p) for p in prompts]}
+    if not fast.verified or fast.off:
+        raise RuntimeError(f"the compiled step was not used: {fast.off}")
+    out = {"dtype": str(model.dtype).removeprefix("torch."), "prompts_tokens": [len(p) for p in prompts],
+           "compiled_build_s": build_s, "compiled_first_answer_ttft_s": round(first_answer["ttft"], 4)}
     for name, rs in samples.items():
         out[name] = {"decode_tokens_per_s": round(statistics.median(r["decode"] for r in rs), 2),
                      "ttft_s": round(statistics.median(r["ttft"] for r in rs), 4),
                      "tokens": statistics.median(r["tokens"] for r in rs)}
-    out["same_tokens"] = all(r["same_tokens"] for r in samples["core"])
+    out["same_tokens"] = all(r["same_tokens"] for rs in samples.values() for r in rs)
     out["core_vs_generate"] = round(out["core"]["decode_tokens_per_s"] / out["generate"]["decode_tokens_per_s"], 3)
+    out["compiled_vs_generate"] = round(out["compiled"]["decode_tokens_per_s"]
+                                        / out["generate"]["decode_tokens_per_s"], 3)
     out["prompts"] = prompts
     return out
 
@@ -149,27 +175,33 @@ def llama_cpp(python: str, prompts: list[list[int]], limit: int, rounds: int) ->
             "tokens": statistics.median(r["tokens"] for r in runs)}
 
 
-def run(quick: bool, llama_python: str | None = None) -> dict:
+def run(quick: bool, llama_python: str | None = None, steps: Path | None = None) -> dict:
     from common import precision
 
     limits = (8,) if quick else (64, 256)
     rounds = 1 if quick else ROUNDS
     out = {"bench": "decode", "quick": quick, "model": str(MODEL.relative_to(ROOT)), "cpu": precision.cpu_description(),
            "auto_dtype": precision.resolve("auto", "cpu").name, "runs": []}
-    for dtype in ("float32", "auto"):
-        for limit in limits:
-            result = {"max_new_tokens": limit, **core_and_generate(dtype, limit, rounds)}
-            prompts = result.pop("prompts")
-            if llama_python and dtype == "auto":
-                result["llama.cpp f16"] = llama_cpp(llama_python, prompts, limit, rounds)
-            elif dtype == "auto":
-                result["llama.cpp f16"] = {"skipped": "no llama-cpp-python (--llama-python or $LLAMA_CPP_PYTHON)"}
-            llama = result.get("llama.cpp f16", {})
-            if "decode_tokens_per_s" in llama:
-                result["core_vs_llama_cpp"] = round(result["core"]["decode_tokens_per_s"]
-                                                    / llama["decode_tokens_per_s"], 3)
-            out["runs"].append(result)
+    with tempfile.TemporaryDirectory() as tmp:
+        steps = steps or Path(tmp)  # a cold build, timed, unless --steps names a cache
+        for dtype in ("float32", "auto"):
+            for limit in limits:
+                out["runs"].append(one_run(dtype, limit, rounds, steps, llama_python))
     return out
+
+
+def one_run(dtype: str, limit: int, rounds: int, steps: Path, llama_python: str | None) -> dict:
+    result = {"max_new_tokens": limit, **core_and_generate(dtype, limit, rounds, steps)}
+    prompts = result.pop("prompts")
+    if llama_python and dtype == "auto":
+        result["llama.cpp f16"] = llama_cpp(llama_python, prompts, limit, rounds)
+    elif dtype == "auto":
+        result["llama.cpp f16"] = {"skipped": "no llama-cpp-python (--llama-python or $LLAMA_CPP_PYTHON)"}
+    llama = result.get("llama.cpp f16", {})
+    if "decode_tokens_per_s" in llama:
+        for path in ("core", "compiled"):
+            result[f"{path}_vs_llama_cpp"] = round(result[path]["decode_tokens_per_s"] / llama["decode_tokens_per_s"], 3)
+    return result
 
 
 if __name__ == "__main__":
@@ -177,5 +209,7 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--llama-python", default=os.environ.get("LLAMA_CPP_PYTHON"),
                         help="a Python with llama_cpp installed (default $LLAMA_CPP_PYTHON)")
+    parser.add_argument("--steps", type=Path, help="compiled decode steps' cache to use (default: a new one, so the "
+                        "build is timed cold)")
     args = parser.parse_args()
-    print(json.dumps(run(args.quick, args.llama_python), indent=2))
+    print(json.dumps(run(args.quick, args.llama_python, args.steps), indent=2))

@@ -42,7 +42,9 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.argv = [sys.executable, "chat.py", str(MODEL), "--serve", "--port", str(self.port), *flags]
+        # --eager: this bench compares batching with none; the compiled decode step (which a lone request would take,
+        # once built) is bench/decode.py's
+        self.argv = [sys.executable, "chat.py", str(MODEL), "--serve", "--port", str(self.port), "--eager", *flags]
 
     def __enter__(self) -> Server:
         """Starts the process; `ready()` waits for it (so that two servers import and load at once)."""

@@ -20,13 +20,16 @@ import functools
 import types
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Optional
+from typing import TYPE_CHECKING, Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers import LogitsProcessorList
+
+if TYPE_CHECKING:
+    from common.decode_step import FastStep
 
 
 @dataclass
@@ -81,8 +84,8 @@ class Decoder:
     """Rows decoding together, one token each per step. Not thread-safe: one thread (the caller's, or the server's
     worker) drives it. `context()` is entered around every forward (e.g. PEFT's `disable_adapter` for base answers)."""
 
-    def __init__(self, model, context: Callable[[], ContextManager] = nullcontext):
-        self.model, self.context = model, context
+    def __init__(self, model, context: Callable[[], ContextManager] = nullcontext, fast: Optional[FastStep] = None):
+        self.model, self.context, self.fast = model, context, fast
         self.rows: list[Row] = []
         self.cache: Optional[DynamicCache] = None
         self.mask: Optional[torch.Tensor] = None  # [rows, cached positions]: 1 real, 0 padding
@@ -113,10 +116,15 @@ class Decoder:
         ids = torch.tensor([[r.answer[-1]] for r in rows], device=self.device)
         positions = torch.tensor([[len(r.prompt) + len(r.answer) - 1] for r in rows], device=self.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(rows), 1)], dim=1)
+        def eager():
+            return self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
+                              attention_mask=self.mask if self.padded else None).logits[:, -1]
+
         try:
             with self.context(), torch.inference_mode():
-                logits = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
-                                    attention_mask=self.mask if self.padded else None).logits[:, -1].float()
+                # A lone answer takes the compiled step when there is one (see common/decode_step.py)
+                alone = len(rows) == 1 and not self.padded and self.fast is not None and self.fast.ready()
+                logits = (self.fast.step(ids, positions, self.cache, eager) if alone else eager()).float()
                 # Greedy rows (the common case) take one argmax for the batch, not one per row.
                 greedy = logits.argmax(-1).tolist()
                 ended = [r.push(greedy[i] if r.plain_greedy else r.pick(logits[i]))
@@ -209,6 +217,11 @@ def split_products(model) -> int:
             module.forward = types.MethodType(_split_forward, module)
             count += 1
     return count
+
+
+def products_split(model) -> bool:
+    """Whether split_products has been applied to the model (the compiled decode step is traced with or without)."""
+    return any(getattr(m.forward, "__func__", None) is _split_forward for m in model.modules())
 
 
 def _split_forward(self, x: torch.Tensor) -> torch.Tensor:

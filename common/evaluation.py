@@ -26,6 +26,7 @@ class Contestants:
     adapter of the same base (loaded beside it), or any other model (loaded on its own)."""
 
     def __init__(self, tuned, other=None, dtype: str = "auto"):
+        from common.decode_step import FastStep
         from common.modeling import load_for_generation
 
         self.model, self.tokenizer = load_for_generation(tuned, dtype)
@@ -40,6 +41,9 @@ class Contestants:
             self.other_adapter = "other"
         else:
             self.other_model = load_for_generation(other, dtype)[0]
+        # The tuned model's compiled decode step, if one is built (chat.py builds them; an evaluation would not pay
+        # one back). Not with a second adapter: switching adapters changes the step.
+        self.fast = FastStep.for_model(self.model, build=False) if self.other_adapter is None else None
 
     @contextmanager
     def use(self, which: str):
@@ -168,7 +172,8 @@ def answer(models: Contestants, template, system: str | None, max_length: int, p
     answers = [{"prompt": p, "source": where} for p, where in prompts]
     for who in WHO:
         with models.use(who) as model:
-            generator = Generator(model, models.tokenizer, template, max_length)
+            generator = Generator(model, models.tokenizer, template, max_length,
+                                  fast=models.fast if who == "tuned" else None)
             for a in tqdm(answers, desc=f"answering {who}", disable=not progress, leave=False):
                 completion = generator.generate(before + [{"role": "user", "content": a["prompt"]}], sampling)
                 a[who], a[f"{who}_stop"], a[f"{who}_facts"] = completion.text, completion.ended_by, answer_facts(completion)

@@ -155,8 +155,11 @@ class Generator:
     """Answers conversations with one model, in one template. Holds no conversation: callers pass the messages."""
 
     def __init__(self, model, tokenizer, template: Template, max_length: Optional[int] = None,
-                 extra_stop_words: list[str] = ()):
+                 extra_stop_words: list[str] = (), fast=None):
+        """fast: the model's compiled decode step (common.decode_step.FastStep), used for answers with the adapter
+        as loaded; None: eager decoding throughout."""
         self.model, self.tokenizer, self.template, self.max_length = model, tokenizer, template, max_length
+        self.fast = fast
         self.stop_words = template.stop_words(tokenizer) + [w for w in extra_stop_words if w]
         self.eos_ids = eos_ids(tokenizer, model)
 
@@ -229,7 +232,7 @@ class Generator:
 
     def decoder(self, adapter: bool = True) -> Decoder:
         """A decoder of this model: with its PEFT adapter (as loaded), or as its base (adapter=False)."""
-        return Decoder(self.model, lambda: adapter_switch(self.model, adapter))
+        return Decoder(self.model, lambda: adapter_switch(self.model, adapter), self.fast if adapter else None)
 
     def generate(self, messages: list[dict], sampling: Sampling, on_text: Callable[[str], None] = lambda text: None,
                  cancelled: Callable[[], bool] = lambda: False, stop: list[str] = (), adapter: bool = True) -> Completion:

@@ -14,6 +14,9 @@ sys.path.insert(0, str(ROOT))
 # Encoded-dataset caches of the tests stay out of the user's HF cache (set before `datasets` is imported).
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="sft-test-cache-")
 atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
+# No chat.py or eval.py a test starts builds a compiled decode step in the background (minutes of CPU each);
+# tests/test_decode_step.py builds one where it is the subject.
+os.environ["DECODE_STEP_CACHE"] = "off"
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"

@@ -1,0 +1,158 @@
+"""The compiled decode step (common/decode_step.py): built by the real background process, loaded with the live
+model's tensors, and answering as the eager step answers; a package that does not fit, or is damaged, is refused
+with a warning and decoding goes on eagerly.
+
+The model is the tiny random llama of test_decoding (weights ten times the usual scale, so positions and the cache
+matter: a compiled step that mishandled either would answer differently) with a LoRA adapter whose B matrices are
+not zero, split products on: the structure of a tuned run as chat.py loads it. One build (~30 s) serves the module.
+"""
+import json
+import os
+import shutil
+import time
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from common import decode_step
+from common.decoding import Decoder, Row, split_products
+from common.generation import Generator, Sampling
+from common.templates import get_template
+
+BUILD_TIMEOUT = 300  # seconds: a tiny model builds in ~30 s on 2 cores
+
+
+def tuned_model(tokenizer, **config):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         initializer_range=0.2, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **config)
+    model = LlamaForCausalLM(config).eval()
+    split_products(model)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # PEFT starts B at zero: an adapter that does nothing tests nothing
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tuned_model(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, model):
+    """A package cache where the model's package was built by the background process chat.py starts."""
+    root = tmp_path_factory.mktemp("decode_steps")
+    fast = decode_step.FastStep.for_model(model, build=True, root=root)
+    assert fast is not None and (root / f"{fast.key}.lock").exists()
+    # A second process asking while the build is under way does not start another
+    assert decode_step.start_build(root, fast.key, fast.spec, {}) is None
+    deadline = time.monotonic() + BUILD_TIMEOUT
+    while (root / f"{fast.key}.lock").exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    log = (root / f"{fast.key}.log").read_text(encoding="utf-8", errors="replace")
+    assert (root / fast.key / decode_step.PACKAGE).is_file(), f"no package; the build's log ends: {log[-2000:]}"
+    assert json.loads((root / fast.key / decode_step.SPEC).read_text()) == json.loads(json.dumps(fast.spec))
+    assert not list(root.glob("*.failed")) and not list(root.glob(".*tmp*"))
+    return root
+
+
+def answer(model, prompt, fast=None, **row):
+    r = Row(list(prompt), row.pop("max_new_tokens", 40), frozenset(), **row)
+    Decoder(model, fast=fast).run(r)
+    return r.answer
+
+
+PROMPTS = [[5, 9, 17, 33], list(range(40, 140))]  # short, and longer than the example the step was traced with
+
+
+def test_answers_through_the_compiled_step_are_the_eager_answers(model, root, tokenizer):
+    fast = decode_step.FastStep.for_model(model, build=False, root=root)
+    assert fast.ready()
+    for prompt in PROMPTS:
+        assert answer(model, prompt, fast) == answer(model, prompt)
+    assert fast.verified and fast.off is None
+    assert fast.steps == 2 * 39 - 1  # every step after the first answer's first (checked against eager) was compiled
+    # Sampling with a seed draws the same tokens: the logits are the same up to the last bits
+    generator = Generator(model, tokenizer, get_template("qwen_chat"), max_length=1024)
+    for seed in (1, 2):
+        sampling = Sampling(max_new_tokens=30, temperature=0.8, top_k=20, top_p=0.9, seed=seed)
+        rows = [generator.start([{"role": "user", "content": "我最近很焦虑，晚上睡不着。"}], sampling).row
+                for _ in range(2)]
+        Decoder(model, fast=fast).run(rows[0])
+        Decoder(model).run(rows[1])
+        assert rows[0].answer == rows[1].answer and len(rows[0].answer) == 30
+
+
+def test_logits_of_the_compiled_step_match_the_model(model, root):
+    """Each compiled step, teacher-forced along a prompt, against one forward of the whole prompt without a cache."""
+    fast = decode_step.FastStep.for_model(model, build=False, root=root)
+    assert fast.ready()
+    tokens = PROMPTS[1]
+    with torch.inference_mode():
+        whole = model(input_ids=torch.tensor([tokens])).logits[0].float()
+        decoder = Decoder(model, fast=fast)
+        decoder.add(Row(tokens[:50], 100, frozenset()))
+        for position in range(50, 99):
+            ids, positions = torch.tensor([[tokens[position]]]), torch.tensor([[position]])
+            logits = fast.step(ids, positions, decoder.cache, eager=lambda: model(
+                input_ids=ids, position_ids=positions, cache=decoder.cache, use_cache=True).logits[:, -1])
+            assert torch.allclose(logits[0].float(), whole[position], atol=1e-4, rtol=0), position
+    assert fast.verified and fast.steps == 48
+
+
+def test_a_package_of_another_structure_is_refused_and_decoding_goes_on(model, root, tokenizer, capsys):
+    other = tuned_model(tokenizer, rms_norm_eps=0.5)  # same tensors and names, a different computation
+    fast = decode_step.FastStep.for_model(other, build=False, root=root)
+    assert fast.key != decode_step.FastStep.for_model(model, build=False, root=root).key
+    shutil.copytree(root / decode_step.key(decode_step.structure(model)), root / fast.key)
+    assert fast.ready()  # it loads: the names and shapes fit
+    assert answer(other, PROMPTS[0], fast) == answer(other, PROMPTS[0])
+    assert fast.off and "differ" in fast.off and fast.steps == 0
+    assert "warning: the compiled decode step is not used" in capsys.readouterr().err
+    assert not fast.ready()
+
+
+def test_a_damaged_package_is_refused_and_decoding_goes_on(model, root, tokenizer, capsys):
+    other = tuned_model(tokenizer, rope_theta=500.0)
+    fast = decode_step.FastStep.for_model(other, build=False, root=root)
+    (root / fast.key).mkdir()
+    (root / fast.key / decode_step.PACKAGE).write_bytes(b"PK\x03\x04 not a package")
+    assert not fast.ready()
+    assert "could not be loaded" in fast.off
+    assert capsys.readouterr().err.count("\n") == 1  # one line
+    assert answer(other, PROMPTS[0], fast) == answer(other, PROMPTS[0])
+
+
+def test_a_failed_build_is_not_retried(model, tmp_path):
+    fast = decode_step.FastStep.for_model(model, build=False, root=tmp_path)
+    (tmp_path / f"{fast.key}.failed").write_text("RuntimeError: it failed\n")
+    assert decode_step.start_build(tmp_path, fast.key, fast.spec, {}) is None
+    assert not (tmp_path / f"{fast.key}.lock").exists()
+
+
+def test_batches_and_the_base_decode_eagerly(model, root, tokenizer):
+    """Rows decoded together (padding, a mask) and the adapter switched off are other computations: eager."""
+    fast = decode_step.FastStep.for_model(model, build=False, root=root)
+    generator = Generator(model, tokenizer, get_template("qwen_chat"), max_length=1024, fast=fast)
+    assert generator.decoder(adapter=False).fast is None
+    decoder = generator.decoder()
+    rows = [Row(PROMPTS[0], 8, frozenset()), Row(PROMPTS[1], 8, frozenset())]
+    for row in rows:
+        decoder.add(row)
+    before = fast.steps
+    while decoder.rows:
+        decoder.step()
+    assert fast.steps == before
+    assert [r.answer for r in rows] == [answer(model, p, max_new_tokens=8) for p in PROMPTS]
+
+
+def test_the_switch_turns_it_off(model):
+    env = os.environ.get(decode_step.CACHE_ENV)
+    assert env == "off"  # tests/conftest.py: no test process builds in the background unless it asks
+    assert decode_step.FastStep.for_model(model, build=True) is None
