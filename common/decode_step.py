@@ -147,7 +147,12 @@ class FastStep:
             return None
         fast = cls(model, root, spec)
         if build and not (root / fast.key / PACKAGE).is_file():
-            log = start_build(root, fast.key, spec, baked_buffers(model))
+            try:
+                log = start_build(root, fast.key, spec, baked_buffers(model))
+            except OSError as e:  # an unwritable or full cache: chat all the same
+                print(f"warning: the compiled decode step cannot be built in {root} ({e.strerror or e}); decoding "
+                      f"without it", file=sys.stderr)
+                log = None
             if log is not None:
                 print(f"note: compiling this model's decode step in a background process, once for its shape "
                       f"(a few minutes on a small CPU; log: {log}); answers use it when it is ready", file=sys.stderr)

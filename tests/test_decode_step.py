@@ -156,3 +156,12 @@ def test_the_switch_turns_it_off(model):
     env = os.environ.get(decode_step.CACHE_ENV)
     assert env == "off"  # tests/conftest.py: no test process builds in the background unless it asks
     assert decode_step.FastStep.for_model(model, build=True) is None
+
+
+def test_an_unwritable_cache_is_one_warning(model, tmp_path, capsys):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    fast = decode_step.FastStep.for_model(model, build=True, root=blocked / "steps")
+    assert fast is not None and not fast.ready()
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the compiled decode step cannot be built in") and err.count("\n") == 1
