@@ -83,8 +83,6 @@ def structure(model) -> Optional[dict]:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    from common.decoding import products_split
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     if (model.device.type != "cpu" or getattr(base, "hf_quantizer", None) is not None
@@ -96,7 +94,7 @@ def structure(model) -> Optional[dict]:
     for name, tensor in sorted(baked_buffers(model).items()):
         baked.update(name.encode() + tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return {"config": _plain(config.to_dict()), "dtype": str(base.dtype).removeprefix("torch."),
-            "adapters": adapters, "split_products": products_split(base), "threads": torch.get_num_threads(),
+            "adapters": adapters, "threads": torch.get_num_threads(),
             "baked_buffers": baked.hexdigest(), "versions": _versions()}
 
 

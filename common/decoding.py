@@ -219,11 +219,6 @@ def split_products(model) -> int:
     return count
 
 
-def products_split(model) -> bool:
-    """Whether split_products has been applied to the model (the compiled decode step is traced with or without)."""
-    return any(getattr(m.forward, "__func__", None) is _split_forward for m in model.modules())
-
-
 def _split_forward(self, x: torch.Tensor) -> torch.Tensor:
     weight = self.weight
     parts = _parts(*weight.shape, torch.get_num_threads())
