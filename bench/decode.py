@@ -69,14 +69,11 @@ def timed(decode) -> dict:
 def compiled_step(model, root: Path) -> tuple:
     """(FastStep, seconds its build took here, None if it was built before) of the model's compiled decode step,
     built by the background process chat.py starts, waited for."""
-    from common.decode_step import PACKAGE, FastStep
+    from common.decode_step import FastStep
 
     fast = FastStep.for_model(model, build=True, root=root)
-    start, lock = time.perf_counter(), root / f"{fast.key}.lock"
-    built = lock.exists()
-    while lock.exists() and time.perf_counter() - start < BUILD_TIMEOUT:
-        time.sleep(0.5)
-    if not (root / fast.key / PACKAGE).is_file():
+    start, built = time.perf_counter(), (root / f"{fast.key}.lock").exists()
+    if not fast.wait_for_build(BUILD_TIMEOUT):
         raise RuntimeError(f"no compiled step was built; see {root / (fast.key + '.log')}")
     return fast, round(time.perf_counter() - start, 1) if built else None
 

@@ -29,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Callable, Optional
@@ -155,6 +156,14 @@ class FastStep:
                 print(f"note: compiling this model's decode step in a background process, once for its shape "
                       f"(a few minutes on a small CPU; log: {log}); answers use it when it is ready", file=sys.stderr)
         return fast
+
+    def wait_for_build(self, timeout: float) -> bool:
+        """Wait (at most `timeout` seconds) while a build of this package is under way; whether the package is there.
+        For callers that want the compiled step before they start (bench/decode.py, the tests)."""
+        deadline = time.monotonic() + timeout
+        while (self.root / f"{self.key}.lock").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return (self.root / self.key / PACKAGE).is_file()
 
     def ready(self) -> bool:
         """Whether the compiled step can be used now (loads the package the first time it is there)."""

@@ -116,6 +116,7 @@ class Decoder:
         ids = torch.tensor([[r.answer[-1]] for r in rows], device=self.device)
         positions = torch.tensor([[len(r.prompt) + len(r.answer) - 1] for r in rows], device=self.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(rows), 1)], dim=1)
+
         def eager():
             return self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
                               attention_mask=self.mask if self.padded else None).logits[:, -1]
