@@ -17,6 +17,13 @@ that structure and the versions of torch, transformers and peft.
     KEY.lock  KEY.log  KEY.failed   a build under way (its pid), its log, why it failed (not retried; delete it)
     KEY.spec.json  KEY.buffers.safetensors   the build's input, while it runs
 
+Traced differently from the eager forward, the same computation: products as reductions over the input features
+(`products_as_reductions`); the attention (`one_query_attention`: one unpadded query needs no mask, so the query
+heads are grouped by the key/value head they share and the cache is read as it is, not repeated per group); and the
+cache, which lives in buffers with room that each step writes its position into in place (`BufferLayer`), where
+transformers' DynamicCache allocates and copies the whole cache one position longer every step (at 2,000 cached
+positions on SmolLM2 that copy, through fresh memory pages, cost 60 ms of a 100 ms step).
+
 Used only where it is the same computation: a lone answer (no batch padding) on the CPU, the adapter as loaded. The
 first compiled step of a process is checked against the eager step on the same input; a mismatch (a structure the
 key missed) switches it off with a warning. Fused ops round differently in the last bits (logits differ by ~4e-5
@@ -36,6 +43,7 @@ from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers.cache_utils import DynamicLayer
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_ENV = "DECODE_STEP_CACHE"
@@ -43,6 +51,13 @@ PACKAGE, SPEC = "step.pt2", "spec.json"
 # The first compiled step must match the eager one this closely (max |logit diff| over 1 + max |logit|): fused
 # rounding is ~1e-6 of it, a wrong structure far more.
 TOLERANCE = 1e-4
+# What the builder compiles beyond the model's structure: raised when the build changes, so packages built the old
+# way (still correct, but slower) are not picked up.
+BUILD = 3
+# The attention the build traces (registered with transformers under this name, for the build process only)
+ONE_QUERY_ATTENTION = "decode_step_one_query"
+# What models hand their attention function that does not change what it computes for one unpadded query
+HARMLESS_ATTENTION_ARGUMENTS = ("position_ids", "use_cache", "is_causal", "output_attentions")
 # Config entries that name where a model came from, not what it computes
 NOT_STRUCTURE = ("_name_or_path", "transformers_version", "base_model_name_or_path", "revision")
 
@@ -60,8 +75,10 @@ def cache_root() -> Optional[Path]:
 
 class StepModule(torch.nn.Module):
     """The decode step as a function of tensors only, as torch.export needs it: (input_ids [1, 1], position_ids
-    [1, 1], keys, values: one [1, kv heads, cached, head dim] tensor per layer) -> (logits [1, 1, vocab], keys and
-    values with the new position appended). The model's own forward runs inside, on a DynamicCache made of them."""
+    [1, 1], keys, values: one buffer [1, kv heads, capacity, head dim] per layer, its first `position` entries the
+    cache) -> logits [1, 1, vocab]. The new position's key and value are written into the buffers in place, so a
+    step neither copies the cache nor allocates a longer one. The model's own forward runs inside, on a cache made of
+    BufferLayers."""
 
     def __init__(self, model):
         super().__init__()
@@ -70,12 +87,53 @@ class StepModule(torch.nn.Module):
     def forward(self, input_ids, position_ids, keys: list[torch.Tensor], values: list[torch.Tensor]):
         from transformers import DynamicCache
 
+        filled = position_ids[0, 0].item()  # a lone, unpadded row: its position is the cache's length
         cache = DynamicCache(config=self.model.config)
-        for layer, k, v in zip(cache.layers, keys, values):
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v
-        logits = self.model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True).logits
-        return logits, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+        cache.layers = [BufferLayer(k, v, filled) for k, v in zip(keys, values)]
+        return self.model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True).logits
+
+
+class BufferLayer(DynamicLayer):
+    """A cache layer over buffers with room (for tracing the step): the new position is written after the `filled`
+    ones, in place, and attention sees the filled ones and it."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled):
+        super().__init__()
+        torch._check(filled >= 0)
+        torch._check(filled < keys.shape[2])
+        self.lazy_initialization(keys, values)
+        self.buffers_, self.filled = (keys, values), filled
+        self.keys, self.values = keys.narrow(2, 0, filled), values.narrow(2, 0, filled)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        for buffer, new in zip(self.buffers_, (key_states, value_states)):
+            buffer.narrow(2, self.filled, 1).copy_(new)
+        self.keys, self.values = (buffer.narrow(2, 0, self.filled + 1) for buffer in self.buffers_)
+        return self.keys, self.values
+
+
+def room(tensor: torch.Tensor) -> int:
+    """How many positions the buffer that `tensor` (a layer's cache [1, heads, positions, dim]) starts can hold, as
+    its strides say (a plain tensor: its own length)."""
+    return tensor.stride(1) // tensor.shape[3]
+
+
+def capacity_for(positions: int, current: int) -> int:
+    """The buffers' capacity for `positions`: the current one while it has room, else half as much again (one copy
+    of the cache per ~1.5x growth, not one per step)."""
+    return current if current >= positions else positions + max(256, positions // 2)
+
+
+def with_room(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The buffer [1, heads, capacity, dim] that `tensor` (a layer's cache) starts, if it is one; else a new one with
+    the tensor copied in (once an answer, and when it fills up)."""
+    batch, heads, length, dim = tensor.shape
+    if (room(tensor) == capacity and tensor.storage_offset() == 0
+            and tensor.stride() == (heads * capacity * dim, capacity * dim, dim, 1)):
+        return tensor.as_strided((batch, heads, capacity, dim), tensor.stride())
+    buffer = tensor.new_empty((batch, heads, capacity, dim))
+    buffer[:, :, :length] = tensor
+    return buffer
 
 
 def structure(model) -> Optional[dict]:
@@ -96,7 +154,7 @@ def structure(model) -> Optional[dict]:
         baked.update(name.encode() + tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return {"config": _plain(config.to_dict()), "dtype": str(base.dtype).removeprefix("torch."),
             "adapters": adapters, "threads": torch.get_num_threads(),
-            "baked_buffers": baked.hexdigest(), "versions": _versions()}
+            "baked_buffers": baked.hexdigest(), "versions": _versions(), "build": BUILD}
 
 
 def baked_buffers(model) -> dict[str, torch.Tensor]:
@@ -184,19 +242,23 @@ class FastStep:
         return True
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, cache, eager: Callable[[], torch.Tensor]):
-        """The logits [1, vocab] of one token, its keys and values appended to the cache's layers. The first call
-        also runs `eager` (the model's own forward on the same cache) and compares."""
+        """The logits [1, vocab] of one token, its key and value appended to the cache's layers (as views of buffers
+        with room, which the next step writes into). The first call also runs `eager` (the model's own forward on
+        the same cache) and compares."""
         layers = cache.layers
         before = [(layer.keys, layer.values) for layer in layers]
-        try:  # contiguous, as traced: a batch that shrank to this row leaves its cache as strided views
-            logits, keys, values = self.runner(ids, positions, [k.contiguous() for k, _ in before],
-                                               [v.contiguous() for _, v in before])
+        filled = before[0][0].shape[2]
+        if int(positions[0, 0]) != filled:  # not a lone unpadded row after all: the model's own step
+            return eager()
+        capacity = capacity_for(filled + 1, room(before[0][0]))  # one for all layers, as traced
+        keys = [with_room(k, capacity) for k, _ in before]
+        values = [with_room(v, capacity) for _, v in before]
+        try:
+            logits = self.runner(ids, positions, keys, values)
         except Exception as e:  # the answer goes on eagerly rather than end in an error
             self._switch_off(f"it failed ({type(e).__name__}: {_first_line(e)})")
             return eager()
-        if not self.verified:
-            for layer, (k, v) in zip(layers, before):  # the eager step appends to the same cache
-                layer.keys, layer.values = k, v
+        if not self.verified:  # the eager step appends to the cache as it was (the buffers past it are not seen)
             expected = eager()
             gap = float((logits[:, -1] - expected).abs().max())
             if not gap <= TOLERANCE * (1 + float(expected.abs().max())):
@@ -205,7 +267,7 @@ class FastStep:
             self.verified = True
             return expected
         for layer, k, v in zip(layers, keys, values):
-            layer.keys, layer.values = k, v
+            layer.keys, layer.values = k[:, :, :filled + 1], v[:, :, :filled + 1]
         self.steps += 1
         return logits[:, -1]
 
@@ -262,7 +324,7 @@ def build(spec: dict, buffers: dict[str, torch.Tensor], package: Path) -> None:
     weights of its own (uninitialised memory: the package is handed the live model's tensors at load), its baked
     buffers given."""
     from peft import get_peft_config, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, DynamicCache
 
     torch.set_num_threads(spec["threads"])  # the compiled kernels run on this many threads
     dtype = getattr(torch, spec["dtype"])
@@ -273,18 +335,20 @@ def build(spec: dict, buffers: dict[str, torch.Tensor], package: Path) -> None:
     for name, adapter in spec["adapters"].items():
         model = get_peft_model(model, get_peft_config(adapter), adapter_name=name)
     products_as_reductions(model)
+    AttentionInterface.register(ONE_QUERY_ATTENTION, one_query_attention)
+    model.set_attn_implementation(ONE_QUERY_ATTENTION)
     model.eval()
     with torch.no_grad():
         for name, value in buffers.items():
             model.get_buffer(name).copy_(value)
-    with torch.inference_mode():  # a cache of two positions as the example (0 and 1 are specialised by export)
+    with torch.inference_mode():  # the layers' cache shapes, from a forward of two positions
         cache = DynamicCache(config=model.config)
         model(input_ids=torch.zeros(1, 2, dtype=torch.long), cache=cache, use_cache=True)
-        keys = [layer.keys.clone() for layer in cache.layers]
-        values = [layer.values.clone() for layer in cache.layers]
-    cached = torch.export.Dim.DYNAMIC
-    shapes = {"input_ids": None, "position_ids": None, "keys": [{2: cached}] * len(keys),
-              "values": [{2: cached}] * len(values)}
+        keys = [layer.keys.new_zeros(layer.keys.shape[:2] + (8, layer.keys.shape[3])) for layer in cache.layers]
+        values = [layer.values.new_zeros(layer.values.shape[:2] + (8, layer.values.shape[3])) for layer in cache.layers]
+    capacity = torch.export.Dim("capacity", min=2)  # one for all layers (FastStep.step gives them one)
+    shapes = {"input_ids": None, "position_ids": None, "keys": [{2: capacity}] * len(keys),
+              "values": [{2: capacity}] * len(values)}
     with torch.no_grad():
         exported = torch.export.export(StepModule(model), (torch.zeros(1, 1, dtype=torch.long),
                                                            torch.full((1, 1), 2), keys, values),
@@ -301,6 +365,21 @@ def products_as_reductions(model) -> None:
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.forward = types.MethodType(_reduction_forward, module)
+
+
+def one_query_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of the one new position over the whole cache, as the compiled step needs it: no mask (a lone,
+    unpadded row sees every cached position, itself last) and the query heads grouped by the key/value head they
+    share, so the cache is read as it is instead of copied once per group (transformers' `repeat_kv`, taken while
+    tracing: 3x the cache written and read per step on SmolLM2)."""
+    extras = sorted(name for name, given in kwargs.items()
+                    if name not in HARMLESS_ATTENTION_ARGUMENTS and given is not None and given is not False)
+    if extras or dropout:  # softcapping, sinks, sliding windows...: this attention does not do them, so no package
+        raise NotImplementedError(f"the compiled step's attention does not do {extras or ['dropout']}")
+    batch, heads, length, dim = query.shape  # length 1
+    grouped = query.reshape(batch, key.shape[1], heads // key.shape[1] * length, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, scale=scaling)
+    return out.reshape(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def _reduction_forward(self, x: torch.Tensor) -> torch.Tensor:

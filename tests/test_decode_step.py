@@ -9,6 +9,7 @@ not zero, split products on: the structure of a tuned run as chat.py loads it. O
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,7 +88,8 @@ def test_answers_through_the_compiled_step_are_the_eager_answers(model, root, to
 
 
 def test_logits_of_the_compiled_step_match_the_model(model, root):
-    """Each compiled step, teacher-forced along a prompt, against one forward of the whole prompt without a cache."""
+    """Each compiled step, teacher-forced along a prompt, against one forward of the whole prompt without a cache; the
+    steps write into the cache's buffers in place, and a full buffer is replaced by a larger one, its cache kept."""
     fast = decode_step.FastStep.for_model(model, build=False, root=root)
     assert fast.ready()
     tokens = PROMPTS[1]
@@ -95,12 +97,42 @@ def test_logits_of_the_compiled_step_match_the_model(model, root):
         whole = model(input_ids=torch.tensor([tokens])).logits[0].float()
         decoder = Decoder(model, fast=fast)
         decoder.add(Row(tokens[:50], 100, frozenset()))
+        buffers = []
         for position in range(50, 99):
+            if position == 51:  # after the checked first step: buffers with room for one more position only
+                for layer in decoder.cache.layers:
+                    layer.keys = decode_step.with_room(layer.keys, 52)[:, :, :51]
+                    layer.values = decode_step.with_room(layer.values, 52)[:, :, :51]
             ids, positions = torch.tensor([[tokens[position]]]), torch.tensor([[position]])
             logits = fast.step(ids, positions, decoder.cache, eager=lambda: model(
                 input_ids=ids, position_ids=positions, cache=decoder.cache, use_cache=True).logits[:, -1])
             assert torch.allclose(logits[0].float(), whole[position], atol=1e-4, rtol=0), position
+            keys = decoder.cache.layers[0].keys
+            assert keys.shape[2] == position + 1
+            buffers.append((keys.untyped_storage().data_ptr(), keys.stride(1) // keys.shape[3]))
     assert fast.verified and fast.steps == 48
+    # position 51 filled the buffer of 52, 52 moved to one of 52 + 256 that every later step wrote into
+    assert buffers[1][1] == 52 and buffers[2][1] == 53 + 256 and buffers[1][0] != buffers[2][0]
+    assert len(set(buffers[2:])) == 1
+
+
+def test_the_traced_attention_is_the_models_and_refuses_what_it_does_not_do():
+    """The attention the build traces (no mask; query heads grouped by the key/value head they share, the cache not
+    repeated) against transformers' own for one query over a grouped cache; an argument it would ignore (logit
+    softcapping, attention sinks, a sliding window) fails the build instead of compiling something else."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 9, 1, 16), torch.randn(2, 3, 37, 16), torch.randn(2, 3, 37, 16)
+    mine, _ = decode_step.one_query_attention(module, query, key, value, None, scaling=0.25, use_cache=True,
+                                              position_ids=torch.tensor([[36], [36]]), sliding_window=None)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.25)
+    assert mine.shape == theirs.shape == (2, 1, 9, 16)
+    assert torch.allclose(mine, theirs, atol=1e-6, rtol=0)
+    for name, given in (("softcap", 30.0), ("s_aux", torch.zeros(9)), ("sliding_window", 16)):
+        with pytest.raises(NotImplementedError, match=name):
+            decode_step.one_query_attention(module, query, key, value, None, scaling=0.25, **{name: given})
 
 
 def test_a_package_of_another_structure_is_refused_and_decoding_goes_on(model, root, tokenizer, capsys):
