@@ -5,8 +5,10 @@ llama.cpp on our own GGUF export of the same model when llama-cpp-python is inst
 
     python bench/decode.py [--quick] [--llama-python PATH]
 
-Greedy, on the demo model, float32 and the `auto` dtype, up to 64 and 256 new tokens; each answer ends at EOS or the
-limit, the same tokens on both paths (checked). Decode tokens/s: tokens after the first over the time after the
+Greedy, on the demo model, float32 and the `auto` dtype, up to 64 and 256 new tokens, two short English questions;
+then (not with --quick) a long pass: 64 new tokens after a counselling session of ~1,900 prompt tokens, where the
+cache, not the weights, grows to matter. Each answer ends at EOS or the limit, the same tokens on all paths
+(checked). Decode tokens/s: tokens after the first over the time after the
 first; time to first token: from the call to the first token. Alternating A B, then B A; medians over rounds.
 llama.cpp: `--llama-python` names a Python that has `llama_cpp` (it compiles llama.cpp from source, ~10 minutes on 2
 cores, so it lives in a venv of its own: `python3 -m venv ../llamavenv && ../llamavenv/bin/pip install
@@ -33,6 +35,10 @@ from bench.training import MODEL  # noqa: E402
 QUESTIONS = ["Explain in detail how to build a habit of going to bed on time.",
              "Write a long letter to a friend who feels anxious about exams."]
 ROUNDS = 3
+# The long pass: a counselling session of this many prompt tokens at most (llama.cpp's context here is 2,048), the
+# sample's conversations as its earlier turns (data/psych_sample.json; Chinese costs SmolLM2 many tokens)
+LONG_PROMPT_TOKENS = 1900
+SESSION = ROOT / "data" / "psych_sample.json"
 BUILD_TIMEOUT = 1200  # seconds for the compiled step's build (~2 minutes for SmolLM2 on 2 cores)
 
 # Run by llama.cpp's Python: argv = GGUF path, max new tokens, threads, then JSON prompt id lists on stdin.
@@ -78,7 +84,21 @@ def compiled_step(model, root: Path) -> tuple:
     return fast, round(time.perf_counter() - start, 1) if built else None
 
 
-def core_and_generate(dtype: str, limit: int, rounds: int, steps: Path) -> dict:
+def long_session(generator) -> list[dict]:
+    """A long counselling session ending in a question: the sample's conversations as earlier turns, as many of the
+    latest as fit in LONG_PROMPT_TOKENS."""
+    turns = [turn for record in json.loads(SESSION.read_text(encoding="utf-8")) for turn in record["conversation"]]
+    messages = [{"role": "user", "content": "我最近总是睡不好，白天也提不起精神，该怎么办？"}]
+    for turn in reversed(turns):
+        longer = [{"role": "user", "content": turn["input"]}, {"role": "assistant", "content": turn["output"]},
+                  *messages]
+        if len(generator.prompt_ids(longer)) > LONG_PROMPT_TOKENS:
+            return messages
+        messages = longer
+    return messages
+
+
+def core_and_generate(dtype: str, limit: int, rounds: int, steps: Path, long: bool = False) -> dict:
     import torch
 
     from common.artifacts import resolve_model
@@ -93,7 +113,8 @@ def core_and_generate(dtype: str, limit: int, rounds: int, steps: Path) -> dict:
     generator = Generator(model, tokenizer, get_template("tokenizer"), max_length=2048)
     sampling = Sampling(max_new_tokens=limit)
     config = generator.generation_config(sampling)
-    prompts = [generator.prompt_ids([{"role": "user", "content": q}]) for q in QUESTIONS]
+    prompts = ([generator.prompt_ids(long_session(generator))] if long
+               else [generator.prompt_ids([{"role": "user", "content": q}]) for q in QUESTIONS])
 
     class FirstToken:  # generate()'s streamer: its first put() is the prompt, each later one a new token
         def __init__(self, on_token):
@@ -184,11 +205,14 @@ def run(quick: bool, llama_python: str | None = None, steps: Path | None = None)
         for dtype in ("float32", "auto"):
             for limit in limits:
                 out["runs"].append(one_run(dtype, limit, rounds, steps, llama_python))
+        if not quick:
+            out["runs"].append(one_run("auto", 64, rounds, steps, llama_python, long=True))
     return out
 
 
-def one_run(dtype: str, limit: int, rounds: int, steps: Path, llama_python: str | None) -> dict:
-    result = {"max_new_tokens": limit, **core_and_generate(dtype, limit, rounds, steps)}
+def one_run(dtype: str, limit: int, rounds: int, steps: Path, llama_python: str | None, long: bool = False) -> dict:
+    result = {"max_new_tokens": limit, "long_session": long,
+              **core_and_generate(dtype, limit, rounds, steps, long)}
     prompts = result.pop("prompts")
     if llama_python and dtype == "auto":
         result["llama.cpp f16"] = llama_cpp(llama_python, prompts, limit, rounds)
