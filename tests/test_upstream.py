@@ -12,7 +12,7 @@ that is not checked here is a defect.
 | transformers | `cache_utils.DynamicLayer` and its `keys`/`values` tensors | decoding.Decoder (batching rows in one cache) | rows joining and leaving a batch pad, concatenate and select cache tensors; `DynamicCache` has no public merge | test_decoding |
 | torch | `_inductor.aoti_compile_and_package`, `_inductor.aoti_load_package`, the loaded model's `get_constant_fqns`/`load_constants(..., user_managed=True)`, the config `aot_inductor.package_constants_in_so` | decode_step (build, FastStep.ready) | AOTInductor's documented entry points live under `torch._inductor`; a package without weights, handed the live model's tensors, has no other API | test_decode_step |
 | torch | `nn.Module._non_persistent_buffers_set` | decode_step.baked_buffers | which buffers are computed rather than saved (they are compiled into the package); no public accessor | test_decode_step (a model's rotary frequencies reach the build) |
-| transformers | `cache_utils.DynamicLayer.lazy_initialization(keys, values)` | decode_step.StepModule | a cache made from given tensors, for the exported step | test_decode_step |
+| transformers | `cache_utils.DynamicLayer.lazy_initialization(keys, values)`; a `DynamicCache`'s `layers` replaced by our own `DynamicLayer` subclass (the cache hands each layer's `update` its new key and value) | decode_step.StepModule, BufferLayer | a cache over buffers with room, written in place, for the exported step; transformers' `StaticCache` attends over its whole length | test_decode_step |
 | huggingface_hub | `serialization._base.parse_size_to_int` | merging | the size parser `split_torch_state_dict_into_shards` uses, not re-exported | test_merge |
 | safetensors | `torch._getdtype` | weights.ModelWeights | a header's dtype string as a torch dtype (merge and the GGUF export plan from headers) | test_merge, test_gguf |
 | torch | `ops.mkldnn._is_mkldnn_bf16_supported` | precision.cpu_has_native_bf16 | oneDNN's own answer to "native bf16 here" | test_precision |
@@ -151,6 +151,7 @@ def test_aot_inductor_entry_points_keep_their_shape():
     import torch._inductor
     import torch._inductor.config as inductor_config
     from torch._inductor.package.package import AOTICompiledModel
+    from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     assert callable(torch._inductor.aoti_compile_and_package) and callable(torch._inductor.aoti_load_package)
@@ -159,6 +160,7 @@ def test_aot_inductor_entry_points_keep_their_shape():
         inspect.signature(AOTICompiledModel.load_constants).parameters)
     assert callable(AOTICompiledModel.get_constant_fqns)
     assert list(inspect.signature(DynamicLayer.lazy_initialization).parameters)[1:3] == ["key_states", "value_states"]
+    assert "self.layers[layer_idx].update(" in inspect.getsource(DynamicCache.update)
     module = torch.nn.Module()
     module.register_buffer("computed", torch.ones(1), persistent=False)
     assert module._non_persistent_buffers_set == {"computed"}
