@@ -4,9 +4,8 @@ Why: a decode step of a small model is ~1,500 small torch ops, each dispatched f
 as much as reading the weights (README, "Decoding"). Compiled, the step is one C++ function with those ops fused:
 SmolLM2-135M decodes 2.5-3x faster (float32, AVX2; 2x after a ~1,900-token session), the same greedy tokens.
 `torch.compile` in the process gives the same speed, but its tracing costs 40-100 s in every process (measured;
-nothing caches it), and tracing on a thread
-beside the chat stalls the chat's own ops on the GIL. An AOTInductor package is built once, by a separate process,
-and loads in milliseconds.
+nothing caches it), and tracing on a thread beside the chat stalls the chat's own ops on the GIL. An AOTInductor
+package is built once, by a separate process, and loads in milliseconds.
 
 What is compiled is the model's *structure*, not its weights: the package holds no weights (the live model's own
 tensors are handed to it at load, nothing is copied), so one build serves every model with the same config, dtype,
