@@ -267,7 +267,7 @@ class FastStep:
             self.verified = True
             return expected
         for layer, k, v in zip(layers, keys, values):
-            layer.keys, layer.values = k[:, :, :filled + 1], v[:, :, :filled + 1]
+            layer.keys, layer.values = k.narrow(2, 0, filled + 1), v.narrow(2, 0, filled + 1)
         self.steps += 1
         return logits[:, -1]
 
