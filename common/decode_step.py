@@ -334,9 +334,6 @@ def build(spec: dict, buffers: dict[str, torch.Tensor], package: Path) -> None:
     model.to_empty(device="cpu")  # every tensor is a constant of the package, given its value at load
     for name, adapter in spec["adapters"].items():
         model = get_peft_model(model, get_peft_config(adapter), adapter_name=name)
-    products_as_reductions(model)
-    AttentionInterface.register(ONE_QUERY_ATTENTION, one_query_attention)
-    model.set_attn_implementation(ONE_QUERY_ATTENTION)
     model.eval()
     with torch.no_grad():
         for name, value in buffers.items():
@@ -346,6 +343,9 @@ def build(spec: dict, buffers: dict[str, torch.Tensor], package: Path) -> None:
         model(input_ids=torch.zeros(1, 2, dtype=torch.long), cache=cache, use_cache=True)
         keys = [layer.keys.new_zeros(layer.keys.shape[:2] + (8, layer.keys.shape[3])) for layer in cache.layers]
         values = [layer.values.new_zeros(layer.values.shape[:2] + (8, layer.values.shape[3])) for layer in cache.layers]
+    products_as_reductions(model)  # what is traced from here on
+    AttentionInterface.register(ONE_QUERY_ATTENTION, one_query_attention)
+    model.set_attn_implementation(ONE_QUERY_ATTENTION)
     capacity = torch.export.Dim("capacity", min=2)  # one for all layers (FastStep.step gives them one)
     shapes = {"input_ids": None, "position_ids": None, "keys": [{2: capacity}] * len(keys),
               "values": [{2: capacity}] * len(values)}
