@@ -43,6 +43,7 @@ from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,8 +86,6 @@ class StepModule(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, position_ids, keys: list[torch.Tensor], values: list[torch.Tensor]):
-        from transformers import DynamicCache
-
         filled = position_ids[0, 0].item()  # a lone, unpadded row: its position is the cache's length
         cache = DynamicCache(config=self.model.config)
         cache.layers = [BufferLayer(k, v, filled) for k, v in zip(keys, values)]
@@ -128,8 +127,7 @@ def with_room(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
     """The buffer [1, heads, capacity, dim] that `tensor` (a layer's cache) starts, if it is one; else a new one with
     the tensor copied in (once an answer, and when it fills up)."""
     batch, heads, length, dim = tensor.shape
-    if (room(tensor) == capacity and tensor.storage_offset() == 0
-            and tensor.stride() == (heads * capacity * dim, capacity * dim, dim, 1)):
+    if tensor.storage_offset() == 0 and tensor.stride() == (heads * capacity * dim, capacity * dim, dim, 1):
         return tensor.as_strided((batch, heads, capacity, dim), tensor.stride())
     buffer = tensor.new_empty((batch, heads, capacity, dim))
     buffer[:, :, :length] = tensor
@@ -139,9 +137,6 @@ def with_room(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
 def structure(model) -> Optional[dict]:
     """What the compiled step depends on (the package's key is its hash), or None where no package applies: not on
     the CPU, quantized, remote code, or cache layers that are not plain full attention."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     if (model.device.type != "cpu" or getattr(base, "hf_quantizer", None) is not None
@@ -324,7 +319,7 @@ def build(spec: dict, buffers: dict[str, torch.Tensor], package: Path) -> None:
     weights of its own (uninitialised memory: the package is handed the live model's tensors at load), its baked
     buffers given."""
     from peft import get_peft_config, get_peft_model
-    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, DynamicCache
+    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
     torch.set_num_threads(spec["threads"])  # the compiled kernels run on this many threads
     dtype = getattr(torch, spec["dtype"])
