@@ -10,11 +10,15 @@ package is built once, by a separate process, and loads in milliseconds.
 What is compiled is the model's *structure*, not its weights: the package holds no weights (the live model's own
 tensors are handed to it at load, nothing is copied), so one build serves every model with the same config, dtype,
 adapter shape and thread count (a base, its merge, every run's adapter of the same shape). The key is a hash of
-that structure and the versions of torch, transformers and peft.
+that structure, the CPU capability torch dispatches to (a package compiled for AVX-512 dies of an illegal instruction
+on an AVX2-only node sharing the same HF_HOME, which no `except` catches), the versions of torch, transformers and
+peft, and the source of the code that builds the package (a change to the build makes packages built the old way
+miss, with no number to bump by hand).
 
   DECODE_STEP_CACHE=DIR      where packages live (default HF_HOME/decode_steps); `off`: never use or build one
     KEY/step.pt2  KEY/spec.json     a built package and what it was built for
-    KEY.lock  KEY.log  KEY.failed   a build under way (its pid), its log, why it failed (not retried; delete it)
+    KEY.lock  KEY.log  KEY.failed   a build under way (its pid), its log, why it failed (not retried, and said
+                                    once when a REPL or server starts: delete it to try again)
     KEY.spec.json  KEY.buffers.safetensors   the build's input, while it runs
 
 Traced differently from the eager forward, the same computation: products as reductions over the input features
@@ -32,6 +36,7 @@ on SmolLM2), which can tip a near-tie between two tokens; greedy answers were id
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import subprocess
@@ -46,15 +51,15 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from common.cli import first_line
+from common.decoding import batchable
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_ENV = "DECODE_STEP_CACHE"
 PACKAGE, SPEC = "step.pt2", "spec.json"
 # The first compiled step must match the eager one this closely (max |logit diff| over 1 + max |logit|): fused
 # rounding is ~1e-6 of it, a wrong structure far more.
 TOLERANCE = 1e-4
-# What the builder compiles beyond the model's structure: raised when the build changes, so packages built the old
-# way (still correct, but slower) are not picked up.
-BUILD = 3
 # The attention the build traces (registered with transformers under this name, for the build process only)
 ONE_QUERY_ATTENTION = "decode_step_one_query"
 # What models hand their attention function that does not change what it computes for one unpadded query
@@ -134,14 +139,14 @@ def with_room(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
     return buffer
 
 
-def structure(model) -> Optional[dict]:
+def structure(model, cpu_capability: Optional[str] = None) -> Optional[dict]:
     """What the compiled step depends on (the package's key is its hash), or None where no package applies: not on
-    the CPU, quantized, remote code, or cache layers that are not plain full attention."""
+    the CPU, quantized, remote code, or cache layers that are not plain full attention (those a batch cannot share
+    either). cpu_capability: the instruction set the package is for (default: what torch dispatches to here)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     if (model.device.type != "cpu" or getattr(base, "hf_quantizer", None) is not None
-            or getattr(config, "auto_map", None)
-            or any(type(layer) is not DynamicLayer for layer in DynamicCache(config=config).layers)):
+            or getattr(config, "auto_map", None) or not batchable(DynamicCache(config=config))):
         return None
     adapters = {name: _plain(c.to_dict()) for name, c in getattr(model, "peft_config", {}).items()}
     baked = hashlib.sha256()
@@ -149,7 +154,8 @@ def structure(model) -> Optional[dict]:
         baked.update(name.encode() + tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return {"config": _plain(config.to_dict()), "dtype": str(base.dtype).removeprefix("torch."),
             "adapters": adapters, "threads": torch.get_num_threads(),
-            "baked_buffers": baked.hexdigest(), "versions": _versions(), "build": BUILD}
+            "baked_buffers": baked.hexdigest(), "versions": _versions(), "build": build_code(),
+            "cpu_capability": cpu_capability or torch.backends.cpu.get_cpu_capability()}
 
 
 def baked_buffers(model) -> dict[str, torch.Tensor]:
@@ -172,8 +178,18 @@ def _versions() -> dict:
     return {name: version(name) for name in ("torch", "transformers", "peft")}
 
 
+def build_code() -> str:
+    """A hash of the source of everything that shapes a package (the traced module, its cache layer and attention,
+    the products, the export and compile call)."""
+    code = (StepModule, BufferLayer, build, products_as_reductions, one_query_attention, _reduction_forward)
+    return hashlib.sha256("".join(inspect.getsource(part) for part in code).encode()).hexdigest()[:16]
+
+
 def key(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+
+_FAILURES_SAID: set[str] = set()  # keys whose failed build this process has mentioned
 
 
 class FastStep:
@@ -198,7 +214,15 @@ class FastStep:
         if root is None or spec is None:
             return None
         fast = cls(model, root, spec)
-        if build and not (root / fast.key / PACKAGE).is_file():
+        failed = root / f"{fast.key}.failed"
+        if build and failed.is_file():
+            if fast.key not in _FAILURES_SAID:  # once a process: a server loads each model once, a REPL once
+                _FAILURES_SAID.add(fast.key)
+                why = failed.read_text(encoding="utf-8", errors="replace").strip()
+                print(f"note: the compiled decode step is not built for this model: its build failed before ({why}; "
+                      f"log: {root / f'{fast.key}.log'}); decoding without it. Delete {failed} to try again",
+                      file=sys.stderr)
+        elif build and not (root / fast.key / PACKAGE).is_file():
             try:
                 log = start_build(root, fast.key, spec, baked_buffers(model))
             except OSError as e:  # an unwritable or full cache: chat all the same
@@ -232,7 +256,7 @@ class FastStep:
             runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
                                   check_full_update=True, user_managed=True)  # the model's tensors, not copies
         except Exception as e:  # a damaged or foreign package: decode as before, and say so once
-            return self._switch_off(f"{package} could not be loaded ({type(e).__name__}: {_first_line(e)})")
+            return self._switch_off(f"{package} could not be loaded ({type(e).__name__}: {first_line(e)})")
         self.runner = runner
         return True
 
@@ -251,7 +275,7 @@ class FastStep:
         try:
             logits = self.runner(ids, positions, keys, values)
         except Exception as e:  # the answer goes on eagerly rather than end in an error
-            self._switch_off(f"it failed ({type(e).__name__}: {_first_line(e)})")
+            self._switch_off(f"it failed ({type(e).__name__}: {first_line(e)})")
             return eager()
         if not self.verified:  # the eager step appends to the cache as it was (the buffers past it are not seen)
             expected = eager()
@@ -270,10 +294,6 @@ class FastStep:
         self.off, self.runner = why, None
         print(f"warning: the compiled decode step is not used: {why}; decoding as without it", file=sys.stderr)
         return False
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 # ---------------------------------------------------------------- building a package (in its own process)
@@ -395,7 +415,7 @@ def main(argv: list[str]) -> int:
             build(spec, buffers, tmp / PACKAGE)
         return 0
     except BaseException as e:
-        (root / f"{key_}.failed").write_text(f"{type(e).__name__}: {_first_line(e)}\n", encoding="utf-8")
+        (root / f"{key_}.failed").write_text(f"{type(e).__name__}: {first_line(e)}\n", encoding="utf-8")
         raise
     finally:
         (root / f"{key_}.lock").unlink(missing_ok=True)

@@ -20,16 +20,13 @@ import functools
 import types
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers import LogitsProcessorList
-
-if TYPE_CHECKING:
-    from common.decode_step import FastStep
 
 
 @dataclass
@@ -82,9 +79,11 @@ class Row:
 
 class Decoder:
     """Rows decoding together, one token each per step. Not thread-safe: one thread (the caller's, or the server's
-    worker) drives it. `context()` is entered around every forward (e.g. PEFT's `disable_adapter` for base answers)."""
+    worker) drives it. `context()` is entered around every forward (e.g. PEFT's `disable_adapter` for base answers).
+    `fast`: the model's compiled decode step (common.decode_step.FastStep, which imports this module), taken while
+    one row decodes alone."""
 
-    def __init__(self, model, context: Callable[[], ContextManager] = nullcontext, fast: Optional[FastStep] = None):
+    def __init__(self, model, context: Callable[[], ContextManager] = nullcontext, fast=None):
         self.model, self.context, self.fast = model, context, fast
         self.rows: list[Row] = []
         self.cache: Optional[DynamicCache] = None

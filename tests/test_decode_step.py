@@ -158,11 +158,32 @@ def test_a_damaged_package_is_refused_and_decoding_goes_on(model, root, tokenize
     assert answer(other, PROMPTS[0], fast) == answer(other, PROMPTS[0])
 
 
-def test_a_failed_build_is_not_retried(model, tmp_path):
+def test_a_failed_build_is_not_retried_and_said_once(model, tmp_path, capsys):
     fast = decode_step.FastStep.for_model(model, build=False, root=tmp_path)
-    (tmp_path / f"{fast.key}.failed").write_text("RuntimeError: it failed\n")
+    failed = tmp_path / f"{fast.key}.failed"
+    failed.write_text("RuntimeError: it failed\n")
     assert decode_step.start_build(tmp_path, fast.key, fast.spec, {}) is None
     assert not (tmp_path / f"{fast.key}.lock").exists()
+    for _ in range(2):  # a REPL or server that starts: one note naming the marker and how to retry, once a process
+        assert decode_step.FastStep.for_model(model, build=True, root=tmp_path) is not None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RuntimeError: it failed" in err and f"Delete {failed} to try again" in err
+    assert not (tmp_path / f"{fast.key}.lock").exists()
+
+
+def test_the_key_holds_the_cpu_capability_and_the_build_code(model):
+    """A package compiled for one instruction set is never looked for on a machine of another (an AVX-512 package
+    on an AVX2 node dies of an illegal instruction); the code that builds packages is in the key, not a number."""
+    import torch
+
+    here = decode_step.structure(model)
+    assert here["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    keys = {decode_step.key(decode_step.structure(model, cpu_capability=isa)) for isa in ("DEFAULT", "AVX2", "AVX512")}
+    assert len(keys) == 3
+    assert decode_step.key(here) in keys
+    assert here["build"] == decode_step.build_code() and len(here["build"]) == 16
+    changed = dict(here, build=decode_step.build_code() + "0")  # what a change to the build's source does
+    assert decode_step.key(changed) != decode_step.key(here)
 
 
 def test_batches_and_the_base_decode_eagerly(model, root, tokenizer):
@@ -179,6 +200,30 @@ def test_batches_and_the_base_decode_eagerly(model, root, tokenizer):
         decoder.step()
     assert fast.steps == before
     assert [r.answer for r in rows] == [answer(model, p, max_new_tokens=8) for p in PROMPTS]
+
+
+def test_a_lone_answer_that_joins_a_batch_and_leaves_it_answers_as_eager(model, root):
+    """The server's normal life: an answer decoding alone (compiled) is joined by another mid-answer (the batch is
+    eager, its cache padded and copied out of the compiled step's buffers), which ends first; the first answer is
+    alone again and back on the compiled step. Both answers are the eager answers token for token."""
+    fast = decode_step.FastStep.for_model(model, build=False, root=root)
+    assert fast.ready()
+    decoder = Decoder(model, fast=fast)
+    first, second = Row(PROMPTS[1], 40, frozenset()), Row(PROMPTS[0], 10, frozenset())
+    assert not decoder.add(first)
+    for _ in range(12):
+        decoder.step()
+    alone_before = fast.steps
+    assert alone_before >= 10  # compiled while alone (the first step of a process may be the checked one)
+    assert not decoder.add(second)
+    while second in decoder.rows:
+        decoder.step()
+    assert fast.steps == alone_before and len(decoder.rows) == 1 and not decoder.padded
+    while decoder.rows:
+        decoder.step()
+    assert fast.steps > alone_before  # alone again: compiled again
+    assert first.answer == answer(model, PROMPTS[1]) and len(first.answer) == 40
+    assert second.answer == answer(model, PROMPTS[0], max_new_tokens=10)
 
 
 def test_the_switch_turns_it_off(model):
