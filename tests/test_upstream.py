@@ -20,6 +20,13 @@ that is not checked here is a defect.
 | trl | `DPOTrainer._prepare_dataset(dataset, processing_class, args, dataset_name)` | preference.PairDPOTrainer | TRL 1.16 re-tokenizes every dataset; the override passes our pre-tokenized pair rows through | test_preference (rows equal TRL's tokenization; loss equal to plain DPOTrainer) |
 | trl | `trainer.utils.FusedCausalLMOutput` and the `fused_lm_head=True` forward its trainers call | acceleration.pack_pairs | packed pairs answer DPOTrainer's fused-head forward in its own output type | test_preference (packed outputs and gradients equal the padded forward) |
 | Python | `_compat_pickle` name tables | safeload._py3_name | protocol-2 pickles name Python 2 modules | test_convert |
+| peft | `utils.other.get_pattern_key(pattern_keys, key_to_match)` | merging (a module's rank and alpha from `rank_pattern`/`alpha_pattern`) | the rule PEFT itself applies to pick a pattern for a module; not exported | test_merge |
+| transformers | `integrations.gguf.gguf_tokenizer_mapping.GGUF_PRE_TOKENIZER_SPLITS` | gguf_export.pre_tokenizer_name | llama.cpp's names for pre-tokenizer regexes as transformers' GGUF reader knows them; no public table | test_gguf |
+| transformers | `modeling_gguf_pytorch_utils.tqdm` (swapped for a silent one while verify loads the GGUF) | gguf_export.verify | its progress bar is a plain tqdm that ignores transformers' own switch | test_gguf |
+| numpy | `_core.multiarray._reconstruct`, `_core.multiarray.scalar` | safeload._numpy_globals | the globals numpy arrays and scalars pickle as (mmengine's log history); numpy >= 2 moved them from `core` | test_convert |
+| trl | `experimental.orpo.ORPOConfig`, `ORPOTrainer` | preference | TRL 1.x moved ORPO out of its stable namespace | test_preference |
+| torch | `_check(cond)` | decode_step.BufferLayer | bounds on an unbacked size while exporting (torch.export's documented way to state them) | test_decode_step |
+| transformers | `Trainer._prepare_inputs(inputs)` | bench/preference.py (one timed DPO step) | moves a collated batch to the device as a training step does; no public twin | test_bench (the bench's quick run) |
 
 Training's run behaviour (checkpoints staged and renamed, recipe in each, rotation, token counts) uses public
 pieces only: `TrainingArguments.output_dir`, `include_num_input_tokens_seen`, `TrainerCallback.on_save`,
@@ -86,7 +93,62 @@ def test_hub_size_parser_and_safetensors_dtype_names():
 
 
 def test_mkldnn_bf16_query_answers_a_bool():
-    assert isinstance(bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), bool)
+    """precision.cpu_has_native_bf16 asks oneDNN; the op must exist, take no argument and answer a bool (a tensor or
+    None would make every CPU look native, or none)."""
+    answer = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert type(answer) is bool
+
+
+def test_peft_pattern_key_picks_the_pattern_merging_reads():
+    from peft.utils.other import get_pattern_key
+
+    assert list(inspect.signature(get_pattern_key).parameters) == ["pattern_keys", "key_to_match"]
+    patterns = ["q_proj", "model.layers.1.v_proj"]
+    assert get_pattern_key(patterns, "model.layers.1.v_proj") == "model.layers.1.v_proj"
+    assert get_pattern_key(patterns, "model.layers.0.self_attn.q_proj") == "q_proj"
+
+
+def test_gguf_reader_tables_and_progress_bar():
+    import transformers.modeling_gguf_pytorch_utils as loader
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    assert isinstance(GGUF_PRE_TOKENIZER_SPLITS, dict) and "llama3" in GGUF_PRE_TOKENIZER_SPLITS
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in GGUF_PRE_TOKENIZER_SPLITS.items())
+    # verify swaps the module's tqdm: it must be the name the loader calls
+    assert hasattr(loader, "tqdm") and "tqdm(" in inspect.getsource(loader)
+
+
+def test_numpy_pickle_globals_live_where_safeload_names_them():
+    import numpy as np
+
+    from common.safeload import _numpy_globals
+
+    assert callable(np._core.multiarray._reconstruct) and callable(np._core.multiarray.scalar)
+    reduced = np.arange(3).__reduce__()
+    assert reduced[0] is np._core.multiarray._reconstruct  # what an array pickles as
+    assert np.float64(1.5).__reduce__()[0] is np._core.multiarray.scalar
+    assert (np._core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct") in _numpy_globals()
+
+
+def test_trl_orpo_lives_in_experimental():
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    # preference.py hands the recipe's orpo_lambda to ORPO as `beta` (ORPO's lambda is TRL's beta)
+    assert {"beta", "max_length", "remove_unused_columns"} <= set(ORPOConfig.__dataclass_fields__)
+    assert issubclass(ORPOTrainer, __import__("transformers").Trainer)
+
+
+def test_torch_check_and_trainer_prepare_inputs():
+    from transformers import Trainer
+
+    assert list(inspect.signature(torch._check).parameters)[:1] == ["cond"]
+    try:
+        torch._check(False, lambda: "refused")
+    except RuntimeError as e:
+        assert "refused" in str(e)
+    else:
+        raise AssertionError("torch._check(False) passed")
+    assert list(inspect.signature(Trainer._prepare_inputs).parameters) == ["self", "inputs"]
 
 
 def test_weights_only_unpickler_still_names_the_refused_global(tmp_path):
