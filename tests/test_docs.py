@@ -130,7 +130,8 @@ def test_readme_is_short():
 def test_every_link_and_anchor_resolves():
     pages = doc_pages()
     assert len(pages) > 2, "docs/ has no pages"
-    assert check_links(pages) == []
+    problems = check_links(pages)
+    assert not problems, "\n".join(problems)
 
 
 def test_every_page_is_in_the_index():
@@ -140,7 +141,8 @@ def test_every_page_is_in_the_index():
 
 
 def test_code_pointers_name_pages_and_sections_that_exist():
-    assert check_code_pointers(code_files()) == []
+    problems = check_code_pointers(code_files())
+    assert not problems, "\n".join(problems)
 
 
 def test_slug_follows_githubs_rule():
