@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--no-stream", action="store_true", help="print each answer whole instead of token by token")
     p.add_argument("--once", metavar="QUESTION", help="answer QUESTION and exit")
     p.add_argument("--eager", action="store_true", help="decode without the compiled decode step: neither use nor "
-                   "build one (README: Decoding; $DECODE_STEP_CACHE=off does the same everywhere)")
+                   "build one (docs/decoding.md#the-compiled-decode-step; $DECODE_STEP_CACHE=off does the same "
+                   "everywhere)")
     serving = p.add_argument_group("API server (--serve)")
     serving.add_argument("--serve", action="store_true", help="serve the model as an OpenAI-compatible API "
                          "(/v1/chat/completions, /v1/models, /health) and a web page at / (chat, base vs tuned, the "

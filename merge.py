@@ -30,7 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where B @ A is computed")
     p.add_argument("--gguf", choices=gguf_export.TYPES, help="also write OUT/model-TYPE.gguf (llama, qwen2) and an "
                    "Ollama Modelfile, from the training template; k-quants (Q4_K_M...): llama-quantize on the f16 "
-                   "file (README)")
+                   "file (docs/export.md#k-quants)")
     p.add_argument("--verify", action="store_true", help="compare logits with PEFT's base + adapter (loads both, float64); "
                    "with --gguf, also load the GGUF back and compare it with the merged model")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")

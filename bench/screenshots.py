@@ -1,6 +1,6 @@
-"""The README's screenshots of the web page, from a real run: the chat with a Chinese answer, base vs tuned side by
-side, and the run page. The run's adapter is served by `chat.py RUN/final --serve` (so that its base can answer too)
-and driven in headless Chromium with the helpers tests/test_web.py uses (bench/browser.py).
+"""The screenshots of the web page (docs/serving.md#the-web-page), from a real run: the chat with a Chinese answer,
+base vs tuned side by side, and the run page. The run's adapter is served by `chat.py RUN/final --serve` (so that its
+base can answer too) and driven in headless Chromium with the helpers tests/test_web.py uses (bench/browser.py).
 
     make demo && python bench/screenshots.py          # work_dirs/demo_smollm2 -> bench/screenshots/{chat,compare,run}.png
     python bench/screenshots.py work_dirs/psych_dpo --out /tmp/shots
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     # Named relative to the repository (the server's working directory) where it is inside it: the page shows paths
-    # as the server was given them, and the README's pictures should not show this machine's.
+    # as the server was given them, and the pictures in the docs should not show this machine's.
     served = Path(os.path.relpath(final.resolve(), ROOT)) if final.resolve().is_relative_to(ROOT) else final.resolve()
     with tempfile.TemporaryDirectory() as logs, browser.served(served, Path(logs) / "server.log") as url:
         driver = browser.chromium(WIDTH, HEIGHT)

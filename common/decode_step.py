@@ -1,7 +1,7 @@
 """The one-token decode step compiled ahead of time (torch.export + AOTInductor), for answers alone on the CPU.
 
 Why: a decode step of a small model is ~1,500 small torch ops, each dispatched from Python; on a 2-core CPU they cost
-as much as reading the weights (README, "Decoding"). Compiled, the step is one C++ function with those ops fused:
+as much as reading the weights (docs/decoding.md). Compiled, the step is one C++ function with those ops fused:
 SmolLM2-135M decodes 2.5-3x faster (float32, AVX2; 2x after a ~1,900-token session), the same greedy tokens.
 `torch.compile` in the process gives the same speed, but its tracing costs 40-100 s in every process (measured;
 nothing caches it), and tracing on a thread beside the chat stalls the chat's own ops on the GIL. An AOTInductor

@@ -32,9 +32,10 @@ class OutType:
 
 
 # The quantized types are those the `gguf` package's numpy quantizers write (no llama.cpp build); k-quants come from
-# llama.cpp's llama-quantize run on the f16 file (README). The agreement limits sit below what SmolLM2-135M-Instruct
-# measured on 67 positions (README: q8_0 98.5%, q5_1 73.1%, q5_0 83.6%, q4_0 68.7%; a coarse figure, hence the margin)
-# and far above what a damaged file gives. The exact check is verify's logits against the same rounding.
+# llama.cpp's llama-quantize run on the f16 file (docs/export.md#k-quants). The agreement limits sit below what
+# SmolLM2-135M-Instruct measured on 67 positions (docs/performance.md#gguf-export: q8_0 98.5%, q5_1 73.1%, q5_0 83.6%,
+# q4_0 68.7%; a coarse figure, hence the margin) and far above what a damaged file gives. The exact check is verify's
+# logits against the same rounding.
 OUT_TYPES = {
     "f32": OutType("ALL_F32", "F32"),
     "f16": OutType("MOSTLY_F16", "F16"),

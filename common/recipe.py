@@ -381,7 +381,7 @@ def _check_machine(recipe: Recipe, problems: list[str]) -> None:
             except UserError as e:
                 problems.append(f"`train.deepspeed`: {e}")
     if importlib.util.find_spec("deepspeed") is None:
-        # not a requirement: on a CPU its first run compiles a C++ op for a few minutes (README, "More than one machine")
+        # not a requirement: on a CPU its first run compiles a C++ op for a few minutes (docs/distributed.md#deepspeed)
         problems.append("`train.deepspeed` needs the deepspeed package (pip install deepspeed)")
 
 

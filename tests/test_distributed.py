@@ -77,8 +77,8 @@ def wait(procs: list[subprocess.Popen], outputs: list[Path], timeout: float) -> 
 
 
 def two_nodes(tmp_path: Path, recipe: Path, name: str, *args) -> tuple[list[subprocess.Popen], list[Path]]:
-    """The two-node launch of README "More than one machine", both nodes on this machine: node 0's address is the
-    rendezvous point, each node runs one process."""
+    """The two-node launch of docs/distributed.md#what-the-tests-run, both nodes on this machine: node 0's address is
+    the rendezvous point, each node runs one process."""
     port = free_port()
     outputs = [tmp_path / f"{name}-node{rank}.out" for rank in (0, 1)]
     procs = [start([*LAUNCH, "--nnodes", 2, "--node-rank", rank, "--rdzv-endpoint", f"127.0.0.1:{port}",
@@ -220,7 +220,7 @@ def test_train_fsdp_becomes_the_trainers_fsdp2_arguments(tmp_path, tiny_model_di
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                    reason="deepspeed is not installed (not a requirement: README, More than one machine)")
+                    reason="deepspeed is not installed (not a requirement: docs/distributed.md#deepspeed)")
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_zero_on_cpu_processes(tmp_path, monkeypatch, tiny_model_dir, data_file, stage):
     """ZeRO-2/3 on two CPU processes (DeepSpeed's CPU accelerator, gloo): the first losses equal one process's on the

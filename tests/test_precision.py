@@ -59,8 +59,8 @@ ISA_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
 
 def test_the_real_query_agrees_with_the_cpu_flags():
     """Both ways, against what the query does not read: on Linux, native bf16 exactly when /proc/cpuinfo lists
-    avx512_bf16 or amx_bf16 and oneDNN is not capped below them (`ONEDNN_MAX_CPU_ISA=AVX2`, as the README's
-    AVX2-limited runs are)."""
+    avx512_bf16 or amx_bf16 and oneDNN is not capped below them (`ONEDNN_MAX_CPU_ISA=AVX2`, as the AVX2-limited
+    runs in docs/performance.md are)."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
         pytest.skip("no /proc/cpuinfo on this system")

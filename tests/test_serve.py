@@ -585,7 +585,8 @@ def test_demo_model_answers_as_chat_once(demo, capsys, question, max_tokens, fin
 
 def test_demo_model_answers_under_load_as_alone(demo):
     """Greedy answers decoded together (different prompts and lengths, a stop word) equal the answers alone: in
-    float32 the batch's rounding does not change the real model's choices (in bfloat16 it can: README, Serving)."""
+    float32 the batch's rounding does not change the real model's choices (in bfloat16 it can:
+    docs/serving.md#batching-and-the-queue)."""
     client = demo.client()
     questions = ["What is the capital of France?", "Give me three tips for sleeping better.",
                  "我最近总是失眠，怎么办？", "Write a haiku about the sea."]
