@@ -20,6 +20,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 BROWSER, DRIVER = "chromium", "chromedriver"  # Debian's packages: chromium, chromium-driver
 INSTALL = "apt-get install -y chromium chromium-driver fonts-noto-cjk"
+CJK_FONT = Path("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc")  # Debian's fonts-noto-cjk (.ci/run looks too)
 START_TIMEOUT = 120  # seconds for chat.py --serve to load the model and answer /health
 WAIT = 60  # seconds for anything on the page (an answer streams within it on 2 cores)
 
@@ -27,6 +28,8 @@ WAIT = 60  # seconds for anything on the page (an answer streams within it on 2 
 def missing() -> Optional[str]:
     """Why the page cannot be driven here, or None."""
     absent = [name for name in (BROWSER, DRIVER) if shutil.which(name) is None]
+    if not CJK_FONT.is_file():
+        absent.append("fonts-noto-cjk")  # without them Chinese answers render as boxes, and the layout checks lie
     if absent:
         return f"{' and '.join(absent)} not installed ({INSTALL})"
     try:

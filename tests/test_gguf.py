@@ -23,6 +23,7 @@ from common.conversation import Turn, turns_to_messages  # noqa: E402
 from common.recipe import DataConfig, EvaluationConfig, ModelConfig, Recipe, save_recipe  # noqa: E402
 from common.templates import TEMPLATES, TOKENIZER  # noqa: E402
 from tests.small_disk import one_line_exit_2, run_on_a_small_disk  # noqa: E402
+from tests.tools import require_tool  # noqa: E402
 
 SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
 GO_RENDERER = ROOT / "tests" / "fixtures" / "ollama_render" / "main.go"
@@ -275,8 +276,8 @@ def go_render(tmp_path_factory):
     """render(modelfile, requests) -> prompts, by tests/fixtures/ollama_render (Go's text/template, as Ollama renders
     a chat request), built once per session."""
     go = shutil.which("go")
-    if go is None:
-        pytest.skip("no Go toolchain: install golang-go (.ci/run does) to render Modelfiles with Go's text/template")
+    require_tool(None if go else "no Go toolchain: install golang-go (.ci/run does) to render Modelfiles with Go's "
+                                 "text/template")
     out = tmp_path_factory.mktemp("ollama_render")
     # A cache of its own: the build needs no HOME and leaves nothing in the user's Go cache.
     env = dict(os.environ, GOCACHE=str(out / "cache"), GOPATH=str(out / "gopath"), GOFLAGS="", GO111MODULE="")

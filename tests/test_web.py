@@ -3,8 +3,8 @@ llama trained a few steps by train.py and evaluated by eval.py, served with a ke
 The chat streams the API's greedy answer to a Chinese question; Compare streams two different answers (the adapter
 off and on) and saves a rating as a preference pair common/pairs.py reads; the Run tab draws every logged step and
 the held-out table, and redraws while metrics.jsonl grows; a wrong key is told plainly; a phone-sized window has no
-horizontal overflow; the page loads in under a second. Skipped, with the reason, where chromium, chromedriver or
-selenium is missing."""
+horizontal overflow; everything the page loads comes from this server. Skipped, with the reason, where chromium,
+chromedriver, the CJK fonts or selenium is missing (failed under CI=true: tests/conftest.py `require_tool`)."""
 import json
 import sys
 from pathlib import Path
@@ -22,7 +22,12 @@ import train  # noqa: E402
 from bench import browser  # noqa: E402
 from common import artifacts, webpage  # noqa: E402
 
-pytestmark = pytest.mark.skipif(browser.missing() is not None, reason=f"no browser: {browser.missing()}")
+from tests.tools import require_tool  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def browser_here():
+    require_tool(browser.missing() and f"no browser: {browser.missing()}")
 
 KEY = "sk-web-test"
 SYSTEM = "你是一位心理咨询师。"
@@ -73,8 +78,7 @@ def driver():
 def page(driver, server):
     """The page, opened once: it asks for the key, is given a wrong one, then the right one."""
     driver.get(server + "/")
-    timing = browser.wait_for(driver, "performance.getEntriesByType('navigation')[0].loadEventEnd && "
-                                      "performance.getEntriesByType('navigation')[0]", "the page loaded")
+    browser.wait_for(driver, "performance.getEntriesByType('navigation')[0].loadEventEnd", "the page loaded")
     browser.wait_for(driver, "!document.getElementById('key-form').hidden", "the key form")
     asked = browser.text_of(driver, "key-message")
     browser.enter_key(driver, "sk-wrong")
@@ -83,7 +87,7 @@ def page(driver, server):
     refused = browser.text_of(driver, "key-message")
     browser.enter_key(driver, KEY)
     browser.wait_for(driver, "document.body.dataset.ready", "the page ready")
-    return {"driver": driver, "url": server, "timing": timing, "asked": asked, "refused": refused}
+    return {"driver": driver, "url": server, "asked": asked, "refused": refused}
 
 
 def client(url) -> openai.OpenAI:
@@ -99,8 +103,7 @@ def greedy(url, model, question) -> str:
 
 # ---------------------------------------------------------------- the page in the browser
 
-def test_the_page_loads_in_under_a_second_and_asks_for_the_key_once(page):
-    assert page["timing"]["loadEventEnd"] < 1000, page["timing"]
+def test_the_page_loads_and_asks_for_the_key_once(page):
     assert page["asked"] == "This server needs its API key."
     assert "refused this key" in page["refused"] and "incorrect API key" in page["refused"]
     driver = page["driver"]
