@@ -114,7 +114,8 @@ def main(argv=None, extra_callbacks=()) -> int:
     log(summary(recipe, trainer, precision, method.summary_lines(recipe, stats), fast_paths, resume))
 
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        with artifacts.writing_run(run_dir):  # a full disk mid-save: one line naming the checkpoint
+            trainer.train(resume_from_checkpoint=resume)
     finally:
         interrupt.restore_handlers()
     if interrupt.signal:
@@ -124,7 +125,8 @@ def main(argv=None, extra_callbacks=()) -> int:
     step = trainer.state.global_step
     if eval_rows and not any("eval_loss" in h and h.get("step") == step for h in trainer.state.log_history):
         trainer.evaluate()  # the final model's eval loss, unless the schedule just computed it
-    final = save_final(trainer, recipe, tokenizer)
+    with artifacts.writing_run(run_dir):
+        final = save_final(trainer, recipe, tokenizer)
     if is_main_process():
         artifacts.set_latest(run_dir)
     log(f"done: {trainer.state.global_step} steps; final adapter/model in {final}; metrics in {run_dir}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,8 @@ def set_latest(run_dir: str | Path, work_dirs: Path = WORK_DIRS) -> None:
 
 def latest_run(work_dirs: Path = WORK_DIRS) -> Path:
     link = work_dirs / LATEST
+    if link.is_symlink() and not link.exists():  # a run written to a temporary train.output_dir, since removed
+        raise UserError(f"{link} points to {os.readlink(link)}, which is gone; train again or pass a path")
     if not link.exists():
         raise UserError(f"{link}: no run recorded yet; train first (python train.py RECIPE) or pass a path")
     return link.resolve()
@@ -395,6 +398,7 @@ def atomic_dir(dst: Path, replace: bool = True):
     then (another process made the same output first) is kept, and ours dropped."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dst.parent, f".{dst.name}.tmp-", "")
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -419,6 +423,7 @@ def atomic_file(dst: Path):
     can); when the block completes it is renamed over dst, and when the block raises it is removed."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dst.parent, f".{dst.stem}.tmp-", dst.suffix)
     tmp = dst.with_name(f".{dst.stem}.tmp-{os.getpid()}{dst.suffix}")
     tmp.unlink(missing_ok=True)
     try:
@@ -430,20 +435,75 @@ def atomic_file(dst: Path):
     os.replace(tmp, dst)
 
 
-def _as_user_error(e: BaseException, dst: Path) -> None:
-    """An OS error while an output was being written (a full disk, a file-size or quota limit, a read-only or vanished
-    folder) is the machine's state, not a bug: one line naming the output, which was not written, and exit 2."""
+def remove_leftovers(folder: Path, prefix: str, suffix: str) -> None:
+    """Remove the temporary outputs `{prefix}PID{suffix}` in folder whose process is gone: what a writer killed
+    outright (SIGKILL, the OOM killer, a power cut) leaves behind, never renamed into place; say so on stderr. A
+    live process's is its work in progress and stays."""
+    for path in folder.glob(f"{prefix}*{suffix}"):
+        pid = path.name[len(prefix):len(path.name) - len(suffix)]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            print(f"note: removed {path}, left by an earlier process ({pid}) that ended before it finished writing",
+                  file=sys.stderr)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
+
+
+def write_failure(e: BaseException) -> Optional[str]:
+    """Why a write failed, when `e` is the machine's state rather than a bug (a full disk, a file-size or quota
+    limit, a read-only or vanished folder), else None."""
     from safetensors import SafetensorError
 
     if isinstance(e, OSError):
         why = first_line(e)
         if e.errno is None:  # numpy's tofile reports a short write without one: "N requested and M written"
             why += ": a full disk, or a file-size or quota limit"
-    elif isinstance(e, SafetensorError) and "I/O error" in str(e):  # its own type around the OS's error (shards)
-        why = first_line(e)
-    else:
-        return
-    raise UserError(f"{dst}: not written ({why}); nothing of it was left behind") from e
+        return why
+    if isinstance(e, SafetensorError) and "I/O error" in str(e):  # its own type around the OS's error (shards)
+        return first_line(e)
+    if isinstance(e, RuntimeError) and "inline_container.cc" in str(e):  # torch.save's writer says only "unexpected pos"
+        return f"torch.save stopped mid-file ({first_line(e)}): a full disk, or a file-size or quota limit"
+    return None
+
+
+def _as_user_error(e: BaseException, dst: Path) -> None:
+    """An OS error while an output was being written is one line naming the output, which was not written, and
+    exit 2."""
+    why = write_failure(e)
+    if why is not None:
+        raise UserError(f"{dst}: not written ({why}); nothing of it was left behind") from e
+
+
+@contextmanager
+def writing_run(run_dir: Path):
+    """Training and its final save, which the Trainer writes under STAGING_PREFIX names (checkpoint-N/ in
+    staging_dir, final/ beside it): a save that fails for want of room (see write_failure) ends the run with one
+    line naming what was being saved, its half-written files removed; the complete checkpoints before it stay, to
+    resume from."""
+    try:
+        yield
+    except BaseException as e:
+        run_dir, staged = Path(run_dir), staging_dir(run_dir)
+        half = [*staged.glob(f"{CHECKPOINT_PREFIX}*"), *(p for p in run_dir.glob(f"{STAGING_PREFIX}*") if p != staged)]
+        why = write_failure(e)
+        if why is None or not half:
+            raise
+        newest = max(half, key=lambda p: p.stat().st_mtime)
+        for stale in run_dir.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        raise UserError(f"{run_dir / newest.name.removeprefix(STAGING_PREFIX)}: not written ({why}); nothing of it "
+                        f"was left behind; make room, then continue with --resume auto") from e
 
 
 def write_text(path: Path, text: str) -> None:

@@ -51,6 +51,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from common.artifacts import atomic_dir, process_alive
 from common.cli import first_line
 from common.decoding import batchable
 
@@ -328,10 +329,11 @@ def start_build(root: Path, key_: str, spec: dict, buffers: dict[str, torch.Tens
 
 def _builder_alive(lock: Path) -> bool:
     try:
-        os.kill(int(lock.read_text() or "0"), 0)
-    except (OSError, ValueError):
+        text = lock.read_text().strip()
+    except OSError:
         return False
-    return True
+    # empty: its builder made the lock and is writing its pid into it right now
+    return not text or (text.isdigit() and process_alive(int(text)))
 
 
 def build(spec: dict, buffers: dict[str, torch.Tensor], package: Path) -> None:
@@ -404,8 +406,6 @@ def _reduction_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def main(argv: list[str]) -> int:
     """The background build: ROOT KEY (the spec beside it, written by start_build)."""
-    from common.artifacts import atomic_dir
-
     root, key_ = Path(argv[0]), argv[1]
     try:
         spec = json.loads((root / f"{key_}.spec.json").read_text(encoding="utf-8"))

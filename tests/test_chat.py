@@ -296,6 +296,19 @@ def test_no_run_yet_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert code == 2 and "no run recorded yet" in err
 
 
+def test_latest_pointing_to_a_removed_run_says_so(tmp_path, monkeypatch, capsys):
+    from common import artifacts
+
+    monkeypatch.chdir(tmp_path)
+    gone = tmp_path / "scratch" / "run"
+    gone.mkdir(parents=True)
+    artifacts.set_latest(gone, tmp_path / "work_dirs")
+    gone.rmdir()  # a run written to a temporary train.output_dir, since removed
+    code, _, err = run_main(monkeypatch, capsys, ["--once", "你好"])
+    assert code == 2 and err.count("\n") == 1
+    assert f"points to {gone}, which is gone" in err
+
+
 def test_system_template_fills_bot_name(tiny_model_dir):
     assert "whose name is Ada" in system_from_template("moss_sft", "Ada")
     args = chat.parse_args([str(tiny_model_dir), "--torch-dtype", "bf16"])

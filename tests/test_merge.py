@@ -232,6 +232,34 @@ def test_a_merge_that_fills_the_disk_leaves_nothing(tmp_path, base):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
+def test_a_killed_merges_leftovers_go_at_the_next_run_and_a_live_ones_stay(tmp_path, base, capsys):
+    """merge.py killed outright (SIGKILL, the OOM killer) leaves `.out.tmp-PID` beside OUT with the shards written so
+    far; the next merge into OUT removes it, and says so. A writer still running keeps its own."""
+    import signal
+    import subprocess
+    import sys
+
+    adapter = save_adapter(base, tmp_path / "adapter")
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        left, running = tmp_path / f".out.tmp-{killed.pid}", tmp_path / f".out.tmp-{live.pid}"
+        for folder in (left, running):
+            folder.mkdir()
+            (folder / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 1024)
+        capsys.readouterr()
+        assert run(base, adapter, tmp_path / "out") == 0
+        err = capsys.readouterr().err
+        assert not left.exists() and running.is_dir()
+        assert f"note: removed {left}, left by an earlier process ({killed.pid})" in err
+        assert str(running) not in err and (tmp_path / "out" / "config.json").is_file()
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_verify_catches_a_wrong_merge(tmp_path, base):
     """A merged model that is not base + the adapter fails verify: here the same A and B merged at half the scale
     (lora_alpha 4 instead of 8), as a merge that got the scaling wrong would write it."""

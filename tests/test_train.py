@@ -493,6 +493,25 @@ def test_sigterm_and_a_second_ctrl_c_on_real_processes(tmp_path, tiny_model_dir,
         assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
 
 
+def test_a_checkpoint_that_fills_the_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_model_dir, data_file):
+    """The disk fills up while checkpoint-1 is saved (tests/small_disk.py: 60 KB a file lets the adapter, 36 KB,
+    through and stops torch.save of the optimizer state, 89 KB, mid-file): one line naming the checkpoint and
+    exit 2, never torch's "unexpected pos" traceback; nothing half-written is left to be taken for a checkpoint."""
+    from tests.small_disk import run_on_a_small_disk
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, data_file, lora={"dropout": 0.0},
+                          train={"max_steps": 2, "save_steps": 1}, evaluation={"prompts": []})
+    proc = run_on_a_small_disk("train.py", recipe, limit=60_000)
+    run_dir = tmp_path / "recipe"
+    # stderr also has the weight loader's progress bar: the error is its one last line
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(error) == 1, proc.stderr[-3000:]
+    assert proc.stderr.rstrip().endswith(error[0])
+    assert error[0].startswith(f"error: {run_dir / 'checkpoint-1'}: not written (torch.save stopped mid-file")
+    assert "--resume auto" in proc.stderr
+    assert not list(run_dir.glob("checkpoint-*")) and not list(run_dir.glob(".saving-*"))
+
+
 def test_an_ignored_sigint_stays_ignored(tmp_path, monkeypatch, tiny_model_dir, data_file, request):
     monkeypatch.chdir(tmp_path)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
