@@ -18,6 +18,7 @@ import sys
 from common.artifacts import MAX_LENGTH_CAP
 from common.cli import main_guard
 from common.precision import CHOICES, canonical
+from common.server import API_KEY_ENV, HOST, MAX_BATCH, MAX_REQUEST_BYTES, PORT, QUEUE_SIZE, READ_TIMEOUT
 from common.templates import NAMES, SYSTEM_TEMPLATES
 
 
@@ -55,20 +56,21 @@ def parse_args(argv=None):
                          "(/v1/chat/completions, /v1/models, /health) and a web page at / (chat, base vs tuned, the "
                          "run). An adapter (RUN/final, or --adapter) also serves its base, adapter off, as the model "
                          "ID:base (ID: the run's name)")
-    serving.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
-    serving.add_argument("--port", type=int, default=8000, help="(default 8000)")
+    serving.add_argument("--host", default=HOST, help="address to listen on (default %(default)s: this machine)")
+    serving.add_argument("--port", type=int, default=PORT, help="(default %(default)s)")
     serving.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on /v1 (visible to "
-                         "other users in `ps`: prefer --api-key-file or $SFT_API_KEY)")
-    serving.add_argument("--api-key-file", metavar="PATH", help="the key, on one line of a file (else $SFT_API_KEY; "
+                         f"other users in `ps`: prefer --api-key-file or ${API_KEY_ENV})")
+    serving.add_argument("--api-key-file", metavar="PATH", help=f"the key, on one line of a file (else ${API_KEY_ENV}; "
                          "without a key, only requests from this machine's own pages and tools are answered)")
-    serving.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests answered together, one "
-                         "token each per step of the model (default 8; 1: one at a time)")
-    serving.add_argument("--queue-size", type=int, default=16, metavar="N", help="requests that may wait while "
-                         "--max-batch are answered; more get 429 (default 16)")
-    serving.add_argument("--max-request-bytes", type=int, metavar="N", help="larger request bodies get 413 before "
-                         "they are read (default 1 MiB: common.serving.MAX_REQUEST_BYTES)")
-    serving.add_argument("--read-timeout", type=float, metavar="SECONDS", help="a client that has not sent its whole "
-                         "request (headers and body) by then is disconnected (default 30)")
+    serving.add_argument("--max-batch", type=int, default=MAX_BATCH, metavar="N", help="requests answered together, "
+                         "one token each per step of the model (default %(default)s; 1: one at a time)")
+    serving.add_argument("--queue-size", type=int, default=QUEUE_SIZE, metavar="N", help="requests that may wait "
+                         "while --max-batch are answered; more get 429 (default %(default)s)")
+    serving.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES, metavar="N", help="larger "
+                         "request bodies get 413 before they are read (default %(default)s: 1 MiB)")
+    serving.add_argument("--read-timeout", type=float, default=READ_TIMEOUT, metavar="SECONDS", help="a client that "
+                         "has not sent its whole request (headers and body) by then is disconnected "
+                         "(default %(default)s)")
     args = p.parse_args(argv)
     if args.system is not None and args.system_template:
         p.error("give --system or --system-template, not both")
@@ -78,13 +80,13 @@ def parse_args(argv=None):
         p.error("--queue-size must be at least 1")
     if args.max_batch < 1:
         p.error("--max-batch must be at least 1")
-    if args.max_request_bytes is not None and args.max_request_bytes < 1:
+    if args.max_request_bytes < 1:
         p.error("--max-request-bytes must be at least 1")
     if args.api_key == "":
         p.error("--api-key is empty (leave it out to serve without a key)")
     if args.api_key is not None and args.api_key_file is not None:
         p.error("give --api-key or --api-key-file, not both")
-    if args.read_timeout is not None and not args.read_timeout > 0:
+    if not args.read_timeout > 0:
         p.error("--read-timeout must be more than 0")
     args.torch_dtype = canonical(args.torch_dtype)
     return args
@@ -120,7 +122,7 @@ def main(argv=None, stdin=None):
     from common.modeling import load_for_generation
 
     if args.serve:
-        from common.serving import api_key_from
+        from common.server.access import api_key_from
 
         api_key = api_key_from(args.api_key, args.api_key_file)  # a bad key file fails before the model loads
     source = artifacts.resolve_model(args.model, args.adapter)
@@ -134,7 +136,7 @@ def main(argv=None, stdin=None):
         print(f"note: template `{template.name}` has no system slot: the system prompt is not used", file=sys.stderr)
     session = repl.ChatSession(generator, sampling, system)  # checks the settings fit the context (--serve too)
     if args.serve:
-        from common.serving import serve
+        from common.server.app import serve
 
         return serve(generator, sampling, system, source, args.host, args.port, api_key, args.queue_size,
                      args.max_request_bytes, args.read_timeout, args.max_batch)

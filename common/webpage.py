@@ -3,14 +3,14 @@ port and key as the API. The page is three static files (common/web/: index.html
 nothing fetched from elsewhere) that talk to the server through:
 
     GET  /                      the page; /app.js, /style.css (no key: they hold nothing of the model's or the run's)
-    POST /v1/chat/completions   the answers, streamed (the tuned model as ID, the base as ID:base: serving.py)
+    POST /v1/chat/completions   the answers, streamed (the tuned model as ID, the base as ID:base: common/server)
     GET  /web/info              the served model: ids, template, context, system prompt and sampling defaults
     GET  /web/run               the run: its recipe, metrics.jsonl's loss and eval loss, eval/report.json
     POST /web/ratings           a preference pair ({"prompt", "chosen", "rejected"}) appended to RUN/ratings.jsonl
 
-The /web routes take the same access check as /v1 (serving.access_check). Ratings are written in the conversational
-pair layout common/pairs.py reads (checked by its reader before they are written), so a rated comparison is data for
-the next preference-tuning run (data.path: RUN/ratings.jsonl).
+The /web routes take the same access check as /v1 (common/server/access.py). Ratings are written in the
+conversational pair layout common/pairs.py reads (checked by its reader before they are written), so a rated
+comparison is data for the next preference-tuning run (data.path: RUN/ratings.jsonl).
 """
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ from fastapi.responses import FileResponse
 from common import artifacts
 from common.conversation import BadRecord
 from common.generation import Generator, Sampling
+from common.pairs import read_conversational
+from common.server.body import json_object, read_body
+from common.server.errors import ApiError, bad_request
 
 PAGE_DIR = Path(__file__).resolve().parent / "web"
 # The page's files, by the path they are served at: a fixed table, so no request path ever reaches the file system.
@@ -90,9 +93,6 @@ class Page:
     def rate(self, data: dict) -> dict:
         """Append one pair to the ratings file, in one write to a file opened for appending: a line is never
         interleaved with another or overwritten, and an earlier rating is never lost."""
-        from common.pairs import read_conversational
-        from common.serving import ApiError, bad_request
-
         if self.ratings is None:
             raise ApiError(409, f"{self.model} has no adapter: there is no base vs tuned comparison to rate",
                            code="no_comparison")
@@ -173,8 +173,6 @@ def read_report(path: Path) -> tuple[Optional[dict], Optional[str]]:
 
 def add_routes(app: FastAPI, check, page: Page) -> None:
     """The page's files, and its /web endpoints behind `check` (the API's access check)."""
-    from common.serving import json_object, read_body
-
     for route, (name, media) in ASSETS.items():
         def asset(name=name, media=media):
             return FileResponse(PAGE_DIR / name, media_type=media, headers=PAGE_HEADERS)

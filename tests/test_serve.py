@@ -20,7 +20,8 @@ import chat
 from bench import browser
 from common.generation import Generator
 from common.modeling import load_tokenizer
-from common.serving import API_KEY_ENV, api_key_from
+from common.server import API_KEY_ENV
+from common.server.access import api_key_from
 from common.templates import get_template
 
 ROOT = Path(__file__).resolve().parents[1]

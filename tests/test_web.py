@@ -233,7 +233,7 @@ def test_the_pages_endpoints_take_the_apis_key_and_refuse_a_bad_pair(server, run
 
 def test_a_model_served_without_a_run_has_a_run_tab_that_says_so(tiny_model_dir, tokenizer):
     from common.generation import Generator, Sampling
-    from common.serving import served_models
+    from common.server.request import served_models
     from common.templates import get_template
 
     source = artifacts.resolve_model(str(tiny_model_dir))

@@ -1,0 +1,27 @@
+"""`chat.py --serve`: the model behind an OpenAI-compatible HTTP API (FastAPI + uvicorn), one job a module:
+
+    errors.py     ApiError: every error a client sees, in OpenAI's shape {"error": {"message", "type", "param", "code"}}
+    body.py       the request body: read within a size limit (413, unread), then strict JSON (UTF-8, depth, surrogates)
+    request.py    the OpenAI chat request -> ChatRequest, as plain functions (each bad field a 400 that names it)
+    worker.py     the one thread that runs the model, batching requests (no web framework in it)
+    responses.py  the OpenAI response bodies, whole and as server-sent events
+    access.py     the API key, and the keyless server's Host / Origin / Content-Type checks
+    transport.py  uvicorn's h11 protocol with a deadline for a request to arrive
+    app.py        the FastAPI app (the API, and the web page's routes from common/webpage.py) and serve()
+
+The endpoints:
+
+    POST /v1/chat/completions   (stream: true for server-sent events)
+    GET  /v1/models             the served model; an adapter run also lists its base, `ID:base` (the adapter off)
+    GET  /health                {"status", "model", "running", "waiting", "cancelled"}
+    GET  /                      the web page (common/webpage.py: chat, base vs tuned, the run)
+
+Below: the defaults of chat.py's server flags, here so that its --help shows them without importing the server.
+"""
+HOST = "127.0.0.1"  # this machine only: serving further is a choice (--host), and a keyless one is warned about
+PORT = 8000
+MAX_BATCH = 8  # requests decoded together, one token each per forward
+QUEUE_SIZE = 16  # requests that may wait beyond the batch; more get 429
+MAX_REQUEST_BYTES = 1 << 20  # 1 MiB is far more text than a 32k-token context holds
+READ_TIMEOUT = 30  # seconds a client has to send a whole request, headers and body
+API_KEY_ENV = "SFT_API_KEY"  # the key from the environment: unlike --api-key, not shown by `ps` to other users

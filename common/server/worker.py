@@ -1,0 +1,153 @@
+"""The one thread that runs the model (a model and its tokenizer are not thread-safe). Up to --max-batch requests
+decode together, one token each per forward (continuous batching: a request joins between steps and leaves when it
+ends); more wait in a bounded queue. The text it produces goes back to the event loop with call_soon_threadsafe, and
+a request whose client has gone is cancelled at its next token. No web framework here: jobs in, events out."""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Optional
+
+from common.cli import UserError, first_line
+from common.generation import Answering, Completion, Generator, PromptTooLong
+from common.server.errors import ApiError, bad_request
+from common.server.request import ChatRequest
+
+
+@dataclass
+class Started:
+    """The prompt fits: generation begins (a streaming response may now be sent)."""
+
+
+@dataclass
+class Finished:
+    completion: Optional[Completion] = None  # None: refused (error), or dropped because its client had gone
+    error: Optional[ApiError] = None
+
+
+class Job:
+    """One request's generation, and the channel (an asyncio queue) its events take back to the event loop:
+    Started, then text chunks (str), then Finished. Nothing else is sent after an error or a drop."""
+
+    def __init__(self, request: ChatRequest, loop: asyncio.AbstractEventLoop):
+        self.request, self.loop = request, loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    def post(self, event) -> None:
+        """From the worker thread: asyncio queues are not thread-safe, so the loop's own thread does the put."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop has closed: the server is shutting down, nobody is listening
+            pass
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class Worker:
+    """The one thread that touches the model. Up to `max_batch` requests generate together, one token each per step
+    of a decoding.Decoder (one forward for all of them): a request joins at the next step after it arrives and leaves
+    when it ends, so a short answer does not wait for a long one. Up to `queue_size` more wait; beyond that, 429.
+    Requests for the base model (the adapter off) decode in a second batch, stepped in turn with the first: one
+    forward cannot switch a PEFT adapter per row."""
+
+    def __init__(self, generator: Generator, queue_size: int, max_batch: int):
+        self.generator, self.queue_size, self.max_batch = generator, queue_size, max_batch
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        # Accepted and not yet finished, counted here rather than by the queue's own bound: a job the worker has not
+        # picked up yet would otherwise take a waiting place on an idle server.
+        self.pending, self.lock = 0, threading.Lock()
+        self.cancelled = 0  # jobs stopped, or never started, because their client went away
+        self.decoders = {adapter: generator.decoder(adapter) for adapter in (True, False)}  # by ChatRequest.adapter
+        self.answering: dict[int, tuple[Job, Answering]] = {}  # id(row) -> its job and answer, for the rows decoding
+        threading.Thread(target=self._run, name="generation", daemon=True).start()
+
+    @property
+    def running(self) -> int:
+        return min(self.pending, self.max_batch)
+
+    @property
+    def waiting(self) -> int:
+        return max(self.pending - self.max_batch, 0)
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if self.pending >= self.max_batch + self.queue_size:
+                raise ApiError(429, f"the server is busy: {self.queue_size} request(s) already waiting for the model; "
+                                    "retry later", type="rate_limit_error", code="queue_full")
+            self.pending += 1
+        self.jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            self._admit()
+            self._step()
+
+    def _admit(self) -> None:
+        """Start waiting jobs while the batch has room; wait for one when nothing is decoding."""
+        while len(self.answering) < self.max_batch:
+            try:
+                job = self.jobs.get(block=not self.answering)
+            except queue.Empty:
+                return
+            self._start(job)
+
+    def _start(self, job: Job) -> None:
+        if job.cancelled():
+            self.cancelled += 1
+            return self._done(job, Finished())
+        request = job.request
+        try:
+            # The prompt is rendered and checked before Started, so that a prompt too long is a 400, not a broken
+            # stream; the prefill then picks the first token.
+            answering = self.generator.start(request.messages, request.sampling, on_text=job.post,
+                                             cancelled=job.cancelled, stop=request.stop)
+            job.post(Started())
+            ended = self.decoders[request.adapter].add(answering.row)
+        except PromptTooLong as e:  # OpenAI's code for it: a client (the web page) drops old turns and retries
+            return self._done(job, Finished(error=ApiError(400, str(e), param="messages",
+                                                           code="context_length_exceeded")))
+        except UserError as e:  # BadMessages
+            return self._done(job, Finished(error=bad_request(str(e), "messages")))
+        except Exception as e:
+            return self._done(job, crashed(e))
+        if ended:
+            return self._finish(job, answering)
+        self.answering[id(answering.row)] = (job, answering)
+
+    def _step(self) -> None:
+        for decoder in self.decoders.values():
+            rows = list(decoder.rows)
+            try:
+                ended = decoder.step()
+            except Exception as e:  # the decoder has dropped every row: each of their requests gets the error
+                error = crashed(e)
+                for row in rows:
+                    self._done(self.answering.pop(id(row))[0], error)
+                continue
+            for row in ended:
+                self._finish(*self.answering.pop(id(row)))
+
+    def _finish(self, job: Job, answering: Answering) -> None:
+        completion = answering.completion()
+        if completion.ended_by == "cancelled":
+            self.cancelled += 1
+        self._done(job, Finished(completion))
+
+    def _done(self, job: Job, event: Finished) -> None:
+        job.post(event)
+        with self.lock:
+            self.pending -= 1
+
+
+def crashed(e: Exception) -> Finished:
+    traceback.print_exc()  # for the operator; the client gets one line and the server goes on
+    return Finished(error=ApiError(500, f"generation failed: {type(e).__name__}: {first_line(e)}", type="server_error"))
+
