@@ -23,6 +23,7 @@ from typing import Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
 
 from common import artifacts
 from common.conversation import BadRecord
@@ -52,6 +53,7 @@ class Page:
     system: Optional[str]
     source: object  # artifacts.ModelSource
     lock: threading.Lock = field(default_factory=threading.Lock)  # one rating written at a time
+    counted: tuple[int, int, int] = (0, 0, 0)  # the ratings file's (inode, bytes, lines) when last counted
 
     @classmethod
     def of(cls, source, model: str, models: dict[str, bool], sampling: Sampling, system: Optional[str],
@@ -105,16 +107,31 @@ class Page:
             raise bad_request(f"the rating is not a preference pair: {e}") from None
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         with self.lock:
-            fd = os.open(self.ratings, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            # Appending: each write lands at the end, whoever else appends; readable too, for the count.
+            fd = os.open(self.ratings, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(f"{self.ratings}: only {written} of {len(line)} bytes written (disk full?)")
+                count = self._count_lines(fd)
             finally:
                 os.close(fd)
-            if written != len(line):
-                raise OSError(f"{self.ratings}: only {written} of {len(line)} bytes written (disk full?)")
-            with open(self.ratings, "rb") as f:
-                count = sum(1 for _ in f)
         return {"saved": str(self.ratings), "pairs": count}
+
+    def _count_lines(self, fd: int) -> int:
+        """The ratings file's lines: those counted before, plus the newlines in the bytes added since (this rating,
+        and whatever another writer appended). The whole file is read once, or again only if it was replaced."""
+        stat = os.fstat(fd)
+        inode, size, lines = self.counted
+        if stat.st_ino != inode or stat.st_size < size:
+            size, lines = 0, 0
+        while size < stat.st_size:
+            chunk = os.pread(fd, min(stat.st_size - size, 1 << 20), size)
+            if not chunk:
+                break
+            size, lines = size + len(chunk), lines + chunk.count(b"\n")
+        self.counted = (stat.st_ino, size, lines)
+        return lines
 
 
 def recipe_rows(recipe) -> list[list[str]]:
@@ -190,6 +207,7 @@ def add_routes(app: FastAPI, check, page: Page) -> None:
 
     @web.post("/ratings")
     async def ratings(request: Request):
-        return page.rate(json_object(await read_body(request, MAX_RATING_BYTES)))
+        data = json_object(await read_body(request, MAX_RATING_BYTES))
+        return await run_in_threadpool(page.rate, data)  # writes a file: a worker thread, not the event loop
 
     app.include_router(web)

@@ -1,12 +1,15 @@
 """The server's parts without a server: the OpenAI request checks as plain functions (each bad field an OpenAI-shaped
-4xx with one clear message; test_serve.py keeps one of each kind end to end)."""
+4xx with one clear message; test_serve.py keeps one of each kind end to end), and the web page's rating count."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
+from common import artifacts
 from common.generation import Sampling
 from common.server.errors import ApiError
 from common.server.request import BASE_SUFFIX, parse_request, served_models
+from common.webpage import Page
 
 CONTEXT = 1024  # the tiny test model's context
 MODELS = served_models("tiny", adapter=True)
@@ -95,3 +98,25 @@ def test_a_good_request_becomes_what_to_generate():
     assert plain.messages == [{"role": "system", "content": "server prompt"}] + HI
     assert plain.sampling == defaults and not plain.stream and not plain.include_usage and plain.adapter is True
 
+
+def test_ratings_are_counted_from_the_bytes_added_not_by_rereading_the_file(tmp_path):
+    page = Page("run", "run:base", None, Sampling(), None, SimpleNamespace(run_dir=tmp_path, adapter=None))
+    ratings = tmp_path / artifacts.RATINGS_FILE
+    pair = {"prompt": HI, "chosen": "a", "rejected": "b"}
+    assert [page.rate(pair)["pairs"] for _ in range(2)] == [1, 2]
+    with open(ratings, "a") as f:  # another writer appends (a second server on the same run)
+        f.write(ratings.read_text().splitlines()[0] + "\n")
+    assert page.rate(pair) == {"saved": str(ratings), "pairs": 4}
+    # Bytes already counted are not read again: a newline taken out of them in place leaves the count as it was.
+    text = ratings.read_bytes()
+    with open(ratings, "r+b") as f:
+        f.seek(text.index(b"\n"))
+        f.write(b" ")
+    assert page.rate(pair)["pairs"] == 5
+    # A file replaced (a new inode) is counted afresh, once; so is an existing file for a new server.
+    replaced = tmp_path / "new.jsonl"
+    replaced.write_bytes(text.splitlines(keepends=True)[0])
+    replaced.replace(ratings)
+    assert page.rate(pair)["pairs"] == 2
+    fresh = Page("run", "run:base", None, Sampling(), None, SimpleNamespace(run_dir=tmp_path, adapter=None))
+    assert fresh.rate(pair)["pairs"] == 3 == len(ratings.read_text().splitlines())
