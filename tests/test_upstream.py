@@ -27,6 +27,7 @@ that is not checked here is a defect.
 | trl | `experimental.orpo.ORPOConfig`, `ORPOTrainer` | preference | TRL 1.x moved ORPO out of its stable namespace | test_preference |
 | torch | `_check(cond)` | decode_step.BufferLayer | bounds on an unbacked size while exporting (torch.export's documented way to state them) | test_decode_step |
 | transformers | `Trainer._prepare_inputs(inputs)` | bench/preference.py (one timed DPO step) | moves a collated batch to the device as a training step does; no public twin | test_bench (the bench's quick run) |
+| uvicorn | `protocols.http.h11_impl.H11Protocol` subclassed: its `connection_made`/`data_received`/`connection_lost`, and `conn` (h11's `their_state`), `transport`, `loop`, `client`, `logger` | server.transport.ReadTimeoutH11Protocol | uvicorn has a keep-alive timeout only, no hook for a deadline on a request's arrival | test_serve (stalled connections closed) |
 
 Training's run behaviour (checkpoints staged and renamed, recipe in each, rotation, token counts) uses public
 pieces only: `TrainingArguments.output_dir`, `include_num_input_tokens_seen`, `TrainerCallback.on_save`,
@@ -226,3 +227,40 @@ def test_aot_inductor_entry_points_keep_their_shape():
     module = torch.nn.Module()
     module.register_buffer("computed", torch.ones(1), persistent=False)
     assert module._non_persistent_buffers_set == {"computed"}
+
+
+def test_uvicorn_h11_protocol_has_what_the_read_deadline_uses():
+    """The deadline subclass on a connection that sends nothing: uvicorn's own constructor and connection_made set
+    the attributes it reads, and the deadline closes the transport."""
+    import asyncio
+
+    import h11
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from common.server.transport import read_timeout_protocol
+
+    class Transport(asyncio.Transport):
+        def __init__(self):
+            super().__init__()
+            self.closed = asyncio.Event()
+
+        def get_extra_info(self, name, default=None):
+            return default
+
+        def is_closing(self):
+            return self.closed.is_set()
+
+        def close(self):
+            self.closed.set()
+
+    async def stalled():
+        protocol = read_timeout_protocol(0.01)(config=Config(app=None), server_state=ServerState(), app_state={},
+                                               _loop=asyncio.get_running_loop())
+        transport = Transport()
+        protocol.connection_made(transport)
+        assert protocol.conn.their_state is h11.IDLE and protocol.transport is transport and protocol.deadline
+        await asyncio.wait_for(transport.closed.wait(), timeout=30)  # closed by the deadline, or the test fails
+        assert protocol.deadline is None
+
+    asyncio.run(stalled())
