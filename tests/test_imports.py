@@ -1,16 +1,15 @@
-"""No import cycle anywhere in the project (common/, the scripts, bench/): no module imports another that imports it
-back, directly or through others, counting the imports inside functions (which hide a cycle until run time) and the
+"""No import cycle anywhere in the project (the scripts, common/, bench/, tests/): no module imports another that
+imports it back, directly or through others, counting the imports inside functions (which hide a cycle until run time) and the
 parent packages Python imports on the way (`common.server.app` runs `common/server/__init__.py` first)."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP = {".venv", "models", "tests", "work_dirs", "data"}  # not the project's modules, or not its code
+PACKAGES = ("common", "bench", "tests")  # with the scripts beside them: the project's Python
 
 
-def module_names(root: Path) -> dict[str, Path]:
-    paths = [p for p in root.rglob("*.py") if not SKIP & set(p.relative_to(root).parts)
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+def module_names(root: Path, packages=PACKAGES) -> dict[str, Path]:
+    paths = list(root.glob("*.py")) + [p for package in packages for p in (root / package).rglob("*.py")]
     names = {}
     for path in paths:
         parts = path.relative_to(root).with_suffix("").parts
@@ -35,21 +34,28 @@ def imported(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     return {m for m in with_parents if m in modules and m != name}
 
 
-def cycles(root: Path) -> list[list[str]]:
-    """Each import cycle among root's modules (a strongly connected group of more than one), as a path that closes."""
-    modules = module_names(root)
-    graph = {name: imported(name, path, modules) for name, path in modules.items()}
-    found, done = [], set()
-    for start in sorted(graph):  # depth first from each module: a path that comes back to a module on it is a cycle
-        stack = [(start, [start])]
-        while stack:
-            node, path = stack.pop()
-            for nxt in sorted(graph[node]):
-                if nxt == start:
-                    found.append(path + [start])
-                elif nxt not in path and nxt not in done:
-                    stack.append((nxt, path + [nxt]))
-        done.add(start)  # every cycle through `start` is found: later searches need not pass it
+def cycles(root: Path, packages=PACKAGES) -> list[list[str]]:
+    """The import cycles among root's modules, each once, as its shortest path that closes (a breadth-first search
+    from each module's imports back to the module)."""
+    modules = module_names(root, packages)
+    graph = {name: sorted(imported(name, path, modules)) for name, path in modules.items()}
+    found = []
+    for start in sorted(graph):
+        came_from, pending = dict.fromkeys(graph[start], start), list(graph[start])
+        while pending and start not in came_from:
+            node = pending.pop(0)
+            for imports in graph[node]:
+                if imports not in came_from:
+                    came_from[imports] = node
+                    pending.append(imports)
+        if start in came_from:
+            path, node = [start], came_from[start]
+            while node != start:
+                path.append(node)
+                node = came_from[node]
+            cycle = [start] + path[:0:-1] + [start]
+            if not any(set(cycle) == set(seen) for seen in found):
+                found.append(cycle)
     return found
 
 
@@ -68,4 +74,4 @@ def test_the_check_finds_a_cycle_hidden_in_functions(tmp_path):
     (tmp_path / "pkg" / "b.py").write_text("from . import c\n")
     (tmp_path / "pkg" / "c.py").write_text("class C:\n    def m(self):\n        import pkg.a\n")
     (tmp_path / "pkg" / "d.py").write_text("from pkg.a import f\n")  # imports into the cycle, not part of it
-    assert cycles(tmp_path) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]
+    assert cycles(tmp_path, packages=["pkg"]) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]

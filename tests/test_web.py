@@ -152,7 +152,7 @@ def test_compare_streams_two_different_answers_and_saves_the_rating_as_a_pair(pa
     driver.find_element("id", "prefer-tuned").click()
     ratings = run_dir / artifacts.RATINGS_FILE
     browser.wait_for(driver, "document.getElementById('rated').textContent.includes('Saved')", "the rating saved")
-    assert str(ratings) in browser.text_of(driver, "rated")
+    assert str(ratings) in browser.text_of(driver, "rated") and "1 pair(s)" in browser.text_of(driver, "rated")
     [pair] = load_pairs([str(ratings)])
     assert (pair.chosen, pair.rejected) == (tuned, base)
     assert [(t.system, t.input) for t in pair.prompt] == [(SYSTEM, QUESTION)]
