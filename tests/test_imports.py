@@ -1,6 +1,7 @@
 """No import cycle anywhere in the project (the scripts, common/, bench/, tests/): no module imports another that
-imports it back, directly or through others, counting the imports inside functions (which hide a cycle until run time) and the
-parent packages Python imports on the way (`common.server.app` runs `common/server/__init__.py` first)."""
+imports it back, directly or through others, counting the imports inside functions (which hide a cycle until run
+time) and the parent packages Python imports on the way (`common.server.app` runs `common/server/__init__.py`
+first)."""
 import ast
 from pathlib import Path
 
