@@ -372,11 +372,11 @@ def resident_mb(pid: int) -> float:
 
 def test_bodies_over_the_limit_are_413_before_they_are_read(tiny):
     big = {"messages": [{"role": "user", "content": "x" * MAX_BYTES}]}
-    started = time.monotonic()
     error = is_openai_error(tiny.post(big), 413)  # Content-Length says it all
     assert "--max-request-bytes" in error["message"] and error["code"] == "request_too_large"
-    # 20 MB announced by Content-Length: answered at once, before the body is read; and sent whole by a client
-    # that does not wait for the answer, it costs the server no memory (it is never read, let alone parsed).
+    # 20 MB announced by Content-Length: answered before the body is read (the first connection never sends it);
+    # and sent whole by a client that does not wait for the answer, it costs the server no memory (it is never read,
+    # let alone parsed).
     rss = resident_mb(tiny.proc.pid)
     for send_body in (False, True):
         with socket.create_connection(("127.0.0.1", tiny.port), timeout=10) as s:
@@ -388,7 +388,6 @@ def test_bodies_over_the_limit_are_413_before_they_are_read(tiny):
                 except OSError:  # the server answered and closed while the body was still being sent
                     pass
             assert s.recv(4096).startswith(b"HTTP/1.1 413 ")
-    assert time.monotonic() - started < 5
     assert resident_mb(tiny.proc.pid) - rss < 10
     # Chunked, without a length: refused at the chunk that crosses the limit.
     chunks = (b'{"messages": [{"role": "user", "content": "' if i == 0 else b"y" * 4096 for i in range(40))
@@ -400,9 +399,13 @@ def test_bodies_over_the_limit_are_413_before_they_are_read(tiny):
 
 def test_a_client_that_leaves_mid_body_is_one_line_in_the_log(tiny):
     with socket.create_connection(("127.0.0.1", tiny.port), timeout=10) as s:
+        # `Expect: 100-continue`: the server says "100 Continue" when the handler asks for the body, so the
+        # connection goes while the handler is reading it (not before the request reached it)
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"messages\"")
-        time.sleep(0.3)  # the handler is reading the body when the connection goes
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n"
+                  b"Expect: 100-continue\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 100 ")
+        s.sendall(b"{\"messages\"")
     for _ in range(50):
         if "before its request body was complete" in tiny.output():
             break
@@ -519,14 +522,12 @@ def test_connections_stalled_mid_request_are_closed(keyless):
             s = socket.create_connection(("127.0.0.1", keyless.port), timeout=10)
             stalled.append(s)
             s.sendall(sent)
-        started = time.monotonic()
-        for s in stalled:  # --read-timeout 1: each is closed (recv returns b"", or a reset) well before 10 s
-            try:
+        for s in stalled:  # --read-timeout 1: each is closed (recv returns b"", or a reset); a socket still open
+            try:  # after 10 s raises socket.timeout here and fails the test
                 while s.recv(4096):  # the 499 of a body cut short may come first
                     pass
             except ConnectionResetError:
                 pass
-        assert time.monotonic() - started < 5
     finally:
         for s in stalled:
             s.close()
