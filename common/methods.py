@@ -19,9 +19,22 @@ class Method:
 
 def sft_summary_lines(recipe, stats: dict) -> list[str]:
     d = recipe.data
-    return ["dataset: " + ", ".join(f"{k}={v}" for k, v in stats.items() if k not in ("packed_rows", "packing_efficiency")),
-            (f"packed: {stats['packed_rows']:,} rows of {d.max_length}, packing efficiency "
-             f"{100 * stats['packing_efficiency']:.1f}%" if d.pack else f"unpacked: one sample per row of {d.max_length}")]
+    apart = ("packed_rows", "packing_efficiency", "sources", "eval_sources")
+    lines = ["dataset: " + ", ".join(f"{k}={v}" for k, v in stats.items() if k not in apart),
+             (f"packed: {stats['packed_rows']:,} rows of {d.max_length}, packing efficiency "
+              f"{100 * stats['packing_efficiency']:.1f}%" if d.pack else f"unpacked: one sample per row of {d.max_length}")]
+    for title, key in (("mixture", "sources"), ("eval mixture", "eval_sources")):
+        if stats.get(key):
+            lines.append(f"{title} (realised shares of samples / trained tokens): " + ", ".join(
+                mixture_share(s, stats[key]) for s in stats[key]))
+    return lines
+
+
+def mixture_share(source: dict, shares: list[dict]) -> str:
+    samples = sum(s["samples"] for s in shares) or 1
+    tokens = sum(s["trained_tokens"] for s in shares) or 1
+    return (f"{source['path']} {100 * source['samples'] / samples:.1f}% / "
+            f"{100 * source['trained_tokens'] / tokens:.1f}%")
 
 
 def get(name: str) -> Method:

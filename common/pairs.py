@@ -147,8 +147,8 @@ def detect_pair_format(record) -> str | None:
 
 def is_pair_file(path: str | Path) -> bool:
     """Whether a data file holds preference pairs (its first record has `chosen` or `rejected`)."""
-    records = _records(Path(path), LoadReport())
-    return any(is_pair_record(r) for _, r in records[:1])
+    first = next(_records(Path(path), LoadReport()), None)
+    return first is not None and is_pair_record(first[1])
 
 
 def loader_for(paths: list[str]):

@@ -46,8 +46,28 @@ class LoraConfig:
 
 
 @dataclass
+class DataSource:
+    """One entry of a mixture in data.path / data.eval_path: a file, its weight, and its own reading and template
+    rules (unset: the data section's)."""
+    path: str = ""
+    weight: Optional[float] = None  # shares of conversations, drawn with train.seed (common/dataset.py _mix)
+    format: Optional[str] = None
+    template: Optional[str] = None
+    system: Optional[str] = None
+    truncation: Optional[Literal[TRUNCATION_MODES]] = None
+
+
+def _sources(value) -> list[DataSource]:
+    entries = [] if value is None else [value] if isinstance(value, str) else value
+    return [DataSource(path=e) if isinstance(e, str) else e if isinstance(e, DataSource) else DataSource(**e)
+            for e in entries]
+
+
+@dataclass
 class DataConfig:
-    path: Union[str, list[str]] = field(default_factory=list)
+    # a file, a list of files, or a list of sources ({path, weight, format, template, system, truncation}) mixed to
+    # their weights
+    path: Union[str, list[Union[str, dict]]] = field(default_factory=list)
     format: str = "auto"  # auto (per file) or a reader of common/formats.py: xtuner | alpaca | sharegpt | openai
     template: str = "tokenizer"  # one of the XTuner names, or `tokenizer` for the tokenizer's chat template
     system: Optional[str] = None  # default system prompt for records without one
@@ -56,18 +76,34 @@ class DataConfig:
     pack: bool = True
     shuffle_before_pack: bool = True
     on_bad_record: Literal["error", "skip"] = "error"
-    eval_path: Optional[Union[str, list[str]]] = None
+    eval_path: Optional[Union[str, list[Union[str, dict]]]] = None
     eval_fraction: float = 0.0
+    num_proc: Optional[int] = None  # processes that encode the data; null: the cores (small data sets use one)
+
+    @property
+    def sources(self) -> list[DataSource]:
+        return _sources(self.path)
+
+    @property
+    def eval_sources(self) -> list[DataSource]:
+        return _sources(self.eval_path)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether data.path's sources are mixed to weights (otherwise every conversation of every file is used)."""
+        return any(s.weight is not None for s in self.sources)
+
+    @property
+    def eval_mixed(self) -> bool:
+        return any(s.weight is not None for s in self.eval_sources)
 
     @property
     def paths(self) -> list[str]:
-        return [self.path] if isinstance(self.path, str) else list(self.path)
+        return [s.path for s in self.sources]
 
     @property
     def eval_paths(self) -> list[str]:
-        if self.eval_path is None:
-            return []
-        return [self.eval_path] if isinstance(self.eval_path, str) else list(self.eval_path)
+        return [s.path for s in self.eval_sources]
 
 
 @dataclass
@@ -185,6 +221,8 @@ def _coerce(value, tp):
         return value
     if tp is str and isinstance(value, str):
         return value
+    if tp is dict and isinstance(value, dict):  # checked key by key where it is used (data sources)
+        return value
     raise ValueError
 
 
@@ -239,12 +277,16 @@ def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check
         problems.append("`model.path` is required")
     elif for_training and not Path(recipe.model.path).exists() and not _could_be_hub_id(recipe.model.path):
         problems.append(f"`model.path`: {recipe.model.path} does not exist (download the model there first)")
+    for key in ("path", "eval_path"):  # first: the sources' entries become DataSources here
+        _check_sources(d, key, problems, for_training)
     if for_training and not d.paths:
         problems.append("`data.path` is required")
     if d.format != "auto" and d.format not in FORMAT_READERS:
         problems.append(f"`data.format`: unknown format `{d.format}` (one of: auto, {', '.join(FORMAT_READERS)})")
     if d.template not in NAMES:
         problems.append(f"`data.template`: unknown template `{d.template}`{_suggest(d.template, NAMES)}")
+    if d.num_proc is not None and d.num_proc < 1:
+        problems.append(f"`data.num_proc`: got {d.num_proc}, expected at least 1 (or null: the cores)")
     if d.max_length < 8:
         problems.append(f"`data.max_length`: got {d.max_length}, expected at least 8")
     if not 0.0 <= d.eval_fraction < 1.0:
@@ -272,6 +314,36 @@ def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check
     _check_sharding(recipe, problems)
     if check_machine:
         _check_machine(recipe, problems)
+
+
+def _check_sources(d: DataConfig, key: str, problems: list[str], for_training: bool) -> None:
+    """The entries of data.path / data.eval_path that are sources (mappings): their keys, weights, names and files;
+    each becomes a DataSource."""
+    from common.formats import FORMAT_READERS
+    from common.templates import NAMES
+
+    value = getattr(d, key)
+    if not isinstance(value, list) or not any(isinstance(e, dict) for e in value):
+        return
+    entries = []
+    for i, entry in enumerate(value):
+        where = f"data.{key}[{i}]"
+        source = _build_section(DataSource, entry, where, problems) if isinstance(entry, dict) else DataSource(entry)
+        entries.append(source)
+        if not source.path:
+            problems.append(f"`{where}.path` is required")
+        elif for_training and not Path(source.path).is_file():
+            problems.append(f"`{where}.path`: {source.path} does not exist")
+        if source.weight is not None and source.weight <= 0:
+            problems.append(f"`{where}.weight`: got {source.weight:g}, expected a share > 0")
+        if source.format is not None and source.format not in (*FORMAT_READERS, "auto"):
+            problems.append(f"`{where}.format`: unknown format `{source.format}` (one of: auto, {', '.join(FORMAT_READERS)})")
+        if source.template is not None and source.template not in NAMES:
+            problems.append(f"`{where}.template`: unknown template `{source.template}`{_suggest(source.template, NAMES)}")
+    weighted = [s.weight is not None for s in entries]
+    if any(weighted) and not all(weighted):
+        problems.append(f"`data.{key}`: give every source a weight (a mixture) or none (all of every file)")
+    setattr(d, key, [{k: v for k, v in dataclasses.asdict(s).items() if v is not None} for s in entries])
 
 
 # Which `preference` keys each method reads; a key set for a method that ignores it is a problem, not a silent no-op.

@@ -2,12 +2,14 @@
 trained spans marked) and what `--dump-dataset` writes."""
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
 
-from common.formats import load_conversations
-from common.samples import TRUNCATION_MODES, encode_conversations
+from common.dataset import ENCODE_BATCH
+from common.formats import stream_conversations
+from common.samples import TRUNCATION_MODES, Stats, encode_conversations
 from common.templates import IGNORE, get_template
 
 
@@ -27,6 +29,17 @@ def format_stats(stats: dict, pack: bool) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)
 
 
+def format_shares(shares: list[dict]) -> str:
+    """A mixture's realised shares: each source's conversations, samples and trained tokens, and its share of each."""
+    totals = {k: sum(s[k] for s in shares) or 1 for k in ("conversations", "samples", "trained_tokens")}
+    width = max(len(s["path"]) for s in shares)
+    lines = [f"  {'source':<{width}}  {'conversations':>16}  {'samples':>16}  {'trained tokens':>22}"]
+    for s in shares:
+        cells = [f"{s[k]:,} ({100 * s[k] / totals[k]:.1f}%)" for k in totals]
+        lines.append(f"  {s['path']:<{width}}  {cells[0]:>16}  {cells[1]:>16}  {cells[2]:>22}")
+    return "\n".join(lines)
+
+
 def preview(tokenizer, row: dict, color: bool) -> str:
     """The sample as text with its trained spans marked: green on a terminal, [[...]] otherwise."""
     start, end = ("\033[32m", "\033[0m") if color else ("[[", "]]")
@@ -44,14 +57,27 @@ def preview(tokenizer, row: dict, color: bool) -> str:
     return "".join(out)
 
 
+# The truncation modes are compared on at most this many conversations (the first ones): a comparison, not a count.
+COMPARED = 5000
+
+
 def compare_truncation(recipe, tokenizer) -> str:
-    """The truncation modes side by side on the recipe's data: what each trains and loses."""
+    """The truncation modes side by side on the recipe's data (its first COMPARED conversations): what each trains
+    and loses."""
     d = recipe.data
-    conversations = load_conversations(d.paths, d.format, "skip")
+    files = [(s.path, s.format or d.format) for s in d.sources]
+    conversations = [turns for _, turns in itertools.islice(stream_conversations(files, "skip"), COMPARED + 1)]
+    title = ""
+    if len(conversations) > COMPARED:
+        conversations, title = conversations[:COMPARED], f" (the first {COMPARED:,} conversations)"
     template = get_template(d.template)
-    lines = [f"  {'mode':<6}  {'answer tokens trained':>22}  {'dropped':>7}  {'samples':>7}  {'lost to shortening':>18}"]
+    lines = [f"  {'mode':<6}  {'answer tokens trained':>22}  {'dropped':>7}  {'samples':>7}  {'lost to shortening':>18}"
+             + title]
     for mode in TRUNCATION_MODES:
-        _, st = encode_conversations(conversations, tokenizer, template, d.max_length, mode, d.system)
+        st = Stats()
+        for start in range(0, len(conversations), ENCODE_BATCH):
+            encode_conversations(conversations[start:start + ENCODE_BATCH], tokenizer, template, d.max_length, mode,
+                                 d.system, st)
         share = f"{100 * st.trained_tokens / max(st.answer_tokens, 1):.1f}%"
         mark = " <- recipe" if mode == d.truncation else ""
         lines.append(f"  {mode:<6}  {share:>22}  {st.dropped:>7}  {st.samples:>7}  {st.lost_to_shortening:>18}{mark}")
@@ -63,6 +89,10 @@ def print_dry_run(recipe, tokenizer, train_rows: list[dict], stats: dict) -> Non
     print(f"recipe {recipe.source}: template {d.template}, max_length {d.max_length}, truncation {d.truncation}, "
           f"pack {d.pack}")
     print(format_stats(stats, d.pack))
+    for title, shares in (("mixture", stats.get("sources")), ("eval mixture", stats.get("eval_sources"))):
+        if shares:
+            print(f"\n{title} (realised shares):")
+            print(format_shares(shares))
     print(f"\ntruncation modes at max_length {d.max_length}:")
     print(compare_truncation(recipe, tokenizer))
     print("\nfirst sample (trained spans marked):")

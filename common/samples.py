@@ -6,10 +6,10 @@ with `_cut`'s signature and add it to TRUNCATION; the recipe accepts its name fr
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.conversation import Turn, window, with_system
-from common.templates import IGNORE, Segment, Template
+from common.templates import IGNORE, Segment, Template, preencoded
 
 
 @dataclass
@@ -26,10 +26,12 @@ class Stats:
     skipped: int = 0  # broken records skipped (on_bad_record: skip)
     packed_rows: int = 0
     packing_efficiency: float = 0.0
+    sources: list = field(default_factory=list)  # a mixture's realised shares (common.dataset): one dict per source
+    eval_sources: list = field(default_factory=list)
 
 
 def _trained(labels: list[int]) -> int:
-    return sum(label != IGNORE for label in labels)
+    return len(labels) - labels.count(IGNORE)
 
 
 def _concat(segments) -> tuple[list[int], list[int]]:
@@ -127,14 +129,17 @@ def make_samples(tokenizer, template: Template, turns: list[Turn], max_length: i
 
 def encode_conversations(conversations, tokenizer, template: Template, max_length: int, mode: str,
                          default_system: str | None = None, stats: Stats | None = None) -> tuple[list[dict], Stats]:
+    """Each conversation's samples, in order. The template's text pieces of all of them are tokenized in one batched
+    call first (pass batches of a few hundred conversations: common.dataset does)."""
     stats = Stats() if stats is None else stats
     rows = []
-    for turns in conversations:
-        turns = with_system(turns, default_system)
-        stats.records += 1
-        stats.turns += len(turns)
-        for ids, labels in make_samples(tokenizer, template, turns, max_length, mode, stats):
-            rows.append({"input_ids": ids, "labels": labels})
+    conversations = [with_system(turns, default_system) for turns in conversations]
+    with preencoded(tokenizer, [text for turns in conversations for text in template.pieces(turns)]):
+        for turns in conversations:
+            stats.records += 1
+            stats.turns += len(turns)
+            for ids, labels in make_samples(tokenizer, template, turns, max_length, mode, stats):
+                rows.append({"input_ids": ids, "labels": labels})
     return rows, stats
 
 
@@ -143,14 +148,23 @@ def pack_rows(rows: list[dict], max_length: int, shuffle: bool, seed: int):
     would train its continuation without its prompt. `seq_lengths` lists each row's samples, so the padding-free
     collator restarts position ids per sample and attention stays inside each. Every column of the rows, one value
     per token, is packed alike (evaluation's `owners` beside input_ids and labels)."""
-    from datasets import Dataset
     from trl.data_utils import pack_dataset
 
-    order = list(range(len(rows)))
+    data = as_dataset(rows)
     if shuffle:  # decides which of equally long samples share a row
+        order = list(range(len(data)))
         random.Random(seed).shuffle(order)
-    data = Dataset.from_dict({key: [rows[i][key] for i in order] for key in rows[0]})
+        data = data.select(order)
     return pack_dataset(data, max_length, strategy="bfd")
+
+
+def as_dataset(rows):
+    """Rows as a `datasets.Dataset`: encoded data already is one (Arrow, on disk); a list of dicts becomes one."""
+    from datasets import Dataset
+
+    if isinstance(rows, Dataset):
+        return rows
+    return Dataset.from_dict({key: [row[key] for row in rows] for key in rows[0]})
 
 
 def packing_efficiency(packed, max_length: int) -> tuple[int, int, float]:

@@ -17,7 +17,7 @@ from common.acceleration import FastPaths
 from common.cli import UserError, read_json
 from common.loss import labelled_positions, token_losses
 from common.recipe import DEEPSPEED_AUTO, DEEPSPEED_PRESETS, Recipe, save_recipe
-from common.samples import pack_rows
+from common.samples import as_dataset, pack_rows
 
 
 def deepspeed_config(value: str | None) -> dict | None:
@@ -168,11 +168,9 @@ class _PackedRowsHint(logging.Filter):
 logging.getLogger("trl.trainer.sft_trainer").addFilter(_PackedRowsHint())
 
 
-def build_trainer(recipe: Recipe, model, fast_paths: FastPaths, tokenizer, train_rows: list[dict],
-                  eval_rows: list[dict] | None, callbacks: list, dtype: torch.dtype,
-                  disable_tqdm: bool) -> LabelledSFTTrainer:
-    from datasets import Dataset
-
+def build_trainer(recipe: Recipe, model, fast_paths: FastPaths, tokenizer, train_rows,
+                  eval_rows, callbacks: list, dtype: torch.dtype, disable_tqdm: bool) -> LabelledSFTTrainer:
+    """train_rows, eval_rows: Datasets (common.dataset) or lists of dicts of input_ids and labels."""
     if not train_rows:
         raise UserError("no training rows: every record was empty or skipped")
     d = recipe.data
@@ -180,9 +178,8 @@ def build_trainer(recipe: Recipe, model, fast_paths: FastPaths, tokenizer, train
         train = pack_rows(train_rows, d.max_length, d.shuffle_before_pack, recipe.train.seed)
         evals = pack_rows(eval_rows, d.max_length, False, recipe.train.seed) if eval_rows else None
     else:
-        columns = lambda rows: {k: [r[k] for r in rows] for k in ("input_ids", "labels")}  # noqa: E731
-        train = Dataset.from_dict(columns(train_rows))
-        evals = Dataset.from_dict(columns(eval_rows)) if eval_rows else None
+        train = as_dataset(train_rows).select_columns(["input_ids", "labels"])
+        evals = as_dataset(eval_rows).select_columns(["input_ids", "labels"]) if eval_rows else None
     args = sft_config(recipe, model, dtype, has_eval=evals is not None, disable_tqdm=disable_tqdm)
     trainer = LabelledSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
                                  processing_class=tokenizer, callbacks=callbacks, fast_paths=fast_paths)
