@@ -88,11 +88,18 @@ def _generate(sources, fmt: str, on_bad_record: str, report: LoadReport):
 def _read(sources, d, report: LoadReport, work: Path, name: str):
     """The sources' conversations as an Arrow dataset written as they are read (a `source` column says whose)."""
     from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
 
-    return Dataset.from_generator(_generate, features=_conversation_features(), cache_dir=str(work / name),
-                                  # a tuple: `datasets` would split a list among generator calls
-                                  gen_kwargs={"sources": tuple(sources), "fmt": d.format, "on_bad_record": d.on_bad_record,
-                                              "report": report}, fingerprint=name)
+    try:
+        return Dataset.from_generator(_generate, features=_conversation_features(), cache_dir=str(work / name),
+                                      # a tuple: `datasets` would split a list among generator calls
+                                      gen_kwargs={"sources": tuple(sources), "fmt": d.format,
+                                                  "on_bad_record": d.on_bad_record, "report": report},
+                                      fingerprint=name)
+    except DatasetGenerationError as e:  # `datasets` wraps what the reader raised: a broken record is the user's line
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
 
 
 def _source_ranges(conversations, count: int) -> list[range]:
