@@ -89,8 +89,9 @@ def main(argv=None, extra_callbacks=()) -> int:
     from common.callbacks import InterruptCallback, RunLog, is_main_process, run_callbacks
     from common.modeling import load_model
     from common.precision import resolve
-    from common.recipe import save_recipe
+    from common.recipe import save_recipe, to_dict
     from common.templates import get_template
+    from common.trackers import TrackerCallback
     from common.training import save_final, set_chat_template
 
     precision = resolve(recipe.model.dtype)
@@ -108,7 +109,10 @@ def main(argv=None, extra_callbacks=()) -> int:
     template = get_template(recipe.data.template)
     set_chat_template(tokenizer, template)
     interrupt = InterruptCallback(log)
-    callbacks = list(extra_callbacks) + run_callbacks(recipe, run_dir, log, interrupt, tokenizer, template)
+    info = {"recipe": to_dict(recipe), "precision": {"dtype": precision.name, "reason": precision.reason},
+            "dataset": stats}
+    tracker = TrackerCallback(recipe.train.report_to, info, recipe.train.report_answers)
+    callbacks = list(extra_callbacks) + run_callbacks(recipe, run_dir, log, interrupt, tokenizer, template, tracker)
     trainer = method.build_trainer(recipe, model, fast_paths, tokenizer, train_rows, eval_rows, callbacks,
                                    precision.dtype, disable_tqdm=not sys.stderr.isatty())
     log(summary(recipe, trainer, precision, method.summary_lines(recipe, stats), fast_paths, resume))

@@ -165,9 +165,11 @@ class EvalPromptsCallback(TrainerCallback):
     and in eval mode, then every touched setting is put back, and the RNG is forked so sampling does not shift the
     training run (resume stays exact)."""
 
-    def __init__(self, tokenizer, template, evaluation, system: str | None, run_dir: str | Path, log: RunLog):
+    def __init__(self, tokenizer, template, evaluation, system: str | None, run_dir: str | Path, log: RunLog,
+                 on_answers=None):
         from common.generation import Sampling
 
+        self.on_answers = on_answers  # (step, [(prompt, answer)]): the trackers (common.trackers)
         self.tokenizer, self.template, self.prompts, self.system = tokenizer, template, evaluation.prompts, system
         self.every, self.sampling = evaluation.every_n_steps, Sampling.from_evaluation(evaluation)
         self.out_dir, self.log = Path(run_dir) / EVAL_OUTPUTS_DIR, log
@@ -196,6 +198,8 @@ class EvalPromptsCallback(TrainerCallback):
         text = "".join(f"### Prompt {i}\n{p}\n### Answer {i}\n{a}\n\n" for i, (p, a) in enumerate(answers, 1))
         write_text(out, text)
         self.log(f"evaluation prompts at step {step} -> {out}\n" + text.rstrip())
+        if self.on_answers is not None:
+            self.on_answers(step, answers)
         return out
 
     def answer_all(self, model) -> list[tuple[str, str]]:
@@ -300,13 +304,19 @@ class CheckpointCallback(TrainerCallback):
             artifacts.rotate(self.run_dir, self.recipe.train.save_total_limit)
 
 
-def run_callbacks(recipe, run_dir: Path, log: RunLog, interrupt: InterruptCallback, tokenizer, template) -> list:
+def run_callbacks(recipe, run_dir: Path, log: RunLog, interrupt: InterruptCallback, tokenizer, template,
+                  tracker=None) -> list:
     """The callbacks of a training run: checkpoints completed in place, metrics + plot, Ctrl-C, evaluation prompts,
-    and TensorBoard in OUTPUT_DIR/runs/ (main process only)."""
+    TensorBoard in OUTPUT_DIR/runs/ (main process only, unless train.report_to leaves it out) and the run's setup
+    and answers for the other trackers (common.trackers.TrackerCallback)."""
+    from common import trackers
+
     callbacks = [CheckpointCallback(recipe), MetricsCallback(run_dir, log), interrupt,
                  EvalPromptsCallback(tokenizer, template, recipe.evaluation, recipe.evaluation.system or recipe.data.system,
-                                     run_dir, log)]
-    if is_main_process():
+                                     run_dir, log, tracker.answers if tracker is not None else None)]
+    if tracker is not None:
+        callbacks.append(tracker)
+    if is_main_process() and "tensorboard" in trackers.names(recipe.train.report_to):
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
 

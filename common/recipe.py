@@ -132,6 +132,9 @@ class TrainConfig:
     # attention, PEFT's LoRA forward) or a list of: packed_attention, fused_lora, labelled_loss, chunked_loss,
     # packed_pairs (DPO: a batch's pairs in one row, each prompt once)
     fast_paths: Union[bool, list[Literal[FAST_PATHS]]] = True
+    # trackers: tensorboard (in OUTPUT_DIR/runs), wandb, mlflow, swanlab, trackio, a list of them, or none
+    report_to: Union[str, list[str]] = "tensorboard"
+    report_answers: bool = False  # also send the evaluation prompts' answers to the trackers (counselling text)
     method: Literal[METHODS] = "sft"  # sft on conversations; dpo or orpo on preference pairs (the `preference` section)
 
 
@@ -308,6 +311,9 @@ def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check
     if "packed_pairs" in paths and "packed_attention" not in paths:
         problems.append("`train.fast_paths`: packed_pairs runs on packed_attention (a pair's branch attends to its "
                         "prompt); list both")
+    from common import trackers
+
+    problems += [line for line in trackers.problems(t.report_to) if "unknown tracker" in line]
     if t.max_steps <= 0 and t.epochs <= 0:
         problems.append("`train.epochs` must be > 0 unless `train.max_steps` is set")
     _check_method(recipe, problems, for_training)
@@ -426,6 +432,9 @@ def _check_machine(recipe: Recipe, problems: list[str]) -> None:
 
     import torch
 
+    from common import trackers
+
+    problems += [line for line in trackers.problems(recipe.train.report_to) if "pip install" in line]
     cuda = torch.cuda.is_available()
     m, ds = recipe.model, recipe.train.deepspeed
     if precision.resolve(m.dtype).dtype == torch.float16 and not cuda:

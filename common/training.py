@@ -17,6 +17,7 @@ from common.acceleration import FastPaths
 from common.cli import UserError, read_json
 from common.loss import labelled_positions, token_losses
 from common.recipe import DEEPSPEED_AUTO, DEEPSPEED_PRESETS, Recipe, save_recipe
+from common import trackers
 from common.samples import as_dataset, pack_rows
 
 
@@ -96,7 +97,9 @@ def run_arguments(recipe: Recipe, model, dtype: torch.dtype, has_eval: bool, dis
         save_total_limit=None,  # rotation is ours (artifacts.rotate), after each save is complete
         eval_strategy="steps" if has_eval and every > 0 else "no",  # train.py also evaluates once at the end
         eval_steps=every if has_eval and every > 0 else None,
-        report_to="none",  # TensorBoard writes into the run directory (common.callbacks.run_callbacks)
+        # transformers' integrations (W&B, MLflow, ...); TensorBoard writes into the run directory (common.callbacks)
+        report_to=trackers.integrations(t.report_to),
+        run_name=Path(t.output_dir).name,
         disable_tqdm=disable_tqdm,
         deepspeed=deepspeed_config(t.deepspeed),
         **fsdp_arguments(recipe, model),
