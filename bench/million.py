@@ -37,6 +37,21 @@ def make(out: Path, count: int, as_array: bool) -> None:
     print(f"wrote {count:,} conversations ({out.stat().st_size / 1e9:.2f} GB) to {out}")
 
 
+def _tree_anon_kb(root: int) -> int:
+    """RssAnon summed over a process and all its descendants (Linux /proc)."""
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")), 0)
+        todo += [int(c) for c in children]
+    return total
+
+
 def measure(data: Path, num_proc: int) -> dict:
     """train.py --dry-run, cold (a fresh encoded-data cache): read, encode and cache all conversations, count the
     packed rows, compare the truncation modes on the first 5,000; wall time and the largest peak RSS of train.py and
@@ -50,8 +65,17 @@ def measure(data: Path, num_proc: int) -> dict:
                    "print(json.dumps({'rc': p.returncode, 'peak_kb': "
                    "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
         start = time.perf_counter()
-        # RUSAGE_CHILDREN's ru_maxrss: the largest peak of train.py and its (waited-for) encoding workers
-        out = subprocess.run([sys.executable, "-c", wrapper, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+        # RUSAGE_CHILDREN's ru_maxrss: the largest peak of train.py and its (waited-for) encoding workers. It counts
+        # the pages of the memory-mapped Arrow files read, which the kernel can drop: the anonymous memory of the
+        # whole process tree (RssAnon, sampled every 0.2 s) is what the data's size must not drive.
+        child = subprocess.Popen([sys.executable, "-c", wrapper, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        peak_anon = 0
+        while child.poll() is None:
+            peak_anon = max(peak_anon, _tree_anon_kb(child.pid))
+            time.sleep(0.2)
+        stdout, stderr = child.communicate()
+        out = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
         seconds = time.perf_counter() - start
         if out.returncode != 0:
             raise SystemExit(out.stderr[-3000:])
@@ -61,6 +85,7 @@ def measure(data: Path, num_proc: int) -> dict:
         print(out.stdout[-2500:], file=sys.stderr)
         return {"file": str(data), "bytes": data.stat().st_size, "num_proc": num_proc,
                 "seconds": round(seconds, 1), "peak_rss_mb_largest_process": round(figures["peak_kb"] / 1024),
+                "peak_anon_mb_all_processes": round(peak_anon / 1024),
                 "cpus": os.cpu_count(), "load_avg_after": os.getloadavg()}
 
 
