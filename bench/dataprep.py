@@ -60,7 +60,8 @@ def run(quick: bool, pairs: int = PAIRS) -> dict:
             cached.append(_timed_build(data_file, cache, 512))
         ceiling = _ceiling(data_file, tmp, PROCESSES)
     n = cold[0][1]
-    result = {"ceiling": ceiling,"bench": "dataprep", "quick": quick, "data": str(source), "records": n, "samples": cold[0][2],
+    result = {"ceiling": ceiling, "bench": "dataprep", "quick": quick, "data": str(source), "records": n,
+              "samples": cold[0][2],
               "cold_seconds": [round(c[0], 3) for c in cold], "cached_seconds": [round(c[0], 3) for c in cached]}
     result["median_cold_seconds"] = round(statistics.median(result["cold_seconds"]), 3)
     result["median_cached_seconds"] = round(statistics.median(result["cached_seconds"]), 3)

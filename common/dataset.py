@@ -125,8 +125,8 @@ def _mix(ranges: list[range], sources, where: str, seed: int) -> list[int]:
     for r, share, s in zip(ranges, shares, sources):
         n = min(round(share * size), len(r))
         if n == 0:
-            raise UserError(f"{where}: the shares cannot be met: {s.path} (weight {s.weight:g}, {100 * share:.1f}%) gets "
-                            f"no conversation of a mixture of {int(size)} ({len(r)} read from it); raise its weight "
+            raise UserError(f"{where}: the shares cannot be met: {s.path} (weight {s.weight:g}, {100 * share:.1f}%) "
+                            f"gets no conversation of a mixture of {int(size)} ({len(r)} read from it); raise its weight "
                             "or add conversations")
         picked += sorted(random.Random(seed).sample(list(r), n))
     return picked
@@ -184,7 +184,8 @@ def _encode(conversations, sources, d, tokenizer, work: Path, name: str, num_pro
     rules = [(s.template or d.template, s.system if s.system is not None else d.system, s.truncation or d.truncation)
              for s in sources]
     procs = num_proc or max(1, min(default_num_proc(), len(conversations) // PER_PROCESS))
-    rows = conversations.map(_encode_batch, batched=True, batch_size=ENCODE_BATCH, num_proc=procs if procs > 1 else None,
+    rows = conversations.map(_encode_batch, batched=True, batch_size=ENCODE_BATCH,
+                             num_proc=procs if procs > 1 else None,
                              remove_columns=conversations.column_names, features=_row_features(),
                              fn_kwargs={"tokenizer": tokenizer, "rules": rules, "max_length": d.max_length},
                              cache_file_name=str(work / f"{name}.arrow"), new_fingerprint=name)
@@ -195,7 +196,8 @@ def _encode(conversations, sources, d, tokenizer, work: Path, name: str, num_pro
         for key in COUNTED:
             setattr(stats, key, getattr(stats, key) + (pc.sum(batch[key]).as_py() or 0))
         dropped_rows += len(batch) - (pc.sum(batch["keep"]).as_py() or 0)
-        for item in batch.filter(batch["keep"]).group_by("source").aggregate([("trained", "sum"), ("trained", "count")]).to_pylist():
+        by_source = batch.filter(batch["keep"]).group_by("source")
+        for item in by_source.aggregate([("trained", "sum"), ("trained", "count")]).to_pylist():
             shares[item["source"]]["samples"] += item["trained_count"]
             shares[item["source"]]["trained_tokens"] += item["trained_sum"]
     for k, r in enumerate(_source_ranges(conversations, len(sources))):
@@ -215,7 +217,8 @@ def _prepare(recipe, tokenizer, report: LoadReport, work: Path):
     fraction = d.eval_fraction if not eval_sources else 0.0
     train, held = _select(conversations, sources, d.mixed, seed, "data.path", fraction)
     if eval_sources:
-        evals = _select(_read(eval_sources, d, report, work, "eval_conversations"), eval_sources, d.eval_mixed, seed, "data.eval_path", 0.0)[0]
+        read = _read(eval_sources, d, report, work, "eval_conversations")
+        evals = _select(read, eval_sources, d.eval_mixed, seed, "data.eval_path", 0.0)[0]
     else:
         eval_sources, evals = sources, conversations.select(held) if held else None
     template = get_template(d.template)
@@ -331,5 +334,6 @@ def build_datasets(recipe, tokenizer, report: LoadReport | None = None, use_cach
     report.tell()
     if not len(train_rows):
         d = recipe.data
-        raise UserError(f"{', '.join(d.paths)}: no training sample left (records: {stats.records}, dropped: {stats.dropped})")
+        raise UserError(f"{', '.join(d.paths)}: no training sample left (records: {stats.records}, "
+                        f"dropped: {stats.dropped})")
     return train_rows, eval_rows, vars(stats)

@@ -147,7 +147,8 @@ def _array_records(path: Path, report: LoadReport, chunk: int = CHUNK) -> Iterat
             try:
                 text = reader.decode(data, final=not data)
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}: record {i}: not valid UTF-8 (byte {f.tell() - len(data) + e.start})") from None
+                byte = f.tell() - len(data) + e.start
+                raise UserError(f"{path}: record {i}: not valid UTF-8 (byte {byte})") from None
             if not started and text.startswith("\ufeff"):
                 text = text[1:]
                 report.note(f"{path}: starts with a UTF-8 byte-order mark; ignored it")

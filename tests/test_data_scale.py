@@ -40,7 +40,8 @@ def test_encoding_keeps_its_pinned_hashes():
     got = {}
     for name in PINNED:
         template, mode = name.split("/")
-        rows, _ = encode_conversations(conversations, tokenizer, get_template(template), 192, mode, "你是一位心理咨询师。")
+        system = "你是一位心理咨询师。"
+        rows, _ = encode_conversations(conversations, tokenizer, get_template(template), 192, mode, system)
         got[name] = dump_hash(rows)
     assert got == PINNED
 
