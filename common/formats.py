@@ -128,7 +128,8 @@ def _jsonl_records(lines, path: Path, report: LoadReport) -> Iterator[tuple[str,
 
 
 # Files up to this size are read whole (every oddity told apart as below); larger ones are streamed record by record:
-# a JSON array through an incremental decoder, anything else as JSONL, line by line, in bounded memory.
+# a JSON array through an incremental decoder, anything else as JSONL, line by line, in bounded memory. No record
+# may be larger.
 STREAM_ABOVE = 64 << 20
 CHUNK = 1 << 20
 
@@ -183,7 +184,9 @@ def _array_records(path: Path, report: LoadReport, chunk: int = CHUNK) -> Iterat
                         if end < len(buffer) or eof:  # a number at the buffer's end may go on in the next chunk
                             break
                     except json.JSONDecodeError as e:
-                        if eof:
+                        # more text cannot mend it at the end of the file, nor a "record" that long (a broken one
+                        # near the start of a huge file must not read the rest into memory)
+                        if eof or len(buffer) - pos > STREAM_ABOVE:
                             fail(e.msg, e.pos)
                     more()
                 yield f"record {i}", record
