@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common.cli import UserError
 from common.conversation import OPENAI_ROLES, BadRecord, Turn, messages_to_turns, required_field, text_field, with_system
-from common.formats import SHAREGPT_ROLES, LoadReport, _records, read_file
+from common.formats import SHAREGPT_ROLES, LoadReport, read_file
 from common.templates import IGNORE, Template
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -143,19 +143,6 @@ def detect_pair_format(record) -> str | None:
     if isinstance(record.get("prompt"), str):
         return "plain"
     return "conversational"
-
-
-def is_pair_file(path: str | Path) -> bool:
-    """Whether a data file holds preference pairs (its first record has `chosen` or `rejected`)."""
-    records = _records(Path(path), LoadReport())
-    return any(is_pair_record(r) for _, r in records[:1])
-
-
-def loader_for(paths: list[str]):
-    """load_pairs for preference-pair files, load_conversations for the rest (eval.py takes either)."""
-    from common.formats import load_conversations
-
-    return load_pairs if paths and is_pair_file(paths[0]) else load_conversations
 
 
 def as_conversations(records: list) -> list[list[Turn]]:

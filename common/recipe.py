@@ -17,7 +17,6 @@ from common.samples import TRUNCATION_MODES
 
 FAST_PATHS = ("packed_attention", "fused_lora", "labelled_loss", "chunked_loss", "packed_pairs")  # common/acceleration.py
 FSDP_MODES = ("full_shard", "shard_grad_op")  # train.fsdp (common/training.py fsdp_arguments)
-METHODS = ("sft", "dpo", "orpo")  # train.method: SFT, or preference tuning on pairs (common/preference.py)
 # DPO losses of TRL's DPOTrainer that need no setting beyond beta (and label_smoothing for robust and exo_pair)
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
               "apo_down", "sigmoid_norm", "discopop")
@@ -48,7 +47,7 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     path: Union[str, list[str]] = field(default_factory=list)
-    format: str = "auto"  # auto (per file) or a reader of common/formats.py: xtuner | alpaca | sharegpt | openai
+    format: str = "auto"  # auto (per file) or one the method reads: docs/methods.md (sft: xtuner | alpaca | sharegpt | openai)
     template: str = "tokenizer"  # one of the XTuner names, or `tokenizer` for the tokenizer's chat template
     system: Optional[str] = None  # default system prompt for records without one
     max_length: int = 2048
@@ -96,7 +95,7 @@ class TrainConfig:
     # attention, PEFT's LoRA forward) or a list of: packed_attention, fused_lora, labelled_loss, chunked_loss,
     # packed_pairs (DPO: a batch's pairs in one row, each prompt once)
     fast_paths: Union[bool, list[Literal[FAST_PATHS]]] = True
-    method: Literal[METHODS] = "sft"  # sft on conversations; dpo or orpo on preference pairs (the `preference` section)
+    method: str = "sft"  # a method of common/methods/ (docs/methods.md): sft, dpo, orpo, kto
 
 
 @dataclass
@@ -230,8 +229,7 @@ def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
 def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check_machine: bool) -> None:
     from transformers.trainer_utils import SchedulerType
 
-    from common.formats import FORMAT_READERS  # local: these import nothing from here
-    from common.templates import NAMES
+    from common.templates import NAMES  # local: it imports nothing from here
 
     d, t = recipe.data, recipe.train
     recipe.model.dtype = precision.canonical(recipe.model.dtype)  # one spelling from here on: fp32 -> float32
@@ -241,8 +239,6 @@ def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check
         problems.append(f"`model.path`: {recipe.model.path} does not exist (download the model there first)")
     if for_training and not d.paths:
         problems.append("`data.path` is required")
-    if d.format != "auto" and d.format not in FORMAT_READERS:
-        problems.append(f"`data.format`: unknown format `{d.format}` (one of: auto, {', '.join(FORMAT_READERS)})")
     if d.template not in NAMES:
         problems.append(f"`data.template`: unknown template `{d.template}`{_suggest(d.template, NAMES)}")
     if d.max_length < 8:
@@ -274,20 +270,13 @@ def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check
         _check_machine(recipe, problems)
 
 
-# Which `preference` keys each method reads; a key set for a method that ignores it is a problem, not a silent no-op.
-PREFERENCE_KEYS = {"sft": (), "dpo": ("beta", "loss_type", "label_smoothing"), "orpo": ("orpo_lambda",)}
-
-
 def _check_method(recipe: Recipe, problems: list[str], for_training: bool) -> None:
-    """train.method against the preference section, packing and model.adapter."""
-    method, p, m = recipe.train.method, recipe.preference, recipe.model
-    default = PreferenceConfig()
-    for key in (f.name for f in dataclasses.fields(PreferenceConfig)):
-        if getattr(p, key) != getattr(default, key) and key not in PREFERENCE_KEYS[method]:
-            users = [name for name, keys in PREFERENCE_KEYS.items() if key in keys]
-            problems.append(f"`preference.{key}` applies to train.method {' or '.join(users)}, not {method}")
-    if method != "sft" and recipe.data.pack:
-        problems.append(f"`data.pack`: train.method {method} trains on pairs, which are not packed; set data.pack: false")
+    """train.method against its data, packing and the method sections (common/methods), the preference values, and
+    model.adapter."""
+    from common import methods  # light: the method modules import no trainer at module level
+
+    p, m = recipe.preference, recipe.model
+    methods.check_recipe(recipe, problems)
     if p.beta <= 0 or p.orpo_lambda <= 0:
         problems.append("`preference.beta` and `preference.orpo_lambda` must be > 0")
     if p.loss_type == "exo_pair" and not 0.0 < p.label_smoothing < 0.5:

@@ -494,7 +494,7 @@ def test_packed_pairs_give_the_padded_batch_outputs_and_gradients(tiny_model_dir
 def test_answer_log_probs_are_the_models(tiny_model_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from common.preference import answer_logps, preference_accuracy
+    from common.methods.pairwise import answer_logps, preference_accuracy
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     pairs = load_pairs([FIXTURES / "pairs_llamafactory_alpaca.json"])

@@ -1,0 +1,77 @@
+"""The training methods (`train.method`), one module each, in one table: METHODS, name -> `Method` (spec.py).
+
+A method module owns its name, its data (what a record is, the `data.format` values it reads, how its files are told
+apart), the recipe keys it reads, its recipe checks, its `--dry-run` and `--dump-dataset`, its lines of the start-up
+summary, its TRL trainer and its part of eval.py's report. train.py, eval.py and the recipe checks (common/recipe.py)
+read these objects and compare no method names.
+
+    sft    conversations -> packed samples -> SFTTrainer                (sft.py; common.dataset, common.training)
+    dpo    preference pairs -> pair rows -> DPOTrainer                 (dpo.py; pairwise.py, common.preference)
+    orpo   preference pairs -> pair rows -> ORPOTrainer                (orpo.py; pairwise.py, common.preference)
+
+How a new method is added (say `xyz`):
+1. `common/methods/xyz.py` with `METHOD = Method(name="xyz", ...)` and the functions it names. Its module level
+   imports only light modules (no trl, torch or common.training: the recipe checks import this table); the trainer
+   and anything heavy are imported inside `build_trainer` and the functions that need them. Reuse a data kind (its
+   `kind`, `readers`, `load`, `claims`) or write one beside common/pairs.py.
+2. Its recipe keys: a section of its own in common/recipe.py (a dataclass, its defaults the schema), listed in
+   `METHOD.keys` ({"xyz": ("key", ...)}); anything else it requires goes in `METHOD.check`.
+3. Add the module to METHODS below, and tests (its --dry-run per data.format, a short run, its loss against plain
+   TRL's trainer) and a section in docs/methods.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from common.cli import did_you_mean
+from common.methods import dpo, orpo, sft
+from common.methods.spec import Method
+
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (sft, dpo, orpo)}
+
+
+def get(name: str) -> Method:
+    return METHODS[name]  # the recipe checked the name
+
+
+def check_recipe(recipe, problems: list[str]) -> None:
+    """The recipe against its method: the name, the data format, packing, the keys of method sections it does not
+    read, and the method's own checks. Every problem is appended (common/recipe.py reports them all at once)."""
+    name, d = recipe.train.method, recipe.data
+    method = METHODS.get(name)
+    if method is None:
+        problems.append(f"`train.method`: unknown method `{name}` (one of: {', '.join(METHODS)})"
+                        f"{did_you_mean(name, METHODS, cutoff=0.5)}")
+        return
+    if d.format != "auto" and d.format not in method.formats:
+        problems.append(f"`data.format`: train.method {name} reads {method.kind} in the formats "
+                        f"{', '.join(method.formats)} (or auto), not `{d.format}`")
+    if d.pack and not method.packs:
+        problems.append(f"`data.pack`: train.method {name} trains on {method.kind}, which are not packed; set "
+                        "data.pack: false")
+    for section in sorted({s for m in METHODS.values() for s in m.keys}):
+        values = getattr(recipe, section)
+        default = type(values)()
+        for key in (f.name for f in dataclasses.fields(values)):
+            if getattr(values, key) != getattr(default, key) and key not in method.keys.get(section, ()):
+                users = [m.name for m in METHODS.values() if key in m.keys.get(section, ())]
+                problems.append(f"`{section}.{key}` applies to train.method {' or '.join(users)}, not {name}")
+    if method.check is not None:
+        method.check(recipe, problems)
+
+
+def held_out_parts() -> dict:
+    """Each method's part of eval.py's report by its key, once (dpo and orpo share theirs)."""
+    return {m.held_out.key: m.held_out for m in METHODS.values() if m.held_out is not None}
+
+
+def loader_for(paths: list[str]):
+    """The loader of the data kind the first file holds, told by its first record: a kind that claims it (preference
+    pairs, rated answers), else conversations. eval.py takes any of them."""
+    from pathlib import Path
+
+    from common.formats import LoadReport, _records
+
+    records = _records(Path(paths[0]), LoadReport()) if paths else []
+    first = records[0][1] if records else None
+    return next((m.load for m in METHODS.values() if m.claims(first)), sft.METHOD.load)

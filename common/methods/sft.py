@@ -1,0 +1,29 @@
+"""train.method sft: supervised fine-tuning on conversations (XTuner, Alpaca, ShareGPT, OpenAI layouts; common/formats.py),
+encoded by the recipe's template into samples (common/samples.py), packed into rows of data.max_length, trained by TRL's
+SFTTrainer with the loss at labelled positions (common/training.py). eval.py's held-out loss is this method's measure
+and every method's (common/evaluation.py)."""
+from __future__ import annotations
+
+from common import dataset, report
+from common.formats import FORMAT_READERS, load_conversations
+from common.methods.spec import Method
+
+
+def summary_lines(recipe, stats: dict) -> list[str]:
+    d = recipe.data
+    return ["dataset: " + ", ".join(f"{k}={v}" for k, v in stats.items() if k not in ("packed_rows", "packing_efficiency")),
+            (f"packed: {stats['packed_rows']:,} rows of {d.max_length}, packing efficiency "
+             f"{100 * stats['packing_efficiency']:.1f}%" if d.pack else f"unpacked: one sample per row of {d.max_length}")]
+
+
+def build_trainer(*args, **kwargs):
+    from common.training import build_trainer
+
+    return build_trainer(*args, **kwargs)
+
+
+METHOD = Method(
+    name="sft", kind="conversations", readers=FORMAT_READERS, load=load_conversations,
+    claims=lambda record: False,  # conversations are what a file holds when no other kind claims it
+    build_datasets=dataset.build_datasets, print_dry_run=report.print_dry_run, dump_dataset=report.dump_dataset,
+    summary_lines=summary_lines, build_trainer=build_trainer, packs=True)
