@@ -1,14 +1,16 @@
 """TRL's preference trainers on our rows: `DPOTrainer` and `trl.experimental.orpo.ORPOTrainer` (train.method dpo and
-orpo, common/methods/dpo.py and orpo.py) fed the pair rows of common.pairs. Each method module builds its trainer from
-these; this is the module of theirs that imports TRL.
+orpo, common/methods/dpo.py and orpo.py) fed the pair rows of common.pairs, and `KTOTrainer` (train.method kto,
+common/methods/kto.py) fed the rated rows of common.unpaired. Each method module builds its trainer from these; this is
+the module of theirs that imports TRL.
 
 Everything a run does besides the loss comes from the pieces every method shares: the TrainingArguments of
 `training.run_arguments` and the callbacks of `callbacks.run_callbacks` (checkpoints, rotation, resume, Ctrl-C, metrics
 and TensorBoard, evaluation prompts). What is ours here is small:
 
-- The rows are final, token for token the SFT encoding (common.pairs): DPOTrainer is told not to tokenize them again
-  (`PairDPOTrainer._prepare_dataset`), ORPOTrainer turns them into its columns without a tokenizer
-  (`PairORPOTrainer.tokenize_row`). The losses, the reference forward and the logged rewards are TRL's, unchanged.
+- The rows are final, token for token the SFT encoding (common.pairs, common.unpaired): DPOTrainer and KTOTrainer are
+  told not to tokenize them again (`PairDPOTrainer._prepare_dataset`, `RatedKTOTrainer._prepare_dataset`), ORPOTrainer
+  turns them into its columns without a tokenizer (`PairORPOTrainer.tokenize_row`). The losses, the reference
+  forward and the logged rewards are TRL's, unchanged.
 - The reference model. LoRA/QLoRA: the policy with its adapter switched off (no copy of anything). A continued
   adapter (`model.adapter`): TRL's frozen copy of that adapter ("ref"), so the reference is the model training
   started from. Full fine-tuning: a frozen copy of `model.path`, loaded as the policy was.
@@ -16,11 +18,12 @@ and TensorBoard, evaluation prompts). What is ours here is small:
 from __future__ import annotations
 
 import torch
-from trl import DPOTrainer
+from trl import DPOTrainer, KTOTrainer
 from trl.experimental.orpo import ORPOTrainer
 
 from common.pairs import PAIR_COLUMNS
 from common.templates import IGNORE
+from common.unpaired import RATED_COLUMNS
 
 
 # ---------------------------------------------------------------- the trainers
@@ -49,6 +52,25 @@ class PairORPOTrainer(ORPOTrainer):
             row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
             row[f"{side}_labels"] = [IGNORE] * len(prompt) + answer
         return row
+
+
+class RatedKTOTrainer(KTOTrainer):
+    """KTOTrainer on rows that already hold prompt_ids/completion_ids/label. TRL 1.16 extracts, tokenizes and filters
+    every dataset it is given (`_prepare_dataset`); this hook lets ours through and adds only what TRL adds to
+    tokenized rows: with the KL term (loss_type kto), each row's `KL_completion_ids`, the completions rotated by one
+    within each batch of per_device_train_batch_size rows in dataset order ((x1, yn), (x2, y1), ...), as TRL's own
+    preparation does; TRL samples KTO batches sequentially, so these are the batches it trains on."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if not set(RATED_COLUMNS) <= set(dataset.column_names):
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if not self.calculate_KL:
+            return dataset
+
+        def mismatched(batch: dict) -> dict:
+            return {"KL_completion_ids": batch["completion_ids"][-1:] + batch["completion_ids"][:-1]}
+
+        return dataset.map(mismatched, batched=True, batch_size=args.per_device_train_batch_size)
 
 
 def reference_model(recipe, dtype: torch.dtype):

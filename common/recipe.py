@@ -108,6 +108,15 @@ class PreferenceConfig:
 
 
 @dataclass
+class KtoConfig:
+    """train.method kto (TRL's KTOTrainer) on answers rated good or bad; the keys as TRL names them."""
+    beta: float = 0.1  # how far the policy may move from the reference (higher = closer)
+    desirable_weight: float = 1.0  # weight of the good answers' loss
+    undesirable_weight: float = 1.0  # of the bad ones': TRL recommends desirable_weight * good / (undesirable_weight * bad) in [1, 4/3]
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"  # kto estimates a KL term from the batch (batch_size >= 2)
+
+
+@dataclass
 class EvaluationConfig:
     every_n_steps: int = 500
     system: Optional[str] = None
@@ -126,6 +135,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    kto: KtoConfig = field(default_factory=KtoConfig)
     source: Optional[str] = field(default=None, metadata={"internal": True})  # recipe file it came from
 
 

@@ -27,6 +27,14 @@ SAMPLES = {
     ("pairs", "plain"): FIXTURES / "pairs_trl_plain.json",
     ("pairs", "sharegpt"): FIXTURES / "pairs_llamafactory_sharegpt.json",
     ("pairs", "alpaca"): FIXTURES / "pairs_llamafactory_alpaca.json",
+    ("rated answers", "conversational"): ROOT / "data" / "psych_kto.json",
+    ("rated answers", "plain"): [{"prompt": "我睡不着", "completion": "先说说最近发生了什么？", "label": True},
+                                 {"prompt": "我睡不着", "completion": "别想太多。", "label": False}],
+    ("rated answers", "sharegpt"): [{"messages": [{"role": "user", "content": "我睡不着"},
+                                                  {"role": "assistant", "content": "先说说最近发生了什么？"}],
+                                     "label": True},
+                                    {"conversations": [{"from": "human", "value": "我睡不着"},
+                                                       {"from": "gpt", "value": "别想太多。"}], "kto_tag": False}],
 }
 ALL_FORMATS = sorted({f for m in METHODS.values() for f in m.formats})
 

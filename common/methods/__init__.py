@@ -8,6 +8,7 @@ read these objects and compare no method names.
     sft    conversations -> packed samples -> SFTTrainer                (sft.py; common.dataset, common.training)
     dpo    preference pairs -> pair rows -> DPOTrainer                 (dpo.py; pairwise.py, common.preference)
     orpo   preference pairs -> pair rows -> ORPOTrainer                (orpo.py; pairwise.py, common.preference)
+    kto    rated answers (thumbs up/down) -> rows -> KTOTrainer         (kto.py; common.unpaired, common.preference)
 
 How a new method is added (say `xyz`):
 1. `common/methods/xyz.py` with `METHOD = Method(name="xyz", ...)` and the functions it names. Its module level
@@ -24,10 +25,10 @@ from __future__ import annotations
 import dataclasses
 
 from common.cli import did_you_mean
-from common.methods import dpo, orpo, sft
+from common.methods import dpo, kto, orpo, sft
 from common.methods.spec import Method
 
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (sft, dpo, orpo)}
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (sft, dpo, orpo, kto)}
 
 
 def get(name: str) -> Method:

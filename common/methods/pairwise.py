@@ -41,9 +41,18 @@ def format_stats(stats: dict) -> str:
              ("tokens per pair: prompt / chosen / rejected",
               f"{stats['prompt_tokens'] / pairs:.0f} / {stats['chosen_tokens'] / pairs:.0f} / "
               f"{stats['rejected_tokens'] / pairs:.0f} (mean)"),
-             ("prompts shortened to fit", stats["shortened"]), ("prompt turns dropped", stats["turns_dropped"]),
-             ("prompt tokens cut", stats["prompt_tokens_cut"]), ("dropped (an answer alone too long)", stats["dropped"]),
-             ("skipped", stats["skipped"])]
+             *fitting(stats)]
+    return table(lines)
+
+
+def fitting(stats: dict) -> list[tuple[str, object]]:
+    """What fitting into max_length cost (common.pairs.fit_prompt's counts), for the dry run's table."""
+    return [("prompts shortened to fit", stats["shortened"]), ("prompt turns dropped", stats["turns_dropped"]),
+            ("prompt tokens cut", stats["prompt_tokens_cut"]), ("dropped (an answer alone too long)", stats["dropped"]),
+            ("skipped", stats["skipped"])]
+
+
+def table(lines: list[tuple[str, object]]) -> str:
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)
 
