@@ -136,6 +136,17 @@ def is_pair_record(record) -> bool:
     return isinstance(record, dict) and ("chosen" in record or "rejected" in record)
 
 
+def is_single_rating(record) -> bool:
+    """One answer rated good or bad (`label` or `kto_tag`, no chosen/rejected: common.unpaired), as the web page's
+    thumbs write them into a run's ratings file beside Compare's pairs: what train.method kto reads, and what the
+    pair readers pass over."""
+    return isinstance(record, dict) and not is_pair_record(record) and ("label" in record or "kto_tag" in record)
+
+
+def _passing_ratings(reader):
+    return lambda record: None if is_single_rating(record) else reader(record)
+
+
 def detect_pair_format(record) -> str | None:
     if not is_pair_record(record):
         return None
@@ -158,12 +169,19 @@ def as_conversations(records: list) -> list[list[Turn]]:
 
 def load_pairs(paths: list[str], fmt: str = "auto", on_bad_record: str = "error",
                report: LoadReport | None = None) -> list[Pair]:
-    """All pairs of all files, in order. Broken records raise UserError (one line), or are skipped and counted."""
+    """All pairs of all files, in order (single rated answers beside them passed over, with a note). Broken records
+    raise UserError (one line), or are skipped and counted."""
     report = LoadReport() if report is None else report
     unknown = ("no preference pairs (no record has `chosen` and `rejected`); train.method dpo and orpo train on pairs, "
                "sft on conversations")
-    return [pair for name in paths
-            for pair in read_file(Path(name), fmt, PAIR_READERS, detect_pair_format, unknown, on_bad_record, report)]
+    readers = {name: _passing_ratings(reader) for name, reader in PAIR_READERS.items()}
+    read = [pair for name in paths
+            for pair in read_file(Path(name), fmt, readers, detect_pair_format, unknown, on_bad_record, report)]
+    pairs = [pair for pair in read if pair is not None]
+    if len(pairs) < len(read):
+        report.note(f"passed over {len(read) - len(pairs)} single rated answer(s) (thumbs up/down) beside the pairs: "
+                    "train.method kto reads those")
+    return pairs
 
 
 # ---------------------------------------------------------------- encoding

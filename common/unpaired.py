@@ -19,7 +19,8 @@ from pathlib import Path
 
 from common.conversation import OPENAI_ROLES, BadRecord, Turn, messages_to_turns, required_field, text_field, with_system
 from common.formats import SHAREGPT_ROLES, LoadReport, read_file
-from common.pairs import fit_prompt, message_answer, scored, with_top_system
+from common.pairs import (PAIR_READERS, detect_pair_format, fit_prompt, is_pair_record, is_single_rating, message_answer,
+                          scored, with_top_system)
 from common.templates import Template
 
 RATED_COLUMNS = ("prompt_ids", "completion_ids", "label")
@@ -81,27 +82,40 @@ def read_sharegpt(record: dict) -> Rated:
 RATED_READERS = {"conversational": read_conversational, "plain": read_plain, "sharegpt": read_sharegpt}
 
 
-def is_rated_record(record) -> bool:
-    return isinstance(record, dict) and ("kto_tag" in record or ("label" in record and any(
-        key in record for key in ("completion", "messages", "conversations"))))
-
-
 def detect_rated_format(record) -> str | None:
-    if not is_rated_record(record):
+    if not is_single_rating(record):
         return None
     if "messages" in record or "conversations" in record:
         return "sharegpt"
     return "plain" if isinstance(record.get("prompt"), str) else "conversational"
 
 
+def rated_reader(fmt: str | None):
+    """A reader of rated answers in `fmt` (None: each record's own layout) that also takes preference pairs, each as
+    two rated answers, the chosen good and the rejected bad (as TRL's KTOTrainer unpairs a paired dataset): a run's
+    ratings file holds the web page's thumbs and Compare's pairs side by side."""
+    def read(record: dict) -> list[Rated]:
+        if is_pair_record(record):
+            pair = PAIR_READERS[fmt or detect_pair_format(record)](record)
+            return [Rated(pair.prompt, pair.chosen, True), Rated(pair.prompt, pair.rejected, False)]
+        layout = fmt or detect_rated_format(record)
+        if layout is None:
+            raise BadRecord("label", "missing (expected an answer rated true or false, or a preference pair)")
+        return [RATED_READERS[layout](record)]
+    return read
+
+
 def load_rated(paths: list[str], fmt: str = "auto", on_bad_record: str = "error",
                report: LoadReport | None = None) -> list[Rated]:
-    """All rated answers of all files, in order. Broken records raise UserError (one line), or are skipped."""
+    """All rated answers of all files, in order, a preference pair as two. Broken records raise UserError (one line),
+    or are skipped."""
     report = LoadReport() if report is None else report
-    unknown = ("no rated answers (no record has `label` or `kto_tag` with its answer); train.method kto trains on "
-               "answers rated good or bad, dpo and orpo on pairs, sft on conversations")
-    return [r for name in paths
-            for r in read_file(Path(name), fmt, RATED_READERS, detect_rated_format, unknown, on_bad_record, report)]
+    unknown = ("no rated answers (no record has `label` or `kto_tag`) and no preference pairs; train.method kto trains "
+               "on answers rated good or bad, sft on conversations")
+    layout = None if fmt == "auto" else fmt
+    detect = lambda record: "rated" if is_single_rating(record) or is_pair_record(record) else None  # noqa: E731
+    return [r for name in paths for read in read_file(Path(name), "auto", {"rated": rated_reader(layout)}, detect,
+                                                      unknown, on_bad_record, report) for r in read]
 
 
 # ---------------------------------------------------------------- encoding

@@ -153,3 +153,22 @@ def test_loss_equals_plain_trl_kto_and_eval_reports_rated_answers(tmp_path, monk
     assert report["conversations"] == 2  # the held-out loss is that of the good answers
     assert "rating accuracy" in (tmp_path / "recipe" / "eval" / "report.md").read_text(encoding="utf-8")
     assert "rated answers: 4 held out" in capsys.readouterr().out
+
+
+def test_a_ratings_file_holds_thumbs_beside_pairs(tmp_path):
+    """The web page's ratings file: Compare's pairs and Chat's thumbs, one a line. kto reads both (a pair as its chosen
+    answer rated good and its rejected one bad, as TRL unpairs); dpo and orpo read the pairs and pass over the thumbs."""
+    from common.formats import LoadReport
+    from common.pairs import load_pairs
+
+    records = [{"prompt": [{"role": "user", "content": "我睡不着"}], "chosen": [{"role": "assistant", "content": "说说看？"}],
+                "rejected": [{"role": "assistant", "content": "睡吧。"}]},
+               {"prompt": [{"role": "user", "content": "我很累"}],
+                "completion": [{"role": "assistant", "content": "辛苦了，发生了什么？"}], "label": False}]
+    path = tmp_path / "ratings.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    rated = load_rated([str(path)])
+    assert [(r.completion, r.label) for r in rated] == [("说说看？", True), ("睡吧。", False), ("辛苦了，发生了什么？", False)]
+    report = LoadReport()
+    (pair,) = load_pairs([str(path)], report=report)
+    assert pair.chosen == "说说看？" and "passed over 1 single rated answer(s)" in report.notes[0]

@@ -16,8 +16,9 @@ from common.cli import UserError
 from common.methods import pairwise
 from common.methods.spec import HeldOut, Method
 from common.report import dump_dataset
+from common.pairs import is_single_rating
 from common.templates import IGNORE
-from common.unpaired import RATED_COLUMNS, RATED_READERS, Rated, encode_all, is_rated_record, load_rated
+from common.unpaired import RATED_COLUMNS, RATED_READERS, Rated, encode_all, load_rated
 
 HIGH = 4 / 3  # TRL's recommended range of desirable_weight * good / (undesirable_weight * bad): [1, 4/3] (KTO paper, eq. 8)
 
@@ -200,7 +201,7 @@ def summary(result: dict) -> str:
 HELD_OUT = HeldOut("kto", held_out_rows, answer_logps, compare, markdown, summary)
 
 METHOD = Method(
-    name="kto", kind="rated answers", readers=RATED_READERS, load=load_rated, claims=is_rated_record,
+    name="kto", kind="rated answers", readers=RATED_READERS, load=load_rated, claims=is_single_rating,
     build_datasets=build_datasets, print_dry_run=print_dry_run, dump_dataset=dump_dataset,
     summary_lines=summary_lines, build_trainer=build_trainer,
     keys={"kto": ("beta", "desirable_weight", "undesirable_weight", "loss_type")}, check=check, held_out=HELD_OUT)
