@@ -67,11 +67,9 @@ def main(argv=None, extra_callbacks=()) -> int:
 
     from common import artifacts, methods
     from common.modeling import recipe_tokenizer
-    from common.recipe import load_recipe
-
     datasets.disable_progress_bars()  # per-map bars drown the run's own log lines
     # every recipe problem at once, and what this machine cannot do (unless only the data is asked for)
-    recipe = load_recipe(args.recipe, args.overrides, check_machine=not (args.dry_run or args.dump_dataset))
+    recipe = methods.load_recipe(args.recipe, args.overrides, check_machine=not (args.dry_run or args.dump_dataset))
     tokenizer = recipe_tokenizer(recipe)
     method = methods.get(recipe.train.method)  # sft: conversations -> SFTTrainer; dpo, orpo: pairs -> their trainers
     train_rows, eval_rows, stats = method.build_datasets(recipe, tokenizer)

@@ -236,7 +236,8 @@ def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
     return cls(**values)
 
 
-def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check_machine: bool) -> None:
+def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check_machine: bool,
+                  check_method) -> None:
     from transformers.trainer_utils import SchedulerType
 
     from common.templates import NAMES  # local: it imports nothing from here
@@ -274,19 +275,17 @@ def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check
                         "prompt); list both")
     if t.max_steps <= 0 and t.epochs <= 0:
         problems.append("`train.epochs` must be > 0 unless `train.max_steps` is set")
-    _check_method(recipe, problems, for_training)
+    if check_method is not None:
+        check_method(recipe, problems)
+    _check_preference(recipe, problems, for_training)
     _check_sharding(recipe, problems)
     if check_machine:
         _check_machine(recipe, problems)
 
 
-def _check_method(recipe: Recipe, problems: list[str], for_training: bool) -> None:
-    """train.method against its data, packing and the method sections (common/methods), the preference values, and
-    model.adapter."""
-    from common import methods  # light: the method modules import no trainer at module level
-
+def _check_preference(recipe: Recipe, problems: list[str], for_training: bool) -> None:
+    """The preference values and model.adapter (train.method against its data and sections is common.methods')."""
     p, m = recipe.preference, recipe.model
-    methods.check_recipe(recipe, problems)
     if p.beta <= 0 or p.orpo_lambda <= 0:
         problems.append("`preference.beta` and `preference.orpo_lambda` must be > 0")
     if p.loss_type == "exo_pair" and not 0.0 < p.label_smoothing < 0.5:
@@ -398,10 +397,12 @@ def parse_override(text: str) -> tuple[list[str], object]:
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), for_training: bool = True,
-                check_machine: bool | None = None) -> Recipe:
+                check_machine: bool | None = None, check_method=None) -> Recipe:
     """for_training=False: a run's saved recipe read for its settings elsewhere (its model and data paths are
     relative to where training ran). check_machine (default: for_training): can this machine train it (GPU-only
-    features, precision, DeepSpeed); --dry-run checks the data without asking."""
+    features, precision, DeepSpeed); --dry-run checks the data without asking. check_method(recipe, problems): the
+    recipe against its train.method, with the other problems (common.methods.load_recipe passes it: the methods sit
+    above this module, which imports none of them)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
@@ -420,7 +421,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), for_training: bool 
             raw[keys[0]][keys[1]] = value
         else:
             problems.append(f"override `{text}`: expected SECTION.KEY=VALUE")
-    recipe = from_dict(raw, problems, where=str(path), for_training=for_training, check_machine=check_machine)
+    recipe = from_dict(raw, problems, where=str(path), for_training=for_training, check_machine=check_machine,
+                       check_method=check_method)
     recipe.source = str(path)
     if recipe.train.output_dir is None:
         recipe.train.output_dir = f"work_dirs/{path.stem}"
@@ -428,7 +430,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), for_training: bool 
 
 
 def from_dict(raw: dict, problems: list[str] | None = None, where: str = "recipe", for_training: bool = True,
-              check_machine: bool | None = None) -> Recipe:
+              check_machine: bool | None = None, check_method=None) -> Recipe:
     problems = [] if problems is None else problems
     sections = {}
     for name, value in raw.items():
@@ -446,7 +448,8 @@ def from_dict(raw: dict, problems: list[str] | None = None, where: str = "recipe
             continue
         sections[name] = _build_section(cls, value, name, problems)
     recipe = Recipe(**sections)
-    _check_values(recipe, problems, for_training, for_training if check_machine is None else check_machine)
+    _check_values(recipe, problems, for_training, for_training if check_machine is None else check_machine,
+                  check_method)
     if problems:
         n = len(problems)
         raise UserError(f"{where}: {n} problem{'s' if n > 1 else ''}:\n  - " + "\n  - ".join(problems))

@@ -92,13 +92,3 @@ def test_an_unknown_method_is_a_recipe_problem_with_the_nearest_name(tmp_path, t
     assert out.returncode == 2
     assert f"unknown method `dpx` (one of: {', '.join(METHODS)}) (did you mean `dpo`?)" in out.stderr
     assert "unknown key `preference.betta`" in out.stderr  # collected with the other problems
-
-
-def test_the_method_table_is_light():
-    """The recipe checks import the table: no trainer, no TRL (the method modules import those inside functions)."""
-    import subprocess
-
-    code = ("import sys, common.recipe, common.methods; "
-            "print(sorted(m for m in ('trl', 'common.training', 'common.preference') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"

@@ -3,7 +3,7 @@
 A method module owns its name, its data (what a record is, the `data.format` values it reads, how its files are told
 apart), the recipe keys it reads, its recipe checks, its `--dry-run` and `--dump-dataset`, its lines of the start-up
 summary, its TRL trainer and its part of eval.py's report. train.py, eval.py and the recipe checks (common/recipe.py)
-read these objects and compare no method names.
+read these objects and compare no method names. `load_recipe` here is the recipe loader with the method checks.
 
     sft    conversations -> packed samples -> SFTTrainer                (sft.py; common.dataset, common.training)
     dpo    preference pairs -> pair rows -> DPOTrainer                 (dpo.py; pairwise.py, common.preference)
@@ -12,8 +12,9 @@ read these objects and compare no method names.
 
 How a new method is added (say `xyz`):
 1. `common/methods/xyz.py` with `METHOD = Method(name="xyz", ...)` and the functions it names. Its module level
-   imports only light modules (no trl, torch or common.training: the recipe checks import this table); the trainer
-   and anything heavy are imported inside `build_trainer` and the functions that need them. Reuse a data kind (its
+   imports only what the data needs (eval.py and the loaders import this table without training anything); TRL and
+   the trainer are imported inside `build_trainer`. Nothing below the methods (common/recipe.py, training, data)
+   imports a method module (tests/test_imports.py finds cycles, imports inside functions too). Reuse a data kind (its
    `kind`, `readers`, `load`, `claims`) or write one beside common/pairs.py.
 2. Its recipe keys: a section of its own in common/recipe.py (a dataclass, its defaults the schema), listed in
    `METHOD.keys` ({"xyz": ("key", ...)}); anything else it requires goes in `METHOD.check`.
@@ -32,7 +33,16 @@ METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (sft, dpo, orpo, 
 
 
 def get(name: str) -> Method:
-    return METHODS[name]  # the recipe checked the name
+    return METHODS[name]  # load_recipe checked the name
+
+
+def load_recipe(path, overrides=(), **options):
+    """common.recipe.load_recipe with the recipe also checked against its train.method (check_recipe), every problem
+    in one report: the recipe as train.py loads it. The recipe module imports no method (they sit above it: they
+    build on its sections and the modules that read it)."""
+    from common import recipe
+
+    return recipe.load_recipe(path, overrides, check_method=check_recipe, **options)
 
 
 def check_recipe(recipe, problems: list[str]) -> None:

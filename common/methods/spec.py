@@ -1,6 +1,6 @@
 """What a training method is to the rest of the suite: one `Method` object per method module (common/methods/), read
-by the recipe checks, train.py, eval.py and the data loaders. Light on purpose: this module and the method modules
-import no trainer at module level (common/recipe.py reads them), only inside the functions that build one."""
+by the recipe checks (common.methods.check_recipe), train.py, eval.py and the data loaders. The method modules import
+TRL and their trainers only inside the functions that build one: eval.py and the loaders import the table."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
