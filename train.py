@@ -65,7 +65,8 @@ def main(argv=None, extra_callbacks=()) -> int:
     args = parse_args(argv)
     import datasets
 
-    from common import artifacts, methods
+    from common import artifacts
+    from common.methods import table as methods
     from common.modeling import recipe_tokenizer
     datasets.disable_progress_bars()  # per-map bars drown the run's own log lines
     # every recipe problem at once, and what this machine cannot do (unless only the data is asked for)

@@ -33,7 +33,8 @@ BASELINE = "TRL DPOTrainer (plain)"
 
 def ours(tmp: Path, batch: int, fast_paths: bool):
     """The trainer train.py builds for the recipe (its data, model, fast paths), on the base model in float32."""
-    from common import acceleration, methods
+    from common import acceleration
+    from common.methods import table as methods
     from common.modeling import load_model, recipe_tokenizer
 
     recipe = methods.load_recipe(RECIPE, [f"model.path={MODEL}", "model.dtype=float32", f"data.path={PAIRS}", "data.system=null",

@@ -215,7 +215,7 @@ def evaluate(source, other, records: list, files: list, dtype: str = "auto", lim
     is given), and each method's own measures of the records of its kind (common/methods: the preference accuracy and
     margins of pairs)."""
     from common.generation import Sampling
-    from common.methods import held_out_parts
+    from common.methods.table import held_out_parts
     from common.pairs import as_conversations
     from common.templates import get_template
 
@@ -259,7 +259,7 @@ def evaluate(source, other, records: list, files: list, dtype: str = "auto", lim
 
 def _parts(result: Result):
     """(the method's HeldOut, its result) for each method part in the result."""
-    from common.methods import held_out_parts
+    from common.methods.table import held_out_parts
 
     parts = held_out_parts()
     return [(parts[key], value) for key, value in result.methods.items()]

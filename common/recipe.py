@@ -401,7 +401,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), for_training: bool 
     """for_training=False: a run's saved recipe read for its settings elsewhere (its model and data paths are
     relative to where training ran). check_machine (default: for_training): can this machine train it (GPU-only
     features, precision, DeepSpeed); --dry-run checks the data without asking. check_method(recipe, problems): the
-    recipe against its train.method, with the other problems (common.methods.load_recipe passes it: the methods sit
+    recipe against its train.method, with the other problems (common.methods.table.load_recipe passes it: the methods sit
     above this module, which imports none of them)."""
     path = Path(path)
     if not path.is_file():

@@ -73,7 +73,7 @@ def test_broken_rated_records_are_one_line(tmp_path, record, message):
     (["data.pack=true"], "`data.pack`: train.method kto trains on rated answers, which are not packed"),
 ])
 def test_kto_recipe_problems(tmp_path, tiny_model_dir, overrides, message):
-    from common.methods import load_recipe
+    from common.methods.table import load_recipe
 
     with pytest.raises(UserError) as e:
         load_recipe(kto_recipe(tmp_path, tiny_model_dir), overrides)

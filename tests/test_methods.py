@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.methods import METHODS  # noqa: E402
+from common.methods.table import METHODS  # noqa: E402
 from test_dry_run import run  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -288,7 +288,7 @@ def test_long_pairs_lose_prompt_turns_from_the_left_then_tokens(tokenizer):
     (["lora=null", "model.adapter=/no/adapter"], "cannot be combined with `lora: null`"),
 ])
 def test_preference_recipe_problems(tmp_path, tiny_model_dir, pairs_file, overrides, message):
-    from common.methods import load_recipe
+    from common.methods.table import load_recipe
 
     with pytest.raises(UserError) as e:
         load_recipe(pair_recipe(tmp_path, tiny_model_dir, pairs_file), overrides)
