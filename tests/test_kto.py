@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT))
 from common.cli import UserError  # noqa: E402
 from common.unpaired import detect_rated_format, encode_rated, load_rated  # noqa: E402
 from common.templates import get_template  # noqa: E402
-from test_preference import CHATML_NO_SEP, metrics  # noqa: E402
+from test_preference import chatml_model, metrics, plain_trl_steps  # noqa: E402
 from test_train import run, write_recipe  # noqa: E402
 
 KTO = ROOT / "data" / "psych_kto.json"
@@ -95,20 +95,13 @@ def test_dry_run_shows_the_balance_and_both_ratings(tmp_path, monkeypatch, tiny_
 def test_loss_equals_plain_trl_kto_and_eval_reports_rated_answers(tmp_path, monkeypatch, tiny_model_dir, capsys):
     """The same rows in the same order, float32, LoRA: train.py and plain KTOTrainer on the conversational records
     agree on every step's loss and rewards; then eval.py measures the held-out rated answers."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOConfig, KTOTrainer
 
     import eval as eval_script
     from common.methods.kto import shuffled
 
     monkeypatch.chdir(tmp_path)
-    model_dir = tmp_path / "model"
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = CHATML_NO_SEP
-    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir, tok = chatml_model(tmp_path, tiny_model_dir)
     steps, lr = 3, 2e-2
     recipe = kto_recipe(tmp_path, model_dir, lora={"r": 4, "alpha": 8, "dropout": 0.0},
                         data={"max_length": 1024, "eval_path": str(HELD_OUT)}, evaluation={"every_n_steps": 0},
@@ -117,16 +110,7 @@ def test_loss_equals_plain_trl_kto_and_eval_reports_rated_answers(tmp_path, monk
     ours = [r for r in metrics(tmp_path / "recipe") if "loss" in r]
 
     records = shuffled(json.loads(KTO.read_text(encoding="utf-8")), 42)  # the order train.py trains in
-    args = KTOConfig(output_dir=str(tmp_path / "plain"), max_steps=steps, learning_rate=lr, per_device_train_batch_size=2,
-                     lr_scheduler_type="cosine", warmup_steps=0, logging_steps=1, report_to="none", use_cpu=True,
-                     bf16=False, gradient_checkpointing=False, max_length=None, save_strategy="no", seed=42,
-                     optim="adamw_torch")
-    plain = KTOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, processing_class=tok,
-                       train_dataset=Dataset.from_list(records),
-                       peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                              task_type="CAUSAL_LM"))
-    plain.train()
-    theirs = [h for h in plain.state.log_history if "loss" in h]
+    theirs = plain_trl_steps(KTOTrainer, KTOConfig, model_dir, tok, records, tmp_path / "plain", steps, lr)
     assert len(theirs) == len(ours) == steps
     compared = set()
     for mine, trl in zip(ours, theirs):

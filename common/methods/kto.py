@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 import sys
 
-from common.cli import UserError
 from common.methods import pairwise
 from common.methods.spec import HeldOut, Method
 from common.report import dump_dataset
@@ -55,26 +54,11 @@ def balance(stats: dict, kto) -> str | None:
 def build_datasets(recipe, tokenizer):
     """(train rows, eval rows, stats): the rated answers read and held out as SFT holds out, fitted into
     data.max_length, the training rows shuffled with train.seed; a warning when good and bad are out of balance."""
-    from common.dataset import recipe_conversations
-    from common.formats import LoadReport
-    from common.templates import get_template
-
-    d, report = recipe.data, LoadReport()
-    rated, held_out = recipe_conversations(recipe, report, load=load_rated)
-    template = get_template(d.template)
-    for text in template.notes(tokenizer, [r.prompt for r in rated]):
-        report.note(text)
-    train_rows, stats = encode_all(rated, tokenizer, template, d.max_length, d.system)
-    stats.skipped = len(report.skipped)
-    eval_rows = encode_all(held_out, tokenizer, template, d.max_length, d.system)[0] if held_out else []
-    report.tell()
-    if not train_rows:
-        raise UserError(f"{', '.join(d.paths)}: no rated answer left (records: {stats.records}, "
-                        f"dropped: {stats.dropped}, skipped: {stats.skipped})")
-    advice = balance(vars(stats), recipe.kto)
+    train_rows, eval_rows, stats = pairwise.prompted_datasets(recipe, tokenizer, load_rated, encode_all, "rated answer")
+    advice = balance(stats, recipe.kto)
     if advice:
         print(f"warning: {advice}", file=sys.stderr)
-    return shuffled(train_rows, recipe.train.seed), eval_rows, vars(stats)
+    return shuffled(train_rows, recipe.train.seed), eval_rows, stats
 
 
 def format_stats(stats: dict, kto) -> str:

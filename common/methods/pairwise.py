@@ -16,21 +16,28 @@ from common.templates import IGNORE
 def build_datasets(recipe, tokenizer):
     """(train rows, eval rows, stats) of a preference recipe: its pair files read, held out as SFT holds out
     (data.eval_path or data.eval_fraction), each pair fitted into data.max_length."""
+    return prompted_datasets(recipe, tokenizer, load_pairs, encode_pairs, "training pair")
+
+
+def prompted_datasets(recipe, tokenizer, load, encode, what: str):
+    """(train rows, eval rows, stats) of records that answer a prompt (pairs here, rated answers in kto.py): `load`
+    reads the recipe's files, held out as SFT holds out; `encode(records, tokenizer, template, max_length, system)`
+    fits each into data.max_length (rows, stats). No row left is an error naming the files."""
     from common.dataset import recipe_conversations
     from common.formats import LoadReport
     from common.templates import get_template
 
     d, report = recipe.data, LoadReport()
-    pairs, held_out = recipe_conversations(recipe, report, load=load_pairs)
+    records, held_out = recipe_conversations(recipe, report, load=load)
     template = get_template(d.template)
-    for text in template.notes(tokenizer, [pair.prompt for pair in pairs]):
+    for text in template.notes(tokenizer, [r.prompt for r in records]):
         report.note(text)
-    train_rows, stats = encode_pairs(pairs, tokenizer, template, d.max_length, d.system)
+    train_rows, stats = encode(records, tokenizer, template, d.max_length, d.system)
     stats.skipped = len(report.skipped)
-    eval_rows = encode_pairs(held_out, tokenizer, template, d.max_length, d.system)[0] if held_out else []
+    eval_rows = encode(held_out, tokenizer, template, d.max_length, d.system)[0] if held_out else []
     report.tell()
     if not train_rows:
-        raise UserError(f"{', '.join(d.paths)}: no training pair left (records: {stats.records}, "
+        raise UserError(f"{', '.join(d.paths)}: no {what} left (records: {stats.records}, "
                         f"dropped: {stats.dropped}, skipped: {stats.skipped})")
     return train_rows, eval_rows, vars(stats)
 
