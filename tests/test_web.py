@@ -175,7 +175,7 @@ def test_a_thumb_on_a_chat_answer_is_a_kto_row_beside_the_pair(page, run_dir):
     browser.wait_for(driver, f"{last}.dataset.rated === 'down'", "the thumb saved")
     ratings = run_dir / artifacts.RATINGS_FILE
     note = browser.text_of(driver, "chat-note")
-    assert "Saved 👎: 2 rating(s)" in note and str(ratings) in note
+    assert "Saved as bad: 2 rating(s)" in note and str(ratings) in note
     assert driver.execute_script(f"return [...{last}.querySelectorAll('.thumb')].every(b => b.disabled);")
     *_, thumb = load_rated([str(ratings)])
     assert (thumb.completion, thumb.label) == (shown, False)

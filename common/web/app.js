@@ -202,14 +202,14 @@ function addMessage(role, text) {
 // conversation it answered, the answer, good or not), which train.method kto reads beside Compare's pairs.
 function addThumbs(bubble, prompt, answerText) {
   const who = bubble.querySelector(".who");
-  const buttons = [["up", "👍", "a good answer", true], ["down", "👎", "a bad answer", false]].map(
-    ([name, face, title, good]) => {
+  // Words, not emoji: the page uses the system's fonts, and many have no emoji.
+  const buttons = [["up", "good", true], ["down", "bad", false]].map(
+    ([name, word, good]) => {
       const button = document.createElement("button");
       button.type = "button";
       button.className = `thumb ${name}`;
-      button.textContent = face;
-      button.title = `Rate as ${title} (kept for train.method kto)`;
-      button.setAttribute("aria-label", title);
+      button.textContent = word;
+      button.title = `Thumbs ${name}: rate this answer ${word} (kept in the run's ratings for train.method kto)`;
       button.addEventListener("click", () => thumb(good, button));
       return button;
     });
@@ -227,7 +227,7 @@ function addThumbs(bubble, prompt, answerText) {
       button.classList.add("chosen");
       button.setAttribute("aria-pressed", "true");
       bubble.dataset.rated = good ? "up" : "down";
-      chatNote(`Saved ${good ? "👍" : "👎"}: ${saved.ratings} rating(s) in ${saved.saved}.`);
+      chatNote(`Saved as ${good ? "good" : "bad"}: ${saved.ratings} rating(s) in ${saved.saved}.`);
     } catch (error) {
       for (const b of buttons) b.disabled = false;
       showError(error);
