@@ -1,5 +1,6 @@
-"""Fine-tune a chat model from a YAML recipe: LoRA, QLoRA or full fine-tuning; SFT on TRL's SFTTrainer, or preference
-tuning (train.method: dpo | orpo) on TRL's DPOTrainer / ORPOTrainer.
+"""Fine-tune a chat model from a YAML recipe: LoRA, QLoRA or full fine-tuning; SFT on TRL's SFTTrainer, preference
+tuning on pairs (train.method: dpo | orpo) or on rated answers (kto) on TRL's trainers (common/methods/,
+docs/methods.md).
 
     python train.py RECIPE [section.key=value ...] [--dry-run] [--dump-dataset OUT.jsonl] [--resume auto|PATH] [--force]
     torchrun --nproc_per_node 2 train.py RECIPE        data-parallel (gloo on CPU, NCCL on GPU)
@@ -72,7 +73,7 @@ def main(argv=None, extra_callbacks=()) -> int:
     # every recipe problem at once, and what this machine cannot do (unless only the data is asked for)
     recipe = methods.load_recipe(args.recipe, args.overrides, check_machine=not (args.dry_run or args.dump_dataset))
     tokenizer = recipe_tokenizer(recipe)
-    method = methods.get(recipe.train.method)  # sft: conversations -> SFTTrainer; dpo, orpo: pairs -> their trainers
+    method = methods.get(recipe.train.method)  # its data, dry run, summary and trainer (common/methods/)
     train_rows, eval_rows, stats = method.build_datasets(recipe, tokenizer)
     if args.dry_run:
         method.print_dry_run(recipe, tokenizer, train_rows, stats)

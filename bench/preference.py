@@ -37,7 +37,8 @@ def ours(tmp: Path, batch: int, fast_paths: bool):
     from common.methods import table as methods
     from common.modeling import load_model, recipe_tokenizer
 
-    recipe = methods.load_recipe(RECIPE, [f"model.path={MODEL}", "model.dtype=float32", f"data.path={PAIRS}", "data.system=null",
+    recipe = methods.load_recipe(RECIPE, [
+        f"model.path={MODEL}", "model.dtype=float32", f"data.path={PAIRS}", "data.system=null",
                                   "data.eval_path=null", f"train.batch_size={batch}", f"train.output_dir={tmp / 'run'}",
                                   f"train.fast_paths={str(fast_paths).lower()}", "evaluation.prompts=[]"])
     tokenizer = recipe_tokenizer(recipe)

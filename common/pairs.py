@@ -125,7 +125,8 @@ def read_alpaca(record: dict) -> Pair:
         turns.append(Turn(text_field(item[0], f"history[{i}][0]"), text_field(item[1], f"history[{i}][1]")))
     turns.append(Turn(instruction + "\n" + extra if extra else instruction, None))
     chosen = text_field(required_field(record, "chosen", str), "chosen")
-    return _pair(with_top_system(turns, record.get("system")), chosen, text_field(required_field(record, "rejected", str), "rejected"))
+    rejected = text_field(required_field(record, "rejected", str), "rejected")
+    return _pair(with_top_system(turns, record.get("system")), chosen, rejected)
 
 
 PAIR_READERS = {"conversational": read_conversational, "plain": read_plain, "sharegpt": read_sharegpt,
@@ -262,8 +263,10 @@ def fit_prompt(tokenizer, encode, prompt: list[Turn], max_length: int, stats, an
 
 def fit_pair(tokenizer, template: Template, pair: Pair, max_length: int, stats: PairStats) -> dict | None:
     """The pair's row within max_length (prompt + the longer answer), or None (dropped) when an answer does not fit."""
-    return fit_prompt(tokenizer, lambda prompt: encode_pair(tokenizer, template, Pair(prompt, pair.chosen, pair.rejected)),
-                      pair.prompt, max_length, stats, ("chosen_ids", "rejected_ids"))
+    def encode(prompt: list[Turn]) -> dict:
+        return encode_pair(tokenizer, template, Pair(prompt, pair.chosen, pair.rejected))
+
+    return fit_prompt(tokenizer, encode, pair.prompt, max_length, stats, ("chosen_ids", "rejected_ids"))
 
 
 def encode_pairs(pairs: list[Pair], tokenizer, template: Template, max_length: int, default_system: str | None = None,

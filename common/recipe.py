@@ -47,7 +47,7 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     path: Union[str, list[str]] = field(default_factory=list)
-    format: str = "auto"  # auto (per file) or one the method reads: docs/methods.md (sft: xtuner | alpaca | sharegpt | openai)
+    format: str = "auto"  # auto (per file) or a format the method reads (docs/methods.md), e.g. sft: xtuner | openai
     template: str = "tokenizer"  # one of the XTuner names, or `tokenizer` for the tokenizer's chat template
     system: Optional[str] = None  # default system prompt for records without one
     max_length: int = 2048
@@ -112,7 +112,8 @@ class KtoConfig:
     """train.method kto (TRL's KTOTrainer) on answers rated good or bad; the keys as TRL names them."""
     beta: float = 0.1  # how far the policy may move from the reference (higher = closer)
     desirable_weight: float = 1.0  # weight of the good answers' loss
-    undesirable_weight: float = 1.0  # of the bad ones': TRL recommends desirable_weight * good / (undesirable_weight * bad) in [1, 4/3]
+    # the bad ones': TRL recommends desirable_weight * good / (undesirable_weight * bad) in [1, 4/3]
+    undesirable_weight: float = 1.0
     loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"  # kto estimates a KL term from the batch (batch_size >= 2)
 
 
@@ -401,8 +402,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), for_training: bool 
     """for_training=False: a run's saved recipe read for its settings elsewhere (its model and data paths are
     relative to where training ran). check_machine (default: for_training): can this machine train it (GPU-only
     features, precision, DeepSpeed); --dry-run checks the data without asking. check_method(recipe, problems): the
-    recipe against its train.method, with the other problems (common.methods.table.load_recipe passes it: the methods sit
-    above this module, which imports none of them)."""
+    recipe against its train.method, with the other problems (common.methods.table.load_recipe passes it: the
+    methods sit above this module, which imports none of them)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")

@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.conversation import OPENAI_ROLES, BadRecord, Turn, messages_to_turns, required_field, text_field, with_system
+from common.conversation import (OPENAI_ROLES, BadRecord, Turn, messages_to_turns, required_field, text_field,
+                                 with_system)
 from common.formats import SHAREGPT_ROLES, LoadReport, read_file
-from common.pairs import (PAIR_READERS, detect_pair_format, fit_prompt, is_pair_record, is_single_rating, message_answer,
-                          scored, with_top_system)
+from common.pairs import (PAIR_READERS, detect_pair_format, fit_prompt, is_pair_record, is_single_rating,
+                          message_answer, scored, with_top_system)
 from common.templates import Template
 
 RATED_COLUMNS = ("prompt_ids", "completion_ids", "label")
@@ -145,8 +146,11 @@ def encode_all(records: list[Rated], tokenizer, template: Template, max_length: 
     stats, rows = RatedStats(), []
     for r in records:
         stats.records += 1
-        row = fit_prompt(tokenizer, lambda prompt: encode_rated(tokenizer, template, Rated(prompt, r.completion, r.label)),
-                         with_system(r.prompt, default_system), max_length, stats, ("completion_ids",))
+        def encode(prompt: list[Turn], r=r) -> dict:
+            return encode_rated(tokenizer, template, Rated(prompt, r.completion, r.label))
+
+        row = fit_prompt(tokenizer, encode, with_system(r.prompt, default_system), max_length, stats,
+                         ("completion_ids",))
         if row is None:
             continue
         rows.append(row)

@@ -7,7 +7,7 @@ nothing fetched from elsewhere) that talk to the server through:
     GET  /web/info              the served model: ids, template, context, system prompt and sampling defaults
     GET  /web/run               the run: its recipe, metrics.jsonl's loss and eval loss, eval/report.json
     POST /web/ratings           a preference pair ({"prompt", "chosen", "rejected"}) appended to RUN/ratings.jsonl
-    POST /web/thumbs            a chat answer rated up or down ({"prompt", "answer", "good"}), appended there as a KTO row
+    POST /web/thumbs            a chat answer rated up or down ({"prompt", "answer", "good"}), appended there too
 
 The /web routes take the same access check as /v1 (common/server/access.py). Ratings are written in the
 conversational layouts the data readers take (checked by their reader before they are written): a rated comparison as

@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT))
 from common.cli import UserError  # noqa: E402
 from common.unpaired import detect_rated_format, encode_rated, load_rated  # noqa: E402
 from common.templates import get_template  # noqa: E402
-from test_preference import chatml_model, metrics, plain_trl_steps  # noqa: E402
+from test_preference import chatml_model, evaluated, metrics, plain_trl_steps  # noqa: E402
 from test_train import run, write_recipe  # noqa: E402
 
 KTO = ROOT / "data" / "psych_kto.json"
@@ -53,7 +53,8 @@ def test_the_three_layouts_read_alike(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"prompt": "a", "completion": "b", "label": "yes"}, "record 0: field label: expected true (a good answer) or false"),
+    ({"prompt": "a", "completion": "b", "label": "yes"},
+     "record 0: field label: expected true (a good answer) or false"),
     ({"prompt": "a", "completion": "", "label": True}, "record 0: field completion:"),
     ({"messages": [{"role": "user", "content": "a"}], "label": False}, "expected an assistant answer, got role 'user'"),
 ])
@@ -87,7 +88,8 @@ def test_dry_run_shows_the_balance_and_both_ratings(tmp_path, monkeypatch, tiny_
     assert "good / bad                          7 / 5" in captured.out
     assert "first good answer" in captured.out and "first bad answer" in captured.out
     # 7 good to 5 bad at equal weights: 1.4, above TRL's [1, 4/3]; the warning says which weights fix it
-    assert "warning: 7 good and 5 bad answers" in captured.err and "kto.undesirable_weight in [1.05, 1.40]" in captured.err
+    assert "warning: 7 good and 5 bad answers" in captured.err
+    assert "kto.undesirable_weight in [1.05, 1.40]" in captured.err
     assert run(kto_recipe(tmp_path, tiny_model_dir), "kto.undesirable_weight=1.1", "--dry-run") == 0
     assert "warning" not in capsys.readouterr().err
 
@@ -97,7 +99,6 @@ def test_loss_equals_plain_trl_kto_and_eval_reports_rated_answers(tmp_path, monk
     agree on every step's loss and rewards; then eval.py measures the held-out rated answers."""
     from trl import KTOConfig, KTOTrainer
 
-    import eval as eval_script
     from common.methods.kto import shuffled
 
     monkeypatch.chdir(tmp_path)
@@ -127,11 +128,7 @@ def test_loss_equals_plain_trl_kto_and_eval_reports_rated_answers(tmp_path, monk
     log = (tmp_path / "recipe" / "train.log").read_text(encoding="utf-8")
     assert "method: kto" in log and "7 good / 5 bad" in log and "reference: the model before training" in log
 
-    try:
-        assert eval_script.main([str(tmp_path / "recipe"), "--limit", "1", "--max-new-tokens", "4"]) == 0
-    except SystemExit as e:
-        raise AssertionError(capsys.readouterr().err) from e
-    report = json.loads((tmp_path / "recipe" / "eval" / "report.json").read_text(encoding="utf-8"))
+    report = evaluated(tmp_path / "recipe", capsys)
     kto = report["kto"]
     assert kto["examples"] == 4 and kto["good"] == kto["bad"] == 2 and len(kto["rewards"]) == 4
     assert report["conversations"] == 2  # the held-out loss is that of the good answers
@@ -140,8 +137,8 @@ def test_loss_equals_plain_trl_kto_and_eval_reports_rated_answers(tmp_path, monk
 
 
 def test_a_ratings_file_holds_thumbs_beside_pairs(tmp_path):
-    """The web page's ratings file: Compare's pairs and Chat's thumbs, one a line. kto reads both (a pair as its chosen
-    answer rated good and its rejected one bad, as TRL unpairs); dpo and orpo read the pairs and pass over the thumbs."""
+    """The web page's ratings file: Compare's pairs and Chat's thumbs, one a line. kto reads both (a pair as its
+    chosen answer rated good and its rejected one bad, as TRL unpairs); dpo and orpo read the pairs, not the thumbs."""
     from common.formats import LoadReport
     from common.pairs import load_pairs
 

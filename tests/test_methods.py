@@ -51,7 +51,8 @@ def data_file(tmp_path, kind: str, fmt: str) -> Path:
 def recipe(tmp_path, model_dir, method: str, data: Path, fmt: str) -> Path:
     path = tmp_path / "r.yaml"
     pack = "true" if METHODS[method].packs else "false"
-    path.write_text(f"model: {{path: {model_dir}}}\ndata: {{path: {data}, format: {fmt}, max_length: 512, pack: {pack}}}\n"
+    path.write_text(f"model: {{path: {model_dir}}}\n"
+                    f"data: {{path: {data}, format: {fmt}, max_length: 512, pack: {pack}}}\n"
                     f"train: {{method: {method}, batch_size: 2}}\n", encoding="utf-8")
     return path
 
@@ -83,7 +84,8 @@ def test_the_issue_commands_on_the_dpo_recipe(tmp_path, tiny_model_dir):
     assert "pairs  " in out.stdout
     out = run(recipe, *base, "data.format=xtuner", "--dry-run")
     assert out.returncode == 2 and "KeyError" not in out.stderr
-    assert "`data.format`: train.method dpo reads pairs in the formats conversational, plain, sharegpt, alpaca" in out.stderr
+    assert ("`data.format`: train.method dpo reads pairs in the formats conversational, plain, sharegpt, alpaca"
+            in out.stderr)
 
 
 def test_an_unknown_method_is_a_recipe_problem_with_the_nearest_name(tmp_path, tiny_model_dir):

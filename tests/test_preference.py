@@ -409,8 +409,8 @@ def chatml_model(tmp_path, tiny_model_dir):
 
 def plain_trl_steps(trainer_class, config_class, model_dir, tok, records: list[dict], out, steps: int,
                     lr: float) -> list[dict]:
-    """A plain TRL trainer on the records in float32, LoRA r=4 on all linear layers, batch 2, cosine without warmup (what
-    the comparing recipes set): its logged steps."""
+    """A plain TRL trainer on the records in float32, LoRA r=4 on all linear layers, batch 2, cosine without warmup
+    (what the comparing recipes set): its logged steps."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
@@ -534,17 +534,22 @@ def test_answer_log_probs_are_the_models(tiny_model_dir, tokenizer):
     assert result["accuracy"] == sum(m > 0 for m in expected) / len(expected)
 
 
-def test_eval_reports_preference_accuracy_base_vs_tuned(tmp_path, monkeypatch, tiny_model_dir, pairs_file, capsys):
+def evaluated(run_dir: Path, capsys) -> dict:
+    """eval.py on the run (one answer of 4 tokens): its report.json."""
     import eval as eval_script
 
+    try:
+        assert eval_script.main([str(run_dir), "--limit", "1", "--max-new-tokens", "4"]) == 0
+    except SystemExit as e:
+        raise AssertionError(capsys.readouterr().err) from e
+    return json.loads((run_dir / "eval" / "report.json").read_text(encoding="utf-8"))
+
+
+def test_eval_reports_preference_accuracy_base_vs_tuned(tmp_path, monkeypatch, tiny_model_dir, pairs_file, capsys):
     monkeypatch.chdir(tmp_path)
     assert run(pair_recipe(tmp_path, tiny_model_dir, pairs_file, data={"eval_path": str(pairs_file)},
                            evaluation={"prompts": []})) == 0
-    try:
-        assert eval_script.main([str(tmp_path / "recipe"), "--limit", "1", "--max-new-tokens", "4"]) == 0
-    except SystemExit as e:
-        raise AssertionError(capsys.readouterr().err) from e
-    report = json.loads((tmp_path / "recipe" / "eval" / "report.json").read_text(encoding="utf-8"))
+    report = evaluated(tmp_path / "recipe", capsys)
     pref = report["preference"]
     assert pref["base"]["pairs"] == pref["tuned"]["pairs"] == 10 and len(pref["tuned"]["margins"]) == 10
     # trained on these very pairs with a high learning rate: the tuned margins grew

@@ -256,7 +256,8 @@ def test_the_pages_endpoints_take_the_apis_key_and_refuse_a_bad_rating(server, r
     assert response.status_code == 400 and "identical to chosen" in response.json()["error"]["message"]
     unrated = {"prompt": [{"role": "user", "content": "hi"}], "answer": "a", "good": "yes"}
     response = httpx2.post(server + "/web/thumbs", json=unrated, headers=headers, timeout=10)
-    assert response.status_code == 400 and "expected true (a good answer) or false" in response.json()["error"]["message"]
+    assert response.status_code == 400
+    assert "expected true (a good answer) or false" in response.json()["error"]["message"]
     assert httpx2.post(server + "/web/thumbs", json=unrated, timeout=10).status_code == 401
     assert (ratings.read_bytes() if ratings.exists() else b"") == before  # nothing written
 

@@ -3,7 +3,8 @@
 A method module owns its name, its data (what a record is, the `data.format` values it reads, how its files are told
 apart), the recipe keys it reads, its recipe checks, its `--dry-run` and `--dump-dataset`, its lines of the start-up
 summary, its TRL trainer and its part of eval.py's report. train.py, eval.py and the recipe's method checks
-(table.check_recipe) read these objects and compare no method names. `table.load_recipe` is the recipe loader with the method checks.
+(table.check_recipe) read these objects and compare no method names. `table.load_recipe` is the recipe loader with
+the method checks.
 This file holds no code: the method modules import their siblings (spec, pairwise), whose parent package this is.
 
     sft    conversations -> packed samples -> SFTTrainer                (sft.py; common.dataset, common.training)

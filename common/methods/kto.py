@@ -19,7 +19,8 @@ from common.pairs import is_single_rating
 from common.templates import IGNORE
 from common.unpaired import RATED_COLUMNS, RATED_READERS, Rated, encode_all, load_rated
 
-HIGH = 4 / 3  # TRL's recommended range of desirable_weight * good / (undesirable_weight * bad): [1, 4/3] (KTO paper, eq. 8)
+# TRL's recommended range of desirable_weight * good / (undesirable_weight * bad): [1, 4/3] (the KTO paper, eq. 8)
+HIGH = 4 / 3
 
 
 def shuffled(items: list, seed: int) -> list:
@@ -179,7 +180,8 @@ def markdown(result: dict) -> list[str]:
 
 def summary(result: dict) -> str:
     return (f"rated answers: {result['examples']} held out, rating accuracy {100 * result['accuracy']:.1f}%, reward "
-            f"good {_nats(result['reward_good'])} / bad {_nats(result['reward_bad'])} (margin {_nats(result['margin'])})")
+            f"good {_nats(result['reward_good'])} / bad {_nats(result['reward_bad'])} "
+            f"(margin {_nats(result['margin'])})")
 
 
 HELD_OUT = HeldOut("kto", held_out_rows, answer_logps, compare, markdown, summary)

@@ -10,7 +10,8 @@ from common.report import dump_dataset
 
 
 def summary_lines(recipe, stats: dict) -> list[str]:
-    return [pairwise.pairs_line(stats), f"preference: ORPO, lambda {recipe.preference.orpo_lambda}; reference: none (ORPO)"]
+    return [pairwise.pairs_line(stats),
+            f"preference: ORPO, lambda {recipe.preference.orpo_lambda}; reference: none (ORPO)"]
 
 
 def build_trainer(recipe, model, fast_paths, tokenizer, train_rows, eval_rows, callbacks, dtype, disable_tqdm):

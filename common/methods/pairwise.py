@@ -108,7 +108,9 @@ def completion_logps(model, prompt: list[int], completions: list[list[int]]) -> 
     device = next(model.parameters()).device
     sides = [prompt + c for c in completions]
     width = max(len(ids) for ids in sides)
-    pad = lambda values, fill: torch.tensor([v + [fill] * (width - len(v)) for v in values], device=device)  # noqa: E731
+    def pad(values, fill):
+        return torch.tensor([v + [fill] * (width - len(v)) for v in values], device=device)
+
     labels = pad([[IGNORE] * len(prompt) + c for c in completions], IGNORE)
     inputs = {"input_ids": pad(sides, 0), "attention_mask": pad([[1] * len(ids) for ids in sides], 0), "labels": labels}
     with torch.no_grad():
@@ -141,12 +143,15 @@ def compare(base: dict, tuned: dict) -> dict:
 
 def markdown(result: dict) -> list[str]:
     b, t = result["base"], result["tuned"]
-    return ["", f"Preference pairs: {b['pairs']} held out; margin = log p(chosen) - log p(rejected) after the prompt.", "",
+    return ["", f"Preference pairs: {b['pairs']} held out; margin = log p(chosen) - log p(rejected) after the "
+                "prompt.", "",
             "| | base | tuned |", "|---|---|---|",
             f"| preference accuracy (margin > 0) | {100 * b['accuracy']:.1f}% | {100 * t['accuracy']:.1f}% |",
             f"| mean margin (nats) | {b['mean_margin']:.3f} | {t['mean_margin']:.3f} |",
-            f"| accuracy per answer token | {100 * b['accuracy_per_token']:.1f}% | {100 * t['accuracy_per_token']:.1f}% |",
-            f"| mean margin per answer token | {b['mean_margin_per_token']:.4f} | {t['mean_margin_per_token']:.4f} |", "",
+            f"| accuracy per answer token | {100 * b['accuracy_per_token']:.1f}% | "
+            f"{100 * t['accuracy_per_token']:.1f}% |",
+            f"| mean margin per answer token | {b['mean_margin_per_token']:.4f} | "
+            f"{t['mean_margin_per_token']:.4f} |", "",
             f"The tuned model's margin is larger than the base's on {100 * result['margin_grew']:.0f}% of the pairs."]
 
 
@@ -158,7 +163,8 @@ def summary(result: dict) -> str:
 
 
 def held_out_rows(records: list, tokenizer, template, data) -> list[dict]:
-    return encode_pairs([r for r in records if isinstance(r, Pair)], tokenizer, template, data.max_length, data.system)[0]
+    pairs = [r for r in records if isinstance(r, Pair)]
+    return encode_pairs(pairs, tokenizer, template, data.max_length, data.system)[0]
 
 
 HELD_OUT = HeldOut("preference", held_out_rows, preference_accuracy, compare, markdown, summary)

@@ -1,7 +1,7 @@
-"""train.method sft: supervised fine-tuning on conversations (XTuner, Alpaca, ShareGPT, OpenAI layouts; common/formats.py),
-encoded by the recipe's template into samples (common/samples.py), packed into rows of data.max_length, trained by TRL's
-SFTTrainer with the loss at labelled positions (common/training.py). eval.py's held-out loss is this method's measure
-and every method's (common/evaluation.py)."""
+"""train.method sft: supervised fine-tuning on conversations (XTuner, Alpaca, ShareGPT, OpenAI layouts;
+common/formats.py), encoded by the recipe's template into samples (common/samples.py), packed into rows of
+data.max_length, trained by TRL's SFTTrainer with the loss at labelled positions (common/training.py). eval.py's
+held-out loss is this method's measure and every method's (common/evaluation.py)."""
 from __future__ import annotations
 
 from common import dataset, report
@@ -11,9 +11,11 @@ from common.methods.spec import Method
 
 def summary_lines(recipe, stats: dict) -> list[str]:
     d = recipe.data
-    return ["dataset: " + ", ".join(f"{k}={v}" for k, v in stats.items() if k not in ("packed_rows", "packing_efficiency")),
-            (f"packed: {stats['packed_rows']:,} rows of {d.max_length}, packing efficiency "
-             f"{100 * stats['packing_efficiency']:.1f}%" if d.pack else f"unpacked: one sample per row of {d.max_length}")]
+    counts = ", ".join(f"{k}={v}" for k, v in stats.items() if k not in ("packed_rows", "packing_efficiency"))
+    packing = (f"packed: {stats['packed_rows']:,} rows of {d.max_length}, packing efficiency "
+               f"{100 * stats['packing_efficiency']:.1f}%" if d.pack else
+               f"unpacked: one sample per row of {d.max_length}")
+    return ["dataset: " + counts, packing]
 
 
 def build_trainer(*args, **kwargs):

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 class HeldOut:
     """A method's part of eval.py's report, measured on the held-out records of its kind, base vs tuned."""
     key: str  # its entry in report.json ("preference", "kto")
-    rows: Callable  # (records, tokenizer, template, data section) -> the rows it measures (records of other kinds ignored)
+    rows: Callable  # (records, tokenizer, template, data section) -> the rows it measures (other kinds ignored)
     measure: Callable  # (model, rows) -> dict
     compare: Callable  # (base dict, tuned dict) -> the result report.json holds
     markdown: Callable  # (result) -> report.md lines
@@ -31,7 +31,8 @@ class Method:
     print_dry_run: Callable  # (recipe, tokenizer, train rows, stats)
     dump_dataset: Callable  # (train rows, path)
     summary_lines: Callable  # (recipe, stats) -> the data lines of the start-up summary
-    build_trainer: Callable  # (recipe, model, fast_paths, tokenizer, train rows, eval rows, callbacks, dtype, disable_tqdm)
+    # (recipe, model, fast_paths, tokenizer, train rows, eval rows, callbacks, dtype, disable_tqdm) -> the trainer
+    build_trainer: Callable
     # The keys it reads of the recipe sections that methods own or share (`preference`, `kto`): a key set away from its
     # default that the recipe's method does not read is a recipe problem, not a silent no-op.
     keys: dict = field(default_factory=dict)
