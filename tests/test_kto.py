@@ -106,7 +106,7 @@ def test_loss_equals_plain_trl_kto_and_eval_reports_rated_answers(tmp_path, monk
     steps, lr = 3, 2e-2
     recipe = kto_recipe(tmp_path, model_dir, lora={"r": 4, "alpha": 8, "dropout": 0.0},
                         data={"max_length": 1024, "eval_path": str(HELD_OUT)}, evaluation={"every_n_steps": 0},
-                        train={"fast_paths": False})
+                        train={"fast_paths": True})  # what KTO takes of them: the fused LoRA forward
     assert run(recipe) == 0
     ours = [r for r in metrics(tmp_path / "recipe") if "loss" in r]
 
@@ -127,6 +127,7 @@ def test_loss_equals_plain_trl_kto_and_eval_reports_rated_answers(tmp_path, monk
     assert ours[1]["kl"] > 0 and ours[1]["rewards/chosen"] != 0  # the later steps compare trained weights
     log = (tmp_path / "recipe" / "train.log").read_text(encoding="utf-8")
     assert "method: kto" in log and "7 good / 5 bad" in log and "reference: the model before training" in log
+    assert "fast paths: fused_lora" in log
 
     report = evaluated(tmp_path / "recipe", capsys)
     kto = report["kto"]
