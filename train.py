@@ -105,7 +105,7 @@ def main(argv=None, extra_callbacks=()) -> int:
     set_seed(recipe.train.seed)  # LoRA's random init comes before the Trainer seeds anything
     model = load_model(recipe, precision.dtype)
     fast_paths = acceleration.apply(model, recipe)
-    template = get_template(recipe.data.template)
+    template = get_template(recipe.data.template, recipe.data.thinking)
     set_chat_template(tokenizer, template)
     interrupt = InterruptCallback(log)
     callbacks = list(extra_callbacks) + run_callbacks(recipe, run_dir, log, interrupt, tokenizer, template)

@@ -36,13 +36,13 @@ def recipe_conversations(recipe, report: LoadReport | None = None,
 def _encode_recipe_data(recipe, tokenizer, report: LoadReport) -> tuple[list[dict], list[dict], Stats]:
     d = recipe.data
     conversations, eval_conversations = recipe_conversations(recipe, report)
-    template = get_template(d.template)
+    template = get_template(d.template, d.thinking)
     for text in template.notes(tokenizer, conversations):
         report.note(text)
     args = (tokenizer, template, d.max_length, d.truncation, d.system)
-    train_rows, stats = encode_conversations(conversations, *args)
+    train_rows, stats = encode_conversations(conversations, *args, thinking=d.thinking)
     stats.skipped = len(report.skipped)
-    eval_rows = encode_conversations(eval_conversations, *args)[0] if eval_conversations else []
+    eval_rows = encode_conversations(eval_conversations, *args, thinking=d.thinking)[0] if eval_conversations else []
     if train_rows and d.pack:
         stats.packed_rows, stats.packing_efficiency = packing_stats(train_rows, d.max_length, d.shuffle_before_pack,
                                                                     recipe.train.seed)
@@ -61,7 +61,7 @@ def _cache_key(recipe, tokenizer) -> str:
     h = hashlib.sha256(CACHE_VERSION.encode())
     here = Path(__file__).parent
     sources = ("conversation.py", "formats.py", "samples.py", "dataset.py", "templates.py", "prompt_templates.json")
-    for source in sources:
+    for source in [*sources, *sorted(p.relative_to(here) for p in (here / "chat_templates").iterdir())]:
         h.update((here / source).read_bytes())
     h.update(json.dumps([dataclasses.asdict(recipe.data), recipe.train.seed], sort_keys=True).encode())
     for name in recipe.data.paths + recipe.data.eval_paths:

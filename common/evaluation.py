@@ -90,7 +90,7 @@ def held_out_samples(tokenizer, template, conversations, data) -> list[dict]:
     samples, stats = [], Stats()
     for n, turns in enumerate(conversations):
         rows, _ = encode_conversations([turns], tokenizer, template, data.max_length, data.truncation, data.system,
-                                       stats)
+                                       stats, data.thinking)
         samples += [{**row, "owners": [n] * len(row["input_ids"])} for row in rows]
     return samples
 
@@ -222,7 +222,7 @@ def evaluate(source, other, records: list, files: list, dtype: str = "auto", lim
     conversations = as_conversations(records)
     recipe = source.recipe
     d = recipe.data
-    template = get_template(d.template)
+    template = get_template(d.template, d.thinking)
     models = Contestants(source, other, dtype)
     samples = held_out_samples(models.tokenizer, template, conversations, d)
     rows = scoring_rows(samples, d.max_length, models.tokenizer.pad_token_id)

@@ -282,7 +282,7 @@ def ship(model_dir: Path, qtype: str, recipe, name: str) -> tuple[Path, Path | N
     from common.templates import get_template
 
     config, tokenizer = read_model(model_dir)
-    template = get_template(recipe.data.template)
+    template = get_template(recipe.data.template, recipe.data.thinking)
     path = export(model_dir, qtype, template.chat_template(tokenizer), end_of_turn_id(template, tokenizer), name,
                   config, tokenizer)
     try:
@@ -325,7 +325,7 @@ def verify(model_dir: Path, gguf_file: Path, qtype: str, recipe, max_new_tokens:
     from common.templates import get_template
 
     config, tokenizer = read_model(model_dir)
-    template = get_template(recipe.data.template)
+    template = get_template(recipe.data.template, recipe.data.thinking)
     system = recipe.data.system
     with tempfile.TemporaryDirectory() as alone:  # the GGUF by itself: no tokenizer files beside it to mask its own
         (Path(alone) / gguf_file.name).symlink_to(gguf_file.resolve())

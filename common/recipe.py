@@ -13,6 +13,7 @@ import yaml
 from common import precision
 from common.cli import UserError, did_you_mean, read_json, reading
 from common.samples import TRUNCATION_MODES
+from common.templates import THINKING_MODES
 
 
 FAST_PATHS = ("packed_attention", "fused_lora", "labelled_loss", "chunked_loss", "packed_pairs")  # common/acceleration.py
@@ -48,7 +49,8 @@ class LoraConfig:
 class DataConfig:
     path: Union[str, list[str]] = field(default_factory=list)
     format: str = "auto"  # auto (per file) or a format the method reads (docs/methods.md), e.g. sft: xtuner | openai
-    template: str = "tokenizer"  # one of the XTuner names, or `tokenizer` for the tokenizer's chat template
+    template: str = "tokenizer"  # an XTuner name, a family's (qwen3, qwen3_nothink, llama3, gemma3, mistral), or `tokenizer`
+    thinking: Literal[THINKING_MODES] = "keep"  # reasoning (<think>, reasoning_content): keep | drop | off (common/templates.py)
     system: Optional[str] = None  # default system prompt for records without one
     max_length: int = 2048
     truncation: Literal[TRUNCATION_MODES] = "split"  # cut | turns | split: common/samples.py

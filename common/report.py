@@ -21,6 +21,10 @@ def format_stats(stats: dict, pack: bool) -> str:
         ("answer tokens lost to shortening", stats["lost_to_shortening"]),
         ("truncated", stats["truncated"]), ("dropped", stats["dropped"]), ("skipped", stats["skipped"]),
     ]
+    if stats.get("rewritten_samples"):  # the template rewrites history: each trained turn re-encodes what came before
+        share = 100 * stats["rewritten_history_tokens"] / max(stats["tokens"], 1)
+        lines += [("turns as inference sees them", f"{stats['rewritten_samples']} samples (the template rewrites "
+                   f"history); re-encoded history +{stats['rewritten_history_tokens']} tokens ({share:.1f}% of all)")]
     if pack:
         lines += [("packed rows", stats["packed_rows"]), ("packing efficiency", f"{100 * stats['packing_efficiency']:.1f}%")]
     width = max(len(k) for k, _ in lines)
@@ -48,10 +52,11 @@ def compare_truncation(recipe, tokenizer) -> str:
     """The truncation modes side by side on the recipe's data: what each trains and loses."""
     d = recipe.data
     conversations = load_conversations(d.paths, d.format, "skip")
-    template = get_template(d.template)
+    template = get_template(d.template, d.thinking)
     lines = [f"  {'mode':<6}  {'answer tokens trained':>22}  {'dropped':>7}  {'samples':>7}  {'lost to shortening':>18}"]
     for mode in TRUNCATION_MODES:
-        _, st = encode_conversations(conversations, tokenizer, template, d.max_length, mode, d.system)
+        _, st = encode_conversations(conversations, tokenizer, template, d.max_length, mode, d.system,
+                                     thinking=d.thinking)
         share = f"{100 * st.trained_tokens / max(st.answer_tokens, 1):.1f}%"
         mark = " <- recipe" if mode == d.truncation else ""
         lines.append(f"  {mode:<6}  {share:>22}  {st.dropped:>7}  {st.samples:>7}  {st.lost_to_shortening:>18}{mark}")

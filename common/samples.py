@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass
 
 from common.conversation import Turn, window, with_system
-from common.templates import IGNORE, Segment, Template
+from common.templates import IGNORE, Segment, Template, conversation_for
 
 
 @dataclass
@@ -26,6 +26,8 @@ class Stats:
     skipped: int = 0  # broken records skipped (on_bad_record: skip)
     packed_rows: int = 0
     packing_efficiency: float = 0.0
+    rewritten_samples: int = 0  # samples of one turn as inference sees it (a template that rewrites history)
+    rewritten_history_tokens: int = 0  # their re-encoded history: what training pays beyond one sample a conversation
 
 
 def _trained(labels: list[int]) -> int:
@@ -106,15 +108,39 @@ TRUNCATION = {"cut": _cut, "turns": _turns, "split": _split}
 TRUNCATION_MODES = tuple(TRUNCATION)
 
 
+def _fit_turn_as_seen(tokenizer, template: Template, turns: list[Turn], segments: list[Segment], max_length: int,
+                      stats: Stats) -> list[tuple[list[int], list[int]]]:
+    """A sample of one turn as inference sees it (its history re-encoded), too long: earlier turns leave from the
+    left (the system prompt kept, as windows keep it), then a last turn too long alone is shortened. Whatever
+    data.truncation says: only the last answer is trained, so cutting from the right would train nothing."""
+    start = 0
+    while sum(len(s[0]) for s in segments) > max_length and start < len(turns) - 1:
+        start += 1
+        segments = template.encode_as_seen(tokenizer, window(turns, start))
+    ids, labels = _concat(segments)
+    stats.truncated += 1
+    ids, labels, lost = _shorten(ids, labels, max_length, tokenizer.bos_token_id)
+    stats.lost_to_shortening += lost
+    return [(ids, labels)]
+
+
 def make_samples(tokenizer, template: Template, turns: list[Turn], max_length: int, mode: str, stats: Stats):
-    """One conversation -> its training samples, following data.truncation (one of TRUNCATION_MODES)."""
-    segments = template.encode(tokenizer, turns)
-    full_ids, full_labels = _concat(segments)
-    stats.answer_tokens += _trained(full_labels)
-    if len(full_ids) <= max_length:
-        samples = [(full_ids, full_labels)]
-    else:
-        samples = TRUNCATION[mode](tokenizer, template, turns, segments, max_length, stats)
+    """One conversation -> its training samples, following data.truncation (one of TRUNCATION_MODES). A template
+    that rewrites history gives one sample per trained turn (`Template.views`), each as inference sees it."""
+    views = template.views(tokenizer, turns)
+    samples = []
+    for n, view in enumerate(views):
+        full_ids, full_labels = _concat(view.segments)
+        stats.answer_tokens += _trained(full_labels)
+        if view.rewritten:
+            stats.rewritten_samples += 1
+            if n < len(views) - 1:  # the last view holds the whole conversation: the others are the extra cost
+                stats.rewritten_history_tokens += len(view.segments[0][0])
+        if len(full_ids) <= max_length:
+            samples.append((full_ids, full_labels))
+        else:
+            fit = _fit_turn_as_seen if view.rewritten else TRUNCATION[mode]
+            samples += fit(tokenizer, template, view.turns, view.segments, max_length, stats)
     samples = [(ids, labels) for ids, labels in samples if _trained(labels)]
     if not samples:
         stats.dropped += 1
@@ -126,11 +152,12 @@ def make_samples(tokenizer, template: Template, turns: list[Turn], max_length: i
 
 
 def encode_conversations(conversations, tokenizer, template: Template, max_length: int, mode: str,
-                         default_system: str | None = None, stats: Stats | None = None) -> tuple[list[dict], Stats]:
+                         default_system: str | None = None, stats: Stats | None = None,
+                         thinking: str = "keep") -> tuple[list[dict], Stats]:
     stats = Stats() if stats is None else stats
     rows = []
     for turns in conversations:
-        turns = with_system(turns, default_system)
+        turns = conversation_for(with_system(turns, default_system), thinking)
         stats.records += 1
         stats.turns += len(turns)
         for ids, labels in make_samples(tokenizer, template, turns, max_length, mode, stats):

@@ -1,0 +1,187 @@
+"""Current model families' chat templates (common/chat_templates/): each named template renders token for token what
+the family's published Jinja renders (tests/fixtures/chat_templates/), and a template that rewrites history (Qwen3's,
+Mistral's) trains every turn on exactly the tokens inference sees."""
+from pathlib import Path
+
+import pytest
+
+from common.conversation import Turn, turns_to_messages
+from common.templates import FAMILIES, IGNORE, THINKING, conversation_for, get_template
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "chat_templates"
+PUBLISHED = {  # our name -> (published Jinja, the render variables it is compared under)
+    "qwen3": ("Qwen-Qwen3-0.6B.jinja", {}),
+    "qwen3_nothink": ("Qwen-Qwen3-0.6B.jinja", {"enable_thinking": False}),
+    "llama3": ("meta-llama-Llama-3.3-70B-Instruct.jinja", {}),
+    "gemma3": ("google-gemma-3-it.jinja", {}),
+    "mistral": ("mistralai-Mistral-Nemo-Instruct-2407.jinja", {}),
+}
+END_OF_TURN = {"qwen3": "<|im_end|>", "qwen3_nothink": "<|im_end|>", "llama3": "<|eot_id|>", "gemma3": "<end_of_turn>",
+               "mistral": "</s>"}
+CONVERSATION = [
+    Turn("我最近总是失眠", "我能理解你的困扰。能说说通常几点睡吗？", system="你是一位心理咨询师"),
+    Turn("一般凌晨两点", "这确实很晚了。我们可以先从固定起床时间开始。"),
+    Turn("好的，谢谢", "不客气，有需要随时来聊。"),
+]
+NO_SYSTEM = [Turn(t.input, t.output) for t in CONVERSATION]
+
+
+def published(name: str) -> str:
+    return (FIXTURES / PUBLISHED[name][0]).read_text(encoding="utf-8")
+
+
+def chat_ids(tok, messages, generation: bool, jinja: str, **kwargs) -> list[int]:
+    """apply_chat_template's token ids (newer transformers return a BatchEncoding)."""
+    out = tok.apply_chat_template(messages, add_generation_prompt=generation, chat_template=jinja, **kwargs)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@pytest.fixture(scope="module")
+def family_tokenizer():
+    """The test tokenizer with the families' markers as special tokens, as their own tokenizers have them."""
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [
+        "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>", "<end_of_turn>", "[INST]",
+        "[/INST]", "<think>", "</think>"]})
+    return tok
+
+
+def test_every_family_has_its_published_template():
+    assert set(FAMILIES) == set(PUBLISHED)
+    assert (FIXTURES / "README.md").read_text(encoding="utf-8").count("| `") >= len(set(p for p, _ in PUBLISHED.values()))
+
+
+@pytest.mark.parametrize("turns", [CONVERSATION, NO_SYSTEM], ids=["system", "no_system"])
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_named_template_is_token_exact_against_the_published_one(family_tokenizer, name, turns):
+    """Every prefix of a multi-turn conversation, with and without the generation prompt, tokenizes to the same ids
+    through our Jinja (as saved with the model) and through the family's own."""
+    tok, ours, theirs = family_tokenizer, get_template(name).chat_template(family_tokenizer), published(name)
+    kwargs = PUBLISHED[name][1]
+    messages = turns_to_messages(turns)
+    for end in range(1, len(messages) + 1):
+        upto = messages[:end]
+        generation = upto[-1]["role"] == "user"
+        mine = chat_ids(tok, upto, generation, ours)
+        reference = chat_ids(tok, upto, generation, theirs, **kwargs)
+        assert mine == reference, (name, end, tok.decode(mine), tok.decode(reference))
+
+
+def _samples(tok, template, turns):
+    return [(v, [i for s in v.segments for i in s[0]], [lab for s in v.segments for lab in s[1]])
+            for v in template.views(tok, turns)]
+
+
+@pytest.mark.parametrize("turns", [CONVERSATION, NO_SYSTEM], ids=["system", "no_system"])
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_every_turn_trains_on_what_inference_sees(family_tokenizer, name, turns):
+    """Per trained turn: the untrained tokens are the published template's generation prompt for the history up to
+    it, and the trained tokens are the answer and its end-of-turn (after Qwen3's empty think block when thinking is
+    on: that is what the model must learn to write). The published template answers turn k from exactly these ids."""
+    tok, template = family_tokenizer, get_template(name)
+    theirs, kwargs = published(name), PUBLISHED[name][1]
+    samples = _samples(tok, template, turns)
+    if samples[0][0].rewritten:
+        assert len(samples) == len(turns)
+        per_turn = [(k, ids, labels) for k, (_, ids, labels) in enumerate(samples)]
+    else:  # one sample: cut it at each answer's first label
+        (_, ids, labels), = samples
+        per_turn, start = [], 0
+        for k in range(len(turns)):
+            first = next(n for n in range(start, len(labels)) if labels[n] != IGNORE)
+            end = next((n for n in range(first, len(labels)) if labels[n] == IGNORE), len(labels))
+            per_turn.append((k, ids[:end], [IGNORE] * first + labels[first:end]))
+            start = end
+    think = "" if "enable_thinking" in kwargs or not name.startswith("qwen3") else "<think>\n\n</think>\n\n"
+    for k, ids, labels in per_turn:
+        history = turns_to_messages(turns[:k] + [Turn(turns[k].input, None, turns[k].system)])
+        prompt = chat_ids(tok, history, True, theirs, **kwargs)
+        first = next(n for n, lab in enumerate(labels) if lab != IGNORE)
+        assert ids[:first] == prompt, (name, k, tok.decode(ids[:first]), tok.decode(prompt))
+        answer = tok.encode(think + turns[k].output + END_OF_TURN[name], add_special_tokens=False)
+        assert ids[first:] == labels[first:] == answer, (name, k, tok.decode(ids[first:]))
+
+
+def test_qwen3_published_template_as_the_tokenizer_template(family_tokenizer):
+    """`template: tokenizer` with Qwen3's own Jinja (the issue's case): found to rewrite history, one sample per turn,
+    each the same as the named template gives."""
+    tok = family_tokenizer
+    old = tok.chat_template
+    tok.chat_template = published("qwen3")
+    try:
+        for thinking in ("keep", "off"):
+            own = _samples(tok, get_template("tokenizer", thinking), CONVERSATION)
+            named = _samples(tok, get_template("qwen3", thinking), CONVERSATION)
+            assert [v.rewritten for v, _, _ in own] == [True] * 3
+            assert [(i, lab) for _, i, lab in own] == [(i, lab) for _, i, lab in named]
+    finally:
+        tok.chat_template = old
+
+
+def test_reasoning_kept_dropped_or_off(family_tokenizer):
+    """data.thinking: keep trains the reasoning inside the think block; drop trains an empty one; off trains the answer
+    alone after the no-thinking prompt. OpenAI's reasoning_content and an inline think block read the same."""
+    from common.conversation import messages_to_turns
+
+    tok = family_tokenizer
+    messages = [{"role": "user", "content": "睡不着怎么办"},
+                {"role": "assistant", "content": "先固定起床时间。", "reasoning_content": "用户失眠，先给行为建议。"}]
+    turns = messages_to_turns(messages)
+    assert turns[0].output == "<think>\n用户失眠，先给行为建议。\n</think>\n\n先固定起床时间。"
+    trained = {}
+    for thinking in THINKING:
+        (_, ids, labels), = _samples(tok, get_template("qwen3", thinking), conversation_for(turns, thinking))
+        trained[thinking] = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
+    assert trained == {"keep": "<think>\n用户失眠，先给行为建议。\n</think>\n\n先固定起床时间。<|im_end|>",
+                       "drop": "<think>\n\n</think>\n\n先固定起床时间。<|im_end|>",
+                       "off": "先固定起床时间。<|im_end|>"}
+
+
+def test_the_prompt_inference_sees(family_tokenizer):
+    """`Template.prompt_ids` (chat, the server, GRPO's prompts): the published generation prompt, for every family."""
+    tok = family_tokenizer
+    for name in PUBLISHED:
+        expected = chat_ids(tok, turns_to_messages(CONVERSATION[:2]) + [{"role": "user", "content": "好的"}], True,
+                            published(name), **PUBLISHED[name][1])
+        assert get_template(name).prompt_ids(tok, CONVERSATION[:2] + [Turn("好的", "ignored")]) == expected, name
+
+
+def test_preference_pair_as_inference_sees_it(family_tokenizer):
+    """A pair on a template that rewrites history: the prompt is the published generation prompt for the history,
+    each side its answer and end-of-turn."""
+    from common.pairs import Pair, encode_pair
+
+    tok = family_tokenizer
+    pair = Pair(CONVERSATION[:2] + [Turn("好的，谢谢", None)], "不客气。", "随便。")
+    row = encode_pair(tok, get_template("qwen3_nothink"), pair)
+    history = turns_to_messages(CONVERSATION[:2]) + [{"role": "user", "content": "好的，谢谢"}]
+    prompt = chat_ids(tok, history, True, published("qwen3"), enable_thinking=False)
+    assert row["prompt_ids"] == prompt
+    assert row["chosen_ids"] == tok.encode("不客气。<|im_end|>", add_special_tokens=False)
+    assert row["rejected_ids"] == tok.encode("随便。<|im_end|>", add_special_tokens=False)
+
+
+def test_dry_run_with_qwen3s_own_template_states_the_cost_and_packs(tmp_path, tiny_model_dir, data_file):
+    """The issue's case: SmolLM2-like tokenizer + Qwen3's published template, `template: tokenizer`, multi-turn
+    counselling data: --dry-run works, says what re-encoding costs, and packs the per-turn samples."""
+    import shutil
+
+    from test_dry_run import run
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = published("qwen3")
+    tok.save_pretrained(model)
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{path: {model}}}\ndata: {{path: {data_file}, "
+                    f"template: tokenizer, thinking: 'off', max_length: 1024}}\n", encoding="utf-8")
+    out = run(path, "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "turns as inference sees them" in out.stdout and "re-encoded history +" in out.stdout
+    assert "packed rows" in out.stdout
+    assert "<|im_start|>assistant\n<think>\n\n</think>\n\n[[" in out.stdout
