@@ -54,6 +54,7 @@ class Architecture:
     permute_qk: bool  # llama.cpp's llama graph expects q/k rows in Meta's rotary order; transformers undoes it on load
     norm_shift: float = 0.0  # added to RMSNorm weights: Gemma's norms scale by (1 + w), llama.cpp's graph by w
     writes_window: bool = False  # llama.cpp's graph reads `attention.sliding_window`; else a windowed model is refused
+    global_every: int = 0  # llama.cpp's graph makes every n-th layer global, the others local (Gemma 3: 6), fixed
 
 
 def architectures() -> dict[str, Architecture]:
@@ -65,7 +66,7 @@ def architectures() -> dict[str, Architecture]:
     return {"llama": Architecture(A.LLAMA, True), "mistral": Architecture(A.LLAMA, True),
             "qwen2": Architecture(A.QWEN2, False), "qwen3": Architecture(A.QWEN3, False),
             "phi3": Architecture(A.PHI3, False, writes_window=True),
-            "gemma3_text": Architecture(A.GEMMA3, False, norm_shift=1.0, writes_window=True)}
+            "gemma3_text": Architecture(A.GEMMA3, False, norm_shift=1.0, writes_window=True, global_every=6)}
 
 
 def _rope_entries(config) -> list[dict]:
@@ -260,6 +261,13 @@ def export(model_dir: Path, qtype: str, chat_template: str | None, eot: int | No
     if local_base != 10000.0:
         raise UserError(f"GGUF export: the local layers' rope base {local_base} is not llama.cpp's fixed 10000")
     window = sliding_window(config)
+    layer_types = getattr(config, "layer_types", None)
+    if arch.global_every and layer_types:
+        fixed = ["full_attention" if (n + 1) % arch.global_every == 0 else "sliding_attention"
+                 for n in range(len(layer_types))]
+        if list(layer_types) != fixed:
+            raise UserError(f"GGUF export: llama.cpp's {config.model_type} graph makes every {arch.global_every}th layer "
+                            f"global; this model's layer types differ ({', '.join(layer_types)})")
     if window is not None and not arch.writes_window:
         raise UserError(f"GGUF export: {config.model_type} with a sliding window of {window} would run with full "
                         "attention in llama.cpp's graph for it")

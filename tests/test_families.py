@@ -206,8 +206,7 @@ def family_config(kind: str, tokenizer, window: int | None = 16):
     return {
         "qwen3": lambda: Qwen3Config(**common, head_dim=128),
         "gemma3_text": lambda: Gemma3TextConfig(**{**common, "tie_word_embeddings": True}, head_dim=256,
-                                                query_pre_attn_scalar=256, sliding_window=window or 4096,
-                                                layer_types=["sliding_attention", "full_attention"]),
+                                                query_pre_attn_scalar=256, sliding_window=window or 4096),
         "mistral": lambda: MistralConfig(**common, sliding_window=window),
         "phi3": lambda: Phi3Config(**common, sliding_window=window),
     }[kind]()
@@ -243,3 +242,96 @@ def test_fast_paths_equal_the_plain_loss(tmp_path, tokenizer, kind):
     assert abs(ours - full) < 1e-5, (kind, ours, full)
     for name in full_grads:
         torch.testing.assert_close(our_grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+GGUF_WINDOW = {"qwen3": None, "gemma3_text": 16, "mistral": None, "phi3": None}  # llama.cpp's llama graph has none;
+# transformers' GGUF reader does not carry Phi-3's (the file does): Gemma 3's window is the one both ends read
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_merge_verify_and_gguf_f16(tmp_path, tokenizer, kind, capsys):
+    """merge.py --gguf f16 --verify on a finished run of the family: the merge is proved against PEFT, the GGUF read
+    back through transformers has the merged logits and renders the training ids (chat template and Modelfile)."""
+    from test_gguf import make_run, run
+
+    final = make_run(tmp_path, family_config(kind, tokenizer, GGUF_WINDOW[kind]), tokenizer)
+    assert run(final, "--gguf", "f16", "--verify") == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.count("verify: OK") == 2 and "the GGUF's chat template gives the training token ids: yes" in out
+
+
+def gguf_for(root: Path, kind: str, tokenizer) -> tuple[Path, str]:
+    """The f16 GGUF of the family's seeded tiny model (qwen_chat template) and its sha256: what llama.cpp ran."""
+    import hashlib
+
+    from common import gguf_export
+    from common.templates import get_template
+
+    model_dir = family_model(root, kind, tokenizer, GGUF_WINDOW[kind])
+    config, tok = gguf_export.read_model(model_dir)
+    template = get_template("qwen_chat")
+    path = gguf_export.export(model_dir, "f16", template.chat_template(tok), gguf_export.end_of_turn_id(template, tok),
+                              kind, config, tok)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def llama_cpp_prompt(tokenizer) -> str:
+    """A chat prompt longer than Gemma 3's window here (16), so that llama.cpp's local layers must honour it."""
+    from common.templates import get_template
+
+    ids = get_template("qwen_chat").prompt_ids(tokenizer, CONVERSATION)
+    return tokenizer.decode(ids)
+
+
+def _llama_cpp_live(path: Path, text: str) -> dict | None:
+    """llama.cpp's run of the file, where llama-cpp-python is importable here or LLAMA_CPP_PYTHON names a Python
+    that has it; None elsewhere (the fixture, written by the same runner, is then the comparison)."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    runner = Path(__file__).resolve().parent / "fixtures" / "llama_cpp" / "run_llama_cpp.py"
+    if importlib.util.find_spec("llama_cpp") is not None:
+        python = sys.executable
+    elif os.environ.get("LLAMA_CPP_PYTHON"):
+        python = os.environ["LLAMA_CPP_PYTHON"]
+    else:
+        return None
+    out = subprocess.run([python, str(runner), str(path), text, "8"], check=True, capture_output=True, text=True,
+                         timeout=120)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_llama_cpp_runs_the_gguf_as_transformers_runs_the_model(tmp_path, tokenizer, kind):
+    """The f16 GGUF in a real llama.cpp: the same prompt ids, logits within 1e-2 of the model's (its weights rounded
+    to f16 as the file stores them) and the same 8 greedy tokens. Against tests/fixtures/llama_cpp/expected.json
+    (written by llama-cpp-python through make_fixture.py, for this very file: its sha256 is checked), and live
+    where llama-cpp-python is installed."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common import gguf_export
+
+    fixture = json.loads((Path(__file__).resolve().parent / "fixtures" / "llama_cpp" / "expected.json")
+                         .read_text(encoding="utf-8"))[kind]
+    path, digest = gguf_for(tmp_path, kind, tokenizer)
+    assert digest == fixture["gguf_sha256"], "not the file llama.cpp ran: rerun tests/fixtures/llama_cpp/make_fixture.py"
+    text = llama_cpp_prompt(tokenizer)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        gguf_export._round_as_stored(model, tmp_path, model.config, "f16")
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        greedy, last = [], logits
+        for _ in range(8):  # greedy past EOS too, as the runner does
+            greedy.append(int(last.argmax()))
+            last = model(torch.tensor([ids + greedy])).logits[0, -1]
+    for ran in filter(None, [fixture, _llama_cpp_live(path, text)]):
+        assert ran["prompt_ids"] == ids
+        assert (torch.tensor(ran["logits"][:logits.shape[0]]) - logits).abs().max() < 1e-2, kind
+        assert ran["greedy"] == greedy, kind
