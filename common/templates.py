@@ -67,6 +67,10 @@ class Template:
         last = turns[-1]
         return self.encode_ids(tokenizer, turns[:-1] + [Turn(last.input, None, last.system)])[0]
 
+    def thinking_off(self) -> bool:
+        """Whether the template renders with thinking switched off (replies then never show a think block)."""
+        return False
+
     def with_defaults(self, **defaults) -> "Template":
         """The template with render variables set (thinking off); a template without such switches is itself."""
         return self
@@ -251,6 +255,9 @@ class JinjaTemplate(Template):
             return self
         merged = {**dict(self.defaults), **defaults}
         return replace(self, defaults=tuple(sorted(merged.items())))
+
+    def thinking_off(self) -> bool:
+        return dict(self.defaults).get("enable_thinking") is False
 
     def chat_template(self, tokenizer) -> str | None:
         source = self.jinja if self.jinja is not None else getattr(tokenizer, "chat_template", None)

@@ -335,3 +335,45 @@ def test_llama_cpp_runs_the_gguf_as_transformers_runs_the_model(tmp_path, tokeni
         assert ran["prompt_ids"] == ids
         assert (torch.tensor(ran["logits"][:logits.shape[0]]) - logits).abs().max() < 1e-2, kind
         assert ran["greedy"] == greedy, kind
+
+
+@pytest.mark.parametrize("kind,window,compiled", [("qwen3", None, True), ("mistral", None, True), ("phi3", None, True),
+                                                  ("gemma3_text", 16, False), ("mistral", 16, False)])
+def test_compiled_decode_applies_or_decoding_is_eager(tmp_path, tokenizer, kind, window, compiled):
+    """The compiled decode step takes plain full-attention models (its build is tests/test_decode_step.py's, the same
+    code for every family); a model with a sliding window (Gemma 3's local layers, a windowed Mistral) gets no
+    package (`structure` is None: the cache layers are not plain) and answers eagerly, as transformers does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common import decode_step
+    from common.decoding import Decoder, Row
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config(kind, tokenizer, window)).eval()
+    assert (decode_step.structure(model) is not None) == compiled
+    fast = decode_step.FastStep.for_model(model, build=False, root=tmp_path)
+    assert (fast is not None) == compiled and not list(tmp_path.iterdir())  # nothing built here
+    prompt = list(range(40, 80))  # longer than the window
+    row = Row(prompt, 12, frozenset())
+    Decoder(model, fast=fast).run(row)
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+    assert row.answer == expected[:len(row.answer)] and row.answer
+
+
+def test_no_think_block_reaches_the_user_when_thinking_is_off(tokenizer):
+    """A model that writes a think block all the same (trained with reasoning, served with thinking off): the reply
+    streamed and whole holds only the answer; with thinking on it is shown as written."""
+    from common.generation import StopWordStream
+
+    ids = tokenizer.encode("<think>\n我在想\n</think>\n\n你好，谢谢", add_special_tokens=False)
+    for hide, expected in ((True, "你好，谢谢"), (False, "<think>\n我在想\n</think>\n\n你好，谢谢")):
+        shown = []
+        stream = StopWordStream(tokenizer, ["<|im_end|>"], set(), shown.append, hide_reasoning=hide)
+        for n in range(1, len(ids) + 1):
+            stream.feed(ids[:n])
+        stream.finish()
+        assert "".join(shown) == stream.answer == expected
+    assert get_template("qwen3_nothink").thinking_off() and get_template("qwen3", "off").thinking_off()
+    assert not get_template("qwen3").thinking_off() and not get_template("qwen_chat", "off").thinking_off()
