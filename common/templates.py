@@ -399,15 +399,16 @@ _BY_NAME: dict[str, Template] = {**TEMPLATES, **FAMILIES, TOKENIZER.name: TOKENI
 
 # data.thinking: what training makes of reasoning (a think block in an answer, or OpenAI's reasoning_content), and how
 # the template renders the generation prompt. keep: train on it; drop: remove it, the template renders as it does by
-# default (Qwen3: an empty think block before each trained answer); off: remove it and switch the template's thinking
-# off (Qwen3's enable_thinking: false), as chat, the server and the exports then render it too.
+# default (Qwen3: an empty think block before each trained answer); nothink: remove it and switch the template's
+# thinking off (Qwen3's enable_thinking: false), as chat, the server and the exports then render it too. (Not `off`:
+# YAML reads an unquoted off as false.)
 @dataclass(frozen=True)
 class Thinking:
     drops_reasoning: bool  # think blocks are removed from the answers before encoding
     switch: tuple[tuple[str, object], ...] = ()  # render variables for the template
 
 
-THINKING = {"keep": Thinking(False), "drop": Thinking(True), "off": Thinking(True, (("enable_thinking", False),))}
+THINKING = {"keep": Thinking(False), "drop": Thinking(True), "nothink": Thinking(True, (("enable_thinking", False),))}
 THINKING_MODES = tuple(THINKING)
 
 

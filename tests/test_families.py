@@ -111,7 +111,7 @@ def test_qwen3_published_template_as_the_tokenizer_template(family_tokenizer):
     old = tok.chat_template
     tok.chat_template = published("qwen3")
     try:
-        for thinking in ("keep", "off"):
+        for thinking in ("keep", "nothink"):
             own = _samples(tok, get_template("tokenizer", thinking), CONVERSATION)
             named = _samples(tok, get_template("qwen3", thinking), CONVERSATION)
             assert [v.rewritten for v, _, _ in own] == [True] * 3
@@ -120,9 +120,9 @@ def test_qwen3_published_template_as_the_tokenizer_template(family_tokenizer):
         tok.chat_template = old
 
 
-def test_reasoning_kept_dropped_or_off(family_tokenizer):
-    """data.thinking: keep trains the reasoning inside the think block; drop trains an empty one; off trains the answer
-    alone after the no-thinking prompt. OpenAI's reasoning_content and an inline think block read the same."""
+def test_reasoning_kept_dropped_or_nothink(family_tokenizer):
+    """data.thinking: keep trains the reasoning inside the think block; drop trains an empty one; nothink trains the answer
+    alone after the no-thinking prompt (nothink). OpenAI's reasoning_content and an inline think block read the same."""
     from common.conversation import messages_to_turns
 
     tok = family_tokenizer
@@ -136,7 +136,7 @@ def test_reasoning_kept_dropped_or_off(family_tokenizer):
         trained[thinking] = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
     assert trained == {"keep": "<think>\n用户失眠，先给行为建议。\n</think>\n\n先固定起床时间。<|im_end|>",
                        "drop": "<think>\n\n</think>\n\n先固定起床时间。<|im_end|>",
-                       "off": "先固定起床时间。<|im_end|>"}
+                       "nothink": "先固定起床时间。<|im_end|>"}
 
 
 def test_the_prompt_inference_sees(family_tokenizer):
@@ -179,7 +179,7 @@ def test_dry_run_with_qwen3s_own_template_states_the_cost_and_packs(tmp_path, ti
     tok.save_pretrained(model)
     path = tmp_path / "r.yaml"
     path.write_text(f"model: {{path: {model}}}\ndata: {{path: {data_file}, "
-                    f"template: tokenizer, thinking: 'off', max_length: 1024}}\n", encoding="utf-8")
+                    f"template: tokenizer, thinking: nothink, max_length: 1024}}\n", encoding="utf-8")
     out = run(path, "--dry-run")
     assert out.returncode == 0, out.stderr
     assert "turns as inference sees them" in out.stdout and "re-encoded history +" in out.stdout
@@ -375,5 +375,30 @@ def test_no_think_block_reaches_the_user_when_thinking_is_off(tokenizer):
             stream.feed(ids[:n])
         stream.finish()
         assert "".join(shown) == stream.answer == expected
-    assert get_template("qwen3_nothink").thinking_off() and get_template("qwen3", "off").thinking_off()
-    assert not get_template("qwen3").thinking_off() and not get_template("qwen_chat", "off").thinking_off()
+    assert get_template("qwen3_nothink").thinking_off() and get_template("qwen3", "nothink").thinking_off()
+    assert not get_template("qwen3").thinking_off() and not get_template("qwen_chat", "nothink").thinking_off()
+
+
+@pytest.mark.parametrize("kind,template", [("qwen3", "qwen3_nothink"), ("gemma3_text", "gemma3"),
+                                           ("mistral", "mistral"), ("phi3", "llama3")])
+def test_the_server_answers(tmp_path, family_tokenizer, kind, template):
+    """The OpenAI-compatible API (in process) on each family, in a family template: the reply is the generation core's
+    answer to the same messages, in the template the model was given (Phi-3 has no template of its own here)."""
+    import torch
+    from starlette.testclient import TestClient
+    from transformers import AutoModelForCausalLM
+
+    from common.generation import Generator, Sampling
+    from common.serving import Worker, create_app
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config(kind, family_tokenizer)).eval()
+    model.resize_token_embeddings(len(family_tokenizer) + 8)
+    generator = Generator(model, family_tokenizer, get_template(template), max_length=512)
+    messages = [{"role": "system", "content": "你是一位心理咨询师"}, {"role": "user", "content": "我最近总是失眠"}]
+    expected = generator.generate(messages, Sampling(max_new_tokens=8)).text
+    app = create_app(Worker(generator, queue_size=2, max_batch=1), "family", Sampling(max_new_tokens=8))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        reply = client.post("/v1/chat/completions", json={"model": "family", "messages": messages}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == expected
