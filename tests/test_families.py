@@ -260,13 +260,14 @@ def test_merge_verify_and_gguf_f16(tmp_path, tokenizer, kind, capsys):
     assert out.count("verify: OK") == 2 and "the GGUF's chat template gives the training token ids: yes" in out
 
 
-def test_phi3_gguf_is_refused_in_one_line(tmp_path, tokenizer, capsys):
-    """Phi-3's GGUF is not written (why: common/gguf_export.py architectures()): merge.py --gguf stops before writing,
-    exit 2, one line; the merge itself is not affected (merge without --gguf: test_merge_verify_... for the others)."""
+def test_phi3_merges_and_its_gguf_is_refused_in_one_line(tmp_path, tokenizer, capsys):
+    """Phi-3 merges (--verify: against PEFT); its GGUF is not written (why: common/gguf_export.py architectures()):
+    merge.py --gguf stops with exit 2 and one line."""
     from test_gguf import make_run, run
 
     final = make_run(tmp_path, family_config("phi3", tokenizer, None), tokenizer)
-    assert run(final, "--gguf", "f16") == 2
+    assert run(final, "--verify") == 0 and "verify: OK" in capsys.readouterr().out
+    assert run(final, "--gguf", "f16", "--force") == 2
     err = capsys.readouterr().err
     assert "GGUF export supports" in err and "`phi3`" in err and len(err.strip().splitlines()) == 1
 
