@@ -401,7 +401,8 @@ def test_the_server_answers(tmp_path, family_tokenizer, kind, template):
     from transformers import AutoModelForCausalLM
 
     from common.generation import Generator, Sampling
-    from common.serving import Worker, create_app
+    from common.server.app import create_app
+    from common.server.worker import Worker
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(family_config(kind, family_tokenizer)).eval()
@@ -414,3 +415,40 @@ def test_the_server_answers(tmp_path, family_tokenizer, kind, template):
         reply = client.post("/v1/chat/completions", json={"model": "family", "messages": messages}, timeout=60)
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["message"]["content"] == expected
+
+
+def test_the_api_switches_thinking_per_request(tmp_path, family_tokenizer):
+    """`chat_template_kwargs: {"enable_thinking": false}` on a Qwen3 model served with thinking on: the prompt is the
+    no-thinking one (Qwen3's published template with enable_thinking=False) and the reply is what the generation core
+    gives for it; a switch the server does not know is a 400 that names it."""
+    import torch
+    from starlette.testclient import TestClient
+    from transformers import AutoModelForCausalLM
+
+    from common.generation import Generator, Sampling
+    from common.server.app import create_app
+    from common.server.worker import Worker
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config("qwen3", family_tokenizer)).eval()
+    generator = Generator(model, family_tokenizer, get_template("qwen3"), max_length=512)
+    messages = [{"role": "user", "content": "我最近总是失眠"}]
+    assert generator.prompt_ids(messages, get_template("qwen3", "nothink")) == chat_ids(
+        family_tokenizer, messages, True, published("qwen3"), enable_thinking=False)
+    off = generator.generate(messages, Sampling(max_new_tokens=8))  # the served default: thinking on
+    app = create_app(Worker(generator, queue_size=2, max_batch=1), "qwen3", Sampling(max_new_tokens=8))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        def ask(**extra):
+            return client.post("/v1/chat/completions", json={"messages": messages, **extra}, timeout=60)
+
+        reply = ask(chat_template_kwargs={"enable_thinking": False})
+        expected = generator.start(messages, Sampling(max_new_tokens=8), switches={"enable_thinking": False})
+        generator.decoder().run(expected.row)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == expected.completion().text
+        assert reply.json()["usage"]["prompt_tokens"] == len(expected.row.prompt)  # the no-thinking prompt
+        on = ask().json()
+        assert on["choices"][0]["message"]["content"] == off.text
+        assert on["usage"]["prompt_tokens"] < reply.json()["usage"]["prompt_tokens"]  # no empty think block
+        bad = ask(chat_template_kwargs={"tools_mode": 1})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "chat_template_kwargs"
