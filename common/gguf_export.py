@@ -77,7 +77,8 @@ def _rope_entries(config) -> list[dict]:
 
 
 def sliding_window(config) -> int | None:
-    """The attention window the model runs with, or None (Qwen's configs carry one that use_sliding_window turns off)."""
+    """The attention window the model runs with, or None (Qwen's configs carry one that use_sliding_window turns
+    off)."""
     window = getattr(config, "sliding_window", None)
     if window is None or not getattr(config, "use_sliding_window", True) or window >= config.max_position_embeddings:
         return None
@@ -259,7 +260,8 @@ def export(model_dir: Path, qtype: str, chat_template: str | None, eot: int | No
     for params in _rope_entries(config):
         if params.get("rope_type", "default") != "default":
             raise UserError(f"GGUF export: rope scaling {params} is not written by this exporter")
-    local_base = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {}).get("rope_theta", 10000.0)
+    local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {})
+    local_base = local.get("rope_theta", 10000.0)
     if local_base != 10000.0:
         raise UserError(f"GGUF export: the local layers' rope base {local_base} is not llama.cpp's fixed 10000")
     window = sliding_window(config)
@@ -268,8 +270,8 @@ def export(model_dir: Path, qtype: str, chat_template: str | None, eot: int | No
         fixed = ["full_attention" if (n + 1) % arch.global_every == 0 else "sliding_attention"
                  for n in range(len(layer_types))]
         if list(layer_types) != fixed:
-            raise UserError(f"GGUF export: llama.cpp's {config.model_type} graph makes every {arch.global_every}th layer "
-                            f"global; this model's layer types differ ({', '.join(layer_types)})")
+            raise UserError(f"GGUF export: llama.cpp's {config.model_type} graph makes every {arch.global_every}th "
+                            f"layer global; this model's layer types differ ({', '.join(layer_types)})")
     if window is not None and not arch.writes_window:
         raise UserError(f"GGUF export: {config.model_type} with a sliding window of {window} would run with full "
                         "attention in llama.cpp's graph for it")

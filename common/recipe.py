@@ -49,8 +49,8 @@ class LoraConfig:
 class DataConfig:
     path: Union[str, list[str]] = field(default_factory=list)
     format: str = "auto"  # auto (per file) or a format the method reads (docs/methods.md), e.g. sft: xtuner | openai
-    template: str = "tokenizer"  # an XTuner name, a family's (qwen3, qwen3_nothink, llama3, gemma3, mistral), or `tokenizer`
-    thinking: Literal[THINKING_MODES] = "keep"  # reasoning (<think>, reasoning_content): keep | drop | nothink (common/templates.py)
+    template: str = "tokenizer"  # an XTuner name, a family's (qwen3, qwen3_nothink, llama3, gemma3...), or `tokenizer`
+    thinking: Literal[THINKING_MODES] = "keep"  # reasoning (<think>, reasoning_content): keep | drop | nothink
     system: Optional[str] = None  # default system prompt for records without one
     max_length: int = 2048
     truncation: Literal[TRUNCATION_MODES] = "split"  # cut | turns | split: common/samples.py

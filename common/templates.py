@@ -280,7 +280,8 @@ class JinjaTemplate(Template):
             raise UserError(f"the chat template of `{self.name}` cannot render this conversation: {e}") from None
 
     def _growing(self, tokenizer, turns: list[Turn]) -> list[Segment] | None:
-        """Segments from growing prefixes, or None when a render does not extend the previous one (history rewritten)."""
+        """Segments from growing prefixes, or None when a render does not extend the previous one (history
+        rewritten)."""
         turn_starts, spans, text = [], [], ""
         for k, turn in enumerate(turns):
             upto = turns_to_messages(turns[: k + 1])

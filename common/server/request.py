@@ -85,7 +85,9 @@ def template_switches(kwargs) -> dict:
     if unknown:
         raise bad_request(f"`chat_template_kwargs.{unknown[0]}` is not supported (only enable_thinking)",
                           "chat_template_kwargs")
-    return {"enable_thinking": flag(kwargs, "enable_thinking", "chat_template_kwargs.enable_thinking")} if kwargs else {}
+    if not kwargs:
+        return {}
+    return {"enable_thinking": flag(kwargs, "enable_thinking", "chat_template_kwargs.enable_thinking")}
 
 
 def served_models(model: str, adapter: bool) -> dict[str, bool]:
