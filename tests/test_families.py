@@ -413,7 +413,7 @@ def test_the_server_answers(tmp_path, family_tokenizer, kind, template):
     expected = generator.generate(messages, Sampling(max_new_tokens=8)).text
     app = create_app(Worker(generator, queue_size=2, max_batch=1), "family", Sampling(max_new_tokens=8))
     with TestClient(app, base_url="http://127.0.0.1") as client:
-        reply = client.post("/v1/chat/completions", json={"model": "family", "messages": messages}, timeout=60)
+        reply = client.post("/v1/chat/completions", json={"model": "family", "messages": messages})
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["message"]["content"] == expected
 
@@ -440,7 +440,7 @@ def test_the_api_switches_thinking_per_request(tmp_path, family_tokenizer):
     app = create_app(Worker(generator, queue_size=2, max_batch=1), "qwen3", Sampling(max_new_tokens=8))
     with TestClient(app, base_url="http://127.0.0.1") as client:
         def ask(**extra):
-            return client.post("/v1/chat/completions", json={"messages": messages, **extra}, timeout=60)
+            return client.post("/v1/chat/completions", json={"messages": messages, **extra})
 
         reply = ask(chat_template_kwargs={"enable_thinking": False})
         expected = generator.start(messages, Sampling(max_new_tokens=8), switches={"enable_thinking": False})
