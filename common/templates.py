@@ -4,7 +4,7 @@ into tokens + labels.
 - `TableTemplate`: an entry of XTuner's PROMPT_TEMPLATE table (data, in prompt_templates.json), encoded as XTuner's
   `template_map_fn` + `encode_fn` encode it, token for token.
 - `JinjaTemplate`: a Jinja chat template, the tokenizer's own (the name `tokenizer`) or a named family's
-  (common/chat_templates/: qwen3, qwen3_nothink, llama3, gemma3, mistral); the loss mask is derived by rendering
+  (common/chat_templates/: qwen3, qwen3_nothink, llama3, gemma3, mistral_nemo); the loss mask is derived by rendering
   growing prefixes of the conversation, or, for a template that rewrites history, per turn as inference sees it.
 
 Everything else (data, chat, evaluation, export) holds a `Template` and calls its methods; nothing outside this
@@ -393,7 +393,7 @@ def _load_families() -> dict[str, JinjaTemplate]:
 
 
 TEMPLATES, SYSTEM_TEMPLATES = _load_table()  # XTuner's 27
-FAMILIES = _load_families()  # qwen3, qwen3_nothink, llama3, gemma3, mistral
+FAMILIES = _load_families()  # qwen3, qwen3_nothink, llama3, gemma3, mistral_nemo (not XTuner's names)
 TOKENIZER = JinjaTemplate(name="tokenizer")
 NAMES = [*TEMPLATES, *FAMILIES, TOKENIZER.name]  # every name a recipe or --prompt-template may use
 _BY_NAME: dict[str, Template] = {**TEMPLATES, **FAMILIES, TOKENIZER.name: TOKENIZER}

@@ -14,10 +14,10 @@ PUBLISHED = {  # our name -> (published Jinja, the render variables it is compar
     "qwen3_nothink": ("Qwen-Qwen3-0.6B.jinja", {"enable_thinking": False}),
     "llama3": ("meta-llama-Llama-3.3-70B-Instruct.jinja", {}),
     "gemma3": ("google-gemma-3-it.jinja", {}),
-    "mistral": ("mistralai-Mistral-Nemo-Instruct-2407.jinja", {}),
+    "mistral_nemo": ("mistralai-Mistral-Nemo-Instruct-2407.jinja", {}),
 }
 END_OF_TURN = {"qwen3": "<|im_end|>", "qwen3_nothink": "<|im_end|>", "llama3": "<|eot_id|>", "gemma3": "<end_of_turn>",
-               "mistral": "</s>"}
+               "mistral_nemo": "</s>"}
 CONVERSATION = [
     Turn("我最近总是失眠", "我能理解你的困扰。能说说通常几点睡吗？", system="你是一位心理咨询师"),
     Turn("一般凌晨两点", "这确实很晚了。我们可以先从固定起床时间开始。"),
@@ -49,7 +49,9 @@ def family_tokenizer():
 
 
 def test_every_family_has_its_published_template():
-    assert set(FAMILIES) == set(PUBLISHED)
+    from common.templates import TEMPLATES
+
+    assert set(FAMILIES) == set(PUBLISHED) and not set(FAMILIES) & set(TEMPLATES)  # XTuner's names keep their meaning
     listed = (FIXTURES / "README.md").read_text(encoding="utf-8")
     assert all(f"`{jinja}`" in listed for jinja, _ in PUBLISHED.values())
 
@@ -393,7 +395,7 @@ def test_no_think_block_reaches_the_user_when_thinking_is_off(tokenizer):
 
 
 @pytest.mark.parametrize("kind,template", [("qwen3", "qwen3_nothink"), ("gemma3_text", "gemma3"),
-                                           ("mistral", "mistral"), ("phi3", "llama3")])
+                                           ("mistral", "mistral_nemo"), ("phi3", "llama3")])
 def test_the_server_answers(tmp_path, family_tokenizer, kind, template):
     """The OpenAI-compatible API (in process) on each family, in a family template: the reply is the generation core's
     answer to the same messages, in the template the model was given (Phi-3 has no template of its own here)."""
