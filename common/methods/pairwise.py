@@ -29,7 +29,7 @@ def prompted_datasets(recipe, tokenizer, load, encode, what: str):
 
     d, report = recipe.data, LoadReport()
     records, held_out = recipe_conversations(recipe, report, load=load)
-    template = get_template(d.template)
+    template = get_template(d.template, d.thinking)
     for text in template.notes(tokenizer, [r.prompt for r in records]):
         report.note(text)
     train_rows, stats = encode(records, tokenizer, template, d.max_length, d.system)
