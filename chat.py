@@ -99,7 +99,7 @@ def chat_settings(args, source):
     from common.templates import get_template, system_from_template
 
     recipe = source.recipe
-    template = get_template(args.prompt_template or recipe.data.template)
+    template = get_template(args.prompt_template or recipe.data.template, recipe.data.thinking)
     if args.system_template:
         system = system_from_template(args.system_template, args.bot_name)
     else:

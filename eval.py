@@ -39,7 +39,7 @@ def held_out(args, source):
     """(files named, held-out records) for this evaluation: conversations, or preference pairs (common.pairs)."""
     from common.cli import UserError
     from common.dataset import recipe_conversations
-    from common.pairs import loader_for
+    from common.methods.table import loader_for
 
     d = source.recipe.data
     if args.data or d.eval_paths:

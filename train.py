@@ -1,5 +1,6 @@
-"""Fine-tune a chat model from a YAML recipe: LoRA, QLoRA or full fine-tuning; SFT on TRL's SFTTrainer, or preference
-tuning (train.method: dpo | orpo) on TRL's DPOTrainer / ORPOTrainer.
+"""Fine-tune a chat model from a YAML recipe: LoRA, QLoRA or full fine-tuning; SFT on TRL's SFTTrainer, preference
+tuning on pairs (train.method: dpo | orpo) or on rated answers (kto) on TRL's trainers (common/methods/,
+docs/methods.md).
 
     python train.py RECIPE [section.key=value ...] [--dry-run] [--dump-dataset OUT.jsonl] [--resume auto|PATH] [--force]
     torchrun --nproc_per_node 2 train.py RECIPE        data-parallel (gloo on CPU, NCCL on GPU)
@@ -65,15 +66,14 @@ def main(argv=None, extra_callbacks=()) -> int:
     args = parse_args(argv)
     import datasets
 
-    from common import artifacts, methods
+    from common import artifacts
+    from common.methods import table as methods
     from common.modeling import recipe_tokenizer
-    from common.recipe import load_recipe
-
     datasets.disable_progress_bars()  # per-map bars drown the run's own log lines
     # every recipe problem at once, and what this machine cannot do (unless only the data is asked for)
-    recipe = load_recipe(args.recipe, args.overrides, check_machine=not (args.dry_run or args.dump_dataset))
+    recipe = methods.load_recipe(args.recipe, args.overrides, check_machine=not (args.dry_run or args.dump_dataset))
     tokenizer = recipe_tokenizer(recipe)
-    method = methods.get(recipe.train.method)  # sft: conversations -> SFTTrainer; dpo, orpo: pairs -> their trainers
+    method = methods.get(recipe.train.method)  # its data, dry run, summary and trainer (common/methods/)
     train_rows, eval_rows, stats = method.build_datasets(recipe, tokenizer)
     if args.dry_run:
         method.print_dry_run(recipe, tokenizer, train_rows, stats)
@@ -106,7 +106,7 @@ def main(argv=None, extra_callbacks=()) -> int:
     set_seed(recipe.train.seed)  # LoRA's random init comes before the Trainer seeds anything
     model = load_model(recipe, precision.dtype)
     fast_paths = acceleration.apply(model, recipe)
-    template = get_template(recipe.data.template)
+    template = get_template(recipe.data.template, recipe.data.thinking)
     set_chat_template(tokenizer, template)
     interrupt = InterruptCallback(log)
     info = {"recipe": to_dict(recipe), "precision": {"dtype": precision.name, "reason": precision.reason},

@@ -33,19 +33,21 @@ BASELINE = "TRL DPOTrainer (plain)"
 
 def ours(tmp: Path, batch: int, fast_paths: bool):
     """The trainer train.py builds for the recipe (its data, model, fast paths), on the base model in float32."""
-    from common import acceleration, preference
+    from common import acceleration
+    from common.methods import table as methods
     from common.modeling import load_model, recipe_tokenizer
-    from common.recipe import load_recipe
 
-    recipe = load_recipe(RECIPE, [f"model.path={MODEL}", "model.dtype=float32", f"data.path={PAIRS}", "data.system=null",
+    recipe = methods.load_recipe(RECIPE, [
+        f"model.path={MODEL}", "model.dtype=float32", f"data.path={PAIRS}", "data.system=null",
                                   "data.eval_path=null", f"train.batch_size={batch}", f"train.output_dir={tmp / 'run'}",
                                   f"train.fast_paths={str(fast_paths).lower()}", "evaluation.prompts=[]"])
     tokenizer = recipe_tokenizer(recipe)
-    rows, _, _ = preference.build_pair_datasets(recipe, tokenizer)
+    method = methods.get(recipe.train.method)
+    rows, _, _ = method.build_datasets(recipe, tokenizer)
     torch.manual_seed(recipe.train.seed)
     model = load_model(recipe, torch.float32)
     paths = acceleration.apply(model, recipe)
-    trainer = preference.build_trainer(recipe, model, paths, tokenizer, rows, None, [], torch.float32, True)
+    trainer = method.build_trainer(recipe, model, paths, tokenizer, rows, None, [], torch.float32, True)
     trainer.fast_paths_names = paths.names()  # reported with the figures
     return trainer
 

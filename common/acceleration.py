@@ -103,27 +103,43 @@ def _segments(position_ids: torch.Tensor, length: int) -> list[tuple[int, int, t
     return segments
 
 
+def _window_mask(queries: int, keys: int, shared: int, window: int, device) -> torch.Tensor:
+    """Which keys each query of a sample (or branch) sees under a sliding window, as transformers' sliding masks
+    define it: a key at most window - 1 positions back. Keys are the `shared` prefix (positions 0..shared-1) then the
+    queries' own positions (shared...)."""
+    q = torch.arange(shared, shared + queries, device=device)[:, None]
+    k = torch.cat([torch.arange(shared, device=device), torch.arange(shared, shared + queries, device=device)])[-keys:]
+    return (q >= k) & (q - k < window)
+
+
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
                      **kwargs):
-    """transformers' attention-function interface: (batch, heads, seq, dim) in, (batch, seq, heads, dim) out."""
+    """transformers' attention-function interface: (batch, heads, seq, dim) in, (batch, seq, heads, dim) out. A layer
+    with a sliding window (Gemma 3's local layers, Mistral's, transformers pass `sliding_window`) gets the window's
+    band within each sample; a softcapped one (Gemma 2) goes to sdpa, which refuses it, as without this path."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     segments = None
-    if query.shape[2] == key.shape[2] and dropout == 0.0:  # not decoding with a cache, no attention dropout
+    if query.shape[2] == key.shape[2] and dropout == 0.0 and kwargs.get("softcap") is None:
         segments = _segments(kwargs.get("position_ids"), query.shape[2])
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    window = kwargs.get("sliding_window")
     gqa = query.shape[1] != key.shape[1]
     out = []
     for a, b, shared in segments:
         if shared is None:
-            out.append(F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+            k, v, mask = key[:, :, a:b], value[:, :, a:b], None
+            if window is not None and b - a > window:
+                mask = _window_mask(b - a, b - a, 0, window, query.device)
+            out.append(F.scaled_dot_product_attention(query[:, :, a:b], k, v, attn_mask=mask, is_causal=mask is None,
                                                       scale=scaling, enable_gqa=gqa))
             continue
         # a branch: its queries see the shared prefix whole and themselves causally (a lower-right causal mask)
         k = torch.cat([key[:, :, shared[0]:shared[1]], key[:, :, a:b]], dim=2)
         v = torch.cat([value[:, :, shared[0]:shared[1]], value[:, :, a:b]], dim=2)
-        mask = torch.ones(b - a, k.shape[2], dtype=torch.bool, device=query.device).tril(k.shape[2] - (b - a))
+        n = shared[1] - shared[0]
+        mask = _window_mask(b - a, k.shape[2], n, window if window is not None else k.shape[2] + 1, query.device)
         out.append(F.scaled_dot_product_attention(query[:, :, a:b], k, v, attn_mask=mask, scale=scaling,
                                                   enable_gqa=gqa))
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None

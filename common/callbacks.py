@@ -102,8 +102,8 @@ class MetricsCallback(TrainerCallback):
     line per logging step, and loss.png refreshed at every save and at the end. Main process only."""
 
     # What the preference trainers log beside the loss (TRL's names): rewards/{chosen,rejected,margins,accuracies},
-    # logps/{chosen,rejected}, ORPO's nll_loss and log_odds_{ratio,chosen}; also their eval_ forms.
-    PREFERENCE_METRICS = ("rewards/", "logps/", "nll_loss", "log_odds_")
+    # logps/{chosen,rejected}, ORPO's nll_loss and log_odds_{ratio,chosen}, KTO's kl; also their eval_ forms.
+    PREFERENCE_METRICS = ("rewards/", "logps/", "nll_loss", "log_odds_", "kl")
 
     def __init__(self, run_dir: str | Path, log: RunLog):
         self.run_dir, self.log = Path(run_dir), log

@@ -13,7 +13,8 @@ A record that is not a conversation raises `BadRecord`, naming the field and wha
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Optional
 
 
@@ -23,6 +24,24 @@ class Turn:
     output: Optional[str]  # None on the last turn: encode up to the generation prompt (chat)
     system: Optional[str] = None
     train: bool = True  # False: the output is context only (openai `"loss": false`)
+
+
+# Reasoning in an answer: a think block at its start (Qwen3, DeepSeek-R1 write it so; OpenAI's `reasoning_content` is
+# read into the same form), so that one string carries it through every format, template and export.
+THINK_BLOCK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
+
+
+def with_reasoning(answer: str, reasoning: str | None) -> str:
+    return f"<think>\n{reasoning.strip()}\n</think>\n\n{answer}" if reasoning and reasoning.strip() else answer
+
+
+def without_reasoning(text: str) -> str:
+    """The answer without its think block (what a user sees when thinking is off)."""
+    return THINK_BLOCK.sub("", text, count=1)
+
+
+def drop_reasoning(turns: list[Turn]) -> list[Turn]:
+    return [replace(t, output=without_reasoning(t.output)) if t.output else t for t in turns]
 
 
 class BadRecord(Exception):
@@ -87,6 +106,9 @@ def messages_to_turns(messages: list, role_key: str = "role", content_key: str =
             pending = True
         else:
             loss = message.get("loss", True)
+            reasoning = message.get("reasoning_content")
+            if reasoning is not None:
+                content = with_reasoning(content, text_field(reasoning, f"{where}.reasoning_content", allow_empty=True))
             turns.append(Turn(input=user, output=content, system=system, train=str(loss).lower() == "true"))
             system, user, pending = None, "", False
     if open_end:

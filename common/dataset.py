@@ -126,8 +126,8 @@ def _mix(ranges: list[range], sources, where: str, seed: int) -> list[int]:
         n = min(round(share * size), len(r))
         if n == 0:
             raise UserError(f"{where}: the shares cannot be met: {s.path} (weight {s.weight:g}, {100 * share:.1f}%) "
-                            f"gets no conversation of a mixture of {int(size)} ({len(r)} read from it); raise its weight "
-                            "or add conversations")
+                            f"gets no conversation of a mixture of {int(size)} ({len(r)} read from it); raise its "
+                            "weight or add conversations")
         picked += sorted(random.Random(seed).sample(list(r), n))
     return picked
 
@@ -148,6 +148,13 @@ def _select(conversations, sources, mixed: bool, seed: int, where: str, fraction
     return conversations.select(train) if len(train) != len(conversations) else conversations, held
 
 
+def source_rules(d, sources) -> list[tuple[str, str | None, str, str]]:
+    """Each source's (template, system prompt, truncation, thinking): its own or the data section's; data.thinking
+    for all."""
+    return [(s.template or d.template, s.system if s.system is not None else d.system, s.truncation or d.truncation,
+             d.thinking) for s in sources]
+
+
 def _encode_batch(batch, tokenizer, rules, max_length: int) -> dict:
     """A batch of conversations -> their samples. The batch's counts (Stats) ride on its first row; a batch without
     a sample gets one empty row (keep: false) that carries them."""
@@ -159,10 +166,10 @@ def _encode_batch(batch, tokenizer, rules, max_length: int) -> dict:
         end = start
         while end < len(sources) and sources[end] == sources[start]:
             end += 1
-        template, system, mode = rules[sources[start]]
+        template, system, mode, thinking = rules[sources[start]]
         conversations = [[Turn(**t) for t in c] for c in turns[start:end]]
-        rows, _ = encode_conversations(conversations, tokenizer, get_template(template), max_length, mode, system,
-                                       stats)
+        rows, _ = encode_conversations(conversations, tokenizer, get_template(template, thinking), max_length, mode,
+                                       system, stats, thinking)
         for row in rows:
             out["input_ids"].append(row["input_ids"])
             out["labels"].append(row["labels"])
@@ -181,8 +188,7 @@ def _encode(conversations, sources, d, tokenizer, work: Path, name: str, num_pro
     """Encoded rows (Arrow) of the conversations, the counts (Stats) and the realised share of each source."""
     import pyarrow.compute as pc
 
-    rules = [(s.template or d.template, s.system if s.system is not None else d.system, s.truncation or d.truncation)
-             for s in sources]
+    rules = source_rules(d, sources)
     procs = num_proc or max(1, min(default_num_proc(), len(conversations) // PER_PROCESS))
     rows = conversations.map(_encode_batch, batched=True, batch_size=ENCODE_BATCH,
                              num_proc=procs if procs > 1 else None,
@@ -221,7 +227,7 @@ def _prepare(recipe, tokenizer, report: LoadReport, work: Path):
         evals = _select(read, eval_sources, d.eval_mixed, seed, "data.eval_path", 0.0)[0]
     else:
         eval_sources, evals = sources, conversations.select(held) if held else None
-    template = get_template(d.template)
+    template = get_template(d.template, d.thinking)
     for text in template.notes(tokenizer, _first_conversations(train)):
         report.note(text)
     train_rows, stats, shares = _encode(train, sources, d, tokenizer, work, "train", num_proc)
@@ -254,7 +260,7 @@ def _cache_key(recipe, tokenizer) -> str:
     h = hashlib.sha256(CACHE_VERSION.encode())
     here = Path(__file__).parent
     sources = ("conversation.py", "formats.py", "samples.py", "dataset.py", "templates.py", "prompt_templates.json")
-    for source in sources:
+    for source in [*sources, *sorted(p.relative_to(here) for p in (here / "chat_templates").iterdir())]:
         h.update((here / source).read_bytes())
     settings = {k: v for k, v in asdict(recipe.data).items() if k != "num_proc"}  # the same rows in any number
     h.update(json.dumps([settings, recipe.train.seed], sort_keys=True).encode())

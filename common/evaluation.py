@@ -90,7 +90,7 @@ def held_out_samples(tokenizer, template, conversations, data) -> list[dict]:
     samples, stats = [], Stats()
     for n, turns in enumerate(conversations):
         rows, _ = encode_conversations([turns], tokenizer, template, data.max_length, data.truncation, data.system,
-                                       stats)
+                                       stats, data.thinking)
         samples += [{**row, "owners": [n] * len(row["input_ids"])} for row in rows]
     return samples
 
@@ -197,10 +197,13 @@ class Result:
     per_conversation: list[dict]  # index, tokens, base_loss, tuned_loss
     answers: list[dict]  # prompt, source, and per model (base, tuned): the answer, how it ended, its facts
     settings: dict  # template, truncation, max_length, system, samples, rows, sampling
-    preference: dict | None = None  # held-out pairs: common.preference.compare (accuracy, margins), base vs tuned
+    # the methods' parts (common/methods: HeldOut), by their key: e.g. "preference" (held-out pairs: accuracy and
+    # margins, base vs tuned); report.json holds each as a field of its own
+    methods: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        return {**out, **out.pop("methods")}
 
 
 def evaluate(source, other, records: list, files: list, dtype: str = "auto", limit: int = 8,
@@ -209,25 +212,29 @@ def evaluate(source, other, records: list, files: list, dtype: str = "auto", lim
     off) on held-out conversations or preference pairs, in the tuned model's settings (its run's template, system
     prompt, truncation, max_length and evaluation section): the loss on the answer tokens (a pair's chosen answer),
     answers to the evaluation prompts and to the first user turn of up to `limit` records (greedy unless a temperature
-    is given), and for pairs the preference accuracy and margins (common.preference)."""
-    from common import preference
+    is given), and each method's own measures of the records of its kind (common/methods: the preference accuracy and
+    margins of pairs)."""
     from common.generation import Sampling
-    from common.pairs import as_conversations, encode_pairs
+    from common.methods.table import held_out_parts
+    from common.pairs import as_conversations
     from common.templates import get_template
 
     conversations = as_conversations(records)
     recipe = source.recipe
     d = recipe.data
-    template = get_template(d.template)
+    template = get_template(d.template, d.thinking)
     models = Contestants(source, other, dtype)
     samples = held_out_samples(models.tokenizer, template, conversations, d)
     rows = scoring_rows(samples, d.max_length, models.tokenizer.pad_token_id)
-    pair_rows = encode_pairs(preference.pairs_of(records), models.tokenizer, template, d.max_length, d.system)[0]
-    scores, preferences = {}, {}
+    parts = held_out_parts()
+    part_rows = {key: part.rows(records, models.tokenizer, template, d) for key, part in parts.items()}
+    part_rows = {key: found for key, found in part_rows.items() if found}  # the kinds among the held-out records
+    scores, measured = {}, {key: {} for key in part_rows}
     for who in WHO:
         with models.use(who) as model:
             scores[who] = score(model, rows, len(conversations), progress, who)
-            preferences[who] = preference.preference_accuracy(model, pair_rows) if pair_rows else None
+            for key, found in part_rows.items():
+                measured[key][who] = parts[key].measure(model, found)
 
     sampling = Sampling.from_evaluation(recipe.evaluation, max_new_tokens=max_new_tokens, temperature=temperature)
     prompts = [(p, "evaluation.prompts") for p in recipe.evaluation.prompts] + [
@@ -245,14 +252,20 @@ def evaluate(source, other, records: list, files: list, dtype: str = "auto", lim
                   {"template": template.name, "truncation": d.truncation, "max_length": d.max_length,
                    "system": d.system, "samples": len(samples), "rows": len(rows),
                    "sampling": f"{kind}, max_new_tokens {sampling.max_new_tokens}"},
-                  preference.compare(preferences["base"], preferences["tuned"]) if pair_rows else None)
+                  {key: parts[key].compare(m["base"], m["tuned"]) for key, m in measured.items()})
 
 
 # ---------------------------------------------------------------- report
 
-def report_markdown(result: Result) -> str:
-    from common.preference import markdown as preference_markdown
+def _parts(result: Result):
+    """(the method's HeldOut, its result) for each method part in the result."""
+    from common.methods.table import held_out_parts
 
+    parts = held_out_parts()
+    return [(parts[key], value) for key, value in result.methods.items()]
+
+
+def report_markdown(result: Result) -> str:
     b, t = result.base, result.tuned
     lines = [f"# Evaluation: {result.tuned_name} vs {result.base_name}", "",
              f"Held-out data: {', '.join(result.data)} — {result.conversations} conversations "
@@ -264,7 +277,7 @@ def report_markdown(result: Result) -> str:
              f"| answer tokens scored | {b['tokens']} | {t['tokens']} |", "",
              f"The tuned model's loss is lower on {result.tuned_better} of {result.conversations} conversations "
              f"({100 * result.tuned_better_share:.0f}%).",
-             *(preference_markdown(result.preference) if result.preference else []), "", "## Per conversation", "",
+             *(line for part, value in _parts(result) for line in part.markdown(value)), "", "## Per conversation", "",
              "| # | answer tokens | base loss | tuned loss |", "|---|---|---|---|"]
     for c in result.per_conversation:
         lines.append(f"| {c['index']} | {c['tokens']} | {c['base_loss']:.4f} | {c['tuned_loss']:.4f} |")
@@ -288,10 +301,8 @@ def write_report(out_dir, result: Result) -> None:
 
 
 def summary(result: Result) -> str:
-    from common.preference import summary as preference_summary
-
     b, t = result.base, result.tuned
     return (f"held-out loss over {b['tokens']} answer tokens of {result.conversations} conversations: "
             f"base {b['loss']:.4f} (ppl {b['ppl']:.2f}) -> tuned {t['loss']:.4f} (ppl {t['ppl']:.2f}); "
             f"tuned lower on {result.tuned_better}/{result.conversations} ({100 * result.tuned_better_share:.0f}%)"
-            + (f"\n{preference_summary(result.preference)}" if result.preference else ""))
+            + "".join(f"\n{part.summary(value)}" for part, value in _parts(result)))

@@ -72,8 +72,8 @@ class StopWordStream:
     """
 
     def __init__(self, tokenizer, stop_words: list[str], eos_ids: set[int], on_text: Callable[[str], None],
-                 cancelled: Callable[[], bool] = lambda: False):
-        self.tokenizer = tokenizer
+                 cancelled: Callable[[], bool] = lambda: False, hide_reasoning: bool = False):
+        self.tokenizer, self.hide_reasoning = tokenizer, hide_reasoning
         self.stop_words = [w for w in stop_words if w]
         self.eos_ids, self.on_text, self.cancelled = eos_ids, on_text, cancelled
         self.text, self.shown, self.stopped = "", 0, False
@@ -92,6 +92,8 @@ class StopWordStream:
             return
         ids = [i for i in answer_ids if i not in self.eos_ids]
         self.text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if self.hide_reasoning:
+            self.text = _past_reasoning(self.text)
         hits = [i for i in (self.text.find(w, max(self.shown - len(w), 0)) for w in self.stop_words) if i >= 0]
         if hits:
             self.stopped = True
@@ -122,6 +124,16 @@ class StopWordStream:
         if end > self.shown:
             chunk, self.shown = self.text[self.shown:end], end  # counted as shown even if Ctrl-C lands mid-print
             self.on_text(chunk)
+
+
+def _past_reasoning(text: str) -> str:
+    """The answer a user sees when thinking is off: a think block the model writes all the same is not shown (held
+    back while it, or the tag that would open it, is still open)."""
+    stripped = text.lstrip()
+    if stripped.startswith("<think>"):
+        end = stripped.find("</think>")
+        return "" if end < 0 else stripped[end + len("</think>"):].lstrip()
+    return "" if stripped and "<think>".startswith(stripped) else text
 
 
 def eos_ids(tokenizer, model) -> set[int]:
@@ -163,13 +175,13 @@ class Generator:
         self.stop_words = template.stop_words(tokenizer) + [w for w in extra_stop_words if w]
         self.eos_ids = eos_ids(tokenizer, model)
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
+    def prompt_ids(self, messages: list[dict], template: Optional[Template] = None) -> list[int]:
         """The ids to generate from: the messages encoded by the template, ending with the generation prompt."""
         try:
             turns = messages_to_turns(messages, open_end=True)
         except BadRecord as e:
             raise BadMessages(str(e)) from None
-        return self.template.encode_ids(self.tokenizer, turns)[0]
+        return (template or self.template).prompt_ids(self.tokenizer, turns)
 
     def check_could_fit(self, messages: list[dict], sampling: Sampling) -> None:
         """Refuse, before tokenizing, messages whose text alone needs more tokens than the context leaves: a token
@@ -214,15 +226,18 @@ class Generator:
         return config
 
     def start(self, messages: list[dict], sampling: Sampling, on_text: Callable[[str], None] = lambda text: None,
-              cancelled: Callable[[], bool] = lambda: False, stop: list[str] = ()) -> Answering:
+              cancelled: Callable[[], bool] = lambda: False, stop: list[str] = (),
+              switches: Optional[dict] = None) -> Answering:
         """An answer ready to decode (a decoding.Row and its text stream), or BadMessages / PromptTooLong. The visible
         text streams to on_text as it becomes safe to show; `cancelled()` is asked after each token (a client that
-        went away); `stop` adds stop words for this answer."""
+        went away); `stop` adds stop words for this answer; `switches` sets the template's variables for it (the
+        API's chat_template_kwargs: enable_thinking)."""
+        template = self.template.with_defaults(**switches) if switches else self.template
         self.check_could_fit(messages, sampling)
-        ids = self.prompt_ids(messages)
+        ids = self.prompt_ids(messages, template)
         self.check_fits(len(ids), sampling)
         stream = StopWordStream(self.tokenizer, self.stop_words + [w for w in stop if w], self.eos_ids, on_text,
-                                cancelled)
+                                cancelled, hide_reasoning=template.thinking_off())
         config = self.generation_config(sampling)
         # generate()'s own processor list for these settings (a private method: see tests/test_upstream.py).
         processors = self.model._get_logits_processor(config, input_ids_seq_length=len(ids), device=self.model.device)

@@ -52,12 +52,44 @@ TYPES = tuple(OUT_TYPES)  # merge.py --gguf's choices
 class Architecture:
     gguf_arch: object  # gguf.MODEL_ARCH
     permute_qk: bool  # llama.cpp's llama graph expects q/k rows in Meta's rotary order; transformers undoes it on load
+    norm_shift: float = 0.0  # added to RMSNorm weights: Gemma's norms scale by (1 + w), llama.cpp's graph by w
+    writes_window: bool = False  # llama.cpp's graph reads `attention.sliding_window`; else a windowed model is refused
+    global_every: int = 0  # llama.cpp's graph makes every n-th layer global, the others local (Gemma 3: 6), fixed
 
 
 def architectures() -> dict[str, Architecture]:
+    """HF model_type -> how its GGUF is written: one row per architecture (Mistral runs on llama.cpp's llama graph,
+    as its own converter writes it). Not Phi-3: the rows would be right (transformers reads such a file back with
+    the model's logits), but llama.cpp loads a phi3 vocabulary only with Phi-3's own <|end|> and <|endoftext|> and
+    then drops the whitespace after special tokens, so a prompt in the training template tokenizes differently there
+    (tested in tests/test_families.py against llama-cpp-python 0.3.36)."""
     import gguf
 
-    return {"llama": Architecture(gguf.MODEL_ARCH.LLAMA, True), "qwen2": Architecture(gguf.MODEL_ARCH.QWEN2, False)}
+    A = gguf.MODEL_ARCH
+    return {"llama": Architecture(A.LLAMA, True), "mistral": Architecture(A.LLAMA, True),
+            "qwen2": Architecture(A.QWEN2, False), "qwen3": Architecture(A.QWEN3, False),
+            "gemma3_text": Architecture(A.GEMMA3, False, norm_shift=1.0, writes_window=True, global_every=6)}
+
+
+def _rope_entries(config) -> list[dict]:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return [v for v in params.values() if isinstance(v, dict)] or [params]
+
+
+def sliding_window(config) -> int | None:
+    """The attention window the model runs with, or None (Qwen's configs carry one that use_sliding_window turns
+    off)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or not getattr(config, "use_sliding_window", True) or window >= config.max_position_embeddings:
+        return None
+    return window
+
+
+def rope_theta(config) -> float:
+    """The rotary base of the global layers (Gemma 3 keeps one per layer type; llama.cpp fixes its local layers' base
+    at 10000, which export checks)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    return getattr(config, "rope_theta", None) or params.get("full_attention", params)["rope_theta"]
 
 
 def gguf_path(out_dir: Path, qtype: str) -> Path:
@@ -223,10 +255,26 @@ def export(model_dir: Path, qtype: str, chat_template: str | None, eot: int | No
 
     arch = architectures().get(config.model_type)
     if arch is None:
-        raise UserError(f"GGUF export supports the {' and '.join(architectures())} architectures "
-                        f"(SmolLM2, Llama, Qwen1.5/2/2.5); {model_dir} is `{config.model_type}`")
-    if getattr(config, "rope_scaling", None) and (config.rope_scaling or {}).get("rope_type", "default") != "default":
-        raise UserError(f"GGUF export: rope scaling {config.rope_scaling} is not written by this exporter")
+        raise UserError(f"GGUF export supports the {', '.join(architectures())} architectures "
+                        f"(SmolLM2, Llama, Mistral, Qwen1.5-3, Gemma 3 text); {model_dir} is `{config.model_type}`")
+    for params in _rope_entries(config):
+        if params.get("rope_type", "default") != "default":
+            raise UserError(f"GGUF export: rope scaling {params} is not written by this exporter")
+    local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {})
+    local_base = local.get("rope_theta", 10000.0)
+    if local_base != 10000.0:
+        raise UserError(f"GGUF export: the local layers' rope base {local_base} is not llama.cpp's fixed 10000")
+    window = sliding_window(config)
+    layer_types = getattr(config, "layer_types", None)
+    if arch.global_every and layer_types:
+        fixed = ["full_attention" if (n + 1) % arch.global_every == 0 else "sliding_attention"
+                 for n in range(len(layer_types))]
+        if list(layer_types) != fixed:
+            raise UserError(f"GGUF export: llama.cpp's {config.model_type} graph makes every {arch.global_every}th "
+                            f"layer global; this model's layer types differ ({', '.join(layer_types)})")
+    if window is not None and not arch.writes_window:
+        raise UserError(f"GGUF export: {config.model_type} with a sliding window of {window} would run with full "
+                        "attention in llama.cpp's graph for it")
     pre = pre_tokenizer_name(tokenizer)
     weights = ModelWeights(model_dir)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -240,9 +288,15 @@ def export(model_dir: Path, qtype: str, chat_template: str | None, eot: int | No
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_freq_base(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"])
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // heads:  # llama.cpp assumes hidden / heads unless told (Qwen3, Gemma 3)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if window is not None:
+        writer.add_sliding_window(window)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType[OUT_TYPES[qtype].file_type])
     tokens, types = _vocab(tokenizer, model_dir, config.vocab_size)
@@ -269,6 +323,8 @@ def export(model_dir: Path, qtype: str, chat_template: str | None, eot: int | No
                     tensor = read(key)
                     if arch.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
                         tensor = _permute(tensor, heads if "attn_q" in gguf_name else kv_heads)
+                    if arch.norm_shift and gguf_name.endswith("norm.weight"):
+                        tensor = tensor.float() + arch.norm_shift
                     writer.write_tensor_data(_encode(tensor, ggml_type))
         finally:  # closed before the rename, or before the half-written file is removed
             writer.close()
@@ -282,7 +338,7 @@ def ship(model_dir: Path, qtype: str, recipe, name: str) -> tuple[Path, Path | N
     from common.templates import get_template
 
     config, tokenizer = read_model(model_dir)
-    template = get_template(recipe.data.template)
+    template = get_template(recipe.data.template, recipe.data.thinking)
     path = export(model_dir, qtype, template.chat_template(tokenizer), end_of_turn_id(template, tokenizer), name,
                   config, tokenizer)
     try:
@@ -325,7 +381,7 @@ def verify(model_dir: Path, gguf_file: Path, qtype: str, recipe, max_new_tokens:
     from common.templates import get_template
 
     config, tokenizer = read_model(model_dir)
-    template = get_template(recipe.data.template)
+    template = get_template(recipe.data.template, recipe.data.thinking)
     system = recipe.data.system
     with tempfile.TemporaryDirectory() as alone:  # the GGUF by itself: no tokenizer files beside it to mask its own
         (Path(alone) / gguf_file.name).symlink_to(gguf_file.resolve())

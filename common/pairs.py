@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common.cli import UserError
 from common.conversation import OPENAI_ROLES, BadRecord, Turn, messages_to_turns, required_field, text_field, with_system
-from common.formats import SHAREGPT_ROLES, LoadReport, _records, read_file
+from common.formats import SHAREGPT_ROLES, LoadReport, read_file
 from common.templates import IGNORE, Template
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -32,6 +32,9 @@ class Pair:
     prompt: list[Turn]  # earlier turns (context, answered) and the user's last turn (output None)
     chosen: str
     rejected: str
+
+    def held_out_conversation(self) -> list[Turn]:
+        return self.conversation(self.chosen)
 
     def conversation(self, answer: str) -> list[Turn]:
         """The prompt answered with `answer`: what SFT would encode, with only that answer trained."""
@@ -47,7 +50,7 @@ def _pair(prompt: list[Turn], chosen: str, rejected: str) -> Pair:
     return Pair(prompt, chosen, rejected)
 
 
-def _message_answer(value, side: str, roles: dict, role_key: str = "role", content_key: str = "content") -> str:
+def message_answer(value, side: str, roles: dict, role_key: str = "role", content_key: str = "content") -> str:
     """One assistant message, alone or as a one-message list (TRL writes `[{"role": "assistant", ...}]`)."""
     if isinstance(value, list):
         if len(value) != 1:
@@ -84,8 +87,8 @@ def read_conversational(record: dict) -> Pair:
     else:
         raise BadRecord("prompt", "missing")
     turns = messages_to_turns(prompt, list_key="prompt", open_end=True)
-    return _pair(turns, _message_answer(chosen, "chosen", OPENAI_ROLES),
-                 _message_answer(rejected, "rejected", OPENAI_ROLES))
+    return _pair(turns, message_answer(chosen, "chosen", OPENAI_ROLES),
+                 message_answer(rejected, "rejected", OPENAI_ROLES))
 
 
 def read_plain(record: dict) -> Pair:
@@ -94,7 +97,7 @@ def read_plain(record: dict) -> Pair:
     return _pair([Turn(prompt, None)], chosen, text_field(required_field(record, "rejected", str), "rejected"))
 
 
-def _with_system(turns: list[Turn], system) -> list[Turn]:
+def with_top_system(turns: list[Turn], system) -> list[Turn]:
     if system is not None and not turns[0].system:
         turns[0] = Turn(turns[0].input, turns[0].output, text_field(system, "system", allow_empty=True), turns[0].train)
     return turns
@@ -105,9 +108,9 @@ def read_sharegpt(record: dict) -> Pair:
     top-level `system`."""
     turns = messages_to_turns(required_field(record, "conversations", list), "from", "value", SHAREGPT_ROLES, "conversations",
                               open_end=True)
-    chosen = _message_answer(required_field(record, "chosen", dict), "chosen", SHAREGPT_ROLES, "from", "value")
-    rejected = _message_answer(required_field(record, "rejected", dict), "rejected", SHAREGPT_ROLES, "from", "value")
-    return _pair(_with_system(turns, record.get("system")), chosen, rejected)
+    chosen = message_answer(required_field(record, "chosen", dict), "chosen", SHAREGPT_ROLES, "from", "value")
+    rejected = message_answer(required_field(record, "rejected", dict), "rejected", SHAREGPT_ROLES, "from", "value")
+    return _pair(with_top_system(turns, record.get("system")), chosen, rejected)
 
 
 def read_alpaca(record: dict) -> Pair:
@@ -122,7 +125,8 @@ def read_alpaca(record: dict) -> Pair:
         turns.append(Turn(text_field(item[0], f"history[{i}][0]"), text_field(item[1], f"history[{i}][1]")))
     turns.append(Turn(instruction + "\n" + extra if extra else instruction, None))
     chosen = text_field(required_field(record, "chosen", str), "chosen")
-    return _pair(_with_system(turns, record.get("system")), chosen, text_field(required_field(record, "rejected", str), "rejected"))
+    rejected = text_field(required_field(record, "rejected", str), "rejected")
+    return _pair(with_top_system(turns, record.get("system")), chosen, rejected)
 
 
 PAIR_READERS = {"conversational": read_conversational, "plain": read_plain, "sharegpt": read_sharegpt,
@@ -131,6 +135,17 @@ PAIR_READERS = {"conversational": read_conversational, "plain": read_plain, "sha
 
 def is_pair_record(record) -> bool:
     return isinstance(record, dict) and ("chosen" in record or "rejected" in record)
+
+
+def is_single_rating(record) -> bool:
+    """One answer rated good or bad (`label` or `kto_tag`, no chosen/rejected: common.unpaired), as the web page's
+    thumbs write them into a run's ratings file beside Compare's pairs: what train.method kto reads, and what the
+    pair readers pass over."""
+    return isinstance(record, dict) and not is_pair_record(record) and ("label" in record or "kto_tag" in record)
+
+
+def _passing_ratings(reader):
+    return lambda record: None if is_single_rating(record) else reader(record)
 
 
 def detect_pair_format(record) -> str | None:
@@ -145,35 +160,29 @@ def detect_pair_format(record) -> str | None:
     return "conversational"
 
 
-def is_pair_file(path: str | Path) -> bool:
-    """Whether a data file holds preference pairs (its first record has `chosen` or `rejected`)."""
-    first = next(_records(Path(path), LoadReport()), None)
-    return first is not None and is_pair_record(first[1])
-
-
-def loader_for(paths: list[str]):
-    """load_pairs for preference-pair files, load_conversations for the rest (eval.py takes either)."""
-    from common.formats import load_conversations
-
-    return load_pairs if paths and is_pair_file(paths[0]) else load_conversations
-
-
 def as_conversations(records: list) -> list[list[Turn]]:
-    """Conversations as they are; a pair as its prompt answered with the chosen answer (its held-out loss and the
-    prompt eval.py answers)."""
-    return [r.conversation(r.chosen) if isinstance(r, Pair) else r for r in records]
+    """Conversations as they are; a pair as its prompt answered with the chosen answer, a rated answer when it is
+    rated good (common.unpaired): what eval.py scores the held-out loss on and takes its prompts from."""
+    return [c for r in records if (c := r if isinstance(r, list) else r.held_out_conversation())]
 
 
 # ---------------------------------------------------------------- files
 
 def load_pairs(paths: list[str], fmt: str = "auto", on_bad_record: str = "error",
                report: LoadReport | None = None) -> list[Pair]:
-    """All pairs of all files, in order. Broken records raise UserError (one line), or are skipped and counted."""
+    """All pairs of all files, in order (single rated answers beside them passed over, with a note). Broken records
+    raise UserError (one line), or are skipped and counted."""
     report = LoadReport() if report is None else report
     unknown = ("no preference pairs (no record has `chosen` and `rejected`); train.method dpo and orpo train on pairs, "
                "sft on conversations")
-    return [pair for name in paths
-            for pair in read_file(Path(name), fmt, PAIR_READERS, detect_pair_format, unknown, on_bad_record, report)]
+    readers = {name: _passing_ratings(reader) for name, reader in PAIR_READERS.items()}
+    read = [pair for name in paths
+            for pair in read_file(Path(name), fmt, readers, detect_pair_format, unknown, on_bad_record, report)]
+    pairs = [pair for pair in read if pair is not None]
+    if len(pairs) < len(read):
+        report.note(f"passed over {len(read) - len(pairs)} single rated answer(s) (thumbs up/down) beside the pairs: "
+                    "train.method kto reads those")
+    return pairs
 
 
 # ---------------------------------------------------------------- encoding
@@ -192,7 +201,7 @@ class PairStats:
     skipped: int = 0  # broken records skipped (on_bad_record: skip)
 
 
-def _scored(tokenizer, template: Template, turns: list[Turn]) -> tuple[list[int], list[int]]:
+def scored(tokenizer, template: Template, turns: list[Turn]) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids): the encoding up to the final answer's first label, and its labelled tokens."""
     ids, labels = template.encode_ids(tokenizer, turns)
     scored = [n for n, label in enumerate(labels) if label != IGNORE]
@@ -211,8 +220,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def encode_pair(tokenizer, template: Template, pair: Pair) -> dict:
     """A pair as rows of token ids. The prompt is what both answers share: the SFT encoding before each answer's
     first labelled token (a token merged across the prompt's end, as TRL also finds, goes to the answers)."""
-    chosen_prompt, chosen = _scored(tokenizer, template, pair.conversation(pair.chosen))
-    rejected_prompt, rejected = _scored(tokenizer, template, pair.conversation(pair.rejected))
+    chosen_prompt, chosen = scored(tokenizer, template, pair.conversation(pair.chosen))
+    rejected_prompt, rejected = scored(tokenizer, template, pair.conversation(pair.rejected))
     n = _common_prefix(chosen_prompt, rejected_prompt)
     return {"prompt_ids": chosen_prompt[:n], "chosen_ids": chosen_prompt[n:] + chosen,
             "rejected_ids": rejected_prompt[n:] + rejected}
@@ -226,18 +235,21 @@ def _drop_first_turn(prompt: list[Turn]) -> list[Turn]:
     return rest
 
 
-def fit_pair(tokenizer, template: Template, pair: Pair, max_length: int, stats: PairStats) -> dict | None:
-    """The pair's row within max_length (prompt + the longer answer), or None (dropped) when an answer does not fit."""
-    row = encode_pair(tokenizer, template, pair)
-    answer = max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+def fit_prompt(tokenizer, encode, prompt: list[Turn], max_length: int, stats, answers: tuple[str, ...]) -> dict | None:
+    """`encode(prompt turns)`'s row within max_length (its prompt + the longest of its `answers` ids), or None
+    (counted as dropped) when an answer alone does not fit: earlier prompt turns dropped from the left, then prompt
+    tokens cut from the left. `stats` counts shortened, turns_dropped, prompt_tokens_cut and dropped (pairs here;
+    the rated answers of common.unpaired too)."""
+    row = encode(prompt)
+    answer = max(len(row[key]) for key in answers)
     if answer >= max_length:  # at least one prompt token must precede the answer
         stats.dropped += 1
         return None
-    prompt, shortened = pair.prompt, False
+    shortened = False
     while len(row["prompt_ids"]) + answer > max_length and len(prompt) > 1:
         prompt, shortened = _drop_first_turn(prompt), True
         stats.turns_dropped += 1
-        row = encode_pair(tokenizer, template, Pair(prompt, pair.chosen, pair.rejected))
+        row = encode(prompt)
     over = len(row["prompt_ids"]) + answer - max_length
     if over > 0:  # the last user turn alone is too long: cut it from the left, keeping a leading BOS
         ids = row["prompt_ids"]
@@ -247,6 +259,14 @@ def fit_pair(tokenizer, template: Template, pair: Pair, max_length: int, stats: 
         shortened = True
     stats.shortened += shortened
     return row
+
+
+def fit_pair(tokenizer, template: Template, pair: Pair, max_length: int, stats: PairStats) -> dict | None:
+    """The pair's row within max_length (prompt + the longer answer), or None (dropped) when an answer does not fit."""
+    def encode(prompt: list[Turn]) -> dict:
+        return encode_pair(tokenizer, template, Pair(prompt, pair.chosen, pair.rejected))
+
+    return fit_prompt(tokenizer, encode, pair.prompt, max_length, stats, ("chosen_ids", "rejected_ids"))
 
 
 def encode_pairs(pairs: list[Pair], tokenizer, template: Template, max_length: int, default_system: str | None = None,

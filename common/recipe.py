@@ -13,11 +13,11 @@ import yaml
 from common import precision
 from common.cli import UserError, did_you_mean, read_json, reading
 from common.samples import TRUNCATION_MODES
+from common.templates import THINKING_MODES
 
 
 FAST_PATHS = ("packed_attention", "fused_lora", "labelled_loss", "chunked_loss", "packed_pairs")  # common/acceleration.py
 FSDP_MODES = ("full_shard", "shard_grad_op")  # train.fsdp (common/training.py fsdp_arguments)
-METHODS = ("sft", "dpo", "orpo")  # train.method: SFT, or preference tuning on pairs (common/preference.py)
 # DPO losses of TRL's DPOTrainer that need no setting beyond beta (and label_smoothing for robust and exo_pair)
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
               "apo_down", "sigmoid_norm", "discopop")
@@ -68,8 +68,9 @@ class DataConfig:
     # a file, a list of files, or a list of sources ({path, weight, format, template, system, truncation}) mixed to
     # their weights
     path: Union[str, list[Union[str, dict]]] = field(default_factory=list)
-    format: str = "auto"  # auto (per file) or a reader of common/formats.py: xtuner | alpaca | sharegpt | openai
-    template: str = "tokenizer"  # one of the XTuner names, or `tokenizer` for the tokenizer's chat template
+    format: str = "auto"  # auto (per file) or a format the method reads (docs/methods.md), e.g. sft: xtuner | openai
+    template: str = "tokenizer"  # an XTuner name, a family's (qwen3, qwen3_nothink, llama3, gemma3...), or `tokenizer`
+    thinking: Literal[THINKING_MODES] = "keep"  # reasoning (<think>, reasoning_content): keep | drop | nothink
     system: Optional[str] = None  # default system prompt for records without one
     max_length: int = 2048
     truncation: Literal[TRUNCATION_MODES] = "split"  # cut | turns | split: common/samples.py
@@ -135,7 +136,7 @@ class TrainConfig:
     # trackers: tensorboard (in OUTPUT_DIR/runs), wandb, mlflow, swanlab, trackio, a list of them, or none
     report_to: Union[str, list[str]] = "tensorboard"
     report_answers: bool = False  # also send the evaluation prompts' answers to the trackers (counselling text)
-    method: Literal[METHODS] = "sft"  # sft on conversations; dpo or orpo on preference pairs (the `preference` section)
+    method: str = "sft"  # a method of common/methods/ (docs/methods.md): sft, dpo, orpo, kto
 
 
 @dataclass
@@ -145,6 +146,16 @@ class PreferenceConfig:
     loss_type: Literal[DPO_LOSSES] = "sigmoid"  # DPO's loss (TRL's loss_type)
     label_smoothing: float = 0.0  # DPO robust / exo_pair: the assumed share of flipped labels
     orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term beside the NLL of the chosen answer (TRL's beta)
+
+
+@dataclass
+class KtoConfig:
+    """train.method kto (TRL's KTOTrainer) on answers rated good or bad; the keys as TRL names them."""
+    beta: float = 0.1  # how far the policy may move from the reference (higher = closer)
+    desirable_weight: float = 1.0  # weight of the good answers' loss
+    # the bad ones': TRL recommends desirable_weight * good / (undesirable_weight * bad) in [1, 4/3]
+    undesirable_weight: float = 1.0
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"  # kto estimates a KL term from the batch (batch_size >= 2)
 
 
 @dataclass
@@ -166,6 +177,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    kto: KtoConfig = field(default_factory=KtoConfig)
     source: Optional[str] = field(default=None, metadata={"internal": True})  # recipe file it came from
 
 
@@ -268,11 +280,11 @@ def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
     return cls(**values)
 
 
-def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check_machine: bool) -> None:
+def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check_machine: bool,
+                  check_method) -> None:
     from transformers.trainer_utils import SchedulerType
 
-    from common.formats import FORMAT_READERS  # local: these import nothing from here
-    from common.templates import NAMES
+    from common.templates import NAMES  # local: it imports nothing from here
 
     d, t = recipe.data, recipe.train
     recipe.model.dtype = precision.canonical(recipe.model.dtype)  # one spelling from here on: fp32 -> float32
@@ -284,8 +296,6 @@ def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check
         _check_sources(d, key, problems, for_training)
     if for_training and not d.paths:
         problems.append("`data.path` is required")
-    if d.format != "auto" and d.format not in FORMAT_READERS:
-        problems.append(f"`data.format`: unknown format `{d.format}` (one of: auto, {', '.join(FORMAT_READERS)})")
     if d.template not in NAMES:
         problems.append(f"`data.template`: unknown template `{d.template}`{_suggest(d.template, NAMES)}")
     if d.num_proc is not None and d.num_proc < 1:
@@ -316,7 +326,9 @@ def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check
     problems += [line for line in trackers.problems(t.report_to) if "unknown tracker" in line]
     if t.max_steps <= 0 and t.epochs <= 0:
         problems.append("`train.epochs` must be > 0 unless `train.max_steps` is set")
-    _check_method(recipe, problems, for_training)
+    if check_method is not None:
+        check_method(recipe, problems)
+    _check_preference(recipe, problems, for_training)
     _check_sharding(recipe, problems)
     if check_machine:
         _check_machine(recipe, problems)
@@ -324,8 +336,8 @@ def _check_values(recipe: Recipe, problems: list[str], for_training: bool, check
 
 def _check_sources(d: DataConfig, key: str, problems: list[str], for_training: bool) -> None:
     """The entries of data.path / data.eval_path that are sources (mappings): their keys, weights, names and files;
-    each becomes a DataSource."""
-    from common.formats import FORMAT_READERS
+    each becomes a DataSource. A source's format is checked against train.method's formats with data.format
+    (common.methods.table.check_recipe)."""
     from common.templates import NAMES
 
     value = getattr(d, key)
@@ -342,30 +354,18 @@ def _check_sources(d: DataConfig, key: str, problems: list[str], for_training: b
             problems.append(f"`{where}.path`: {source.path} does not exist")
         if source.weight is not None and source.weight <= 0:
             problems.append(f"`{where}.weight`: got {source.weight:g}, expected a share > 0")
-        if source.format is not None and source.format not in (*FORMAT_READERS, "auto"):
-            problems.append(f"`{where}.format`: unknown format `{source.format}` (one of: auto, {', '.join(FORMAT_READERS)})")
         if source.template is not None and source.template not in NAMES:
-            problems.append(f"`{where}.template`: unknown template `{source.template}`{_suggest(source.template, NAMES)}")
+            problems.append(f"`{where}.template`: unknown template `{source.template}`"
+                            f"{_suggest(source.template, NAMES)}")
     weighted = [s.weight is not None for s in entries]
     if any(weighted) and not all(weighted):
         problems.append(f"`data.{key}`: give every source a weight (a mixture) or none (all of every file)")
     setattr(d, key, [{k: v for k, v in dataclasses.asdict(s).items() if v is not None} for s in entries])
 
 
-# Which `preference` keys each method reads; a key set for a method that ignores it is a problem, not a silent no-op.
-PREFERENCE_KEYS = {"sft": (), "dpo": ("beta", "loss_type", "label_smoothing"), "orpo": ("orpo_lambda",)}
-
-
-def _check_method(recipe: Recipe, problems: list[str], for_training: bool) -> None:
-    """train.method against the preference section, packing and model.adapter."""
-    method, p, m = recipe.train.method, recipe.preference, recipe.model
-    default = PreferenceConfig()
-    for key in (f.name for f in dataclasses.fields(PreferenceConfig)):
-        if getattr(p, key) != getattr(default, key) and key not in PREFERENCE_KEYS[method]:
-            users = [name for name, keys in PREFERENCE_KEYS.items() if key in keys]
-            problems.append(f"`preference.{key}` applies to train.method {' or '.join(users)}, not {method}")
-    if method != "sft" and recipe.data.pack:
-        problems.append(f"`data.pack`: train.method {method} trains on pairs, which are not packed; set data.pack: false")
+def _check_preference(recipe: Recipe, problems: list[str], for_training: bool) -> None:
+    """The preference values and model.adapter (train.method against its data and sections is common.methods')."""
+    p, m = recipe.preference, recipe.model
     if p.beta <= 0 or p.orpo_lambda <= 0:
         problems.append("`preference.beta` and `preference.orpo_lambda` must be > 0")
     if p.loss_type == "exo_pair" and not 0.0 < p.label_smoothing < 0.5:
@@ -480,10 +480,12 @@ def parse_override(text: str) -> tuple[list[str], object]:
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), for_training: bool = True,
-                check_machine: bool | None = None) -> Recipe:
+                check_machine: bool | None = None, check_method=None) -> Recipe:
     """for_training=False: a run's saved recipe read for its settings elsewhere (its model and data paths are
     relative to where training ran). check_machine (default: for_training): can this machine train it (GPU-only
-    features, precision, DeepSpeed); --dry-run checks the data without asking."""
+    features, precision, DeepSpeed); --dry-run checks the data without asking. check_method(recipe, problems): the
+    recipe against its train.method, with the other problems (common.methods.table.load_recipe passes it: the
+    methods sit above this module, which imports none of them)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
@@ -502,7 +504,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), for_training: bool 
             raw[keys[0]][keys[1]] = value
         else:
             problems.append(f"override `{text}`: expected SECTION.KEY=VALUE")
-    recipe = from_dict(raw, problems, where=str(path), for_training=for_training, check_machine=check_machine)
+    recipe = from_dict(raw, problems, where=str(path), for_training=for_training, check_machine=check_machine,
+                       check_method=check_method)
     recipe.source = str(path)
     if recipe.train.output_dir is None:
         recipe.train.output_dir = f"work_dirs/{path.stem}"
@@ -510,7 +513,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), for_training: bool 
 
 
 def from_dict(raw: dict, problems: list[str] | None = None, where: str = "recipe", for_training: bool = True,
-              check_machine: bool | None = None) -> Recipe:
+              check_machine: bool | None = None, check_method=None) -> Recipe:
     problems = [] if problems is None else problems
     sections = {}
     for name, value in raw.items():
@@ -528,7 +531,8 @@ def from_dict(raw: dict, problems: list[str] | None = None, where: str = "recipe
             continue
         sections[name] = _build_section(cls, value, name, problems)
     recipe = Recipe(**sections)
-    _check_values(recipe, problems, for_training, for_training if check_machine is None else check_machine)
+    _check_values(recipe, problems, for_training, for_training if check_machine is None else check_machine,
+                  check_method)
     if problems:
         n = len(problems)
         raise UserError(f"{where}: {n} problem{'s' if n > 1 else ''}:\n  - " + "\n  - ".join(problems))

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.dataset import ENCODE_BATCH
+from common.dataset import ENCODE_BATCH, source_rules
 from common.formats import stream_conversations
 from common.samples import TRUNCATION_MODES, Stats, encode_conversations
 from common.templates import IGNORE, get_template
@@ -23,6 +23,10 @@ def format_stats(stats: dict, pack: bool) -> str:
         ("answer tokens lost to shortening", stats["lost_to_shortening"]),
         ("truncated", stats["truncated"]), ("dropped", stats["dropped"]), ("skipped", stats["skipped"]),
     ]
+    if stats.get("rewritten_samples"):  # the template rewrites history: each trained turn re-encodes what came before
+        share = 100 * stats["rewritten_history_tokens"] / max(stats["tokens"], 1)
+        lines += [("turns as inference sees them", f"{stats['rewritten_samples']} samples (the template rewrites "
+                   f"history); re-encoded history +{stats['rewritten_history_tokens']} tokens ({share:.1f}% of all)")]
     if pack:
         lines += [("packed rows", stats["packed_rows"]), ("packing efficiency", f"{100 * stats['packing_efficiency']:.1f}%")]
     width = max(len(k) for k, _ in lines)
@@ -66,18 +70,22 @@ def compare_truncation(recipe, tokenizer) -> str:
     and loses."""
     d = recipe.data
     files = [(s.path, s.format or d.format) for s in d.sources]
-    conversations = [turns for _, turns in itertools.islice(stream_conversations(files, "skip"), COMPARED + 1)]
+    read = list(itertools.islice(stream_conversations(files, "skip"), COMPARED + 1))
     title = ""
-    if len(conversations) > COMPARED:
-        conversations, title = conversations[:COMPARED], f" (the first {COMPARED:,} conversations)"
-    template = get_template(d.template)
+    if len(read) > COMPARED:
+        read, title = read[:COMPARED], f" (the first {COMPARED:,} conversations)"
+    # each source with its own template and system prompt (as training encodes it); the mode is what is compared
+    rules = source_rules(d, d.sources)
+    by_source = [(rules[k], [turns for _, turns in group]) for k, group in itertools.groupby(read, key=lambda x: x[0])]
     lines = [f"  {'mode':<6}  {'answer tokens trained':>22}  {'dropped':>7}  {'samples':>7}  {'lost to shortening':>18}"
              + title]
     for mode in TRUNCATION_MODES:
         st = Stats()
-        for start in range(0, len(conversations), ENCODE_BATCH):
-            encode_conversations(conversations[start:start + ENCODE_BATCH], tokenizer, template, d.max_length, mode,
-                                 d.system, st)
+        for (name, system, _, thinking), conversations in by_source:
+            template = get_template(name, thinking)
+            for start in range(0, len(conversations), ENCODE_BATCH):
+                encode_conversations(conversations[start:start + ENCODE_BATCH], tokenizer, template, d.max_length,
+                                     mode, system, st, thinking)
         share = f"{100 * st.trained_tokens / max(st.answer_tokens, 1):.1f}%"
         mark = " <- recipe" if mode == d.truncation else ""
         lines.append(f"  {mode:<6}  {share:>22}  {st.dropped:>7}  {st.samples:>7}  {st.lost_to_shortening:>18}{mark}")

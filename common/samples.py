@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass, field
 
 from common.conversation import Turn, window, with_system
-from common.templates import IGNORE, Segment, Template, preencoded
+from common.templates import IGNORE, Segment, Template, conversation_for, preencoded
 
 
 @dataclass
@@ -26,6 +26,8 @@ class Stats:
     skipped: int = 0  # broken records skipped (on_bad_record: skip)
     packed_rows: int = 0
     packing_efficiency: float = 0.0
+    rewritten_samples: int = 0  # samples of one turn as inference sees it (a template that rewrites history)
+    rewritten_history_tokens: int = 0  # their re-encoded history: what training pays beyond one sample a conversation
     sources: list = field(default_factory=list)  # a mixture's realised shares (common.dataset): one dict per source
     eval_sources: list = field(default_factory=list)
 
@@ -108,15 +110,39 @@ TRUNCATION = {"cut": _cut, "turns": _turns, "split": _split}
 TRUNCATION_MODES = tuple(TRUNCATION)
 
 
+def _fit_turn_as_seen(tokenizer, template: Template, turns: list[Turn], segments: list[Segment], max_length: int,
+                      stats: Stats) -> list[tuple[list[int], list[int]]]:
+    """A sample of one turn as inference sees it (its history re-encoded), too long: earlier turns leave from the
+    left (the system prompt kept, as windows keep it), then a last turn too long alone is shortened. Whatever
+    data.truncation says: only the last answer is trained, so cutting from the right would train nothing."""
+    start = 0
+    while sum(len(s[0]) for s in segments) > max_length and start < len(turns) - 1:
+        start += 1
+        segments = template.encode_as_seen(tokenizer, window(turns, start))
+    ids, labels = _concat(segments)
+    stats.truncated += 1
+    ids, labels, lost = _shorten(ids, labels, max_length, tokenizer.bos_token_id)
+    stats.lost_to_shortening += lost
+    return [(ids, labels)]
+
+
 def make_samples(tokenizer, template: Template, turns: list[Turn], max_length: int, mode: str, stats: Stats):
-    """One conversation -> its training samples, following data.truncation (one of TRUNCATION_MODES)."""
-    segments = template.encode(tokenizer, turns)
-    full_ids, full_labels = _concat(segments)
-    stats.answer_tokens += _trained(full_labels)
-    if len(full_ids) <= max_length:
-        samples = [(full_ids, full_labels)]
-    else:
-        samples = TRUNCATION[mode](tokenizer, template, turns, segments, max_length, stats)
+    """One conversation -> its training samples, following data.truncation (one of TRUNCATION_MODES). A template
+    that rewrites history gives one sample per trained turn (`Template.views`), each as inference sees it."""
+    views = template.views(tokenizer, turns)
+    samples = []
+    for n, view in enumerate(views):
+        full_ids, full_labels = _concat(view.segments)
+        stats.answer_tokens += _trained(full_labels)
+        if view.rewritten:
+            stats.rewritten_samples += 1
+            if n < len(views) - 1:  # the last view holds the whole conversation: the others are the extra cost
+                stats.rewritten_history_tokens += len(view.segments[0][0])
+        if len(full_ids) <= max_length:
+            samples.append((full_ids, full_labels))
+        else:
+            fit = _fit_turn_as_seen if view.rewritten else TRUNCATION[mode]
+            samples += fit(tokenizer, template, view.turns, view.segments, max_length, stats)
     samples = [(ids, labels) for ids, labels in samples if _trained(labels)]
     if not samples:
         stats.dropped += 1
@@ -128,12 +154,14 @@ def make_samples(tokenizer, template: Template, turns: list[Turn], max_length: i
 
 
 def encode_conversations(conversations, tokenizer, template: Template, max_length: int, mode: str,
-                         default_system: str | None = None, stats: Stats | None = None) -> tuple[list[dict], Stats]:
-    """Each conversation's samples, in order. The template's text pieces of all of them are tokenized in one batched
-    call first (pass batches of a few hundred conversations: common.dataset does)."""
+                         default_system: str | None = None, stats: Stats | None = None,
+                         thinking: str = "keep") -> tuple[list[dict], Stats]:
+    """Each conversation's samples, in order. The template's text pieces of all of them (`Template.pieces`: a table
+    template's; a Jinja template renders each conversation itself) are tokenized in one batched call first (pass
+    batches of a few hundred conversations: common.dataset does)."""
     stats = Stats() if stats is None else stats
     rows = []
-    conversations = [with_system(turns, default_system) for turns in conversations]
+    conversations = [conversation_for(with_system(turns, default_system), thinking) for turns in conversations]
     with preencoded(tokenizer, [text for turns in conversations for text in template.pieces(turns)]):
         for turns in conversations:
             stats.records += 1

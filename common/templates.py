@@ -3,8 +3,9 @@ into tokens + labels.
 
 - `TableTemplate`: an entry of XTuner's PROMPT_TEMPLATE table (data, in prompt_templates.json), encoded as XTuner's
   `template_map_fn` + `encode_fn` encode it, token for token.
-- `TokenizerTemplate` (the name `tokenizer`): the tokenizer's own Jinja chat template; the loss mask is derived by
-  rendering growing prefixes of the conversation.
+- `JinjaTemplate`: a Jinja chat template, the tokenizer's own (the name `tokenizer`) or a named family's
+  (common/chat_templates/: qwen3, qwen3_nothink, llama3, gemma3, mistral_nemo); the loss mask is derived by rendering
+  growing prefixes of the conversation, or, for a template that rewrites history, per turn as inference sees it.
 
 Everything else (data, chat, evaluation, export) holds a `Template` and calls its methods; nothing outside this
 module asks which kind it has.
@@ -15,15 +16,24 @@ import json
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 from common.cli import UserError, did_you_mean
-from common.conversation import Turn, turns_to_messages
+from common.conversation import Turn, drop_reasoning, turns_to_messages
 
 IGNORE = -100
 Segment = tuple[list[int], list[int]]  # one turn's (input_ids, labels)
+
+
+@dataclass
+class View:
+    """One training sample's conversation and its segments. `rewritten`: the template rewrites history, so the sample
+    is the last turn alone as inference sees it (its history re-encoded, untrained), in two segments: prompt, answer."""
+    turns: list[Turn]
+    segments: list[Segment]
+    rewritten: bool = False
 
 
 class Template:
@@ -46,6 +56,30 @@ class Template:
 
     def own_stop_words(self) -> tuple[str, ...]:
         return ()
+
+    def encode_as_seen(self, tokenizer, turns: list[Turn]) -> list[Segment]:
+        """The last turn as inference sees it: the prompt the template renders with that turn last (earlier turns as
+        untrained context), then its answer and end-of-turn when it has one."""
+        return self.encode(tokenizer, _context(turns[:-1]) + turns[-1:])
+
+    def prompt_ids(self, tokenizer, turns: list[Turn]) -> list[int]:
+        """The token ids inference generates the last turn's answer from (its output, if any, ignored): what chat,
+        the server and GRPO's prompts encode."""
+        last = turns[-1]
+        return self.encode_ids(tokenizer, turns[:-1] + [Turn(last.input, None, last.system)])[0]
+
+    def thinking_off(self) -> bool:
+        """Whether the template renders with thinking switched off (replies then never show a think block)."""
+        return False
+
+    def with_defaults(self, **defaults) -> "Template":
+        """The template with render variables set (thinking off); a template without such switches is itself."""
+        return self
+
+    def views(self, tokenizer, turns: list[Turn]) -> list["View"]:
+        """The samples training makes of a conversation: the whole conversation, or, for a template that rewrites
+        history, one per trained turn as inference sees it (`View.rewritten`)."""
+        return [View(turns, self.encode(tokenizer, turns))]
 
     def stop_words(self, tokenizer) -> list[str]:
         """Text that ends an answer: the template's stop words and the tokenizer's EOS."""
@@ -228,42 +262,70 @@ def _format_jinja(fmt: str, **variables: str) -> str:
     return "".join(out)
 
 
-# ---------------------------------------------------------------- the tokenizer's own chat template
+# ---------------------------------------------------------------- Jinja chat templates: the tokenizer's own, or ours
 
-class TokenizerTemplate(Template):
-    name = "tokenizer"
-    has_system = True  # whatever the Jinja does with it is the tokenizer author's choice
+@dataclass(frozen=True)
+class JinjaTemplate(Template):
+    """A Jinja chat template: the tokenizer's own (the name `tokenizer`) or one of the named family templates kept as
+    data in common/chat_templates/. The loss mask comes from rendering growing prefixes of the conversation. Some
+    templates rewrite history (Qwen3 shows reasoning only in answers after the last user message; Mistral moves the
+    system prompt into the last user message): growing prefixes then do not extend each other, and each trained turn
+    becomes a sample of its own, as inference sees it (`encode_as_seen`); `views` says which."""
+
+    name: str
+    jinja: Optional[str] = None  # None: the tokenizer's own chat template
+    defaults: tuple[tuple[str, object], ...] = ()  # render variables (enable_thinking: false), also in the saved Jinja
+    stop_word_list: tuple[str, ...] = ()
+    has_system = True  # whatever the Jinja does with it is the template author's choice
+
+    def own_stop_words(self) -> tuple[str, ...]:
+        return self.stop_word_list
+
+    def with_defaults(self, **defaults) -> "JinjaTemplate":
+        if not defaults:
+            return self
+        merged = {**dict(self.defaults), **defaults}
+        return replace(self, defaults=tuple(sorted(merged.items())))
+
+    def thinking_off(self) -> bool:
+        return dict(self.defaults).get("enable_thinking") is False
 
     def chat_template(self, tokenizer) -> str | None:
-        return getattr(tokenizer, "chat_template", None)
+        source = self.jinja if self.jinja is not None else getattr(tokenizer, "chat_template", None)
+        if source is None:
+            return None
+        # The defaults are written into the Jinja so that the merged tokenizer, the GGUF and the Modelfile render the
+        # same choice; a caller's own value (the API's chat_template_kwargs) still wins.
+        head = "".join(f"{{%- if {key} is not defined %}}{{%- set {key} = {json.dumps(value)} %}}{{%- endif %}}"
+                       for key, value in self.defaults)
+        return head + source
 
-    @staticmethod
-    def _render(tokenizer, messages, generation_prompt: bool) -> str:
+    def _render(self, tokenizer, messages, generation_prompt: bool, **switches) -> str:
+        jinja = self.chat_template(tokenizer)
+        if not jinja:
+            raise UserError(f"template `{self.name}` needs a tokenizer with a chat_template; name a template instead")
         try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                                 chat_template=jinja, **switches)
         except Exception as e:  # jinja raises whatever the template author chose (often TemplateError)
-            raise UserError(f"the tokenizer's chat template cannot render this conversation: {e}") from None
+            raise UserError(f"the chat template of `{self.name}` cannot render this conversation: {e}") from None
 
-    def encode(self, tokenizer, turns: list[Turn]) -> list[Segment]:
-        if not turns:
-            return []
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError("template `tokenizer` needs a tokenizer with a chat_template; name a template instead")
-        # Render growing prefixes: the text a turn adds after its generation prompt is its answer. Each render
-        # must extend the previous one, or the template rewrites history and no mask can be derived.
+    def _growing(self, tokenizer, turns: list[Turn]) -> list[Segment] | None:
+        """Segments from growing prefixes, or None when a render does not extend the previous one (history
+        rewritten)."""
         turn_starts, spans, text = [], [], ""
         for k, turn in enumerate(turns):
             upto = turns_to_messages(turns[: k + 1])
             turn_starts.append(len(text))
             prompt = self._render(tokenizer, upto if turn.output is None else upto[:-1], True)
             if not prompt.startswith(text):
-                raise UserError(f"the tokenizer's chat template does not render turn {k + 1} as an extension of the earlier turns")
+                return None
             text = prompt
             if turn.output is None:
                 break
             full = self._render(tokenizer, upto, False)
             if not full.startswith(prompt):
-                raise UserError(f"the tokenizer's chat template renders turn {k + 1}'s answer so that the prompt is not its prefix")
+                return None
             # Train on the answer and its end-of-turn marker; trailing whitespace is the separator, as SEP is in XTuner.
             if turn.train:
                 spans.append((len(prompt), len(full.rstrip())))
@@ -286,6 +348,58 @@ class TokenizerTemplate(Template):
         cuts = [0] + cuts[1:] + [len(ids)]
         return [(ids[a:b], labels[a:b]) for a, b in zip(cuts, cuts[1:])]
 
+    def _answer_text(self, tokenizer, messages: list[dict], prompt: str) -> str | None:
+        """The last answer and its end-of-turn as the template writes it after `prompt`: in the whole conversation when
+        the prompt is a prefix of it, else in a conversation of that turn alone (Mistral's whole render has no place
+        for a system prompt, which it writes only into the last user message)."""
+        full = self._render(tokenizer, messages, False)
+        if full.startswith(prompt):
+            return full[len(prompt):].rstrip()
+        alone = [m for m in messages[-2:] if m["role"] != "system"]
+        prompt_alone, full_alone = self._render(tokenizer, alone[:-1], True), self._render(tokenizer, alone, False)
+        return full_alone[len(prompt_alone):].rstrip() if full_alone.startswith(prompt_alone) else None
+
+    def encode_as_seen(self, tokenizer, turns: list[Turn]) -> list[Segment]:
+        messages = turns_to_messages(turns)
+        last = turns[-1]
+        prompt = self._render(tokenizer, messages if last.output is None else messages[:-1], True)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        segments = [(ids, [IGNORE] * len(ids))]
+        if last.output is not None:
+            answer = self._answer_text(tokenizer, messages, prompt)
+            if answer is None:
+                raise UserError(f"the chat template of `{self.name}` renders turn {len(turns)}'s answer so that its "
+                                f"prompt is not its prefix, even with that turn alone: no loss mask can be derived")
+            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            segments.append((answer_ids, list(answer_ids) if last.train else [IGNORE] * len(answer_ids)))
+        return segments
+
+    def encode(self, tokenizer, turns: list[Turn]) -> list[Segment]:
+        if not turns:
+            return []
+        segments = self._growing(tokenizer, turns)
+        if segments is not None:
+            return segments
+        # History rewritten: the last turn as inference sees it (earlier answers as context, untrained).
+        return self.encode_as_seen(tokenizer, _context(turns[:-1]) + turns[-1:])
+
+    def views(self, tokenizer, turns: list[Turn]) -> list[View]:
+        segments = self._growing(tokenizer, turns) if turns else []
+        if segments is not None:
+            return [View(turns, segments)]
+        return [View(seen, self.encode_as_seen(tokenizer, seen), rewritten=True)
+                for seen in _views_per_turn(turns)]
+
+
+def _context(turns: list[Turn]) -> list[Turn]:
+    """Turns as untrained context."""
+    return [Turn(t.input, t.output, t.system, train=False) for t in turns]
+
+
+def _views_per_turn(turns: list[Turn]) -> list[list[Turn]]:
+    """For each trained turn: the conversation up to it, earlier answers as context."""
+    return [_context(turns[:k]) + [turn] for k, turn in enumerate(turns) if turn.train and turn.output is not None]
+
 
 # ---------------------------------------------------------------- the table, and finding a template by name
 
@@ -300,17 +414,45 @@ def _load_table() -> tuple[dict[str, TableTemplate], dict[str, str]]:
     return templates, raw["SYSTEM_TEMPLATE"]
 
 
-TEMPLATES, SYSTEM_TEMPLATES = _load_table()
-TOKENIZER = TokenizerTemplate()
-NAMES = [*TEMPLATES, TOKENIZER.name]  # every name a recipe or --prompt-template may use
+def _load_families() -> dict[str, JinjaTemplate]:
+    here = Path(__file__).with_name("chat_templates")
+    raw = json.loads((here / "families.json").read_text(encoding="utf-8"))
+    return {name: JinjaTemplate(name=name, jinja=(here / spec["jinja"]).read_text(encoding="utf-8"),
+                                defaults=tuple(sorted(spec.get("defaults", {}).items())),
+                                stop_word_list=tuple(spec.get("stop_words", ())))
+            for name, spec in raw.items() if not name.startswith("_")}
 
 
-def get_template(name: str) -> Template:
-    if name == TOKENIZER.name:
-        return TOKENIZER
-    if name not in TEMPLATES:
+TEMPLATES, SYSTEM_TEMPLATES = _load_table()  # XTuner's 27
+FAMILIES = _load_families()  # qwen3, qwen3_nothink, llama3, gemma3, mistral_nemo (not XTuner's names)
+TOKENIZER = JinjaTemplate(name="tokenizer")
+NAMES = [*TEMPLATES, *FAMILIES, TOKENIZER.name]  # every name a recipe or --prompt-template may use
+_BY_NAME: dict[str, Template] = {**TEMPLATES, **FAMILIES, TOKENIZER.name: TOKENIZER}
+
+# data.thinking: what training makes of reasoning (a think block in an answer, or OpenAI's reasoning_content), and how
+# the template renders the generation prompt. keep: train on it; drop: remove it, the template renders as it does by
+# default (Qwen3: an empty think block before each trained answer); nothink: remove it and switch the template's
+# thinking off (Qwen3's enable_thinking: false), as chat, the server and the exports then render it too. (Not `off`:
+# YAML reads an unquoted off as false.)
+@dataclass(frozen=True)
+class Thinking:
+    drops_reasoning: bool  # think blocks are removed from the answers before encoding
+    switch: tuple[tuple[str, object], ...] = ()  # render variables for the template
+
+
+THINKING = {"keep": Thinking(False), "drop": Thinking(True), "nothink": Thinking(True, (("enable_thinking", False),))}
+THINKING_MODES = tuple(THINKING)
+
+
+def get_template(name: str, thinking: str = "keep") -> Template:
+    if name not in _BY_NAME:
         raise UserError(f"unknown template `{name}`{did_you_mean(name, NAMES)}")
-    return TEMPLATES[name]
+    return _BY_NAME[name].with_defaults(**dict(THINKING[thinking].switch))
+
+
+def conversation_for(turns: list[Turn], thinking: str) -> list[Turn]:
+    """The conversation as data.thinking trains it (reasoning kept or removed)."""
+    return drop_reasoning(turns) if THINKING[thinking].drops_reasoning else turns
 
 
 def system_from_template(name: str, bot_name: str) -> str:

@@ -7,10 +7,12 @@ nothing fetched from elsewhere) that talk to the server through:
     GET  /web/info              the served model: ids, template, context, system prompt and sampling defaults
     GET  /web/run               the run: its recipe, metrics.jsonl's loss and eval loss, eval/report.json
     POST /web/ratings           a preference pair ({"prompt", "chosen", "rejected"}) appended to RUN/ratings.jsonl
+    POST /web/thumbs            a chat answer rated up or down ({"prompt", "answer", "good"}), appended there too
 
 The /web routes take the same access check as /v1 (common/server/access.py). Ratings are written in the
-conversational pair layout common/pairs.py reads (checked by its reader before they are written), so a rated
-comparison is data for the next preference-tuning run (data.path: RUN/ratings.jsonl).
+conversational layouts the data readers take (checked by their reader before they are written): a rated comparison as
+a pair (common/pairs.py), a thumb as a rated answer (common/unpaired.py), side by side in one file, so the ratings are
+data for the next run (data.path: RUN/ratings.jsonl): train.method kto reads both, dpo and orpo the pairs.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from common import artifacts
 from common.conversation import BadRecord
 from common.generation import Generator, Sampling
 from common.pairs import read_conversational
+from common.unpaired import read_conversational as read_rated
 from common.server.body import json_object, read_body
 from common.server.errors import ApiError, bad_request
 
@@ -67,10 +70,9 @@ class Page:
 
     @property
     def ratings(self) -> Optional[Path]:
-        """Where ratings go: the run directory, else the adapter's (there is no comparison without an adapter)."""
-        if self.base is None:
-            return None
-        return (self.run_dir or self.source.adapter) / artifacts.RATINGS_FILE
+        """Where ratings go: the run directory, else the adapter's (a model served outside a run keeps none)."""
+        home = self.run_dir or self.source.adapter
+        return home / artifacts.RATINGS_FILE if home else None
 
     def info(self) -> dict:
         s = self.sampling
@@ -93,18 +95,32 @@ class Page:
                 "report": report, "report_error": report_error}
 
     def rate(self, data: dict) -> dict:
-        """Append one pair to the ratings file, in one write to a file opened for appending: a line is never
-        interleaved with another or overwritten, and an earlier rating is never lost."""
-        if self.ratings is None:
+        """Append one compared pair to the ratings file."""
+        if self.base is None:
             raise ApiError(409, f"{self.model} has no adapter: there is no base vs tuned comparison to rate",
                            code="no_comparison")
         record = {"prompt": data.get("prompt"),
                   "chosen": [{"role": "assistant", "content": data.get("chosen")}],
                   "rejected": [{"role": "assistant", "content": data.get("rejected")}]}
+        return {"saved": str(self.ratings), "ratings": self._append(record, read_conversational, "a preference pair")}
+
+    def rate_answer(self, data: dict) -> dict:
+        """Append one chat answer rated up (`good`: true) or down to the ratings file, as train.method kto reads it."""
+        if self.ratings is None:
+            raise ApiError(409, f"{self.model} is served outside a run and without an adapter: there is no run "
+                                "directory to keep ratings in", code="no_ratings_file")
+        record = {"prompt": data.get("prompt"), "completion": [{"role": "assistant", "content": data.get("answer")}],
+                  "label": data.get("good")}
+        return {"saved": str(self.ratings), "ratings": self._append(record, read_rated, "a rated answer")}
+
+    def _append(self, record: dict, reader, what: str) -> int:
+        """Append one record to the ratings file, in one write to a file opened for appending: a line is never
+        interleaved with another or overwritten, and an earlier rating is never lost. Returns the file's lines. The
+        record is read first by the reader a training run will read it with: refused now (400), not at training."""
         try:
-            read_conversational(record)  # what a preference run will read: refused now, not at training time
+            reader(record)
         except BadRecord as e:
-            raise bad_request(f"the rating is not a preference pair: {e}") from None
+            raise bad_request(f"the rating is not {what}: {e}") from None
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         with self.lock:
             # Appending: each write lands at the end, whoever else appends; readable too, for the count.
@@ -113,10 +129,9 @@ class Page:
                 written = os.write(fd, line)
                 if written != len(line):
                     raise OSError(f"{self.ratings}: only {written} of {len(line)} bytes written (disk full?)")
-                count = self._count_lines(fd)
+                return self._count_lines(fd)
             finally:
                 os.close(fd)
-        return {"saved": str(self.ratings), "pairs": count}
 
     def _count_lines(self, fd: int) -> int:
         """The ratings file's lines: those counted before, plus the newlines in the bytes added since (this rating,
@@ -209,5 +224,10 @@ def add_routes(app: FastAPI, check, page: Page) -> None:
     async def ratings(request: Request):
         data = json_object(await read_body(request, MAX_RATING_BYTES))
         return await run_in_threadpool(page.rate, data)  # writes a file: a worker thread, not the event loop
+
+    @web.post("/thumbs")
+    async def thumbs(request: Request):
+        data = json_object(await read_body(request, MAX_RATING_BYTES))
+        return await run_in_threadpool(page.rate_answer, data)
 
     app.include_router(web)

@@ -25,7 +25,8 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import acceleration, methods  # noqa: E402
+from common import acceleration  # noqa: E402
+from common.methods import table as methods  # noqa: E402
 from common.loss import token_losses  # noqa: E402
 from common.modeling import load_model, recipe_tokenizer  # noqa: E402
 from common.recipe import load_recipe  # noqa: E402

@@ -130,14 +130,44 @@ def test_a_mixture_is_drawn_to_its_shares_and_shows_them(tmp_path, tiny_model_di
 
 
 def test_bad_mixture_entries_are_one_line_each_and_exit_2(tmp_path, tiny_model_dir):
-    data = mixture(tmp_path, (1, 0), f", {{path: {tmp_path / 'missing.json'}, weight: 1, wieght: 2}}")
+    data = mixture(tmp_path, (1, 0), f", {{path: {tmp_path / 'missing.json'}, weight: 1, wieght: 2, format: xml}}")
     result = run(write_recipe(tmp_path, tiny_model_dir, data), "--dry-run")
     assert result.returncode == 2
     assert "`data.path[1].weight`: got 0, expected a share > 0" in result.stderr
     assert f"`data.path[2].path`: {tmp_path / 'missing.json'} does not exist" in result.stderr
     assert "unknown key `data.path[2].wieght` (did you mean `data.path[2].weight`?)" in result.stderr
+    assert "`data.path[2].format`: train.method sft reads conversations in the formats" in result.stderr
     assert "Traceback" not in result.stderr
     # 1000:1 over 80 and 30 conversations: the second source's share is less than one conversation
     result = run(write_recipe(tmp_path, tiny_model_dir, mixture(tmp_path, (1000, 1))), "--dry-run")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "the shares cannot be met" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_templates_that_rewrite_history_and_thinking_in_the_batched_path(tmp_path, tiny_model_dir):
+    """Preparation in batches and in 2 processes gives what the per-conversation encoder gives each source: a source
+    on qwen3 (a template that rewrites history: one sample per trained turn) beside one on a table template, with
+    data.thinking's rule (drop: the reasoning is not trained) and each source's own template."""
+    from common.dataset import build_datasets
+    from common.modeling import recipe_tokenizer
+    from common.recipe import load_recipe
+
+    records = json.loads(SAMPLE.read_text(encoding="utf-8"))[:12]
+    messages = [{"messages": [m for t in r["conversation"] for m in (
+        {"role": "user", "content": t["input"]},
+        {"role": "assistant", "content": t["output"], "reasoning_content": "SECRET-REASONING"})]} for r in records]
+    thought = tmp_path / "thought.jsonl"
+    thought.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in messages), encoding="utf-8")
+    data = f"[{{path: {thought}, template: qwen3}}, {{path: {SAMPLE}}}]"
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir, data), ["data.thinking=drop", "data.num_proc=2",
+                                                                         "data.max_length=256"])
+    tokenizer = recipe_tokenizer(recipe)
+    rows, _, stats = build_datasets(recipe, tokenizer, use_cache=False)
+    expected = []
+    for path, name in ((thought, "qwen3"), (SAMPLE, "qwen_chat")):
+        expected += encode_conversations(load_conversations([str(path)]), tokenizer, get_template(name, "drop"), 256,
+                                         "split", thinking="drop")[0]
+    assert rows.to_list() == expected
+    turns = sum(len(r["conversation"]) for r in records)
+    assert stats["rewritten_samples"] == turns > len(records)  # one sample per trained turn
+    assert not any("SECRET-REASONING" in tokenizer.decode(r["input_ids"]) for r in expected)

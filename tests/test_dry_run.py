@@ -57,7 +57,8 @@ def test_dump_dataset_is_the_encoding_in_input_order(tmp_path, tiny_model_dir, t
 
 
 def test_bad_recipe_one_block_exit_2(tmp_path, tiny_model_dir):
-    out = run(recipe(tmp_path, tiny_model_dir, extra="train: {learning_rate: 1}\n"), "--dry-run", "data.template=qwen")
+    out = run(recipe(tmp_path, tiny_model_dir, extra="train: {learning_rate: 1}\n"), "--dry-run",
+              "data.template=qwen_cht")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "did you mean `train.lr`" in out.stderr and "did you mean `qwen_chat`" in out.stderr
 

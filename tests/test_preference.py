@@ -288,7 +288,7 @@ def test_long_pairs_lose_prompt_turns_from_the_left_then_tokens(tokenizer):
     (["lora=null", "model.adapter=/no/adapter"], "cannot be combined with `lora: null`"),
 ])
 def test_preference_recipe_problems(tmp_path, tiny_model_dir, pairs_file, overrides, message):
-    from common.recipe import load_recipe
+    from common.methods.table import load_recipe
 
     with pytest.raises(UserError) as e:
         load_recipe(pair_recipe(tmp_path, tiny_model_dir, pairs_file), overrides)
@@ -394,21 +394,48 @@ def test_full_finetune_dpo_keeps_a_frozen_reference(tmp_path, monkeypatch, tiny_
 # ---------------------------------------------------------------- the loss: ours against plain TRL
 
 
-@pytest.mark.parametrize("fast_paths", [False, True])
-def test_loss_and_rewards_equal_plain_trl_dpo(tmp_path, monkeypatch, tiny_model_dir, pairs_file, fast_paths):
-    """The same rows (TRL's own tokenization equals ours with a separator-free ChatML), float32: plain DPOTrainer on
-    conversational records and train.py agree on every step's loss, rewards and log-probs."""
-    from datasets import Dataset
-    from peft import LoraConfig
+def chatml_model(tmp_path, tiny_model_dir):
+    """(directory, tokenizer) of the tiny model with a separator-free ChatML: TRL's tokenization of a record is then
+    token for token ours (template `tokenizer`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
 
-    monkeypatch.chdir(tmp_path)
     model_dir = tmp_path / "model"
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.chat_template = CHATML_NO_SEP
     AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
+    return model_dir, tok
+
+
+def plain_trl_steps(trainer_class, config_class, model_dir, tok, records: list[dict], out, steps: int,
+                    lr: float) -> list[dict]:
+    """A plain TRL trainer on the records in float32, LoRA r=4 on all linear layers, batch 2, cosine without warmup
+    (what the comparing recipes set): its logged steps."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    args = config_class(output_dir=str(out), max_steps=steps, learning_rate=lr, per_device_train_batch_size=2,
+                        lr_scheduler_type="cosine", warmup_steps=0, logging_steps=1, report_to="none", use_cpu=True,
+                        bf16=False, gradient_checkpointing=False, max_length=None, save_strategy="no", seed=42,
+                        optim="adamw_torch")
+    torch.manual_seed(0)
+    plain = trainer_class(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, processing_class=tok,
+                          train_dataset=Dataset.from_list(records),
+                          peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    plain.train()
+    return [h for h in plain.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("fast_paths", [False, True])
+def test_loss_and_rewards_equal_plain_trl_dpo(tmp_path, monkeypatch, tiny_model_dir, pairs_file, fast_paths):
+    """The same rows (TRL's own tokenization equals ours with a separator-free ChatML), float32: plain DPOTrainer on
+    conversational records and train.py agree on every step's loss, rewards and log-probs."""
+    from trl import DPOConfig, DPOTrainer
+
+    monkeypatch.chdir(tmp_path)
+    model_dir, tok = chatml_model(tmp_path, tiny_model_dir)
     steps, lr = 3, 2e-2
     recipe = pair_recipe(tmp_path, model_dir, pairs_file, lora={"r": 4, "alpha": 8, "dropout": 0.0},
                          data={"max_length": 1024},  # nothing shortened: TRL's rows are whole too
@@ -417,17 +444,8 @@ def test_loss_and_rewards_equal_plain_trl_dpo(tmp_path, monkeypatch, tiny_model_
     assert run(recipe) == 0
     ours = [r for r in metrics(tmp_path / "recipe") if "loss" in r]
 
-    args = DPOConfig(output_dir=str(tmp_path / "plain"), max_steps=steps, learning_rate=lr, per_device_train_batch_size=2,
-                     lr_scheduler_type="cosine", warmup_steps=0, logging_steps=1, report_to="none", use_cpu=True,
-                     bf16=False, gradient_checkpointing=False, max_length=None, save_strategy="no", seed=42,
-                     optim="adamw_torch")
-    torch.manual_seed(0)
-    plain = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, processing_class=tok,
-                       train_dataset=Dataset.from_list(conversational(pairs_file)),
-                       peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                              task_type="CAUSAL_LM"))
-    plain.train()
-    theirs = [h for h in plain.state.log_history if "loss" in h]
+    theirs = plain_trl_steps(DPOTrainer, DPOConfig, model_dir, tok, conversational(pairs_file), tmp_path / "plain",
+                             steps, lr)
     paths = "fast paths: packed_attention, fused_lora, packed_pairs" if fast_paths else "fast paths: none"
     assert paths in (tmp_path / "recipe" / "train.log").read_text(encoding="utf-8")
     assert len(theirs) == len(ours) == steps
@@ -494,7 +512,7 @@ def test_packed_pairs_give_the_padded_batch_outputs_and_gradients(tiny_model_dir
 def test_answer_log_probs_are_the_models(tiny_model_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from common.preference import answer_logps, preference_accuracy
+    from common.methods.pairwise import answer_logps, preference_accuracy
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     pairs = load_pairs([FIXTURES / "pairs_llamafactory_alpaca.json"])
@@ -516,17 +534,22 @@ def test_answer_log_probs_are_the_models(tiny_model_dir, tokenizer):
     assert result["accuracy"] == sum(m > 0 for m in expected) / len(expected)
 
 
-def test_eval_reports_preference_accuracy_base_vs_tuned(tmp_path, monkeypatch, tiny_model_dir, pairs_file, capsys):
+def evaluated(run_dir: Path, capsys) -> dict:
+    """eval.py on the run (one answer of 4 tokens): its report.json."""
     import eval as eval_script
 
+    try:
+        assert eval_script.main([str(run_dir), "--limit", "1", "--max-new-tokens", "4"]) == 0
+    except SystemExit as e:
+        raise AssertionError(capsys.readouterr().err) from e
+    return json.loads((run_dir / "eval" / "report.json").read_text(encoding="utf-8"))
+
+
+def test_eval_reports_preference_accuracy_base_vs_tuned(tmp_path, monkeypatch, tiny_model_dir, pairs_file, capsys):
     monkeypatch.chdir(tmp_path)
     assert run(pair_recipe(tmp_path, tiny_model_dir, pairs_file, data={"eval_path": str(pairs_file)},
                            evaluation={"prompts": []})) == 0
-    try:
-        assert eval_script.main([str(tmp_path / "recipe"), "--limit", "1", "--max-new-tokens", "4"]) == 0
-    except SystemExit as e:
-        raise AssertionError(capsys.readouterr().err) from e
-    report = json.loads((tmp_path / "recipe" / "eval" / "report.json").read_text(encoding="utf-8"))
+    report = evaluated(tmp_path / "recipe", capsys)
     pref = report["preference"]
     assert pref["base"]["pairs"] == pref["tuned"]["pairs"] == 10 and len(pref["tuned"]["margins"]) == 10
     # trained on these very pairs with a high learning rate: the tuned margins grew

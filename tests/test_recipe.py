@@ -75,7 +75,7 @@ def test_saved_recipe_round_trips(tmp_path):
     assert again.train.epochs == 3 and again.data.template == "qwen_chat" and again.train.output_dir == r.train.output_dir
 
 
-@pytest.mark.parametrize("name", ["psych_qwen.yaml", "demo_smollm2.yaml"])
+@pytest.mark.parametrize("name", ["psych_qwen.yaml", "psych_qwen3.yaml", "demo_smollm2.yaml"])
 def test_shipped_recipes_are_valid_apart_from_model(name):
     from pathlib import Path
 

@@ -103,20 +103,20 @@ def test_ratings_are_counted_from_the_bytes_added_not_by_rereading_the_file(tmp_
     page = Page("run", "run:base", None, Sampling(), None, SimpleNamespace(run_dir=tmp_path, adapter=None))
     ratings = tmp_path / artifacts.RATINGS_FILE
     pair = {"prompt": HI, "chosen": "a", "rejected": "b"}
-    assert [page.rate(pair)["pairs"] for _ in range(2)] == [1, 2]
+    assert [page.rate(pair)["ratings"] for _ in range(2)] == [1, 2]
     with open(ratings, "a") as f:  # another writer appends (a second server on the same run)
         f.write(ratings.read_text().splitlines()[0] + "\n")
-    assert page.rate(pair) == {"saved": str(ratings), "pairs": 4}
+    assert page.rate(pair) == {"saved": str(ratings), "ratings": 4}
     # Bytes already counted are not read again: a newline taken out of them in place leaves the count as it was.
     text = ratings.read_bytes()
     with open(ratings, "r+b") as f:
         f.seek(text.index(b"\n"))
         f.write(b" ")
-    assert page.rate(pair)["pairs"] == 5
+    assert page.rate(pair)["ratings"] == 5
     # A file replaced (a new inode) is counted afresh, once; so is an existing file for a new server.
     replaced = tmp_path / "new.jsonl"
     replaced.write_bytes(text.splitlines(keepends=True)[0])
     replaced.replace(ratings)
-    assert page.rate(pair)["pairs"] == 2
+    assert page.rate(pair)["ratings"] == 2
     fresh = Page("run", "run:base", None, Sampling(), None, SimpleNamespace(run_dir=tmp_path, adapter=None))
-    assert fresh.rate(pair)["pairs"] == 3 == len(ratings.read_text().splitlines())
+    assert fresh.rate(pair)["ratings"] == 3 == len(ratings.read_text().splitlines())

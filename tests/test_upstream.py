@@ -18,6 +18,7 @@ that is not checked here is a defect.
 | torch | `ops.mkldnn._is_mkldnn_bf16_supported` | precision.cpu_has_native_bf16 | oneDNN's own answer to "native bf16 here" | test_precision |
 | torch | the weights-only unpickler's error texts ("Weights only load failed", "GLOBAL x ... is blocked" and kin) | safeload._unpickler_error | the refused global is named only in the message | test_convert (malicious pickles) |
 | trl | `DPOTrainer._prepare_dataset(dataset, processing_class, args, dataset_name)` | preference.PairDPOTrainer | TRL 1.16 re-tokenizes every dataset; the override passes our pre-tokenized pair rows through | test_preference (rows equal TRL's tokenization; loss equal to plain DPOTrainer) |
+| trl | `KTOTrainer._prepare_dataset(dataset, processing_class, args, dataset_name)`, its `calculate_KL`, and the `KL_completion_ids` column its collator reads | preference.RatedKTOTrainer | TRL 1.16 extracts and tokenizes every dataset; the override passes our pre-tokenized rated rows through and adds the KL completions as TRL's preparation does | test_kto (loss, KL and rewards equal to plain KTOTrainer) |
 | trl | `trainer.utils.FusedCausalLMOutput` and the `fused_lm_head=True` forward its trainers call | acceleration.pack_pairs | packed pairs answer DPOTrainer's fused-head forward in its own output type | test_preference (packed outputs and gradients equal the padded forward) |
 | Python | `_compat_pickle` name tables | safeload._py3_name | protocol-2 pickles name Python 2 modules | test_convert |
 | peft | `utils.other.get_pattern_key(pattern_keys, key_to_match)` | merging (a module's rank and alpha from `rank_pattern`/`alpha_pattern`) | the rule PEFT itself applies to pick a pattern for a module; not exported | test_merge |
@@ -264,3 +265,15 @@ def test_uvicorn_h11_protocol_has_what_the_read_deadline_uses():
         assert protocol.deadline is None
 
     asyncio.run(stalled())
+
+
+def test_trl_kto_dataset_hook_and_kl_column_keep_their_shape():
+    from trl import KTOTrainer
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    params = list(inspect.signature(KTOTrainer._prepare_dataset).parameters)
+    assert params == ["self", "dataset", "processing_class", "args", "dataset_name"]
+    assert "self.calculate_KL = " in inspect.getsource(KTOTrainer.__init__)
+    batch = DataCollatorForUnpairedPreference(pad_token_id=0)(
+        [{"prompt_ids": [1], "completion_ids": [2], "KL_completion_ids": [3], "label": True}])
+    assert batch["KL_input_ids"].tolist() == [[1, 3]] and batch["completion_mask"].tolist() == [[0, 1]]

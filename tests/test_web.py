@@ -1,7 +1,8 @@
 """`chat.py --serve`'s web page in a real browser (headless Chromium through Selenium, bench/browser.py): a tiny
 llama trained a few steps by train.py and evaluated by eval.py, served with a key, one server process for the module.
 The chat streams the API's greedy answer to a Chinese question; Compare streams two different answers (the adapter
-off and on) and saves a rating as a preference pair common/pairs.py reads; the Run tab draws every logged step and
+off and on) and saves a rating as a preference pair common/pairs.py reads; a thumb on a chat answer is saved as a
+rated answer common/unpaired.py reads (train.method kto); the Run tab draws every logged step and
 the held-out table, and redraws while metrics.jsonl grows; a wrong key is told plainly; a phone-sized window has no
 horizontal overflow; everything the page loads comes from this server. Skipped, with the reason, where chromium,
 chromedriver, the CJK fonts or selenium is missing (failed under CI=true: tests/conftest.py `require_tool`)."""
@@ -152,10 +153,35 @@ def test_compare_streams_two_different_answers_and_saves_the_rating_as_a_pair(pa
     driver.find_element("id", "prefer-tuned").click()
     ratings = run_dir / artifacts.RATINGS_FILE
     browser.wait_for(driver, "document.getElementById('rated').textContent.includes('Saved')", "the rating saved")
-    assert str(ratings) in browser.text_of(driver, "rated") and "1 pair(s)" in browser.text_of(driver, "rated")
+    assert str(ratings) in browser.text_of(driver, "rated") and "1 rating(s)" in browser.text_of(driver, "rated")
     [pair] = load_pairs([str(ratings)])
     assert (pair.chosen, pair.rejected) == (tuned, base)
     assert [(t.system, t.input) for t in pair.prompt] == [(SYSTEM, QUESTION)]
+
+
+def test_a_thumb_on_a_chat_answer_is_a_kto_row_beside_the_pair(page, run_dir):
+    """Thumbs down on an answer: appended to the ratings file as a rated answer (its conversation, the answer, bad),
+    which train.method kto reads beside Compare's pair (as two more); the pair readers still find the one pair."""
+    from common.pairs import load_pairs
+    from common.unpaired import load_rated
+
+    driver = page["driver"]
+    browser.set_sampling(driver, temperature=0, max_tokens=MAX_TOKENS)
+    browser.show_tab(driver, "chat")
+    driver.find_element("id", "new").click()
+    shown = browser.chat(driver, QUESTION)
+    last = "[...document.querySelectorAll('.message.assistant')].pop()"
+    driver.execute_script(f"{last}.querySelector('.thumb.down').click();")
+    browser.wait_for(driver, f"{last}.dataset.rated === 'down'", "the thumb saved")
+    ratings = run_dir / artifacts.RATINGS_FILE
+    note = browser.text_of(driver, "chat-note")
+    assert "Saved as bad: 2 rating(s)" in note and str(ratings) in note
+    assert driver.execute_script(f"return [...{last}.querySelectorAll('.thumb')].every(b => b.disabled);")
+    *_, thumb = load_rated([str(ratings)])
+    assert (thumb.completion, thumb.label) == (shown, False)
+    assert [(t.system, t.input) for t in thumb.prompt] == [(SYSTEM, QUESTION)]
+    assert len(load_rated([str(ratings)])) == 3 and len(load_pairs([str(ratings)])) == 1
+    driver.find_element("id", "new").click()
 
 
 def test_the_run_tab_draws_every_step_and_the_held_out_table_and_follows_the_metrics(page, run_dir):
@@ -218,7 +244,7 @@ def test_the_base_is_a_second_model_id_and_other_ids_are_404(server):
         client(server).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
 
 
-def test_the_pages_endpoints_take_the_apis_key_and_refuse_a_bad_pair(server, run_dir):
+def test_the_pages_endpoints_take_the_apis_key_and_refuse_a_bad_rating(server, run_dir):
     assert httpx2.get(server + "/", timeout=10).status_code == 200  # the page itself holds nothing to protect
     for path in ("/web/info", "/web/run"):
         assert httpx2.get(server + path, timeout=10).status_code == 401
@@ -228,6 +254,11 @@ def test_the_pages_endpoints_take_the_apis_key_and_refuse_a_bad_pair(server, run
     same = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "a"}
     response = httpx2.post(server + "/web/ratings", json=same, headers=headers, timeout=10)
     assert response.status_code == 400 and "identical to chosen" in response.json()["error"]["message"]
+    unrated = {"prompt": [{"role": "user", "content": "hi"}], "answer": "a", "good": "yes"}
+    response = httpx2.post(server + "/web/thumbs", json=unrated, headers=headers, timeout=10)
+    assert response.status_code == 400
+    assert "expected true (a good answer) or false" in response.json()["error"]["message"]
+    assert httpx2.post(server + "/web/thumbs", json=unrated, timeout=10).status_code == 401
     assert (ratings.read_bytes() if ratings.exists() else b"") == before  # nothing written
 
 

@@ -37,6 +37,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
     adapter: bool = True  # False: the base answers (`model` was ID:base), the adapter switched off
+    switches: dict = dataclasses.field(default_factory=dict)  # chat_template_kwargs: {"enable_thinking": bool}
 
 
 def parse_request(body: bytes, defaults: Sampling, system: Optional[str] = None,
@@ -69,7 +70,24 @@ def parse_request(body: bytes, defaults: Sampling, system: Optional[str] = None,
     include_usage = stream and flag(options or {}, "include_usage", "stream_options.include_usage")
     if system and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system}] + messages
-    return ChatRequest(messages, sampling, stop_words(data.get("stop")), stream, include_usage, adapter)
+    return ChatRequest(messages, sampling, stop_words(data.get("stop")), stream, include_usage, adapter,
+                       template_switches(data.get("chat_template_kwargs")))
+
+
+def template_switches(kwargs) -> dict:
+    """`chat_template_kwargs` (vLLM's and SGLang's name): the template variables a request may set. Only
+    enable_thinking: with false, a template that can (Qwen3's) answers without reasoning and no think block is shown."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise bad_request(f"`chat_template_kwargs` must be an object, got {json_type(kwargs)}", "chat_template_kwargs")
+    unknown = sorted(set(kwargs) - {"enable_thinking"})
+    if unknown:
+        raise bad_request(f"`chat_template_kwargs.{unknown[0]}` is not supported (only enable_thinking)",
+                          "chat_template_kwargs")
+    if not kwargs:
+        return {}
+    return {"enable_thinking": flag(kwargs, "enable_thinking", "chat_template_kwargs.enable_thinking")}
 
 
 def served_models(model: str, adapter: bool) -> dict[str, bool]:

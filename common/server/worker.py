@@ -108,7 +108,7 @@ class Worker:
             # The prompt is rendered and checked before Started, so that a prompt too long is a 400, not a broken
             # stream; the prefill then picks the first token.
             answering = self.generator.start(request.messages, request.sampling, on_text=job.post,
-                                             cancelled=job.cancelled, stop=request.stop)
+                                             cancelled=job.cancelled, stop=request.stop, switches=request.switches)
             job.post(Started())
             ended = self.decoders[request.adapter].add(answering.row)
         except PromptTooLong as e:  # OpenAI's code for it: a client (the web page) drops old turns and retries

@@ -144,7 +144,7 @@ async function start() {
   if (info.base) {
     $("compare-note").textContent = `base: ${info.base} (the same model with its adapter switched off) · tuned: ` +
       `${info.model}. Rate an answer and the pair is appended to ${info.ratings}, in the preference-pair ` +
-      "format train.py reads (train.method: dpo).";
+      "format train.py reads (train.method: dpo, orpo or kto).";
   } else {
     $("compare-note").textContent = `${info.model} has no adapter (a merged or full model), so there is no base ` +
       "to switch back to. Serve the run's adapter to compare: python chat.py RUN/final --serve";
@@ -198,6 +198,43 @@ function addMessage(role, text) {
   return element;
 }
 
+// Thumbs up / down on an answer: one rating per answer, appended to the run's ratings file as a rated answer (the
+// conversation it answered, the answer, good or not), which train.method kto reads beside Compare's pairs.
+function addThumbs(bubble, prompt, answerText) {
+  const who = bubble.querySelector(".who");
+  // Words, not emoji: the page uses the system's fonts, and many have no emoji.
+  const buttons = [["up", "good", true], ["down", "bad", false]].map(
+    ([name, word, good]) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = `thumb ${name}`;
+      button.textContent = word;
+      button.title = `Thumbs ${name}: rate this answer ${word} (kept in the run's ratings for train.method kto)`;
+      button.addEventListener("click", () => thumb(good, button));
+      return button;
+    });
+  who.append(...buttons);
+
+  async function thumb(good, button) {
+    for (const b of buttons) b.disabled = true;
+    try {
+      const response = await api("/web/thumbs", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ prompt, answer: answerText, good }),
+      });
+      if (!response.ok) throw await failure(response);
+      const saved = await response.json();
+      button.classList.add("chosen");
+      button.setAttribute("aria-pressed", "true");
+      bubble.dataset.rated = good ? "up" : "down";
+      chatNote(`Saved as ${good ? "good" : "bad"}: ${saved.ratings} rating(s) in ${saved.saved}.`);
+    } catch (error) {
+      for (const b of buttons) b.disabled = false;
+      showError(error);
+    }
+  }
+}
+
 function copyText(text, button) {
   const done = () => { button.textContent = "copied"; setTimeout(() => { button.textContent = "copy"; }, 1500); };
   if (navigator.clipboard && window.isSecureContext) {
@@ -243,10 +280,12 @@ async function answer() {
   let chunks = 0;
   let dropped = 0;
   let note = "";
+  let asked = [];
   try {
     for (;;) {
       try {
         const messages = systemMessages().concat(history.map(({ role, content }) => ({ role, content })));
+        asked = messages;
         const finish = await stream(info.model, messages, (piece) => {
           answerText += piece;
           chunks += 1;
@@ -278,6 +317,7 @@ async function answer() {
   bubble.classList.remove("pending");
   bubble.dataset.chunks = String(chunks);
   history.push({ role: "assistant", content: answerText, element: bubble });
+  if (info.ratings && answerText) addThumbs(bubble, asked, answerText);
   chatNote([dropped ? `the conversation no longer fit the context: dropped the ${dropped} oldest turn(s)` : "", note]
     .filter(Boolean).join(" · "));
   chatAbort = null;
@@ -389,7 +429,7 @@ async function rate(better) {
     const saved = await response.json();
     lastComparison = null;
     $("rate").hidden = true;
-    $("rated").textContent = `Saved: ${better} preferred. ${saved.pairs} pair(s) in ${saved.saved}.`;
+    $("rated").textContent = `Saved: ${better} preferred. ${saved.ratings} rating(s) in ${saved.saved}.`;
   } catch (error) {
     showError(error);
   }
