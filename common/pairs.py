@@ -16,11 +16,12 @@ dropped and counted.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common.cli import UserError
-from common.conversation import OPENAI_ROLES, BadRecord, Turn, messages_to_turns, required_field, text_field, with_system
+from common.conversation import (OPENAI_ROLES, BadRecord, Turn, drop_reasoning, messages_to_turns, required_field,
+                                 text_field, with_system, without_reasoning)
 from common.formats import SHAREGPT_ROLES, LoadReport, read_file
 from common.templates import IGNORE, Template
 
@@ -35,6 +36,11 @@ class Pair:
 
     def held_out_conversation(self) -> list[Turn]:
         return self.conversation(self.chosen)
+
+    def without_reasoning(self) -> Pair:
+        """The pair with every think block removed (data.thinking drop / nothink), as SFT's conversations lose it."""
+        return replace(self, prompt=drop_reasoning(self.prompt), chosen=without_reasoning(self.chosen),
+                       rejected=without_reasoning(self.rejected))
 
     def conversation(self, answer: str) -> list[Turn]:
         """The prompt answered with `answer`: what SFT would encode, with only that answer trained."""

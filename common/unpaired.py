@@ -14,11 +14,11 @@ then prompt tokens; an answer alone too long drops the record (counted).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from common.conversation import (OPENAI_ROLES, BadRecord, Turn, messages_to_turns, required_field, text_field,
-                                 with_system)
+from common.conversation import (OPENAI_ROLES, BadRecord, Turn, drop_reasoning, messages_to_turns, required_field,
+                                 text_field, with_system, without_reasoning)
 from common.formats import SHAREGPT_ROLES, LoadReport, read_file
 from common.pairs import (PAIR_READERS, detect_pair_format, fit_prompt, is_pair_record, is_single_rating,
                           message_answer, scored, with_top_system)
@@ -32,6 +32,10 @@ class Rated:
     prompt: list[Turn]  # earlier turns (context, answered) and the user's last turn (output None)
     completion: str
     label: bool  # True: a good (desirable) answer
+
+    def without_reasoning(self) -> Rated:
+        """The rated answer with every think block removed (data.thinking drop / nothink)."""
+        return replace(self, prompt=drop_reasoning(self.prompt), completion=without_reasoning(self.completion))
 
     def conversation(self) -> list[Turn]:
         """The prompt answered with the rated answer, only that answer trained (what SFT would encode)."""

@@ -166,6 +166,38 @@ def test_preference_pair_as_inference_sees_it(family_tokenizer):
     assert row["rejected_ids"] == tok.encode("随便。<|im_end|>", add_special_tokens=False)
 
 
+def test_pairs_and_rated_answers_lose_their_reasoning_when_training_drops_it(tmp_path, tiny_model_dir):
+    """data.thinking drop / nothink: a pair's answers (and a rated answer) lose their think blocks as SFT's
+    conversations do; keep trains them as written."""
+    import json
+
+    from common.methods import table
+    from common.methods.table import load_recipe
+
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{"prompt": "睡不着怎么办", "chosen": "<think>\n先问作息。\n</think>\n\n先固定起床时间。",
+                                  "rejected": "<think>\n随便答。\n</think>\n\n多喝水。"}] * 2, ensure_ascii=False))
+    rated = tmp_path / "rated.json"
+    rated.write_text(json.dumps([{"prompt": "睡不着怎么办", "completion": "<think>\n先问作息。\n</think>\n\n先固定起床时间。",
+                                  "label": True}, {"prompt": "睡不着", "completion": "多喝水。", "label": False}],
+                                ensure_ascii=False))
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def answers(method, path, thinking):
+        recipe_file = tmp_path / f"{method}-{thinking}.yaml"
+        recipe_file.write_text(f"model: {{path: {tiny_model_dir}}}\ntrain: {{method: {method}, batch_size: 2}}\n"
+                               f"data: {{path: {path}, template: qwen_chat, pack: false, thinking: {thinking}}}\n", encoding="utf-8")
+        recipe = load_recipe(recipe_file, [])
+        rows = table.METHODS[method].build_datasets(recipe, tok)[0]
+        row = next(r for r in rows if r.get("label", True))  # KTO shuffles its rows: the good answer
+        return tok.decode(row["chosen_ids" if method == "dpo" else "completion_ids"])
+
+    for method, path in (("dpo", pairs), ("kto", rated)):
+        kept, dropped = answers(method, path, "keep"), answers(method, path, "drop")
+        assert "<think>" in kept and "先问作息" in kept, (method, kept)
+        assert "<think>" not in dropped and "先问作息" not in dropped and "先固定起床时间" in dropped, (method, dropped)
+
+
 def test_dry_run_with_qwen3s_own_template_states_the_cost_and_packs(tmp_path, tiny_model_dir, data_file):
     """The issue's case: SmolLM2-like tokenizer + Qwen3's published template, `template: tokenizer`, multi-turn
     counselling data: --dry-run works, says what re-encoding costs, and packs the per-turn samples."""

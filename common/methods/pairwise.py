@@ -25,10 +25,12 @@ def prompted_datasets(recipe, tokenizer, load, encode, what: str):
     fits each into data.max_length (rows, stats). No row left is an error naming the files."""
     from common.dataset import recipe_conversations
     from common.formats import LoadReport
-    from common.templates import get_template
+    from common.templates import THINKING, get_template
 
     d, report = recipe.data, LoadReport()
     records, held_out = recipe_conversations(recipe, report, load=load)
+    if THINKING[d.thinking].drops_reasoning:  # as SFT's conversations (templates.conversation_for)
+        records, held_out = ([r.without_reasoning() for r in rs] for rs in (records, held_out))
     template = get_template(d.template, d.thinking)
     for text in template.notes(tokenizer, [r.prompt for r in records]):
         report.note(text)
