@@ -153,7 +153,7 @@ def test_rewards_belong_to_grpo(tmp_path):
     with pytest.raises(UserError) as e:
         load_recipe(write(tmp_path, RECIPE.replace("method: grpo", "method: sft")), ["grpo.num_generations=8"])
     assert "`rewards` apply to train.method grpo, not sft" in str(e.value)
-    assert "the `grpo` section applies to train.method grpo, not sft" in str(e.value)
+    assert "`grpo.num_generations` applies to train.method grpo, not sft" in str(e.value)
     with pytest.raises(UserError) as e:
         load_recipe(write(tmp_path, RECIPE), ["train.batch_size=3", "grpo.max_completion_length=4096", "rewards=[]"])
     message = str(e.value)
