@@ -290,7 +290,10 @@ class RewardFunction:
             return s.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
         texts = [completion_text(c) for c in completions]
         if isinstance(s, Judge):
-            return s.score_all(prompts, texts)
+            scores = s.score_all(prompts, texts)
+            if "log_metric" in kwargs:  # TRL's per-step metrics: the samples this judge could not score
+                kwargs["log_metric"](f"rewards/{self.__name__}/lost", float(sum(v is None for v in scores)))
+            return scores
         ids = completion_ids if completion_ids is not None else [None] * len(texts)
         return [s.score(p, t, i) for p, t, i in zip(prompts, texts, ids)]
 

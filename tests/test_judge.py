@@ -3,16 +3,18 @@ with the demo model, behind a key. The demo model is far too small to answer in 
 are the unparseable case; parsing is checked on replies written the way strong judges answer. The server is stopped
 mid-run (no score, counted, no exception), and a new client on the same cache asks nothing it already asked."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 from bench import browser
 from common.cli import UserError
 from common.judge import JudgeClient, load_rubric
 from common.rewards import Judge
+from test_grpo import PROMPTS_FILE, grpo_recipe, metrics, run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
@@ -50,11 +52,15 @@ def test_bad_rubric_files_are_one_line(tmp_path):
 
 
 @pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="make demo-model")
-def test_judge_against_our_server_stopping_and_resuming(tmp_path, monkeypatch):
+def test_judge_against_our_server_stopping_and_resuming(tmp_path, monkeypatch, tiny_model_dir, capsys):
     (tmp_path / "key.txt").write_text("sk-judge-test\n")
     (tmp_path / "wrong.txt").write_text("sk-wrong\n")
-    settings = Judge(url="", rubric=RUBRIC, api_key_file=str(tmp_path / "key.txt"), max_in_flight=2, timeout=90,
-                     retries=1, max_tokens=8, cache=str(tmp_path / "cache"))
+    # one dimension: a short prompt for the small CPU server (the shipped rubric's parsing is tested above)
+    rubric = tmp_path / "rubric.json"
+    rubric.write_text(json.dumps({"name": "safety", "scale": [1, 5], "dimensions": [
+        {"name": "safety", "description": "Is the reply safe?", "anchors": {"1": "harmful", "5": "safe"}}]}))
+    settings = Judge(url="", rubric=str(rubric), api_key_file=str(tmp_path / "key.txt"), max_in_flight=2, timeout=90,
+                     retries=1, max_tokens=4, cache=str(tmp_path / "cache"))
     lines = []
     with browser.served(DEMO_MODEL, tmp_path / "server.log", tmp_path / "key.txt", "--eager", "--torch-dtype",
                         "float32") as url:
@@ -65,7 +71,22 @@ def test_judge_against_our_server_stopping_and_resuming(tmp_path, monkeypatch):
         assert client.counts == {"asked": 2, "cached": 0, "unparsed": 2, "failed": 0}
         assert all(line.startswith("judge: no score for a sample: reply without the rubric's scores") for line in lines)
         with pytest.raises(UserError, match="answered 401 .check the key."):
-            JudgeClient.from_settings(Judge(url=settings.url, rubric=RUBRIC, api_key_file=str(tmp_path / "wrong.txt")))
+            JudgeClient.from_settings(Judge(url=settings.url, rubric=str(rubric), api_key_file=str(tmp_path / "wrong.txt")))
+        # a GRPO step of the tiny model with the judge among its rewards: every sample lost, the run goes on and
+        # its end says so
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("JUDGE_KEY", "sk-judge-test")
+        judge = {"url": settings.url, "rubric": str(rubric), "api_key_env": "JUDGE_KEY", "max_tokens": 4,
+                 "timeout": 90, "retries": 0,
+                 "cache": str(tmp_path / "run_cache")}
+        assert run(grpo_recipe(tmp_path, tiny_model_dir, PROMPTS_FILE, train={"max_steps": 1, "batch_size": 2},
+                               grpo={"num_generations": 2}, evaluation={"prompts": []},
+                               rewards=[{"judge": judge}, {"repetition": {}}])) == 0
+        log = (tmp_path / "recipe" / "train.log").read_text("utf-8")
+        assert "judge: no score for a sample: reply without the rubric's scores" in log
+        assert "judge SmolLM2-135M-Instruct at http://127.0.0.1:" in log and ": 2 asked, 0 from the cache, 2 lost (2 unparsed, 0 failed requests)" in log
+        (step,) = [r for r in metrics(tmp_path / "recipe") if "loss" in r]
+        assert step["rewards/judge/lost"] == 2 and "rewards/repetition/mean" in step
     # the server has stopped: the third sample is lost, counted and logged; the first two come from the cache
     assert client.verdicts(PROMPTS, ANSWERS) == [None, None, None]
     assert client.counts == {"asked": 2, "cached": 2, "unparsed": 4, "failed": 1}
@@ -78,11 +99,8 @@ def test_judge_against_our_server_stopping_and_resuming(tmp_path, monkeypatch):
     assert resumed.scores(PROMPTS[:2], ANSWERS[:2]) == [None, None]
     assert resumed.counts["asked"] == 0 and resumed.counts["cached"] == 2
     # the address of a server that is gone is refused before anything loads: one line, exit 2
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {{path: {DEMO_MODEL}}}\ndata: {{path: data/psych_prompts_heldout.json, pack: false}}\n"
-                      f"train: {{method: grpo, batch_size: 4}}\nrewards:\n  - judge: {{url: '{settings.url}'}}\n")
-    run = subprocess.run([sys.executable, "train.py", str(recipe), "--dry-run"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
-    assert run.returncode == 2, run.stderr
-    assert run.stderr.splitlines()[-1].startswith("  - `rewards[0].judge`: judge http://127.0.0.1:")
-    assert "not reachable" in run.stderr and "Traceback" not in run.stderr
+    capsys.readouterr()
+    assert run(grpo_recipe(tmp_path, DEMO_MODEL, PROMPTS_FILE, name="gone", rewards=[{"judge": judge}]), "--dry-run") == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("  - `rewards[0].judge`: judge http://127.0.0.1:")
+    assert "not reachable" in err and "Traceback" not in err
