@@ -315,7 +315,9 @@ def _check_preference(recipe: Recipe, problems: list[str], for_training: bool) -
     """The preference values and model.adapter (train.method against its data and sections is common.methods')."""
     p, m = recipe.preference, recipe.model
     if for_training:
-        check_rewards(recipe.rewards, problems)
+        from common import rewards  # imports nothing from here
+
+        rewards.check(recipe.rewards, problems)
     if p.beta <= 0 or p.orpo_lambda <= 0:
         problems.append("`preference.beta` and `preference.orpo_lambda` must be > 0")
     if p.loss_type == "exo_pair" and not 0.0 < p.label_smoothing < 0.5:
@@ -525,13 +527,6 @@ def _build_rewards(raw, problems: list[str]) -> list:
             continue
         entries.append(RewardEntry(name, settings, weight, i))
     return entries
-
-
-def check_rewards(entries: list, problems: list[str]) -> None:
-    """What each reward needs from outside the recipe: its word list, its judge (rubric, key, an endpoint that
-    answers), its importable function. Before any model loads (train.py, eval.py)."""
-    for entry in entries:
-        problems += [f"`rewards[{entry.position}].{entry.name}`: {p}" for p in entry.settings.problems()]
 
 
 def to_dict(recipe: Recipe) -> dict:

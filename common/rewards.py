@@ -17,8 +17,8 @@ Every reward returns a score in [0, 1] per completion (a `python` reward, whatev
 nothing to say: `referral` on a prompt without crisis words, `judge` on a reply it could not score. TRL leaves a None
 out of the sum and out of that reward's logged mean, and logs each reward on its own (`rewards/NAME/mean`).
 
-Text units: Chinese, Japanese and Korean characters count one each, other scripts by words, so a 4-gram is four
-characters of Chinese or four words of English. Prompts and completions come as TRL passes them: message lists
+Text units: Chinese, Japanese and Korean characters count one each, other scripts by words, punctuation marks one
+each, so a 4-gram is four characters of Chinese or four words of English. Prompts and completions come as TRL passes them: message lists
 (conversational) or plain strings.
 """
 from __future__ import annotations
@@ -51,12 +51,13 @@ def user_texts(prompt) -> list[str]:
     return [m.get("content") or "" for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
 
 
-_UNIT = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003134f]|\w+", re.UNICODE)
+UNITS = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]|[^\W_]+|[^\w\s]")
 
 
 def units(text: str) -> list[str]:
-    """Characters of CJK scripts, words of the others (lower-cased); punctuation and spaces are not units."""
-    return [u.lower() for u in _UNIT.findall(text)]
+    """Words of space-separated scripts, single characters of CJK ones, punctuation: so that repetition reads alike
+    in Chinese and English (eval.py's answer figures count the same units)."""
+    return UNITS.findall(text)
 
 
 def repeated_share(text: str, n: int) -> float:
@@ -256,6 +257,13 @@ def import_function(spec: str) -> Callable:
 CATALOG = {"repetition": Repetition, "length": Length, "language": Language, "ending": Ending,
            "referral": Referral, "judge": Judge, "python": Python}
 SHORTHAND = {"python": "function"}  # `python: mod:fn` sets this key from a plain string
+
+
+def check(entries: list[RewardEntry], problems: list[str]) -> None:
+    """What each reward needs from outside the recipe: its word list, its judge (rubric, key, an endpoint that
+    answers), its importable function; one problem each. Before any model loads (train.py, eval.py)."""
+    for entry in entries:
+        problems += [f"`rewards[{entry.position}].{entry.name}`: {p}" for p in entry.settings.problems()]
 
 
 def settings_fields(cls) -> list[dataclasses.Field]:

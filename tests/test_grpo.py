@@ -136,6 +136,19 @@ def test_grpo_run_end_to_end_and_resume(tmp_path, monkeypatch, tiny_model_dir):
     assert "rewards: repetition(n=2) x1" in log and "rollouts by the batched decoder" in log
     assert (out / "eval_outputs" / "step_4.txt").is_file() and list((out / "runs").rglob("events.out.tfevents.*"))
 
+    # eval.py on the run: each reward's mean on the held-out prompts, base vs tuned (prompts alone have no loss)
+    import eval as evaluate
+
+    assert evaluate.main([str(out), "--data", str(PROMPTS_FILE), "--max-new-tokens", "6"]) == 0
+    report = json.loads((out / "eval" / "report.json").read_text("utf-8"))
+    table = report["rewards"]
+    assert table["prompts"] == 16 and len(table["answers"]) == 16
+    for who in ("base", "tuned"):
+        assert set(table[who]["rewards"]) == {"repetition", "length", "language", "ending"}
+        assert 0 <= table[who]["repeated_4gram_share"] <= 1 and table[who]["cut_at_limit"] <= 16
+    markdown = (out / "eval" / "report.md").read_text("utf-8")
+    assert "on 16 held-out prompts, mean per reward" in markdown and "| repeated 4-gram share |" in markdown
+
     resumed = grpo_recipe(tmp_path, tiny_model_dir, PROMPTS_FILE, name="resumed")
     with pytest.raises(Killed):
         train.main([str(resumed)], extra_callbacks=[KillAt(2)])

@@ -143,3 +143,16 @@ METHOD = Method(
                    "repetition_penalty", "beta", "loss_type", "epsilon", "scale_rewards", "num_iterations",
                    "mask_truncated_completions", "fast_rollouts")},
     rewards=True)
+
+
+# ---------------------------------------------------------------- eval.py: each reward's mean on held-out prompts
+
+def held_out_prompts(records: list, tokenizer, template, data, budget: int) -> list[dict]:
+    """The prompt rows of held-out records, each of up to `budget` tokens: prompts as they are, conversations (and
+    pairs) as each user turn with its context (common.prompts)."""
+    from common.pairs import Pair
+    from common.prompts import Prompt, open_turns
+
+    prompts = [p for r in records for p in (
+        [r] if isinstance(r, Prompt) else [Prompt(r.prompt)] if isinstance(r, Pair) else open_turns(r))]
+    return encode_prompts(prompts, tokenizer, template, budget, data.system)[0]
