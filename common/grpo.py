@@ -5,8 +5,9 @@
   (common/prompts.py). TRL's public `rollout_func` hook hands each batch's prompts (their messages) to `Rollout`,
   which returns our ids with the completions.
 - The completions. `grpo.fast_rollouts` (the default) samples them with the project's batched decoder
-  (common/decoding.py): each completion is a row of one batch that advances one token per model forward, and leaves
-  the batch as soon as it ends (TRL's `generate()` path decodes every row until the longest ends). Tokens are picked
+  (common/decoding.py): a group's prompt is prefilled once and its cache shared by the group's completions (TRL's
+  `generate()` path prefills each copy); each completion is a row of one batch that advances one token per model
+  forward, and leaves the batch as soon as it ends (generate() decodes every row until the longest ends). Tokens are picked
   with the logits processors generate() builds from TRL's own GenerationConfig (temperature, top-k/p, min-p,
   repetition penalty), so they follow the same distribution; the model is unwrapped and its gradient checkpointing
   switched off for the rollout by TRL's `unwrap_model_for_generation`, as TRL's path does. With fast_rollouts off,
@@ -62,15 +63,28 @@ class Rollout:
                                          ) as model, torch.no_grad():
             decoder = Decoder(model)
             rows = []
-            for ids in prompt_ids:
+            for start, end in groups(prompt_ids):
+                ids = list(prompt_ids[start])
                 # generate()'s own processor list for TRL's config (a private method: tests/test_upstream.py)
                 processors = model._get_logits_processor(config, input_ids_seq_length=len(ids), device=model.device)
-                row = Row(list(ids), config.max_new_tokens, eos, processors=processors, greedy=False)
-                decoder.add(row)  # a row that ended at its first token does not join
-                rows.append(row)
+                group = [Row(ids, config.max_new_tokens, eos, processors=processors, greedy=False)
+                         for _ in range(end - start)]
+                decoder.add_alike(group)  # the group's prompt prefilled once
+                rows += group
             while decoder.rows:
                 decoder.step()
         return [row.answer for row in rows]
+
+
+def groups(prompt_ids: list[list[int]]) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal prompts: TRL's sampler lays a group's copies of a prompt side by side."""
+    out = []
+    for i, ids in enumerate(prompt_ids):
+        if out and prompt_ids[out[-1][0]] == ids:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
 
 
 class RewardsEndCallback(TrainerCallback):

@@ -84,6 +84,27 @@ def test_long_prompts_lose_earlier_turns_or_are_dropped(tokenizer):
     assert rows == [] and stats.dropped == 1
 
 
+def test_a_group_shares_its_prefill_and_samples_as_each_row_alone(tiny_model_dir, tokenizer):
+    """The fast rollout's group: one prefill of the prompt, each completion sampled as it would be alone."""
+    from transformers import AutoModelForCausalLM
+
+    from common.decoding import Decoder, Row
+    from common.grpo import groups
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompt = tokenizer.encode("我最近总是睡不着，怎么办？")
+    rows = lambda: [Row(prompt, 10, frozenset({tokenizer.eos_token_id}), greedy=False, seed=s)  # noqa: E731
+                    for s in range(4)]
+    alone = [Decoder(model).run(r).answer for r in rows()]
+    decoder, group = Decoder(model), rows()
+    assert decoder.add(Row(prompt[:5], 10, frozenset(), greedy=False, seed=9)) is False  # a row already under way
+    assert decoder.add_alike(group) == group
+    while decoder.rows:
+        decoder.step()
+    assert [r.answer for r in group] == alone and len({tuple(a) for a in alone}) > 1
+    assert groups([[1], [1], [2], [2], [1]]) == [(0, 2), (2, 4), (4, 5)]
+
+
 # ---------------------------------------------------------------- recipe checks
 
 
