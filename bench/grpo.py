@@ -59,13 +59,13 @@ def overrides(tmp: Path, steps: int) -> list[str]:
 
 def ours(tmp: Path, steps: int, timer: Steps):
     """The trainer train.py builds for the recipe (its data, model, fast paths, rollout)."""
-    from common import acceleration, methods
+    from common import acceleration
+    from common.methods import table as methods
     from common.modeling import load_model, recipe_tokenizer
-    from common.recipe import load_recipe
     from common.templates import get_template
     from common.training import set_chat_template
 
-    recipe = load_recipe(RECIPE, overrides(tmp, steps))
+    recipe = methods.load_recipe(RECIPE, overrides(tmp, steps))
     tokenizer = recipe_tokenizer(recipe)
     method = methods.get(recipe.train.method)
     rows, _, _ = method.build_datasets(recipe, tokenizer)

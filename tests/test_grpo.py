@@ -121,7 +121,7 @@ def test_a_group_shares_its_prefill_and_samples_as_each_row_alone(tiny_model_dir
     (["data.max_length=100000000", "train.batch_size=64"], "GiB (weights, and logits over 64 x 100000000 tokens)"),
 ])
 def test_grpo_recipe_problems(tmp_path, tiny_model_dir, overrides, message):
-    from common.recipe import load_recipe
+    from common.methods.table import load_recipe
 
     with pytest.raises(UserError) as e:
         load_recipe(grpo_recipe(tmp_path, tiny_model_dir, PROMPTS_FILE), overrides)
@@ -208,7 +208,7 @@ def test_loss_equals_plain_trl_grpo_on_the_same_completions(tmp_path, monkeypatc
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import GRPOConfig, GRPOTrainer
 
-    from common.recipe import load_recipe
+    from common.methods.table import load_recipe
     from common.rewards import reward_functions
 
     monkeypatch.chdir(tmp_path)

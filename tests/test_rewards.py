@@ -8,7 +8,7 @@ import pytest
 
 from common.cli import UserError
 from common.modeling import load_tokenizer
-from common.recipe import load_recipe
+from common.methods.table import load_recipe
 from common.rewards import RewardEntry, Ending, Language, Length, Referral, Repetition, reward_functions, mean_scores
 from common.templates import get_template
 
