@@ -269,7 +269,7 @@ def evaluate(source, other, records: list, files: list, dtype: str = "auto", lim
     from common.pairs import as_conversations
     from common.templates import get_template
 
-    conversations = [c for c in as_conversations(records) if isinstance(c, list)]  # prompts alone have no loss
+    conversations = as_conversations(records)  # prompts alone have no answer, so no loss
     recipe = source.recipe
     d = recipe.data
     template = get_template(d.template, d.thinking)

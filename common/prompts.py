@@ -29,6 +29,10 @@ class Prompt:
     def messages(self) -> list[dict]:
         return turns_to_messages(self.turns)
 
+    def held_out_conversation(self) -> None:
+        """A prompt has no answer: eval.py's held-out loss has nothing to score (its rewards table answers it)."""
+        return None
+
 
 def open_turns(turns: list[Turn]) -> list[Prompt]:
     """Each user turn of a conversation with its earlier turns as context (the system prompt stays on the first)."""

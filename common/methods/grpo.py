@@ -44,8 +44,10 @@ def print_dry_run(recipe, tokenizer, train_rows, stats) -> None:
           f"(data.max_length {d.max_length} - grpo.max_completion_length {g.max_completion_length})")
     print("\n".join(f"  {k:<14} {v}" for k, v in stats.items()))
     print(summary_line(recipe.rewards))
-    print("\nfirst prompt, as the model sees it before its completion:")
-    print(tokenizer.decode(train_rows[0]["prompt_ids"]), end="" if sys.stdout.isatty() else "\n")
+    start, end = ("\033[32m", "\033[0m") if sys.stdout.isatty() else ("[[", "]]")
+    print("\nfirst prompt, as the model sees it, and where its completions go (the trained span, marked):")
+    print(tokenizer.decode(train_rows[0]["prompt_ids"]) + f"{start}(a group of {g.num_generations} completions of up "
+          f"to {g.max_completion_length} tokens, sampled){end}")
 
 
 def memory_estimate(recipe) -> float | None:
