@@ -18,7 +18,7 @@ ZH = [{"role": "system", "content": "你是一位温暖、专业的心理咨询�
 EN = [{"role": "user", "content": "I can't sleep and I keep worrying."}]
 CRISIS_ZH = [{"role": "user", "content": "我觉得活着没意思，不想活了。"}]
 CRISIS_EN = [{"role": "user", "content": "Sometimes I want to kill myself."}]
-# What the demo's SFT model answered (README): a loop
+# What the demo's SFT model answered (issue 35): a loop
 LOOP_ZH = "睡不着，睡不着，睡不着，睡不着，睡不着，睡不着，睡不着，睡不着"
 GOOD_ZH = "睡不着的夜晚一定很难熬。你愿意说说，最近睡前脑子里最常想到的是什么吗？"
 LOOP_EN = "I understand. I understand. I understand. I understand. I understand. I understand."
