@@ -58,23 +58,10 @@ def overrides(tmp: Path, steps: int) -> list[str]:
 
 
 def ours(tmp: Path, steps: int, timer: Steps):
-    """The trainer train.py builds for the recipe (its data, model, fast paths, rollout)."""
-    from common import acceleration
-    from common.methods import table as methods
-    from common.modeling import load_model, recipe_tokenizer
-    from common.templates import get_template
-    from common.training import set_chat_template
+    """The trainer train.py builds for the recipe (its data, model, fast paths, rollout), its rows and recipe."""
+    from bench.preference import train_py_trainer
 
-    recipe = methods.load_recipe(RECIPE, overrides(tmp, steps))
-    tokenizer = recipe_tokenizer(recipe)
-    method = methods.get(recipe.train.method)
-    rows, _, _ = method.build_datasets(recipe, tokenizer)
-    torch.manual_seed(recipe.train.seed)
-    model = load_model(recipe, torch.float32)
-    paths = acceleration.apply(model, recipe)
-    set_chat_template(tokenizer, get_template(recipe.data.template))
-    trainer = method.build_trainer(recipe, model, paths, tokenizer, rows, None, [timer], torch.float32, True)
-    return trainer, rows, recipe
+    return train_py_trainer(RECIPE, overrides(tmp, steps), [timer])
 
 
 def plain(tmp: Path, steps: int, timer: Steps, rows: list[dict], recipe):

@@ -100,8 +100,9 @@ class Repetition:
     """Distinct share of the reply's n-grams: 1 - the share that repeats an earlier n-gram (distinct-n)."""
     n: int = 4
 
-    def problems(self) -> list[str]:
-        return [f"n: got {self.n}, expected at least 1"] if self.n < 1 else []
+    def prepare(self) -> None:
+        if self.n < 1:
+            raise UserError(f"n: got {self.n}, expected at least 1")
 
     def score(self, prompt, text: str, ids) -> Optional[float]:
         return 1.0 - repeated_share(text, self.n)
@@ -115,9 +116,9 @@ class Length:
     max: int = 400
     unit: Literal["chars", "tokens"] = "chars"
 
-    def problems(self) -> list[str]:
-        return [] if 0 <= self.min <= self.max and self.max > 0 else [
-            f"min {self.min} / max {self.max}: expected 0 <= min <= max and max > 0"]
+    def prepare(self) -> None:
+        if not (0 <= self.min <= self.max and self.max > 0):
+            raise UserError(f"min {self.min} / max {self.max}: expected 0 <= min <= max and max > 0")
 
     def score(self, prompt, text: str, ids) -> Optional[float]:
         size = len(ids) if self.unit == "tokens" else len(text.strip())
@@ -133,8 +134,8 @@ class Language:
     """Share of the reply's letters written in the main script of the client's last message (Chinese characters for
     a Chinese message, Latin letters for an English one). A prompt without letters scores None."""
 
-    def problems(self) -> list[str]:
-        return []
+    def prepare(self) -> None:  # nothing to check or load
+        pass
 
     def score(self, prompt, text: str, ids) -> Optional[float]:
         users = user_texts(prompt)
@@ -150,8 +151,8 @@ class Ending:
     cut it. Needs the completion's ids (TRL passes them; eval.py too)."""
     ended: Callable = dataclasses.field(default=None, repr=False, metadata={"internal": True})
 
-    def problems(self) -> list[str]:
-        return []
+    def prepare(self) -> None:  # the template's end of turn comes with the tokenizer (reward_functions)
+        pass
 
     def score(self, prompt, text: str, ids) -> Optional[float]:
         return 1.0 if self.ended(ids) else 0.0
@@ -164,12 +165,8 @@ class Referral:
     words: str = "data/crisis_words.json"
     lists: dict = dataclasses.field(default=None, repr=False, metadata={"internal": True})
 
-    def problems(self) -> list[str]:
-        try:
-            self.lists = load_word_lists(self.words)
-        except UserError as e:
-            return [str(e)]
-        return []
+    def prepare(self) -> None:
+        self.lists = load_word_lists(self.words)
 
     def is_crisis(self, prompt) -> bool:
         text = " ".join(user_texts(prompt)).lower()
@@ -211,14 +208,10 @@ class Judge:
     cache: str = "work_dirs/judge_cache"  # verdicts on disk: a rerun or resume asks nothing twice
     client: object = dataclasses.field(default=None, repr=False, metadata={"internal": True})
 
-    def problems(self) -> list[str]:
+    def prepare(self) -> None:
         from common import judge
 
-        try:
-            self.client = judge.JudgeClient.from_settings(self)
-        except UserError as e:
-            return [str(e)]
-        return []
+        self.client = judge.JudgeClient.from_settings(self)
 
     def score_all(self, prompts, texts) -> list[Optional[float]]:
         return self.client.scores(prompts, texts)
@@ -231,12 +224,8 @@ class Python:
     function: str = ""
     fn: Callable = dataclasses.field(default=None, repr=False, metadata={"internal": True})
 
-    def problems(self) -> list[str]:
-        try:
-            self.fn = import_function(self.function)
-        except UserError as e:
-            return [str(e)]
-        return []
+    def prepare(self) -> None:
+        self.fn = import_function(self.function)
 
 
 def import_function(spec: str) -> Callable:
@@ -263,7 +252,10 @@ def check(entries: list[RewardEntry], problems: list[str]) -> None:
     """What each reward needs from outside the recipe: its word list, its judge (rubric, key, an endpoint that
     answers), its importable function; one problem each. Before any model loads (train.py, eval.py)."""
     for entry in entries:
-        problems += [f"`rewards[{entry.position}].{entry.name}`: {p}" for p in entry.settings.problems()]
+        try:
+            entry.settings.prepare()  # each setting's check and what it loads: a UserError is one problem
+        except UserError as e:
+            problems.append(f"`rewards[{entry.position}].{entry.name}`: {e}")
 
 
 def settings_fields(cls) -> list[dataclasses.Field]:

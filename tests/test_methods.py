@@ -57,12 +57,9 @@ def data_file(tmp_path, kind: str, fmt: str) -> Path:
 def recipe(tmp_path, model_dir, method: str, data: Path, fmt: str) -> Path:
     path = tmp_path / "r.yaml"
     pack = "true" if METHODS[method].packs else "false"
-    path.write_text(f"model: {{path: {model_dir}}}
-"
-                    f"data: {{path: {data}, format: {fmt}, max_length: 512, pack: {pack}}}
-"
-                    f"train: {{method: {method}, batch_size: 2}}
-" + EXTRA.get(method, ""), encoding="utf-8")
+    path.write_text(f"model: {{path: {model_dir}}}\n"
+                    f"data: {{path: {data}, format: {fmt}, max_length: 512, pack: {pack}}}\n"
+                    f"train: {{method: {method}, batch_size: 2}}\n" + EXTRA.get(method, ""), encoding="utf-8")
     return path
 
 

@@ -56,7 +56,7 @@ def test_language_follows_the_clients_script():
 
 def test_referral_only_on_crisis_prompts():
     words = Referral()
-    assert words.problems() == []
+    words.prepare()  # the shipped word lists load
     r = scores(words, [CRISIS_ZH, CRISIS_ZH, CRISIS_EN, CRISIS_EN, ZH, EN],
                [REFER_ZH, GOOD_ZH, REFER_EN, GOOD_EN, GOOD_ZH, REFER_EN])
     assert r == [1.0, 0.0, 1.0, 0.0, None, None]
