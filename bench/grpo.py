@@ -46,6 +46,7 @@ class Steps(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.seconds.append(time.perf_counter() - self.start)
+        print(f"step {state.global_step}: {self.seconds[-1]:.1f} s", file=sys.stderr, flush=True)  # progress
 
 
 def overrides(tmp: Path, steps: int) -> list[str]:
@@ -103,6 +104,8 @@ def rollouts(trainers: dict, rows: list[dict], rounds: int) -> dict:
             if n:
                 seconds[name] += time.perf_counter() - start
                 tokens[name] += sum(len(c) for c in completions)
+            print(f"rollout {name}: {sum(len(c) for c in completions)} tokens in {time.perf_counter() - start:.1f} s",
+                  file=sys.stderr, flush=True)
     return {name: {"tokens": tokens[name], "seconds": round(seconds[name], 2),
                    "tokens_per_s": round(tokens[name] / seconds[name], 1)} for name in trainers}
 
@@ -116,11 +119,13 @@ def run(rounds: int, steps: int) -> dict:
         for _ in range(rounds):
             timer = Steps()
             trainer, rows, recipe = ours(tmp, steps, timer)
+            print("train.py:", file=sys.stderr, flush=True)
             trainer.train()
             times["train.py"] += timer.seconds[1:]
             last_ours = trainer
             timer = Steps()
             trainer = plain(tmp, steps, timer, rows, recipe)
+            print(f"{BASELINE}:", file=sys.stderr, flush=True)
             trainer.train()
             times[BASELINE] += timer.seconds[1:]
         rollout = rollouts({BASELINE: trainer, "train.py": last_ours}, rows, 2 * rounds)

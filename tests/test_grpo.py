@@ -157,6 +157,10 @@ def test_grpo_run_end_to_end_and_resume(tmp_path, monkeypatch, tiny_model_dir):
     assert "rewards: repetition(n=2) x1" in log and "rollouts by the batched decoder" in log
     assert (out / "eval_outputs" / "step_4.txt").is_file() and list((out / "runs").rglob("events.out.tfevents.*"))
 
+    # then merge as any run (the recipe saved with the run, rewards and all, reads back for it)
+    import merge
+
+    assert merge.main([str(out / "final")]) == 0 and (out / "merged" / "config.json").is_file()
     # eval.py on the run: each reward's mean on the held-out prompts, base vs tuned (prompts alone have no loss)
     import eval as evaluate
 
