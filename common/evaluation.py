@@ -215,7 +215,8 @@ def reward_markdown(table: dict) -> list[str]:
     lines = ["", f"Rewards (the run's `rewards:`) on {table['prompts']} held-out prompts, mean per reward:", "",
              "| | base | tuned |", "|---|---|---|"]
     lines += [f"| {name} | {show(b['rewards'][name])} | {show(t['rewards'][name])} |" for name in b["rewards"]]
-    lines += [f"| repeated 4-gram share | {100 * b['repeated_4gram_share']:.1f}% | {100 * t['repeated_4gram_share']:.1f}% |",
+    lines += [f"| repeated 4-gram share | {100 * b['repeated_4gram_share']:.1f}% | "
+              f"{100 * t['repeated_4gram_share']:.1f}% |",
               f"| mean answer tokens | {b['mean_tokens']} | {t['mean_tokens']} |",
               f"| cut at the length limit | {b['cut_at_limit']} | {t['cut_at_limit']} |"]
     return lines + ["", *table.get("judges", [])]

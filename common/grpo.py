@@ -7,8 +7,8 @@
 - The completions. `grpo.fast_rollouts` (the default) samples them with the project's batched decoder
   (common/decoding.py): a group's prompt is prefilled once and its cache shared by the group's completions (TRL's
   `generate()` path prefills each copy); each completion is a row of one batch that advances one token per model
-  forward, and leaves the batch as soon as it ends (generate() decodes every row until the longest ends). Tokens are picked
-  with the logits processors generate() builds from TRL's own GenerationConfig (temperature, top-k/p, min-p,
+  forward, and leaves the batch as soon as it ends (generate() decodes every row until the longest ends). Tokens are
+  picked with the logits processors generate() builds from TRL's own GenerationConfig (temperature, top-k/p, min-p,
   repetition penalty), so they follow the same distribution; the model is unwrapped and its gradient checkpointing
   switched off for the rollout by TRL's `unwrap_model_for_generation`, as TRL's path does. With fast_rollouts off,
   TRL's own generation (`_generate_single_turn`) samples them from our ids.

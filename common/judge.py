@@ -84,7 +84,8 @@ def load_rubric(path: str) -> Rubric:
     with reading(path, "not readable"):
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     scale = data.get("scale", [1, 5])
-    if not (isinstance(scale, list) and len(scale) == 2 and all(isinstance(v, int) for v in scale) and scale[0] < scale[1]):
+    if not (isinstance(scale, list) and len(scale) == 2 and all(isinstance(v, int) for v in scale)
+            and scale[0] < scale[1]):
         raise UserError(f"{path}: `scale` should be two integers, low < high (e.g. [1, 5]), got {scale!r}")
     dims = data.get("dimensions")
     if not isinstance(dims, list) or not dims:

@@ -107,7 +107,8 @@ class PromptStats:
     lengths: list = field(default_factory=list, repr=False)
 
 
-def fit_prompt(tokenizer, template, prompt: Prompt, budget: int, system: str | None) -> tuple[list[int], Prompt, bool] | None:
+def fit_prompt(tokenizer, template, prompt: Prompt, budget: int,
+               system: str | None) -> tuple[list[int], Prompt, bool] | None:
     """(ids, the prompt as encoded, shortened?) with at most `budget` tokens, earlier turns dropped from the left
     (the system prompt kept on the new first turn); None when the last turn alone is too long."""
     from common.conversation import window, with_system

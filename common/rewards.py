@@ -18,8 +18,8 @@ nothing to say: `referral` on a prompt without crisis words, `judge` on a reply 
 out of the sum and out of that reward's logged mean, and logs each reward on its own (`rewards/NAME/mean`).
 
 Text units: Chinese, Japanese and Korean characters count one each, other scripts by words, punctuation marks one
-each, so a 4-gram is four characters of Chinese or four words of English. Prompts and completions come as TRL passes them: message lists
-(conversational) or plain strings.
+each, so a 4-gram is four characters of Chinese or four words of English. Prompts and completions come as TRL passes
+them: message lists (conversational) or plain strings.
 """
 from __future__ import annotations
 
@@ -237,7 +237,8 @@ def import_function(spec: str) -> Callable:
     try:
         fn = getattr(importlib.import_module(module), name)
     except Exception as e:  # noqa: BLE001 - the user's module: any failure to import is theirs to see
-        raise UserError(f"`{spec}`: cannot import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"`{spec}`: cannot import ({type(e).__name__}: {why})") from None
     if not callable(fn):
         raise UserError(f"`{spec}`: {type(fn).__name__} is not callable")
     return fn

@@ -71,7 +71,8 @@ def test_judge_against_our_server_stopping_and_resuming(tmp_path, monkeypatch, t
         assert client.counts == {"asked": 2, "cached": 0, "unparsed": 2, "failed": 0}
         assert all(line.startswith("judge: no score for a sample: reply without the rubric's scores") for line in lines)
         with pytest.raises(UserError, match="answered 401 .check the key."):
-            JudgeClient.from_settings(Judge(url=settings.url, rubric=str(rubric), api_key_file=str(tmp_path / "wrong.txt")))
+            JudgeClient.from_settings(Judge(url=settings.url, rubric=str(rubric),
+                                            api_key_file=str(tmp_path / "wrong.txt")))
         # a GRPO step of the tiny model with the judge among its rewards: every sample lost, the run goes on and
         # its end says so
         monkeypatch.chdir(tmp_path)
@@ -84,7 +85,8 @@ def test_judge_against_our_server_stopping_and_resuming(tmp_path, monkeypatch, t
                                rewards=[{"judge": judge}, {"repetition": {}}])) == 0
         log = (tmp_path / "recipe" / "train.log").read_text("utf-8")
         assert "judge: no score for a sample: reply without the rubric's scores" in log
-        assert "judge SmolLM2-135M-Instruct at http://127.0.0.1:" in log and ": 2 asked, 0 from the cache, 2 lost (2 unparsed, 0 failed requests)" in log
+        assert "judge SmolLM2-135M-Instruct at http://127.0.0.1:" in log
+        assert ": 2 asked, 0 from the cache, 2 lost (2 unparsed, 0 failed requests)" in log
         (step,) = [r for r in metrics(tmp_path / "recipe") if "loss" in r]
         assert step["rewards/judge/lost"] == 2 and "rewards/repetition/mean" in step
     # the server has stopped: the third sample is lost, counted and logged; the first two come from the cache
@@ -95,12 +97,14 @@ def test_judge_against_our_server_stopping_and_resuming(tmp_path, monkeypatch, t
     # a resumed run: a new client on the same cache finds every verdict the judge gave, and asks nothing
     cache_file = next((tmp_path / "cache").iterdir())
     assert [json.loads(line)["reply"] for line in cache_file.read_text().splitlines()] != []
-    resumed = JudgeClient(client.url, client.model, client.rubric, None, cache=str(tmp_path / "cache"), log=lines.append)
+    resumed = JudgeClient(client.url, client.model, client.rubric, None, cache=str(tmp_path / "cache"),
+                          log=lines.append)
     assert resumed.scores(PROMPTS[:2], ANSWERS[:2]) == [None, None]
     assert resumed.counts["asked"] == 0 and resumed.counts["cached"] == 2
     # the address of a server that is gone is refused before anything loads: one line, exit 2
     capsys.readouterr()
-    assert run(grpo_recipe(tmp_path, DEMO_MODEL, PROMPTS_FILE, name="gone", rewards=[{"judge": judge}]), "--dry-run") == 2
+    gone = grpo_recipe(tmp_path, DEMO_MODEL, PROMPTS_FILE, name="gone", rewards=[{"judge": judge}])
+    assert run(gone, "--dry-run") == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("  - `rewards[0].judge`: judge http://127.0.0.1:")
     assert "not reachable" in err and "Traceback" not in err

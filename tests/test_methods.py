@@ -37,7 +37,8 @@ SAMPLES = {
                                                        {"from": "gpt", "value": "别想太多。"}], "kto_tag": False}],
 }
 # grpo's prompts: each user turn of a conversation, a pair's prompt, prompt-only records
-SAMPLES.update({("prompts", fmt): SAMPLES[("conversations", fmt)] for fmt in ("xtuner", "alpaca", "sharegpt", "openai")})
+SAMPLES.update({("prompts", fmt): SAMPLES[("conversations", fmt)]
+                for fmt in ("xtuner", "alpaca", "sharegpt", "openai")})
 SAMPLES.update({("prompts", fmt): SAMPLES[("pairs", fmt)] for fmt in ("conversational", "plain")})
 SAMPLES[("prompts", "prompt")] = [{"prompt": "我睡不着"}, {"prompt": [{"role": "user", "content": "我很焦虑"}]}]
 # what a method needs beside its data for a dry run: GRPO learns from rewards, in groups that fill the batch
