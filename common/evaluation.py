@@ -149,8 +149,8 @@ def answer_facts(completion) -> dict:
 
 def answer(models: Contestants, template, system: str | None, max_length: int, prompts: list[tuple[str, str]],
            sampling, progress: bool = False) -> list[dict]:
-    """Each (prompt, where it comes from) answered by both models through the generation core: the answer, how it
-    ended, and its answer_facts."""
+    """Each (prompt, where it comes from) answered by both models through the generation core, the answers of a
+    model decoded together (Generator.generate_many): the answer, how it ended, and its answer_facts."""
     from tqdm.auto import tqdm
 
     from common.generation import Generator
@@ -161,8 +161,10 @@ def answer(models: Contestants, template, system: str | None, max_length: int, p
         with models.use(who) as model:
             generator = Generator(model, models.tokenizer, template, max_length,
                                   fast=models.fast if who == "tuned" else None)
-            for a in tqdm(answers, desc=f"answering {who}", disable=not progress, leave=False):
-                completion = generator.generate(before + [{"role": "user", "content": a["prompt"]}], sampling)
+            with tqdm(total=len(answers), desc=f"answering {who}", disable=not progress, leave=False) as bar:
+                completions = generator.generate_many(
+                    [before + [{"role": "user", "content": a["prompt"]}] for a in answers], sampling, on_done=bar.update)
+            for a, completion in zip(answers, completions):
                 a[who], a[f"{who}_stop"], a[f"{who}_facts"] = completion.text, completion.ended_by, answer_facts(completion)
     return answers
 
