@@ -263,7 +263,7 @@ class Generator:
     def generate_many(self, conversations: list[list[dict]], sampling: Sampling, adapter: bool = True,
                       max_batch: int = 8, on_done: Callable[[], None] = lambda: None) -> list[Completion]:
         """Answer each conversation (see `start`), up to `max_batch` of them decoding together (one forward a step
-        for all, the compiled batch step where one is built; the next joins as soon as one ends): eval's answers,
+        for all; the next joins as soon as one ends): eval's answers,
         a group of completions per prompt. Greedy answers are those `generate` gives alone (float32; bfloat16 may
         round differently in a batch). on_done() is called as each answer ends (a progress bar)."""
         answering = [self.start(messages, sampling) for messages in conversations]
