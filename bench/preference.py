@@ -31,25 +31,34 @@ PAIRS = ROOT / "data" / "psych_pairs.json"
 BASELINE = "TRL DPOTrainer (plain)"
 
 
-def ours(tmp: Path, batch: int, fast_paths: bool):
-    """The trainer train.py builds for the recipe (its data, model, fast paths), on the base model in float32."""
+def train_py_trainer(recipe_file: Path, overrides: list[str], callbacks: list = ()):
+    """(the trainer train.py builds for the recipe: its data, model, fast paths, template; float32, its rows, the
+    recipe), as bench/preference.py and bench/grpo.py measure it."""
     from common import acceleration
     from common.methods import table as methods
     from common.modeling import load_model, recipe_tokenizer
+    from common.templates import get_template
+    from common.training import set_chat_template
 
-    recipe = methods.load_recipe(RECIPE, [
-        f"model.path={MODEL}", "model.dtype=float32", f"data.path={PAIRS}", "data.system=null",
-                                  "data.eval_path=null", f"train.batch_size={batch}", f"train.output_dir={tmp / 'run'}",
-                                  f"train.fast_paths={str(fast_paths).lower()}", "evaluation.prompts=[]"])
+    recipe = methods.load_recipe(recipe_file, overrides)
     tokenizer = recipe_tokenizer(recipe)
     method = methods.get(recipe.train.method)
     rows, _, _ = method.build_datasets(recipe, tokenizer)
     torch.manual_seed(recipe.train.seed)
     model = load_model(recipe, torch.float32)
     paths = acceleration.apply(model, recipe)
-    trainer = method.build_trainer(recipe, model, paths, tokenizer, rows, None, [], torch.float32, True)
+    set_chat_template(tokenizer, get_template(recipe.data.template))
+    trainer = method.build_trainer(recipe, model, paths, tokenizer, rows, None, list(callbacks), torch.float32, True)
     trainer.fast_paths_names = paths.names()  # reported with the figures
-    return trainer
+    return trainer, rows, recipe
+
+
+def ours(tmp: Path, batch: int, fast_paths: bool):
+    """The trainer train.py builds for the recipe, on the base model in float32."""
+    return train_py_trainer(RECIPE, [f"model.path={MODEL}", "model.dtype=float32", f"data.path={PAIRS}",
+                                     "data.system=null", "data.eval_path=null", f"train.batch_size={batch}",
+                                     f"train.output_dir={tmp / 'run'}", f"train.fast_paths={str(fast_paths).lower()}",
+                                     "evaluation.prompts=[]"])[0]
 
 
 def plain(tmp: Path, batch: int):

@@ -101,9 +101,12 @@ class MetricsCallback(TrainerCallback):
     """metrics.jsonl (step, loss, lr, grad_norm, tokens/s, elapsed; rewards and log-probs of preference runs), one log
     line per logging step, and loss.png refreshed at every save and at the end. Main process only."""
 
-    # What the preference trainers log beside the loss (TRL's names): rewards/{chosen,rejected,margins,accuracies},
-    # logps/{chosen,rejected}, ORPO's nll_loss and log_odds_{ratio,chosen}, KTO's kl; also their eval_ forms.
-    PREFERENCE_METRICS = ("rewards/", "logps/", "nll_loss", "log_odds_", "kl")
+    # What the other trainers log beside the loss (TRL's names): rewards/{chosen,rejected,margins,accuracies},
+    # logps/{chosen,rejected}, ORPO's nll_loss and log_odds_{ratio,chosen}, KTO's kl; GRPO's reward (the weighted sum),
+    # reward_std, rewards/NAME/{mean,std}, completions/*, kl, entropy, clip_ratio/*, frac_reward_zero_std; also their
+    # eval_ forms.
+    METHOD_METRICS = ("rewards/", "logps/", "nll_loss", "log_odds_", "reward", "completions/", "kl", "entropy",
+                      "clip_ratio", "frac_reward_zero_std")
 
     def __init__(self, run_dir: str | Path, log: RunLog):
         self.run_dir, self.log = Path(run_dir), log
@@ -132,7 +135,7 @@ class MetricsCallback(TrainerCallback):
             row.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"), **rates)
         if "eval_loss" in logs:
             row["eval_loss"] = logs["eval_loss"]
-        row.update({k: v for k, v in logs.items() if k.removeprefix("eval_").startswith(self.PREFERENCE_METRICS)})
+        row.update({k: v for k, v in logs.items() if k.removeprefix("eval_").startswith(self.METHOD_METRICS)})
         if len(row) == 2:  # end-of-training summary (train_runtime...): not a metrics row
             return
         row["elapsed_s"] = round(now - self.start, 1)
@@ -144,7 +147,7 @@ class MetricsCallback(TrainerCallback):
     def format(row: dict, max_steps: int) -> str:
         parts = [f"step {row['step']}/{max_steps}"]
         for key, fmt in (("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"), ("rewards/margins", "margin {:.3f}"),
-                         ("rewards/accuracies", "reward acc {:.2f}"), ("lr", "lr {:.2e}"),
+                         ("rewards/accuracies", "reward acc {:.2f}"), ("reward", "reward {:.3f}"), ("lr", "lr {:.2e}"),
                          ("grad_norm", "grad_norm {:.3f}"), ("tokens_per_s", "{:.0f} tok/s"), ("elapsed_s", "{:.0f}s")):
             if row.get(key) is not None:
                 parts.append(fmt.format(row[key]))

@@ -97,14 +97,26 @@ class Decoder:
     def add(self, row: Row) -> bool:
         """Prefill the row's prompt and pick its first token; the row joins the batch unless it has already ended
         (True then). A failure leaves the batch as it was."""
-        ids = torch.tensor([row.prompt], device=self.device)
+        return not self.add_alike([row])
+
+    def add_alike(self, rows: list[Row]) -> list[Row]:
+        """Rows with one prompt (a group of sampled answers to it, as GRPO draws them): one prefill, its cache
+        repeated for each row, and each row picks its own first token; the rows that have not already ended join the
+        batch and are returned. Each row computes what it would alone. A failure leaves the batch as it was."""
+        prompt = rows[0].prompt
+        assert all(r.prompt == prompt for r in rows), "add_alike takes rows with one prompt"
+        ids = torch.tensor([prompt], device=self.device)
         cache = DynamicCache(config=self.model.config)
         with self.context(), torch.inference_mode():
-            logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
-            if row.push(row.pick(logits.float())):
-                return True
-        self._join(row, cache)
-        return False
+            logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1].float()
+            joining = [r for r in rows if not r.push(r.pick(logits))]
+        if joining:
+            if len(joining) > 1:
+                for layer in cache.layers:
+                    layer.keys = layer.keys.expand(len(joining), -1, -1, -1).contiguous()
+                    layer.values = layer.values.expand(len(joining), -1, -1, -1).contiguous()
+            self._join(joining, cache)
+        return joining
 
     def step(self) -> list[Row]:
         """One token for every row; returns the rows that ended (removed from the batch). If the step fails, the batch
@@ -153,10 +165,11 @@ class Decoder:
 
     # ------------------------------------------------------------ the shared cache
 
-    def _join(self, row: Row, cache: DynamicCache) -> None:
-        mask = torch.ones(1, len(row.prompt), dtype=torch.long, device=self.device)
+    def _join(self, rows: list[Row], cache: DynamicCache) -> None:
+        """Rows of one prompt length, whose cache holds one batch entry each, join the batch."""
+        mask = torch.ones(len(rows), len(rows[0].prompt), dtype=torch.long, device=self.device)
         if not self.rows:
-            self.rows, self.cache, self.mask, self.padded = [row], cache, mask, False
+            self.rows, self.cache, self.mask, self.padded = list(rows), cache, mask, False
             return
         if not batchable(self.cache) or not batchable(cache):
             raise RuntimeError("this model's cache layers cannot be batched: decode one row at a time")
@@ -165,7 +178,7 @@ class Decoder:
             mine.keys = torch.cat([left_pad(mine.keys, width), left_pad(theirs.keys, width)])
             mine.values = torch.cat([left_pad(mine.values, width), left_pad(theirs.values, width)])
         self.mask = torch.cat([left_pad(self.mask, width, dim=1), left_pad(mask, width, dim=1)])
-        self.rows.append(row)
+        self.rows += rows
         self.padded = True
 
     def _keep(self, indices: list[int]) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -15,8 +14,10 @@ import torch
 
 from common.cli import UserError
 from common.generation import adapter_switch
+from common.rewards import units
 
 WHO = ("base", "tuned")
+REWARD_PROMPTS = 64  # held-out prompts a rewards run's table answers, at most
 
 
 # ---------------------------------------------------------------- the two models
@@ -136,34 +137,20 @@ def score(model, rows: list[dict], conversations: int, progress: bool = False, l
 
 # ---------------------------------------------------------------- answers
 
-UNITS = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]|[^\W_]+|[^\w\s]")
-
-
-def units(text: str) -> list[str]:
-    """Words of space-separated scripts, single characters of CJK ones, punctuation: so that repetition reads alike
-    in Chinese and English."""
-    return UNITS.findall(text)
-
-
 def answer_facts(completion) -> dict:
     """Tokens, how it ended, the share of repeated 4-grams (4-grams seen earlier in the same answer) and distinct-2
     (distinct bigrams / bigrams), over words (CJK: characters)."""
-    u = units(completion.text)
-    grams4 = [tuple(u[i:i + 4]) for i in range(len(u) - 3)]
-    seen, repeated = set(), 0
-    for g in grams4:
-        repeated += g in seen
-        seen.add(g)
-    grams2 = [tuple(u[i:i + 2]) for i in range(len(u) - 1)]
+    from common.rewards import repeated_share
+
     return {"tokens": completion.completion_tokens, "ended_by": completion.ended_by,
-            "repeated_4gram_share": round(repeated / len(grams4), 4) if grams4 else 0.0,
-            "distinct_2": round(len(set(grams2)) / len(grams2), 4) if grams2 else 0.0}
+            "repeated_4gram_share": round(repeated_share(completion.text, 4), 4),
+            "distinct_2": round(1 - repeated_share(completion.text, 2), 4) if len(units(completion.text)) > 1 else 0.0}
 
 
 def answer(models: Contestants, template, system: str | None, max_length: int, prompts: list[tuple[str, str]],
            sampling, progress: bool = False) -> list[dict]:
-    """Each (prompt, where it comes from) answered by both models through the generation core: the answer, how it
-    ended, and its answer_facts."""
+    """Each (prompt, where it comes from) answered by both models through the generation core, the answers of a
+    model decoded together (Generator.generate_many): the answer, how it ended, and its answer_facts."""
     from tqdm.auto import tqdm
 
     from common.generation import Generator
@@ -174,10 +161,75 @@ def answer(models: Contestants, template, system: str | None, max_length: int, p
         with models.use(who) as model:
             generator = Generator(model, models.tokenizer, template, max_length,
                                   fast=models.fast if who == "tuned" else None)
-            for a in tqdm(answers, desc=f"answering {who}", disable=not progress, leave=False):
-                completion = generator.generate(before + [{"role": "user", "content": a["prompt"]}], sampling)
+            with tqdm(total=len(answers), desc=f"answering {who}", disable=not progress, leave=False) as bar:
+                completions = generator.generate_many(
+                    [before + [{"role": "user", "content": a["prompt"]}] for a in answers], sampling, on_done=bar.update)
+            for a, completion in zip(answers, completions):
                 a[who], a[f"{who}_stop"], a[f"{who}_facts"] = completion.text, completion.ended_by, answer_facts(completion)
     return answers
+
+
+# ---------------------------------------------------------------- a rewards run: each reward's mean
+
+def reward_table(models, template, records: list, recipe, sampling, limit: int, progress: bool = False) -> dict:
+    """Both models answer up to `limit` held-out prompts (the run's sampling; greedy by default) and the run's rewards
+    score the answers: each reward's mean, base vs tuned, with the answers' repeated 4-gram share and length."""
+    from tqdm.auto import tqdm
+
+    from common.generation import Generator
+    from common.methods.grpo import held_out_prompts
+    from common.rewards import check, lost_summary, mean_scores, reward_functions
+
+    problems = []
+    check(recipe.rewards, problems)
+    if problems:
+        raise UserError("the run's rewards: " + "; ".join(problems))
+    functions = reward_functions(recipe.rewards, models.tokenizer, template)
+    rows = held_out_prompts(records, models.tokenizer, template, recipe.data,
+                            recipe.data.max_length - sampling.max_new_tokens)[: max(limit, 0)]
+    out = {"prompts": len(rows), "answers": [{"prompt": r["prompt"]} for r in rows]}
+    for who in WHO:
+        with models.use(who) as model:
+            generator = Generator(model, models.tokenizer, template, recipe.data.max_length)
+            texts, ids = [], []
+            for a in tqdm(out["answers"], desc=f"rewards {who}", disable=not progress, leave=False):
+                answering = generator.start(a["prompt"], sampling)
+                generator.decoder().run(answering.row)
+                completion = answering.completion()
+                texts.append(completion.text)
+                ids.append(answering.row.answer)
+                a[who], a[f"{who}_facts"] = completion.text, answer_facts(completion)
+        facts = [a[f"{who}_facts"] for a in out["answers"]]
+        n = max(len(facts), 1)
+        out[who] = {"rewards": mean_scores(functions, [a["prompt"] for a in out["answers"]], texts, ids),
+                    "repeated_4gram_share": round(sum(f["repeated_4gram_share"] for f in facts) / n, 4),
+                    "mean_tokens": round(sum(f["tokens"] for f in facts) / n, 1),
+                    "cut_at_limit": sum(f["ended_by"] == "length" for f in facts)}
+    judges = lost_summary(recipe.rewards)
+    if judges:
+        out["judges"] = judges
+    return out
+
+
+def reward_markdown(table: dict) -> list[str]:
+    b, t = table["base"], table["tuned"]
+    show = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731 - a reward with nothing to score (no crisis prompt)
+    lines = ["", f"Rewards (the run's `rewards:`) on {table['prompts']} held-out prompts, mean per reward:", "",
+             "| | base | tuned |", "|---|---|---|"]
+    lines += [f"| {name} | {show(b['rewards'][name])} | {show(t['rewards'][name])} |" for name in b["rewards"]]
+    lines += [f"| repeated 4-gram share | {100 * b['repeated_4gram_share']:.1f}% | "
+              f"{100 * t['repeated_4gram_share']:.1f}% |",
+              f"| mean answer tokens | {b['mean_tokens']} | {t['mean_tokens']} |",
+              f"| cut at the length limit | {b['cut_at_limit']} | {t['cut_at_limit']} |"]
+    return lines + ["", *table.get("judges", [])]
+
+
+def reward_summary(table: dict) -> str:
+    b, t = table["base"], table["tuned"]
+    parts = [f"{name} {'-' if b['rewards'][name] is None else round(b['rewards'][name], 3)} -> "
+             f"{'-' if t['rewards'][name] is None else round(t['rewards'][name], 3)}" for name in b["rewards"]]
+    return (f"rewards on {table['prompts']} held-out prompts (base -> tuned): " + ", ".join(parts) +
+            f"; repeated 4-grams {100 * b['repeated_4gram_share']:.1f}% -> {100 * t['repeated_4gram_share']:.1f}%")
 
 
 # ---------------------------------------------------------------- the evaluation
@@ -200,6 +252,7 @@ class Result:
     # the methods' parts (common/methods: HeldOut), by their key: e.g. "preference" (held-out pairs: accuracy and
     # margins, base vs tuned); report.json holds each as a field of its own
     methods: dict = field(default_factory=dict)
+    rewards: dict | None = None  # a rewards run's table (common/methods/grpo.py reward_table)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -219,7 +272,7 @@ def evaluate(source, other, records: list, files: list, dtype: str = "auto", lim
     from common.pairs import as_conversations
     from common.templates import get_template
 
-    conversations = as_conversations(records)
+    conversations = as_conversations(records)  # prompts alone have no answer, so no loss
     recipe = source.recipe
     d = recipe.data
     template = get_template(d.template, d.thinking)
@@ -240,6 +293,9 @@ def evaluate(source, other, records: list, files: list, dtype: str = "auto", lim
     prompts = [(p, "evaluation.prompts") for p in recipe.evaluation.prompts] + [
         (turns[0].input, f"held-out conversation {n}") for n, turns in enumerate(conversations[: max(limit, 0)])]
     answers = answer(models, template, d.system, d.max_length, prompts, sampling, progress)
+    rewards = None
+    if recipe.rewards:  # a run that learnt from rewards: each reward's mean on the held-out prompts, base vs tuned
+        rewards = reward_table(models, template, records, recipe, sampling, REWARD_PROMPTS, progress)
 
     base, tuned = scores["base"], scores["tuned"]
     per = [{"index": n, "tokens": tuned.tokens[n], "base_loss": base.loss_sum[n] / max(base.tokens[n], 1),
@@ -252,7 +308,7 @@ def evaluate(source, other, records: list, files: list, dtype: str = "auto", lim
                   {"template": template.name, "truncation": d.truncation, "max_length": d.max_length,
                    "system": d.system, "samples": len(samples), "rows": len(rows),
                    "sampling": f"{kind}, max_new_tokens {sampling.max_new_tokens}"},
-                  {key: parts[key].compare(m["base"], m["tuned"]) for key, m in measured.items()})
+                  {key: parts[key].compare(m["base"], m["tuned"]) for key, m in measured.items()}, rewards)
 
 
 # ---------------------------------------------------------------- report
@@ -277,7 +333,8 @@ def report_markdown(result: Result) -> str:
              f"| answer tokens scored | {b['tokens']} | {t['tokens']} |", "",
              f"The tuned model's loss is lower on {result.tuned_better} of {result.conversations} conversations "
              f"({100 * result.tuned_better_share:.0f}%).",
-             *(line for part, value in _parts(result) for line in part.markdown(value)), "", "## Per conversation", "",
+             *(line for part, value in _parts(result) for line in part.markdown(value)),
+             *(reward_markdown(result.rewards) if result.rewards else []), "", "## Per conversation", "",
              "| # | answer tokens | base loss | tuned loss |", "|---|---|---|---|"]
     for c in result.per_conversation:
         lines.append(f"| {c['index']} | {c['tokens']} | {c['base_loss']:.4f} | {c['tuned_loss']:.4f} |")
@@ -305,4 +362,5 @@ def summary(result: Result) -> str:
     return (f"held-out loss over {b['tokens']} answer tokens of {result.conversations} conversations: "
             f"base {b['loss']:.4f} (ppl {b['ppl']:.2f}) -> tuned {t['loss']:.4f} (ppl {t['ppl']:.2f}); "
             f"tuned lower on {result.tuned_better}/{result.conversations} ({100 * result.tuned_better_share:.0f}%)"
-            + "".join(f"\n{part.summary(value)}" for part, value in _parts(result)))
+            + "".join(f"\n{part.summary(value)}" for part, value in _parts(result))
+            + (f"\n{reward_summary(result.rewards)}" if result.rewards else ""))

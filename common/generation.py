@@ -260,6 +260,25 @@ class Generator:
             return answering.completion(interrupted=True)
         return answering.completion()
 
+    def generate_many(self, conversations: list[list[dict]], sampling: Sampling, adapter: bool = True,
+                      max_batch: int = 8, on_done: Callable[[], None] = lambda: None) -> list[Completion]:
+        """Answer each conversation (see `start`), up to `max_batch` of them decoding together (one forward a step
+        for all; the next joins as soon as one ends): eval's answers,
+        a group of completions per prompt. Greedy answers are those `generate` gives alone (float32; bfloat16 may
+        round differently in a batch). on_done() is called as each answer ends (a progress bar)."""
+        answering = [self.start(messages, sampling) for messages in conversations]
+        waiting, decoder = list(reversed(answering)), self.decoder(adapter)
+        try:
+            while waiting or decoder.rows:
+                while waiting and len(decoder.rows) < max_batch:
+                    if decoder.add(waiting.pop().row):  # ended at its first token
+                        on_done()
+                for _ in decoder.step():
+                    on_done()
+        finally:
+            decoder.clear()
+        return [a.completion() for a in answering]
+
 
 class Answering:
     """One answer under way: the row the decoder advances, and the stream that turns its tokens into text."""

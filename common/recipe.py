@@ -136,7 +136,7 @@ class TrainConfig:
     # trackers: tensorboard (in OUTPUT_DIR/runs), wandb, mlflow, swanlab, trackio, a list of them, or none
     report_to: Union[str, list[str]] = "tensorboard"
     report_answers: bool = False  # also send the evaluation prompts' answers to the trackers (counselling text)
-    method: str = "sft"  # a method of common/methods/ (docs/methods.md): sft, dpo, orpo, kto
+    method: str = "sft"  # a method of common/methods/ (docs/methods.md): sft, dpo, orpo, kto, grpo
 
 
 @dataclass
@@ -146,6 +146,29 @@ class PreferenceConfig:
     loss_type: Literal[DPO_LOSSES] = "sigmoid"  # DPO's loss (TRL's loss_type)
     label_smoothing: float = 0.0  # DPO robust / exo_pair: the assumed share of flipped labels
     orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term beside the NLL of the chosen answer (TRL's beta)
+
+
+GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")  # TRL's GRPO loss_type values that need no more
+
+
+@dataclass
+class GrpoConfig:
+    """train.method grpo (TRL's GRPOTrainer); the keys are GRPOConfig's. train.batch_size counts completions: each
+    step samples batch_size x grad_accum / num_generations prompts, num_generations completions each."""
+    num_generations: int = 4  # the group: completions per prompt, whose rewards are compared with each other
+    max_completion_length: int = 256  # new tokens per completion (a longer one is cut: `ending` scores it 0)
+    temperature: float = 1.0  # sampling of the completions; a group learns only where its completions differ
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    beta: float = 0.0  # KL weight against the model before training (0: no reference forward, TRL's default)
+    loss_type: Literal[GRPO_LOSSES] = "dapo"
+    epsilon: float = 0.2  # clipping of the policy ratio
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    num_iterations: int = 1  # optimisation passes over each batch of completions
+    mask_truncated_completions: bool = False  # leave completions cut at max_completion_length out of the loss
+    fast_rollouts: bool = True  # completions by common/decoding.py's batched decoder (the same sampling), else TRL's generate()
 
 
 @dataclass
@@ -178,6 +201,8 @@ class Recipe:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     kto: KtoConfig = field(default_factory=KtoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    rewards: list = field(default_factory=list)  # common.rewards.RewardEntry: a list, not a mapping (_build_rewards)
     source: Optional[str] = field(default=None, metadata={"internal": True})  # recipe file it came from
 
 
@@ -266,7 +291,7 @@ def _literal_names(tp) -> list[str]:
 
 def _build_section(cls, raw: dict, prefix: str, problems: list[str]):
     hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
     values = {}
     for key, value in raw.items():
         if key not in names:
@@ -366,6 +391,10 @@ def _check_sources(d: DataConfig, key: str, problems: list[str], for_training: b
 def _check_preference(recipe: Recipe, problems: list[str], for_training: bool) -> None:
     """The preference values and model.adapter (train.method against its data and sections is common.methods')."""
     p, m = recipe.preference, recipe.model
+    if for_training:
+        from common import rewards  # imports nothing from here
+
+        rewards.check(recipe.rewards, problems)
     if p.beta <= 0 or p.orpo_lambda <= 0:
         problems.append("`preference.beta` and `preference.orpo_lambda` must be > 0")
     if p.loss_type == "exo_pair" and not 0.0 < p.label_smoothing < 0.5:
@@ -520,6 +549,9 @@ def from_dict(raw: dict, problems: list[str] | None = None, where: str = "recipe
         if name not in SECTIONS:
             problems.append(f"unknown section `{name}`{_suggest(str(name), SECTIONS)}")
             continue
+        if name == "rewards":
+            sections[name] = _build_rewards(value, problems)
+            continue
         cls = SECTIONS[name].default_factory
         if value is None:
             if name == "lora":
@@ -539,9 +571,52 @@ def from_dict(raw: dict, problems: list[str] | None = None, where: str = "recipe
     return recipe
 
 
+def _build_rewards(raw, problems: list[str]) -> list:
+    """`rewards:` as common.rewards.RewardEntry objects: each entry one catalog name with its settings (a mapping;
+    `python:` takes the module:function string) and an optional weight."""
+    from common.rewards import CATALOG, SHORTHAND, RewardEntry  # imports nothing from here
+
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        problems.append("`rewards`: expected a list of entries, e.g. `- repetition: {n: 4}`")
+        return []
+    entries = []
+    for i, item in enumerate(raw):
+        where = f"rewards[{i}]"
+        names = [k for k in item if k != "weight"] if isinstance(item, dict) else []
+        if len(names) != 1:
+            problems.append(f"`{where}`: expected one reward ({', '.join(CATALOG)}) and an optional weight, got {item!r}")
+            continue
+        name, value = str(names[0]), item[names[0]]
+        if name not in CATALOG:
+            problems.append(f"`{where}`: unknown reward `{name}`{_suggest(name, CATALOG)}")
+            continue
+        if name in SHORTHAND and isinstance(value, str):
+            value = {SHORTHAND[name]: value}
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            problems.append(f"`{where}.{name}`: expected a mapping of settings, got {value!r}")
+            continue
+        settings = _build_section(CATALOG[name], value, f"{where}.{name}", problems)
+        try:
+            weight = _coerce(item.get("weight", 1.0), float)
+        except ValueError:
+            problems.append(f"`{where}.weight`: got {item['weight']!r}, expected a number")
+            continue
+        entries.append(RewardEntry(name, settings, weight, i))
+    return entries
+
+
 def to_dict(recipe: Recipe) -> dict:
-    out = dataclasses.asdict(recipe)
-    out.pop("source", None)
+    out = {}
+    for f in dataclasses.fields(recipe):
+        value = getattr(recipe, f.name)
+        if f.metadata.get("internal"):
+            continue
+        out[f.name] = ([e.to_dict() for e in value] if isinstance(value, list) else
+                       None if value is None else dataclasses.asdict(value))
     return out
 
 

@@ -154,3 +154,15 @@ def test_split_products_leave_answers_and_other_layers_alone(generator, two_thre
                              generation_config=generator.generation_config(Sampling(max_new_tokens=24)))
     assert answering.row.answer == out[0, ids.shape[1]:].tolist()
     assert split_products(torch.nn.Linear(64, 64).bfloat16()) == 0
+
+
+def test_generate_many_answers_as_generate_alone(generator):
+    """Eval's and GRPO's path: several conversations decoded together, at most max_batch at once (the third joins
+    when one ends), each answer the one `generate` gives alone; on_done is called once per answer."""
+    questions = ["你好", "我最近很焦虑，晚上睡不着，白天也没有精神，怎么办？", "我和父母总是吵架。"]
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    sampling = Sampling(max_new_tokens=12, repetition_penalty=1.2)
+    done = []
+    together = generator.generate_many(conversations, sampling, max_batch=2, on_done=lambda: done.append(1))
+    assert len(done) == 3
+    assert together == [generator.generate(c, sampling) for c in conversations]

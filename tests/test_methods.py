@@ -36,6 +36,13 @@ SAMPLES = {
                                     {"conversations": [{"from": "human", "value": "我睡不着"},
                                                        {"from": "gpt", "value": "别想太多。"}], "kto_tag": False}],
 }
+# grpo's prompts: each user turn of a conversation, a pair's prompt, prompt-only records
+SAMPLES.update({("prompts", fmt): SAMPLES[("conversations", fmt)]
+                for fmt in ("xtuner", "alpaca", "sharegpt", "openai")})
+SAMPLES.update({("prompts", fmt): SAMPLES[("pairs", fmt)] for fmt in ("conversational", "plain")})
+SAMPLES[("prompts", "prompt")] = [{"prompt": "我睡不着"}, {"prompt": [{"role": "user", "content": "我很焦虑"}]}]
+# what a method needs beside its data for a dry run: GRPO learns from rewards, in groups that fill the batch
+EXTRA = {"grpo": "grpo: {num_generations: 2, max_completion_length: 16}\nrewards:\n  - repetition: {}\n"}
 ALL_FORMATS = sorted({f for m in METHODS.values() for f in m.formats})
 
 
@@ -53,7 +60,7 @@ def recipe(tmp_path, model_dir, method: str, data: Path, fmt: str) -> Path:
     pack = "true" if METHODS[method].packs else "false"
     path.write_text(f"model: {{path: {model_dir}}}\n"
                     f"data: {{path: {data}, format: {fmt}, max_length: 512, pack: {pack}}}\n"
-                    f"train: {{method: {method}, batch_size: 2}}\n", encoding="utf-8")
+                    f"train: {{method: {method}, batch_size: 2}}\n" + EXTRA.get(method, ""), encoding="utf-8")
     return path
 
 

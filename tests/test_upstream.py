@@ -8,7 +8,7 @@ that is not checked here is a defect.
 | transformers | `integrations.sdpa_attention.sdpa_attention_forward` | acceleration.packed_attention | sdpa's own path when ours steps aside (decoding) | test_speed (generate equal to sdpa) |
 | transformers | `masking_utils.ALL_MASK_ATTENTION_FUNCTIONS`, `sdpa_mask` | acceleration.register_packed_attention | a registered attention needs a mask function; `AttentionInterface` has no mask twin | test_speed |
 | peft | `tuners.lora.layer.Linear` internals: `lora_variant`, `_cast_input_dtype`, `scaling`, `lora_dropout`, `merged`, `disable_adapters`, `fan_in_fan_out` | acceleration._fused_lora_forward | the fused forward re-does `Linear.forward` in one addmm | test_speed (loss and gradients equal) |
-| transformers | `GenerationMixin._get_logits_processor(generation_config, input_ids_seq_length, device)` | generation.Generator.start | the decoder picks tokens with the processors generate() would use for the same settings; no public builder | test_decoding (a lone row equals generate()), test_chat |
+| transformers | `GenerationMixin._get_logits_processor(generation_config, input_ids_seq_length, device)` | generation.Generator.start, grpo.Rollout.sample | the decoder picks tokens with the processors generate() would use for the same settings; no public builder | test_decoding (a lone row equals generate()), test_chat |
 | transformers | `cache_utils.DynamicLayer` and its `keys`/`values` tensors | decoding.Decoder (batching rows in one cache) | rows joining and leaving a batch pad, concatenate and select cache tensors; `DynamicCache` has no public merge | test_decoding |
 | torch | `_inductor.aoti_compile_and_package`, `_inductor.aoti_load_package`, the loaded model's `get_constant_fqns`/`load_constants(..., user_managed=True)`, the config `aot_inductor.package_constants_in_so` | decode_step (build, FastStep.ready) | AOTInductor's documented entry points live under `torch._inductor`; a package without weights, handed the live model's tensors, has no other API | test_decode_step |
 | torch | `nn.Module._non_persistent_buffers_set` | decode_step.baked_buffers | which buffers are computed rather than saved (they are compiled into the package); no public accessor | test_decode_step (a model's rotary frequencies reach the build) |
@@ -20,6 +20,7 @@ that is not checked here is a defect.
 | trl | `DPOTrainer._prepare_dataset(dataset, processing_class, args, dataset_name)` | preference.PairDPOTrainer | TRL 1.16 re-tokenizes every dataset; the override passes our pre-tokenized pair rows through | test_preference (rows equal TRL's tokenization; loss equal to plain DPOTrainer) |
 | trl | `KTOTrainer._prepare_dataset(dataset, processing_class, args, dataset_name)`, its `calculate_KL`, and the `KL_completion_ids` column its collator reads | preference.RatedKTOTrainer | TRL 1.16 extracts and tokenizes every dataset; the override passes our pre-tokenized rated rows through and adds the KL completions as TRL's preparation does | test_kto (loss, KL and rewards equal to plain KTOTrainer) |
 | trl | `trainer.utils.FusedCausalLMOutput` and the `fused_lm_head=True` forward its trainers call | acceleration.pack_pairs | packed pairs answer DPOTrainer's fused-head forward in its own output type | test_preference (packed outputs and gradients equal the padded forward) |
+| trl | `GRPOTrainer._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations)` -> (completion_ids, logprobs); `trainer.generation_config`, `generation_kwargs`, `eos_token_ids`, `num_generations(_eval)` (read) | grpo.Rollout | `grpo.fast_rollouts: false` samples by TRL's own generation from our prompt ids; the public `rollout_func` hook hands us prompts, not TRL's generator | test_grpo (a run with fast_rollouts off; loss equal to plain GRPOTrainer) |
 | Python | `_compat_pickle` name tables | safeload._py3_name | protocol-2 pickles name Python 2 modules | test_convert |
 | peft | `utils.other.get_pattern_key(pattern_keys, key_to_match)` | merging (a module's rank and alpha from `rank_pattern`/`alpha_pattern`) | the rule PEFT itself applies to pick a pattern for a module; not exported | test_merge |
 | transformers | `integrations.gguf.gguf_tokenizer_mapping.GGUF_PRE_TOKENIZER_SPLITS` | gguf_export.pre_tokenizer_name | llama.cpp's names for pre-tokenizer regexes as transformers' GGUF reader knows them; no public table | test_gguf |
@@ -193,6 +194,14 @@ def test_trl_dpo_dataset_hook_and_fused_head_output_keep_their_shape():
     fields = {f.name for f in dataclasses.fields(FusedCausalLMOutput)}
     assert {"loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask",
             "aux_loss"} <= fields
+
+
+def test_trl_grpo_generation_keeps_its_shape():
+    from trl import GRPOTrainer
+
+    params = list(inspect.signature(GRPOTrainer._generate_single_turn).parameters)
+    assert params[:5] == ["self", "prompt_ids", "images", "multimodal_fields", "num_generations"]
+    assert "rollout_func" in inspect.signature(GRPOTrainer.__init__).parameters
 
 
 def test_generate_builds_logits_processors_and_dynamic_layers_hold_tensors(tiny_model_dir):

@@ -11,6 +11,7 @@ This file holds no code: the method modules import their siblings (spec, pairwis
     dpo    preference pairs -> pair rows -> DPOTrainer                 (dpo.py; pairwise.py, common.preference)
     orpo   preference pairs -> pair rows -> ORPOTrainer                (orpo.py; pairwise.py, common.preference)
     kto    rated answers (thumbs up/down) -> rows -> KTOTrainer         (kto.py; common.unpaired, common.preference)
+    grpo   prompts -> completions scored by `rewards:` -> GRPOTrainer   (grpo.py; common.prompts, common.grpo, common.rewards)
 
 How a new method is added (say `xyz`):
 1. `common/methods/xyz.py` with `METHOD = Method(name="xyz", ...)` and the functions it names. Its module level

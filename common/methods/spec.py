@@ -38,6 +38,7 @@ class Method:
     keys: dict = field(default_factory=dict)
     packs: bool = False  # data.pack applies (conversations pack into rows; pairs and rated answers do not)
     check: Optional[Callable] = None  # (recipe, problems): what else the method needs of a recipe
+    rewards: bool = False  # learns from the recipe's `rewards:` (common/rewards.py)
     held_out: Optional[HeldOut] = None
 
     @property

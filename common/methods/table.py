@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 
 from common.cli import did_you_mean
-from common.methods import dpo, kto, orpo, sft
+from common.methods import dpo, grpo, kto, orpo, sft
 from common.methods.spec import Method
 
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (sft, dpo, orpo, kto)}
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (sft, dpo, orpo, kto, grpo)}
 
 
 def get(name: str) -> Method:
@@ -51,6 +51,9 @@ def check_recipe(recipe, problems: list[str]) -> None:
             if getattr(values, key) != getattr(default, key) and key not in method.keys.get(section, ()):
                 users = [m.name for m in METHODS.values() if key in m.keys.get(section, ())]
                 problems.append(f"`{section}.{key}` applies to train.method {' or '.join(users)}, not {name}")
+    if recipe.rewards and not method.rewards:
+        problems.append(f"`rewards` apply to train.method {' or '.join(m.name for m in METHODS.values() if m.rewards)}, "
+                        f"not {name}")
     if method.check is not None:
         method.check(recipe, problems)
 
