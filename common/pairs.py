@@ -43,9 +43,14 @@ class Pair:
                        rejected=without_reasoning(self.rejected))
 
     def conversation(self, answer: str) -> list[Turn]:
-        """The prompt answered with `answer`: what SFT would encode, with only that answer trained."""
-        *context, last = self.prompt
-        return [Turn(t.input, t.output, t.system, train=False) for t in context] + [Turn(last.input, answer, last.system)]
+        return answered(self.prompt, answer)
+
+
+def answered(prompt: list[Turn], answer: str) -> list[Turn]:
+    """A prompt (context turns, then the user's last turn) answered with `answer`: what SFT would encode, with only
+    that answer trained."""
+    *context, last = prompt
+    return [Turn(t.input, t.output, t.system, train=False) for t in context] + [Turn(last.input, answer, last.system)]
 
 
 # ---------------------------------------------------------------- per-format record readers

@@ -20,7 +20,7 @@ from pathlib import Path
 from common.conversation import (OPENAI_ROLES, BadRecord, Turn, drop_reasoning, messages_to_turns, required_field,
                                  text_field, with_system, without_reasoning)
 from common.formats import SHAREGPT_ROLES, LoadReport, read_file
-from common.pairs import (PAIR_READERS, detect_pair_format, fit_prompt, is_pair_record, is_single_rating,
+from common.pairs import (PAIR_READERS, answered, detect_pair_format, fit_prompt, is_pair_record, is_single_rating,
                           message_answer, scored, with_top_system)
 from common.templates import Template
 
@@ -38,10 +38,7 @@ class Rated:
         return replace(self, prompt=drop_reasoning(self.prompt), completion=without_reasoning(self.completion))
 
     def conversation(self) -> list[Turn]:
-        """The prompt answered with the rated answer, only that answer trained (what SFT would encode)."""
-        *context, last = self.prompt
-        return [Turn(t.input, t.output, t.system, train=False) for t in context] + [
-            Turn(last.input, self.completion, last.system)]
+        return answered(self.prompt, self.completion)
 
     def held_out_conversation(self) -> list[Turn] | None:
         """A good answer is what eval.py's held-out loss scores; a bad one is not."""
