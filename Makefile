@@ -13,7 +13,7 @@ setup: $(STAMP)
 # makes this a no-op.
 $(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt pytest==9.2.0 pytest-xdist==3.8.0 openai==3.57.0 selenium==4.51.0 mlflow-skinny==3.18.0 wandb==0.31.0
+	$(PY) -m pip install --quiet -r requirements.txt pytest==9.2.0 pytest-xdist==3.8.0 openai==3.57.0 selenium==4.51.0 mlflow-skinny==3.18.0 wandb==0.31.0 lm-eval==0.4.13
 	touch $(STAMP)
 
 $(DEMO_MODEL)/config.json: | $(STAMP)

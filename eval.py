@@ -8,8 +8,9 @@ Held-out data: --data, else the run's data.eval_path, else the conversations its
 is scored on the answer tokens exactly as training scores them (the run's template, masks, truncation and
 max_length). Answers: the run's evaluation.prompts and the first user turn of up to --limit held-out conversations,
 greedy by default, through the same generation core as chat.py. Preference pairs (a DPO/ORPO run's data, or any pair
-file): also the preference accuracy and mean margin, and the loss is that of the chosen answers. Writes
-RUN/eval/report.md and report.json.
+file): also the preference accuracy and mean margin, and the loss is that of the chosen answers. --tasks: also
+lm-evaluation-harness tasks (its names, or YAML task files of your own), base vs tuned, to see what was forgotten.
+Writes RUN/eval/report.md and report.json.
 """
 import argparse
 import sys
@@ -32,6 +33,12 @@ def parse_args(argv=None):
     p.add_argument("--torch-dtype", default="auto", choices=CHOICES, help="auto: by the hardware, as in training")
     p.add_argument("--out", type=Path, help="report directory (default: RUN/eval)")
     p.add_argument("--force", action="store_true", help="replace an existing report directory")
+    bench = p.add_argument_group("forgetting: lm-evaluation-harness (pip install lm-eval; "
+                                 "docs/evaluation.md#forgetting-lm-evaluation-harness)")
+    bench.add_argument("--tasks", nargs="+", metavar="TASK", help="lm-eval task names (their data comes from the hub) "
+                       "or YAML task files (e.g. a task over local JSON), scored for base and tuned")
+    bench.add_argument("--task-limit", type=int, metavar="N", help="at most N examples per task (lm-eval's --limit)")
+    bench.add_argument("--task-batch-size", type=int, default=8, metavar="N", help="(default 8)")
     return p.parse_args(argv)
 
 
@@ -57,17 +64,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from datasets import disable_progress_bars
 
-    from common import artifacts, evaluation
+    from common import artifacts, benchmarks, evaluation
     from common.precision import canonical
 
     disable_progress_bars()  # packing's Map bar; the scoring and answering bars are eval's own
+    tasks = benchmarks.tasks(args.tasks) if args.tasks else None  # lm-eval present, the tasks known: before any load
     source = artifacts.resolve_model(args.model, adapter_first=True)
     other = artifacts.resolve_model(args.compare, adapter_first=True) if args.compare else None
     out = args.out or (source.run_dir or source.adapter or source.model) / artifacts.EVAL_DIR
     artifacts.check_output(out, [], args.force)
     files, records = held_out(args, source)
-    result = evaluation.evaluate(source, other, records, files, canonical(args.torch_dtype), args.limit,
-                                 args.max_new_tokens, args.temperature, progress=sys.stderr.isatty())
+    progress = sys.stderr.isatty()
+    models = evaluation.Contestants(source, other, canonical(args.torch_dtype))
+    result = evaluation.evaluate(models, source.recipe, records, files, args.limit, args.max_new_tokens,
+                                 args.temperature, progress)
+    if tasks:
+        result.benchmarks = benchmarks.run(models, tasks, args.task_limit, args.task_batch_size)
     with artifacts.atomic_dir(out) as tmp:
         evaluation.write_report(tmp, result)
     print(evaluation.summary(result))

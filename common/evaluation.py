@@ -253,17 +253,18 @@ class Result:
     # margins, base vs tuned); report.json holds each as a field of its own
     methods: dict = field(default_factory=dict)
     rewards: dict | None = None  # a rewards run's table (common/methods/grpo.py reward_table)
+    benchmarks: dict | None = None  # --tasks: common.benchmarks.run (lm-evaluation-harness), base vs tuned
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         return {**out, **out.pop("methods")}
 
 
-def evaluate(source, other, records: list, files: list, dtype: str = "auto", limit: int = 8,
+def evaluate(models: Contestants, recipe, records: list, files: list, limit: int = 8,
              max_new_tokens: int | None = None, temperature: float = 0.0, progress: bool = False) -> Result:
-    """The tuned model, `source` (an artifacts.ModelSource), against `other` (None: its base, the adapter switched
-    off) on held-out conversations or preference pairs, in the tuned model's settings (its run's template, system
-    prompt, truncation, max_length and evaluation section): the loss on the answer tokens (a pair's chosen answer),
+    """The tuned model against the other of `models` on held-out conversations or preference pairs, in the tuned
+    model's settings (`recipe`: its run's template, system prompt, truncation, max_length and evaluation section): the
+    loss on the answer tokens (a pair's chosen answer),
     answers to the evaluation prompts and to the first user turn of up to `limit` records (greedy unless a temperature
     is given), and each method's own measures of the records of its kind (common/methods: the preference accuracy and
     margins of pairs)."""
@@ -273,10 +274,8 @@ def evaluate(source, other, records: list, files: list, dtype: str = "auto", lim
     from common.templates import get_template
 
     conversations = as_conversations(records)  # prompts alone have no answer, so no loss
-    recipe = source.recipe
     d = recipe.data
     template = get_template(d.template, d.thinking)
-    models = Contestants(source, other, dtype)
     samples = held_out_samples(models.tokenizer, template, conversations, d)
     rows = scoring_rows(samples, d.max_length, models.tokenizer.pad_token_id)
     parts = held_out_parts()
@@ -322,6 +321,8 @@ def _parts(result: Result):
 
 
 def report_markdown(result: Result) -> str:
+    from common import benchmarks
+
     b, t = result.base, result.tuned
     lines = [f"# Evaluation: {result.tuned_name} vs {result.base_name}", "",
              f"Held-out data: {', '.join(result.data)} — {result.conversations} conversations "
@@ -334,7 +335,8 @@ def report_markdown(result: Result) -> str:
              f"The tuned model's loss is lower on {result.tuned_better} of {result.conversations} conversations "
              f"({100 * result.tuned_better_share:.0f}%).",
              *(line for part, value in _parts(result) for line in part.markdown(value)),
-             *(reward_markdown(result.rewards) if result.rewards else []), "", "## Per conversation", "",
+             *(reward_markdown(result.rewards) if result.rewards else []),
+             *(benchmarks.markdown(result.benchmarks) if result.benchmarks else []), "", "## Per conversation", "",
              "| # | answer tokens | base loss | tuned loss |", "|---|---|---|---|"]
     for c in result.per_conversation:
         lines.append(f"| {c['index']} | {c['tokens']} | {c['base_loss']:.4f} | {c['tuned_loss']:.4f} |")
@@ -358,9 +360,12 @@ def write_report(out_dir, result: Result) -> None:
 
 
 def summary(result: Result) -> str:
+    from common import benchmarks
+
     b, t = result.base, result.tuned
     return (f"held-out loss over {b['tokens']} answer tokens of {result.conversations} conversations: "
             f"base {b['loss']:.4f} (ppl {b['ppl']:.2f}) -> tuned {t['loss']:.4f} (ppl {t['ppl']:.2f}); "
             f"tuned lower on {result.tuned_better}/{result.conversations} ({100 * result.tuned_better_share:.0f}%)"
             + "".join(f"\n{part.summary(value)}" for part, value in _parts(result))
-            + (f"\n{reward_summary(result.rewards)}" if result.rewards else ""))
+            + (f"\n{reward_summary(result.rewards)}" if result.rewards else "")
+            + (f"\n{benchmarks.summary(result.benchmarks)}" if result.benchmarks else ""))
