@@ -39,7 +39,38 @@ def parse_args(argv=None):
                        "or YAML task files (e.g. a task over local JSON), scored for base and tuned")
     bench.add_argument("--task-limit", type=int, metavar="N", help="at most N examples per task (lm-eval's --limit)")
     bench.add_argument("--task-batch-size", type=int, default=8, metavar="N", help="(default 8)")
+    judge = p.add_argument_group("a judge's verdict: rubric scores and win rate (docs/evaluation.md#judged-by-a-model)")
+    judge.add_argument("--judge", metavar="URL", help="an OpenAI-compatible endpoint's base URL (vLLM, Ollama, a cloud "
+                       "API, chat.py --serve), e.g. http://127.0.0.1:8000/v1: both models answer every counsellor turn "
+                       "of the held-out conversations, the judge scores each reply and compares each pair")
+    judge.add_argument("--judge-model", metavar="NAME", help="the judge model's name there (default: the first it lists)")
+    judge.add_argument("--judge-rubric", metavar="FILE", default="data/counselling_rubric.json", help="(default %(default)s)")
+    judge.add_argument("--judge-key-file", metavar="PATH", help="a file holding the endpoint's API key")
+    judge.add_argument("--judge-key-env", metavar="VAR", help="or an environment variable holding it")
+    judge.add_argument("--judge-limit", type=int, default=8, metavar="N", help="held-out conversations judged, every "
+                       "counsellor turn of each (default 8)")
+    judge.add_argument("--judge-in-flight", type=int, default=4, metavar="N", help="requests at once (default 4)")
+    judge.add_argument("--judge-timeout", type=float, default=120.0, metavar="SECONDS", help="per request (default 120)")
+    judge.add_argument("--judge-max-tokens", type=int, default=400, metavar="N", help="the judge's reply (default 400)")
+    judge.add_argument("--judge-cache", metavar="DIR", help="verdicts kept on disk, so that a rerun asks nothing twice "
+                       "(default: RUN/judge_cache)")
     return p.parse_args(argv)
+
+
+def judge_client(args, report_dir: Path):
+    """The judge's client (common/judge.py), every check that can fail made now, before any model loads: the address
+    answering, the rubric file, the key."""
+    from types import SimpleNamespace
+
+    from common.judge import JudgeClient
+
+    # The fields JudgeClient.from_settings reads (the GRPO `judge` reward's settings have the same names).
+    settings = SimpleNamespace(url=args.judge, model=args.judge_model, rubric=args.judge_rubric, retries=2,
+                               api_key_file=args.judge_key_file, api_key_env=args.judge_key_env,
+                               max_in_flight=args.judge_in_flight, timeout=args.judge_timeout,
+                               max_tokens=args.judge_max_tokens,
+                               cache=str(args.judge_cache or report_dir.parent / "judge_cache"))
+    return JudgeClient.from_settings(settings, log=lambda line: print(line, file=sys.stderr))
 
 
 def held_out(args, source):
@@ -64,7 +95,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from datasets import disable_progress_bars
 
-    from common import artifacts, benchmarks, evaluation
+    from common import artifacts, benchmarks, evaluation, judging
+    from common.pairs import as_conversations
     from common.precision import canonical
 
     disable_progress_bars()  # packing's Map bar; the scoring and answering bars are eval's own
@@ -73,6 +105,7 @@ def main(argv=None) -> int:
     other = artifacts.resolve_model(args.compare, adapter_first=True) if args.compare else None
     out = args.out or (source.run_dir or source.adapter or source.model) / artifacts.EVAL_DIR
     artifacts.check_output(out, [], args.force)
+    client = judge_client(args, out) if args.judge else None
     files, records = held_out(args, source)
     progress = sys.stderr.isatty()
     models = evaluation.Contestants(source, other, canonical(args.torch_dtype))
@@ -80,6 +113,9 @@ def main(argv=None) -> int:
                                  args.temperature, progress)
     if tasks:
         result.benchmarks = benchmarks.run(models, tasks, args.task_limit, args.task_batch_size)
+    if client:
+        result.judged = judging.run(models, client, source.recipe, as_conversations(records), args.judge_limit,
+                                    args.max_new_tokens, args.temperature, progress)
     with artifacts.atomic_dir(out) as tmp:
         evaluation.write_report(tmp, result)
     print(evaluation.summary(result))

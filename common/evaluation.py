@@ -254,6 +254,7 @@ class Result:
     methods: dict = field(default_factory=dict)
     rewards: dict | None = None  # a rewards run's table (common/methods/grpo.py reward_table)
     benchmarks: dict | None = None  # --tasks: common.benchmarks.run (lm-evaluation-harness), base vs tuned
+    judged: dict | None = None  # --judge: common.judging.run (rubric scores, pairwise verdicts, reasons per reply)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -321,7 +322,7 @@ def _parts(result: Result):
 
 
 def report_markdown(result: Result) -> str:
-    from common import benchmarks
+    from common import benchmarks, judging
 
     b, t = result.base, result.tuned
     lines = [f"# Evaluation: {result.tuned_name} vs {result.base_name}", "",
@@ -336,7 +337,8 @@ def report_markdown(result: Result) -> str:
              f"({100 * result.tuned_better_share:.0f}%).",
              *(line for part, value in _parts(result) for line in part.markdown(value)),
              *(reward_markdown(result.rewards) if result.rewards else []),
-             *(benchmarks.markdown(result.benchmarks) if result.benchmarks else []), "", "## Per conversation", "",
+             *(benchmarks.markdown(result.benchmarks) if result.benchmarks else []),
+             *(judging.markdown(result.judged) if result.judged else []), "", "## Per conversation", "",
              "| # | answer tokens | base loss | tuned loss |", "|---|---|---|---|"]
     for c in result.per_conversation:
         lines.append(f"| {c['index']} | {c['tokens']} | {c['base_loss']:.4f} | {c['tuned_loss']:.4f} |")
@@ -360,7 +362,7 @@ def write_report(out_dir, result: Result) -> None:
 
 
 def summary(result: Result) -> str:
-    from common import benchmarks
+    from common import benchmarks, judging
 
     b, t = result.base, result.tuned
     return (f"held-out loss over {b['tokens']} answer tokens of {result.conversations} conversations: "
@@ -368,4 +370,5 @@ def summary(result: Result) -> str:
             f"tuned lower on {result.tuned_better}/{result.conversations} ({100 * result.tuned_better_share:.0f}%)"
             + "".join(f"\n{part.summary(value)}" for part, value in _parts(result))
             + (f"\n{reward_summary(result.rewards)}" if result.rewards else "")
-            + (f"\n{benchmarks.summary(result.benchmarks)}" if result.benchmarks else ""))
+            + (f"\n{benchmarks.summary(result.benchmarks)}" if result.benchmarks else "")
+            + (f"\n{judging.summary(result.judged)}" if result.judged else ""))
