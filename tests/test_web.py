@@ -211,6 +211,48 @@ def test_the_run_tab_draws_every_step_and_the_held_out_table_and_follows_the_met
     browser.wait_for(driver, f"{points} === {len(steps) + 1}", "the new step", seconds=10)
 
 
+def test_the_run_tab_shows_the_judged_table_the_win_rate_and_the_benchmarks(page, run_dir):
+    from common import judging
+
+    driver, path = page["driver"], run_dir / artifacts.EVAL_DIR / artifacts.EVAL_REPORT
+    plain = path.read_text()
+    assert driver.execute_script("return document.getElementById('judged').hidden")  # a report without a judge
+    report = json.loads(plain)
+    # the parts eval.py --judge and --tasks add (common/judging.py, common/benchmarks.py), from their own functions
+    verdicts = [{"base_first": "tuned", "tuned_first": "tuned"}, {"base_first": "base", "tuned_first": "tuned"},
+                {"base_first": "tie", "tuned_first": "tuned"}, {"base_first": None, "tuned_first": "base"}]
+    report["judged"] = {
+        "judge": {"url": "http://127.0.0.1:8000/v1", "model": "Qwen2.5-72B-Instruct", "rubric": "counselling",
+                  "scale": [1, 5]},
+        "points": 4, "judged": {"base": 4, "tuned": 3}, "lost": {"base": 0, "tuned": 1},
+        "rubric": {"empathy": {"base": judging.summarise([2, 3, 2, 2]), "tuned": judging.summarise([4, 4, 5])}},
+        "pairwise": judging.pairwise(verdicts)}
+    report["benchmarks"] = {"lm_eval": "0.4.13", "samples": {"facts_mc": 12}, "limit": None,
+                            "tasks": {"facts_mc": {"acc": {"base": 0.5, "tuned": 0.4167}}}}
+    path.write_text(json.dumps(report))
+    try:
+        driver.refresh()
+        browser.wait_for(driver, "document.body.dataset.ready", "the page ready")
+        browser.show_run(driver)
+        browser.wait_for(driver, "!document.getElementById('judged').hidden", "the judged table")
+        rows = driver.execute_script(
+            "return [...document.querySelectorAll('#judged-table tr')].map(r => [...r.cells].map(c => c.textContent));")
+        e = report["judged"]["rubric"]["empathy"]
+        assert rows == [["dimension", "base", "tuned"], ["empathy", judging._interval(e["base"]),
+                                                          judging._interval(e["tuned"])]]
+        assert rows[1][2] == "4.33 [4.00, 5.00]"
+        pw = report["judged"]["pairwise"]
+        win = browser.text_of(driver, "win-rate")
+        assert f"tuned wins 2, ties 1, loses 0; win rate {pw['win_rate']:.2f} [{pw['low']:.2f}, {pw['high']:.2f}]" in win
+        assert "flipped with the order on 67% of the turns (the judge's position bias" in win
+        assert "Qwen2.5-72B-Instruct" in browser.text_of(driver, "judged-facts")
+        bench = driver.execute_script(
+            "return [...document.querySelectorAll('#benchmarks-table tr')].map(r => [...r.cells].map(c => c.textContent));")
+        assert bench == [["lm-eval 0.4.13", "base", "tuned"], ["facts_mc acc", "0.5000", "0.4167"]]
+    finally:
+        path.write_text(plain)
+
+
 def test_a_phone_sized_window_keeps_the_chat_usable_without_horizontal_overflow(page):
     driver = page["driver"]
     driver.set_window_size(390, 844)

@@ -518,6 +518,8 @@ function renderReport(report, problem, runDir) {
     }
   }
   fillTable($("held-out"), ["held-out", "base", "tuned"], rows);
+  renderJudged(report.judged);
+  renderBenchmarks(report.benchmarks);
   const answers = $("report-answers");
   answers.textContent = "";
   for (const a of report.answers) {
@@ -543,6 +545,42 @@ function renderReport(report, problem, runDir) {
     pair.append(prompt, columns);
     answers.append(pair);
   }
+}
+
+// A mean with its 95% bootstrap interval (common/judging.summarise), e.g. "3.25 [2.80, 3.70]".
+function interval(s) {
+  return s.mean === null ? "—" : `${s.mean.toFixed(2)} [${s.low.toFixed(2)}, ${s.high.toFixed(2)}]`;
+}
+
+// eval.py --judge: the rubric's dimensions, base vs tuned, and the pairwise verdict with the judge's position bias.
+function renderJudged(judged) {
+  $("judged").hidden = !judged;
+  if (!judged) return;
+  const j = judged.judge;
+  $("judged-facts").textContent = `${j.model} at ${j.url}, rubric ${j.rubric} (scores ${j.scale[0]}-${j.scale[1]}); ` +
+    `${judged.points} counsellor turns answered by both models; judged ${judged.judged.base} base and ` +
+    `${judged.judged.tuned} tuned replies, lost ${judged.lost.base} and ${judged.lost.tuned}. ` +
+    "Means with 95% bootstrap intervals.";
+  fillTable($("judged-table"), ["dimension", "base", "tuned"],
+    Object.entries(judged.rubric).map(([name, s]) => [name, interval(s.base), interval(s.tuned)]));
+  const pw = judged.pairwise;
+  $("win-rate").textContent = pw.n
+    ? `Pairwise, both orders, ${pw.n} turns: tuned wins ${pw.win}, ties ${pw.tie}, loses ${pw.loss}; win rate ` +
+      `${pw.win_rate.toFixed(2)} [${pw.low.toFixed(2)}, ${pw.high.toFixed(2)}] (a tie counts half). The verdict ` +
+      `flipped with the order on ${Math.round(100 * pw.flip_rate)}% of the turns` +
+      (pw.flip_rate >= 0.25 ? " (the judge's position bias: weigh the win rate accordingly)." : ".")
+    : `Pairwise: no turn got a verdict in both orders (${pw.lost} lost).`;
+}
+
+// eval.py --tasks: each task's metrics, base vs tuned.
+function renderBenchmarks(benchmarks) {
+  $("benchmarks").hidden = !benchmarks;
+  if (!benchmarks) return;
+  const rows = [];
+  for (const [task, metrics] of Object.entries(benchmarks.tasks)) {
+    for (const [metric, v] of Object.entries(metrics)) rows.push([`${task} ${metric}`, v.base, v.tuned]);
+  }
+  fillTable($("benchmarks-table"), [`lm-eval ${benchmarks.lm_eval}`, "base", "tuned"], rows);
 }
 
 function svg(name, attributes, parent) {
