@@ -59,13 +59,11 @@ def test_task_scores_side_by_side_equal_lm_evals_own_loading(run_dir, tiny_model
     assert "benchmarks: facts_mc acc base" in out
 
 
-@pytest.mark.parametrize("tasks, words", [
-    (["facts_mcc"], "lm-eval has no task `facts_mcc`"),  # a name, not a file: lm-eval's index is asked
-    (["missing_task.yaml"], "missing_task.yaml: no such task file"),
-])
-def test_bad_tasks_are_one_line_before_anything_loads(run_dir, tmp_path, tasks, words, capsys):
-    code, _, err = call([tmp_path / "no_run_here", "--tasks", *tasks], capsys)  # the model is never looked at
-    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+def test_a_missing_task_file_is_one_line_before_anything_loads(tmp_path, capsys):
+    # (An unknown task name is refused the same way, with the nearest name, but only after lm-eval has scanned its
+    # 14,000 task files: a minute on the test machine, too long for the suite.)
+    code, _, err = call([tmp_path / "no_run_here", "--tasks", "missing_task.yaml"], capsys)  # no model looked at
+    assert code == 2 and "missing_task.yaml: no such task file" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_task_file_without_a_task_name(tmp_path, capsys):
