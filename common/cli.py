@@ -2,7 +2,11 @@
 import difflib
 import json
 import logging
+import os
+import signal
 import sys
+import threading
+import traceback
 import warnings
 from contextlib import contextmanager
 from functools import wraps
@@ -19,7 +23,10 @@ class UserError(Exception):
 
 
 def main_guard(fn):
-    """Run a script's main(); a UserError becomes `error: ...` on stderr and exit 2."""
+    """Run a script's main(); a UserError becomes `error: ...` on stderr and exit 2. A KeyboardInterrupt that ends
+    main() (a second Ctrl-C) ends the process by SIGINT after its traceback, as Python itself ends it: with scipy
+    installed (lm-eval brings it; transformers' loss module imports it), Python 3.11 exits with status 1 instead,
+    and a shell or scheduler would take a user's abort for a crash."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -28,6 +35,15 @@ def main_guard(fn):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            if threading.current_thread() is not threading.main_thread():
+                raise
+            traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            raise  # not reached: SIGINT's default action ends the process
 
     return wrapper
 
