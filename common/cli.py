@@ -36,7 +36,8 @@ def main_guard(fn):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
-            if threading.current_thread() is not threading.main_thread():
+            # only a script's own process: main() called from other code (a test, a notebook) gets the exception
+            if fn.__module__ != "__main__" or threading.current_thread() is not threading.main_thread():
                 raise
             traceback.print_exc()
             sys.stdout.flush()
