@@ -494,10 +494,12 @@ def writing_run(run_dir: Path):
     try:
         yield
     except BaseException as e:
+        why = write_failure(e)
+        if why is None:  # Ctrl-C, a bug: not ours to describe
+            raise
         run_dir, staged = Path(run_dir), staging_dir(run_dir)
         half = [*staged.glob(f"{CHECKPOINT_PREFIX}*"), *(p for p in run_dir.glob(f"{STAGING_PREFIX}*") if p != staged)]
-        why = write_failure(e)
-        if why is None or not half:
+        if not half:
             raise
         newest = max(half, key=lambda p: p.stat().st_mtime)
         for stale in run_dir.glob(f"{STAGING_PREFIX}*"):
