@@ -57,7 +57,8 @@ from common.decoding import batchable
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_ENV = "DECODE_STEP_CACHE"
-PACKAGE, SPEC = "step.pt2", "spec.json"
+PACKAGE, BATCH_PACKAGE, SPEC = "step.pt2", "batch.pt2", "spec.json"
+MAX_ROWS = 256  # the most rows the batch package takes (the server's --max-batch)
 # The first compiled step must match the eager one this closely (max |logit diff| over 1 + max |logit|): fused
 # rounding is ~1e-6 of it, a wrong structure far more.
 TOLERANCE = 1e-4
@@ -81,21 +82,29 @@ def cache_root() -> Optional[Path]:
 
 
 class StepModule(torch.nn.Module):
-    """The decode step as a function of tensors only, as torch.export needs it: (input_ids [1, 1], position_ids
-    [1, 1], keys, values: one buffer [1, kv heads, capacity, head dim] per layer, its first `position` entries the
-    cache) -> logits [1, 1, vocab]. The new position's key and value are written into the buffers in place, so a
-    step neither copies the cache nor allocates a longer one. The model's own forward runs inside, on a cache made of
-    BufferLayers."""
+    """The decode step of a batch of rows as a function of tensors only, as torch.export needs it: (input_ids
+    [rows, 1], position_ids [rows, 1], padding [rows, 1], keys, values: one buffer [rows, kv heads, capacity, head
+    dim] per layer) -> logits [rows, 1, vocab]. The rows are left-padded to a common width, as common.decoding keeps
+    them: the buffers' first `filled` positions are the cache, of which row r's first padding[r] are padding and
+    the rest its own positions[r] positions. Each row's new key and value are written into the buffers in place
+    after the `filled`, so a step neither copies the cache nor allocates a longer one. `masked`: the attention
+    hides each row's padding (a batch); without, a lone unpadded row sees every cached position. The model's own
+    forward runs inside, on a cache made of BufferLayers."""
 
-    def __init__(self, model):
+    def __init__(self, model, masked: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.masked = model, masked
 
-    def forward(self, input_ids, position_ids, keys: list[torch.Tensor], values: list[torch.Tensor]):
-        filled = position_ids[0, 0].item()  # a lone, unpadded row: its position is the cache's length
+    def forward(self, input_ids, position_ids, padding, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        filled = (position_ids[0, 0] + padding[0, 0]).item()  # the same for every row
         cache = DynamicCache(config=self.model.config)
         cache.layers = [BufferLayer(k, v, filled) for k, v in zip(keys, values)]
-        return self.model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True).logits
+        mask = None
+        if self.masked:  # [rows, 1, 1, filled + 1]: True where the row has a position (transformers takes it as is)
+            columns = torch.arange(keys[0].shape[2], device=padding.device).narrow(0, 0, filled + 1)
+            mask = (columns >= padding)[:, None, None, :]
+        return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, cache=cache,
+                          use_cache=True).logits
 
 
 class BufferLayer(DynamicLayer):
@@ -201,9 +210,10 @@ class FastStep:
 
     def __init__(self, model, root: Path, spec: dict):
         self.model, self.root, self.spec, self.key = model, root, spec, key(spec)
-        self.runner = None
-        self.verified = False
-        self.steps = 0  # compiled steps taken
+        self.runners: dict[bool, object] = {}  # by masked: the batch's step (True), a lone row's (False)
+        self.verified: set[bool] = set()  # the runners whose first step matched the eager one
+        self.steps = 0  # compiled steps taken by a lone row
+        self.batch_steps = 0  # compiled steps taken by a batch of rows
         self.off: Optional[str] = None  # why it is not used (a failed load or check)
 
     @classmethod
@@ -244,55 +254,65 @@ class FastStep:
         return (self.root / self.key / PACKAGE).is_file()
 
     def ready(self) -> bool:
-        """Whether the compiled step can be used now (loads the package the first time it is there)."""
-        if self.runner is not None or self.off is not None:
-            return self.runner is not None
-        package = self.root / self.key / PACKAGE
-        if not package.is_file():
+        """Whether the compiled steps can be used now (loads the packages the first time they are there)."""
+        if self.runners or self.off is not None:
+            return bool(self.runners)
+        if not (self.root / self.key / PACKAGE).is_file():
             return False
-        try:
-            runner = torch._inductor.aoti_load_package(str(package))
-            tensors = dict(StepModule(self.model).named_parameters(remove_duplicate=False))
-            tensors.update(StepModule(self.model).named_buffers(remove_duplicate=False))
-            runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
-                                  check_full_update=True, user_managed=True)  # the model's tensors, not copies
-        except Exception as e:  # a damaged or foreign package: decode as before, and say so once
-            return self._switch_off(f"{package} could not be loaded ({type(e).__name__}: {first_line(e)})")
-        self.runner = runner
+        tensors = dict(StepModule(self.model).named_parameters(remove_duplicate=False))
+        tensors.update(StepModule(self.model).named_buffers(remove_duplicate=False))
+        runners = {}
+        for masked, name in ((True, BATCH_PACKAGE), (False, PACKAGE)):
+            package = self.root / self.key / name
+            try:
+                runner = torch._inductor.aoti_load_package(str(package))
+                runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
+                                      check_full_update=True, user_managed=True)  # the model's tensors, not copies
+            except Exception as e:  # a damaged or foreign package: decode as before, and say so once
+                return self._switch_off(f"{package} could not be loaded ({type(e).__name__}: {first_line(e)})")
+            runners[masked] = runner
+        self.runners = runners
         return True
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, cache, eager: Callable[[], torch.Tensor]):
-        """The logits [1, vocab] of one token, its key and value appended to the cache's layers (as views of buffers
-        with room, which the next step writes into). The first call also runs `eager` (the model's own forward on
-        the same cache) and compares."""
+        """The logits [rows, vocab] of one token per row, their keys and values appended to the cache's layers (as
+        views of buffers with room, which the next step writes into). The rows are left-padded to the cache's
+        width (common.decoding): a row's padding is the width less its position. The first call of each package
+        also runs `eager` (the model's own forward on the same cache) and compares."""
         layers = cache.layers
         before = [(layer.keys, layer.values) for layer in layers]
-        filled = before[0][0].shape[2]
-        if int(positions[0, 0]) != filled:  # not a lone unpadded row after all: the model's own step
-            return eager()
+        rows, filled = before[0][0].shape[0], before[0][0].shape[2]
+        padding = filled - positions
+        masked = rows > 1
+        if int(padding.min()) < 0 or rows > MAX_ROWS or (not masked and int(padding[0, 0]) != 0):
+            return eager()  # not rows as common.decoding pads them after all: the model's own step
         capacity = capacity_for(filled + 1, room(before[0][0]))  # one for all layers, as traced
         keys = [with_room(k, capacity) for k, _ in before]
         values = [with_room(v, capacity) for _, v in before]
         try:
-            logits = self.runner(ids, positions, keys, values)
+            logits = self.runners[masked](ids, positions, padding, keys, values)
         except Exception as e:  # the answer goes on eagerly rather than end in an error
             self._switch_off(f"it failed ({type(e).__name__}: {first_line(e)})")
             return eager()
-        if not self.verified:  # the eager step appends to the cache as it was (the buffers past it are not seen)
+        if masked not in self.verified:  # the eager step appends to the cache as it was (the buffers past it unseen)
             expected = eager()
-            gap = float((logits[:, -1] - expected).abs().max())
-            if not gap <= TOLERANCE * (1 + float(expected.abs().max())):
-                self._switch_off(f"its logits differ from the model's by {gap:.3g}")
+            scale = 1 + expected.abs().amax(-1)  # per row
+            gap = ((logits[:, -1] - expected).abs().amax(-1) / scale).max()
+            if not float(gap) <= TOLERANCE:
+                self._switch_off(f"its logits differ from the model's by {float(gap):.3g} (relative)")
                 return expected
-            self.verified = True
+            self.verified.add(masked)
             return expected
         for layer, k, v in zip(layers, keys, values):
             layer.keys, layer.values = k.narrow(2, 0, filled + 1), v.narrow(2, 0, filled + 1)
-        self.steps += 1
+        if masked:
+            self.batch_steps += 1
+        else:
+            self.steps += 1
         return logits[:, -1]
 
     def _switch_off(self, why: str) -> bool:
-        self.off, self.runner = why, None
+        self.off, self.runners = why, {}
         print(f"warning: the compiled decode step is not used: {why}; decoding as without it", file=sys.stderr)
         return False
 
@@ -336,10 +356,11 @@ def _builder_alive(lock: Path) -> bool:
     return not text or (text.isdigit() and process_alive(int(text)))
 
 
-def build(spec: dict, buffers: dict[str, torch.Tensor], package: Path) -> None:
-    """Export and compile the decode step of a model of this structure into `package`. The model is made without
-    weights of its own (uninitialised memory: the package is handed the live model's tensors at load), its baked
-    buffers given."""
+def build(spec: dict, buffers: dict[str, torch.Tensor], directory: Path) -> None:
+    """Export and compile the decode steps of a model of this structure into `directory`: BATCH_PACKAGE (any
+    number of left-padded rows, the attention masked, products as matrix products) and PACKAGE (one unpadded row,
+    no mask, products as reductions: see products_as_reductions). The model is made without weights of its own
+    (uninitialised memory: the packages are handed the live model's tensors at load), its baked buffers given."""
     from peft import get_peft_config, get_peft_model
     from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
@@ -358,20 +379,28 @@ def build(spec: dict, buffers: dict[str, torch.Tensor], package: Path) -> None:
     with torch.inference_mode():  # the layers' cache shapes, from a forward of two positions
         cache = DynamicCache(config=model.config)
         model(input_ids=torch.zeros(1, 2, dtype=torch.long), cache=cache, use_cache=True)
-        keys = [layer.keys.new_zeros(layer.keys.shape[:2] + (8, layer.keys.shape[3])) for layer in cache.layers]
-        values = [layer.values.new_zeros(layer.values.shape[:2] + (8, layer.values.shape[3])) for layer in cache.layers]
-    products_as_reductions(model)  # what is traced from here on
+        shapes = [(layer.keys.shape[1], layer.values.shape[1], layer.keys.shape[3], layer.values.shape[3])
+                  for layer in cache.layers]
     AttentionInterface.register(ONE_QUERY_ATTENTION, one_query_attention)
     model.set_attn_implementation(ONE_QUERY_ATTENTION)
     capacity = torch.export.Dim("capacity", min=2)  # one for all layers (FastStep.step gives them one)
-    shapes = {"input_ids": None, "position_ids": None, "keys": [{2: capacity}] * len(keys),
-              "values": [{2: capacity}] * len(values)}
-    with torch.no_grad():
-        exported = torch.export.export(StepModule(model), (torch.zeros(1, 1, dtype=torch.long),
-                                                           torch.full((1, 1), 2), keys, values),
-                                       dynamic_shapes=shapes, strict=False)
-    torch._inductor.aoti_compile_and_package(exported, package_path=str(package),
-                                             inductor_configs={"aot_inductor.package_constants_in_so": False})
+    # The example: `rows` rows of 8 positions' room, 3 filled, the first row's first one padding
+    for rows, masked, package in ((2, True, BATCH_PACKAGE), (1, False, PACKAGE)):
+        if not masked:
+            products_as_reductions(model)  # from here on: a lone row's products stream each weight once
+        keys = [torch.zeros(rows, heads, 8, dim, dtype=dtype) for heads, _, dim, _ in shapes]
+        values = [torch.zeros(rows, heads, 8, dim, dtype=dtype) for _, heads, _, dim in shapes]
+        padding = torch.tensor([[1]] + [[0]] * (rows - 1)) if masked else torch.zeros(1, 1, dtype=torch.long)
+        batch = {0: torch.export.Dim("rows", min=2, max=MAX_ROWS)} if masked else None
+        dims = {"input_ids": batch, "position_ids": batch, "padding": batch,
+                "keys": [{0: batch[0], 2: capacity} if batch else {2: capacity}] * len(keys)}
+        dims["values"] = dims["keys"]
+        with torch.no_grad():
+            exported = torch.export.export(StepModule(model, masked),
+                                           (torch.zeros(rows, 1, dtype=torch.long), 3 - padding, padding, keys,
+                                            values), dynamic_shapes=dims, strict=False)
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(directory / package),
+                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
 
 
 def products_as_reductions(model) -> None:
@@ -385,17 +414,19 @@ def products_as_reductions(model) -> None:
 
 
 def one_query_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention of the one new position over the whole cache, as the compiled step needs it: no mask (a lone,
-    unpadded row sees every cached position, itself last) and the query heads grouped by the key/value head they
-    share, so the cache is read as it is instead of copied once per group (transformers' `repeat_kv`, taken while
-    tracing: 3x the cache written and read per step on SmolLM2)."""
+    """Attention of each row's one new position over the cache, as the compiled step needs it: the query heads
+    grouped by the key/value head they share, so the cache is read as it is instead of copied once per group
+    (transformers' `repeat_kv`, taken while tracing: 3x the cache written and read per step on SmolLM2).
+    attention_mask: None for a lone, unpadded row (it sees every cached position, itself last), else a boolean
+    [rows, 1, 1, positions] hiding each row's left padding (a query of one position needs nothing causal)."""
     extras = sorted(name for name, given in kwargs.items()
                     if name not in HARMLESS_ATTENTION_ARGUMENTS and given is not None and given is not False)
     if extras or dropout:  # softcapping, sinks, sliding windows...: this attention does not do them, so no package
         raise NotImplementedError(f"the compiled step's attention does not do {extras or ['dropout']}")
     batch, heads, length, dim = query.shape  # length 1
     grouped = query.reshape(batch, key.shape[1], heads // key.shape[1] * length, dim)
-    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, scale=scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
+                                                           scale=scaling)
     return out.reshape(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
@@ -412,7 +443,7 @@ def main(argv: list[str]) -> int:
         buffers = load_file(root / f"{key_}.buffers.safetensors")
         with atomic_dir(root / key_) as tmp:
             (tmp / SPEC).write_text(json.dumps(spec, indent=1), encoding="utf-8")
-            build(spec, buffers, tmp / PACKAGE)
+            build(spec, buffers, tmp)
         return 0
     except BaseException as e:
         (root / f"{key_}.failed").write_text(f"{type(e).__name__}: {first_line(e)}\n", encoding="utf-8")

@@ -80,8 +80,8 @@ class Row:
 class Decoder:
     """Rows decoding together, one token each per step. Not thread-safe: one thread (the caller's, or the server's
     worker) drives it. `context()` is entered around every forward (e.g. PEFT's `disable_adapter` for base answers).
-    `fast`: the model's compiled decode step (common.decode_step.FastStep, which imports this module), taken while
-    one row decodes alone."""
+    `fast`: the model's compiled decode step (common.decode_step.FastStep, which imports this module), taken by a
+    lone row and by a batch alike."""
 
     def __init__(self, model, context: Callable[[], ContextManager] = nullcontext, fast=None):
         self.model, self.context, self.fast = model, context, fast
@@ -134,9 +134,9 @@ class Decoder:
 
         try:
             with self.context(), torch.inference_mode():
-                # A lone answer takes the compiled step when there is one (see common/decode_step.py)
-                alone = len(rows) == 1 and not self.padded and self.fast is not None and self.fast.ready()
-                logits = (self.fast.step(ids, positions, self.cache, eager) if alone else eager()).float()
+                # The compiled step when there is one (see common/decode_step.py), for a lone row or a batch
+                compiled = self.fast is not None and self.fast.ready()
+                logits = (self.fast.step(ids, positions, self.cache, eager) if compiled else eager()).float()
                 # Greedy rows (the common case) take one argmax for the batch, not one per row.
                 greedy = logits.argmax(-1).tolist()
                 ended = [r.push(greedy[i] if r.plain_greedy else r.pick(logits[i]))
