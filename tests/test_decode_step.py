@@ -20,6 +20,7 @@ from common import decode_step
 from common.decoding import Decoder, Row, split_products
 from common.generation import Generator, Sampling
 from common.templates import get_template
+from tests.test_decoding import assert_as_alone
 
 BUILD_TIMEOUT = 300  # seconds: a tiny model builds in ~30 s on 2 cores
 
@@ -186,26 +187,52 @@ def test_the_key_holds_the_cpu_capability_and_the_build_code(model):
     assert decode_step.key(changed) != decode_step.key(here)
 
 
-def test_batches_and_the_base_decode_eagerly(model, root, tokenizer):
-    """Rows decoded together (padding, a mask) and the adapter switched off are other computations: eager."""
+def test_the_base_decodes_eagerly(model, root, tokenizer):
+    """The adapter switched off is another computation than the package's: eager."""
     fast = decode_step.FastStep.for_model(model, build=False, root=root)
     generator = Generator(model, tokenizer, get_template("qwen_chat"), max_length=1024, fast=fast)
-    assert generator.decoder(adapter=False).fast is None
-    decoder = generator.decoder()
-    rows = [Row(PROMPTS[0], 8, frozenset()), Row(PROMPTS[1], 8, frozenset())]
-    for row in rows:
-        decoder.add(row)
-    before = fast.steps
-    while decoder.rows:
-        decoder.step()
-    assert fast.steps == before
-    assert [r.answer for r in rows] == [answer(model, p, max_new_tokens=8) for p in PROMPTS]
+    assert generator.decoder(adapter=False).fast is None and generator.decoder().fast is fast
+
+
+def test_a_batch_through_the_compiled_step_answers_as_each_row_alone(model, root, tokenizer):
+    """The batch package: rows of different prompt lengths join and leave mid-answer (the others' cache padded,
+    trimmed and copied into new buffers each time), one with a repetition penalty, one sampled with a seed. Every
+    greedy token is what the row's own eager forward, alone, picks (up to rounding); the seeded row draws what it
+    draws decoded alone and eagerly."""
+    fast = decode_step.FastStep.for_model(model, build=False, root=root)
+    assert fast.ready()
+    generator = Generator(model, tokenizer, get_template("qwen_chat"), max_length=1024, fast=fast)
+
+    def start(question, **sampling):
+        return generator.start([{"role": "user", "content": question}], Sampling(**sampling)).row
+
+    short = start("你好", max_new_tokens=6)
+    long = start("我最近很焦虑，晚上睡不着，白天也没有精神，怎么办？" * 3, max_new_tokens=12)
+    penalised = start("我和父母总是吵架。", max_new_tokens=30, repetition_penalty=1.3)
+    seeded = start("我最近很焦虑。", max_new_tokens=20, temperature=0.8, top_k=20, seed=3)
+    decoder, ended = generator.decoder(), []
+    for row, steps in ((short, 3), (long, 2), (penalised, 4), (seeded, 0)):
+        assert not decoder.add(row)
+        for _ in range(steps):
+            ended += decoder.step()
+    assert decoder.padded and decoder.rows == [long, penalised, seeded]
+    for _ in range(100):
+        if not decoder.rows:
+            break
+        ended += decoder.step()
+    assert ended == [short, long, seeded, penalised] and all(r.ended == "length" for r in ended)
+    assert fast.batch_steps == 24 and fast.off is None  # 25 steps of 2-3 rows, the first checked against eager
+    for row in (short, long, penalised):
+        assert_as_alone(model, row)
+    alone = start("我最近很焦虑。", max_new_tokens=20, temperature=0.8, top_k=20, seed=3)
+    Decoder(model).run(alone)
+    assert seeded.answer == alone.answer
 
 
 def test_a_lone_answer_that_joins_a_batch_and_leaves_it_answers_as_eager(model, root):
-    """The server's normal life: an answer decoding alone (compiled) is joined by another mid-answer (the batch is
-    eager, its cache padded and copied out of the compiled step's buffers), which ends first; the first answer is
-    alone again and back on the compiled step. Both answers are the eager answers token for token."""
+    """The server's normal life: an answer decoding alone (the lone package) is joined by another mid-answer (the
+    batch package, its cache padded and copied out of the lone step's buffers), which ends first; the first answer
+    is alone again and back on the lone package. Both answers are the eager answers token for token."""
     fast = decode_step.FastStep.for_model(model, build=False, root=root)
     assert fast.ready()
     decoder = Decoder(model, fast=fast)
@@ -219,6 +246,7 @@ def test_a_lone_answer_that_joins_a_batch_and_leaves_it_answers_as_eager(model, 
     while second in decoder.rows:
         decoder.step()
     assert fast.steps == alone_before and len(decoder.rows) == 1 and not decoder.padded
+    assert fast.batch_steps == 8  # its 9 steps in the batch, the first checked against eager
     while decoder.rows:
         decoder.step()
     assert fast.steps > alone_before  # alone again: compiled again
