@@ -1,13 +1,16 @@
-"""Serving: aggregate completion tokens/s of `chat.py --serve` at 1, 4 and 8 concurrent clients, batched
-(--max-batch 8, the default) against one request at a time (--max-batch 1, the server before batching), both servers
-running in this run on the demo model with its default dtype, greedy, up to 64 new tokens per request. Time to first
-token (from sending the request to the first content delta) is the median over the level's requests.
+"""Serving: aggregate completion tokens/s of `chat.py --serve` (the demo's base model, float32, greedy, up to 64 new
+tokens per request) at 1, 2, 4 and 8 concurrent clients, against one client's requests one after another on the
+same server (the baseline, measured again before each level: a change of the machine's load falls on both). The
+server decodes through the compiled decode step (common/decode_step.py: the lone package for one answer, the batch
+package for several), built before the servers start; an eager server (`--eager`, the same batching) is measured
+at 1 and 8 clients beside it. Time to first token (from sending the request to the first content delta) is the
+median over the level's requests.
 
-    python bench/serving.py [--quick]
+    python bench/serving.py [--quick] [--dtype float32]
 
 Each client sends its requests one after another (streaming, through the official `openai` client); the prompts are
-the first user turns of the bench's conversations, the same for both servers. Both servers are up, one is asked at a time, levels
-alternating between them over two rounds (medians); `seconds` and `requests` are the first round's.
+the first user turns of the bench's conversations. Rounds repeat the whole sequence; figures are medians over rounds,
+`seconds` and `requests` the first round's. --quick: two clients, both servers eager (it builds nothing).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,24 +31,33 @@ sys.path.insert(0, str(ROOT))
 from bench.browser import stop_process  # noqa: E402
 from bench.training import MODEL, data_path  # noqa: E402
 
-LEVELS = (1, 4, 8)
+LEVELS = (1, 2, 4, 8)
+EAGER_LEVELS = (1, 8)
 REQUESTS_PER_CLIENT = 2
 MAX_TOKENS = 64
-ROUNDS = 2
-BATCHED, ALONE = "batched (--max-batch 8)", "one at a time (--max-batch 1)"
+ROUNDS = 3
+MAX_BATCH = "8"
+COMPILED, EAGER = "compiled step (--max-batch 8)", "eager (--eager --max-batch 8)"
 START_TIMEOUT = 180
+BUILD_TIMEOUT = 1800  # seconds for the compiled steps' build (a few minutes for SmolLM2 on a loaded 2-core CPU)
 
 
 class Server:
-    """A chat.py --serve process on a free local port, stopped on exit from the `with` block."""
+    """A chat.py --serve process on a free local port, stopped on exit from the `with` block; its stderr kept."""
 
-    def __init__(self, *flags: str):
+    def __init__(self, dtype: str, *flags: str):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        # --eager: this bench compares batching with none; the compiled decode step (which a lone request would take,
-        # once built) is bench/decode.py's
-        self.argv = [sys.executable, "chat.py", str(MODEL), "--serve", "--port", str(self.port), "--eager", *flags]
+        self.argv = [sys.executable, "chat.py", str(MODEL), "--serve", "--port", str(self.port), "--torch-dtype",
+                     dtype, *flags]
+
+    def __enter__(self) -> Server:
+        """Starts the process; `ready()` waits for it (so that two servers import and load at once)."""
+        self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.stderr,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return self
 
     def __enter__(self) -> Server:
         """Starts the process; `ready()` waits for it (so that two servers import and load at once)."""
@@ -70,6 +83,11 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         stop_process(self.proc)
+        self.stderr.close()
+
+    def said(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()
 
     def client(self):
         import openai
@@ -124,50 +142,83 @@ def level(server: Server, clients: int, questions: list[str], per_client: int, m
             "answers": {r["text"] for r in results}}
 
 
-def run(quick: bool) -> dict:
+def build_steps(dtype: str) -> str:
+    """Build (or find) the demo model's compiled decode steps for `dtype` before the servers start, as a server
+    would in the background; the package's key."""
+    from common.artifacts import resolve_model
+    from common.decode_step import FastStep
+    from common.modeling import load_for_generation
+
+    fast = FastStep.for_model(load_for_generation(resolve_model(str(MODEL)), dtype)[0], build=True)
+    if fast is None or not fast.wait_for_build(BUILD_TIMEOUT):
+        raise SystemExit(f"no compiled decode step for {MODEL.name} in {dtype}; see {fast and fast.root}")
+    return fast.key
+
+
+def run(quick: bool, dtype: str = "float32") -> dict:
     conversations = json.loads(data_path().read_text(encoding="utf-8"))
     # Questions cut to 200 characters (~350 tokens of Chinese for SmolLM2's tokenizer): each new request's prefill
     # pauses the batch, and this measures decoding; longer prompts move time to first token, not tokens/s.
     questions = [c["conversation"][0]["input"][:60 if quick else 200] for c in conversations[:16]]
-    levels = (2,) if quick else LEVELS
+    levels, eager_levels = ((2,), (2,)) if quick else (LEVELS, EAGER_LEVELS)
     per_client, max_tokens = (1, 4) if quick else (REQUESTS_PER_CLIENT, MAX_TOKENS)
-    servers = {BATCHED: ("--max-batch", "8", "--queue-size", "16"), ALONE: ("--max-batch", "1", "--queue-size", "16")}
     import torch
 
     from common import precision
 
     out = {"bench": "serving", "quick": quick, "model": str(MODEL.relative_to(ROOT)), "cpu": precision.cpu_description(),
-           "threads": torch.get_num_threads(), "dtype": precision.resolve("auto", "cpu").name, "max_tokens": max_tokens,
+           "threads": torch.get_num_threads(), "dtype": dtype, "max_tokens": max_tokens,
            "requests_per_client": per_client, "levels": list(levels), "runs": {}}
+    if not quick:
+        out["decode_step"] = build_steps(dtype)
     rounds = 1 if quick else ROUNDS
-    samples = {name: {c: [] for c in levels} for name in servers}
-    answers = {name: set() for name in servers}
-    # Both servers are up at once, but only one is ever asked: an idle server costs no CPU. Levels alternate between
-    # them (A B, then B A in the next round), so that a change of the machine's load falls on both.
-    with Server(*servers[BATCHED]) as batched_server, Server(*servers[ALONE]) as alone_server:
-        running = {BATCHED: batched_server.ready(), ALONE: alone_server.ready()}
+    samples = {COMPILED: {c: [] for c in levels}, EAGER: {c: [] for c in eager_levels}}
+    baseline = []  # the compiled server's one client, measured before each of its other levels
+    answers = {name: set() for name in samples}
+    # Both servers are up at once, but only one is ever asked: an idle server costs no CPU.
+    quick_eager = ("--eager",) if quick else ()  # --quick builds nothing
+    with Server(dtype, *quick_eager, "--max-batch", MAX_BATCH, "--queue-size", "16") as compiled_server, \
+            Server(dtype, "--eager", "--max-batch", MAX_BATCH, "--queue-size", "16") as eager_server:
+        running = {COMPILED: compiled_server.ready(), EAGER: eager_server.ready()}
         if not quick:
             for server in running.values():
-                level(server, 1, questions, 1, 4)  # warm-up: first-call allocations
-        for round_ in range(rounds):
+                level(server, 1, questions, 1, 4)  # warm-up: first-call allocations, the packages' checked steps
+                level(server, 2, questions, 1, 4)
+        for _ in range(rounds):
             for c in levels:
-                for name in (BATCHED, ALONE) if round_ % 2 == 0 else (ALONE, BATCHED):
-                    result = level(running[name], c, questions, per_client, max_tokens)
-                    answers[name] |= result.pop("answers")
-                    samples[name][c].append(result)
-    for name in servers:
+                if c != 1:
+                    baseline.append(level(running[COMPILED], 1, questions, per_client, max_tokens))
+                result = level(running[COMPILED], c, questions, per_client, max_tokens)
+                answers[COMPILED] |= result.pop("answers")
+                samples[COMPILED][c].append(result)
+                if c in eager_levels:
+                    result = level(running[EAGER], c, questions, per_client, max_tokens)
+                    answers[EAGER] |= result.pop("answers")
+                    samples[EAGER][c].append(result)
+        # A compiled step switched off (a failed check or load) says so on the server's stderr
+        out["compiled_step_warnings"] = [line for line in compiled_server.said().splitlines()
+                                         if line.startswith("warning:")]
+    for sample in baseline:
+        sample.pop("answers")
+    samples[COMPILED][1] += baseline
+    for name, runs in samples.items():
         out["runs"][name] = {str(c): {**rs[0], "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rs), 2),
                                       "median_ttft_s": round(statistics.median(r["median_ttft_s"] for r in rs), 3),
-                                      "rounds": len(rs)} for c, rs in samples[name].items()}
-    batched, alone = (out["runs"][name] for name in servers)
-    out["speedup"] = {c: round(batched[c]["tokens_per_s"] / alone[c]["tokens_per_s"], 2) for c in batched}
-    # The same prompts, greedy, on both servers: how many distinct answers only one of them gave (0 in float32;
-    # bfloat16's rounding depends on the batch, so answers may part after some tokens).
-    out["answers_differing"] = len(answers[BATCHED] ^ answers[ALONE])
+                                      "rounds": len(rs)} for c, rs in runs.items()}
+    compiled = out["runs"][COMPILED]
+    lone = compiled[str(levels[0])]["tokens_per_s"] if quick else compiled["1"]["tokens_per_s"]
+    # Against one client's requests in turn on the same server: the aggregate, and what each client gets
+    out["speedup"] = {c: round(r["tokens_per_s"] / lone, 2) for c, r in compiled.items()}
+    out["per_client"] = {c: round(r["tokens_per_s"] / int(c) / lone, 2) for c, r in compiled.items()}
+    # The same prompts, greedy, on both servers: how many distinct answers only one of them gave (0 in float32 but
+    # for a near-tie the compiled step's rounding tips; bfloat16's rounding depends on the batch)
+    out["answers_differing"] = len(answers[COMPILED] ^ answers[EAGER])
     return out
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
-    print(json.dumps(run(parser.parse_args().quick), indent=2))
+    parser.add_argument("--dtype", default="float32", help="the servers' --torch-dtype (default float32)")
+    args = parser.parse_args()
+    print(json.dumps(run(args.quick, args.dtype), indent=2))

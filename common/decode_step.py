@@ -1,4 +1,5 @@
-"""The one-token decode step compiled ahead of time (torch.export + AOTInductor), for answers alone on the CPU.
+"""The one-token decode step compiled ahead of time (torch.export + AOTInductor), for answers on the CPU: a lone
+answer's step, and a batch's (the server's concurrent answers, eval's, GRPO's group of completions).
 
 Why: a decode step of a small model is ~1,500 small torch ops, each dispatched from Python; on a 2-core CPU they cost
 as much as reading the weights (docs/decoding.md). Compiled, the step is one C++ function with those ops fused:
@@ -16,21 +17,24 @@ peft, and the source of the code that builds the package (a change to the build 
 miss, with no number to bump by hand).
 
   DECODE_STEP_CACHE=DIR      where packages live (default HF_HOME/decode_steps); `off`: never use or build one
-    KEY/step.pt2  KEY/spec.json     a built package and what it was built for
+    KEY/step.pt2  KEY/batch.pt2     the built packages: a lone row's step, a batch's (one build makes both)
+    KEY/spec.json                   what they were built for
     KEY.lock  KEY.log  KEY.failed   a build under way (its pid), its log, why it failed (not retried, and said
                                     once when a REPL or server starts: delete it to try again)
     KEY.spec.json  KEY.buffers.safetensors   the build's input, while it runs
 
-Traced differently from the eager forward, the same computation: products as reductions over the input features
-(`products_as_reductions`); the attention (`one_query_attention`: one unpadded query needs no mask, so the query
-heads are grouped by the key/value head they share and the cache is read as it is, not repeated per group); and the
+Traced differently from the eager forward, the same computation: in the lone step, products as reductions over
+the input features (`products_as_reductions`; a batch keeps matrix products, which read each weight once for all
+rows); the attention (`one_query_attention`: the query heads grouped by the key/value head they share, the cache read
+as it is, not repeated per group; a lone unpadded query needs no mask, a batch's rows a mask of their padding); and the
 cache, which lives in buffers with room that each step writes its position into in place (`BufferLayer`), where
 transformers' DynamicCache allocates and copies the whole cache one position longer every step (at 2,000 cached
 positions on SmolLM2 that copy, through fresh memory pages, cost 60 ms of a 100 ms step).
 
-Used only where it is the same computation: a lone answer (no batch padding) on the CPU, the adapter as loaded. The
-first compiled step of a process is checked against the eager step on the same input; a mismatch (a structure the
-key missed) switches it off with a warning. Fused ops round differently in the last bits (logits differ by ~4e-5
+Used only where it is the same computation: on the CPU, the adapter as loaded, rows left-padded as common.decoding
+keeps them (the eager batch's layout, so a step can go either way at any time). The first step of each package in a
+process is checked against the eager step on the same input; a mismatch (a structure the key missed) switches both
+off with a warning. Fused ops round differently in the last bits (logits differ by ~4e-5
 on SmolLM2), which can tip a near-tie between two tokens; greedy answers were identical in every measured case.
 """
 from __future__ import annotations
@@ -391,7 +395,7 @@ def build(spec: dict, buffers: dict[str, torch.Tensor], directory: Path) -> None
         keys = [torch.zeros(rows, heads, 8, dim, dtype=dtype) for heads, _, dim, _ in shapes]
         values = [torch.zeros(rows, heads, 8, dim, dtype=dtype) for _, heads, _, dim in shapes]
         padding = torch.tensor([[1]] + [[0]] * (rows - 1)) if masked else torch.zeros(1, 1, dtype=torch.long)
-        batch = {0: torch.export.Dim("rows", min=2, max=MAX_ROWS)} if masked else None
+        batch = {0: torch.export.Dim("rows", min=1, max=MAX_ROWS)} if masked else None
         dims = {"input_ids": batch, "position_ids": batch, "padding": batch,
                 "keys": [{0: batch[0], 2: capacity} if batch else {2: capacity}] * len(keys)}
         dims["values"] = dims["keys"]
