@@ -155,13 +155,14 @@ def build_steps(dtype: str) -> str:
     return fast.key
 
 
-def run(quick: bool, dtype: str = "float32") -> dict:
+def run(quick: bool, dtype: str = "float32", rounds: int = ROUNDS, max_tokens: int = MAX_TOKENS,
+        per_client: int = REQUESTS_PER_CLIENT) -> dict:
     conversations = json.loads(data_path().read_text(encoding="utf-8"))
     # Questions cut to 200 characters (~350 tokens of Chinese for SmolLM2's tokenizer): each new request's prefill
     # pauses the batch, and this measures decoding; longer prompts move time to first token, not tokens/s.
     questions = [c["conversation"][0]["input"][:60 if quick else 200] for c in conversations[:16]]
     levels, eager_levels = ((2,), (2,)) if quick else (LEVELS, EAGER_LEVELS)
-    per_client, max_tokens = (1, 4) if quick else (REQUESTS_PER_CLIENT, MAX_TOKENS)
+    per_client, max_tokens = (1, 4) if quick else (per_client, max_tokens)
     import torch
 
     from common import precision
@@ -171,7 +172,7 @@ def run(quick: bool, dtype: str = "float32") -> dict:
            "requests_per_client": per_client, "levels": list(levels), "runs": {}}
     if not quick:
         out["decode_step"] = build_steps(dtype)
-    rounds = 1 if quick else ROUNDS
+    rounds = 1 if quick else rounds
     samples = {COMPILED: {c: [] for c in levels}, EAGER: {c: [] for c in eager_levels}}
     baseline = []  # the compiled server's one client, measured before each of its other levels
     answers = {name: set() for name in samples}
@@ -220,5 +221,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dtype", default="float32", help="the servers' --torch-dtype (default float32)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument("--requests-per-client", type=int, default=REQUESTS_PER_CLIENT)
     args = parser.parse_args()
-    print(json.dumps(run(args.quick, args.dtype), indent=2))
+    print(json.dumps(run(args.quick, args.dtype, args.rounds, args.max_tokens, args.requests_per_client), indent=2))
