@@ -55,14 +55,9 @@ class Server:
     def __enter__(self) -> Server:
         """Starts the process; `ready()` waits for it (so that two servers import and load at once)."""
         self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
+        # DECODE_STEP_BATCH=on: batches take the compiled batch package (off by default: docs/decoding.md)
         self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.stderr,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        return self
-
-    def __enter__(self) -> Server:
-        """Starts the process; `ready()` waits for it (so that two servers import and load at once)."""
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", "DECODE_STEP_BATCH": "on"})
         return self
 
     def ready(self) -> Server:
@@ -137,6 +132,7 @@ def level(server: Server, clients: int, questions: list[str], per_client: int, m
     if failures or len(results) != clients * per_client:
         raise SystemExit(f"{len(results)} of {clients * per_client} requests answered: {failures[:1]}")
     tokens = sum(r["tokens"] for r in results)
+    print(f"{clients} client(s): {tokens / wall:.2f} tokens/s", file=sys.stderr, flush=True)  # progress
     return {"clients": clients, "requests": len(results), "completion_tokens": tokens, "seconds": round(wall, 2),
             "tokens_per_s": round(tokens / wall, 2), "median_ttft_s": round(statistics.median(r["ttft"] for r in results), 3),
             "answers": {r["text"] for r in results}}

@@ -17,6 +17,7 @@ peft, and the source of the code that builds the package (a change to the build 
 miss, with no number to bump by hand).
 
   DECODE_STEP_CACHE=DIR      where packages live (default HF_HOME/decode_steps); `off`: never use or build one
+  DECODE_STEP_BATCH=on       batches take the batch package (default off: measured slower than the eager batch)
     KEY/step.pt2  KEY/batch.pt2     the built packages: a lone row's step, a batch's (one build makes both)
     KEY/spec.json                   what they were built for
     KEY.lock  KEY.log  KEY.failed   a build under way (its pid), its log, why it failed (not retried, and said
@@ -61,6 +62,7 @@ from common.decoding import batchable
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_ENV = "DECODE_STEP_CACHE"
+BATCH_ENV = "DECODE_STEP_BATCH"  # `on`: batches of rows take the batch package (default: eagerly)
 PACKAGE, BATCH_PACKAGE, SPEC = "step.pt2", "batch.pt2", "spec.json"
 MAX_ROWS = 256  # the most rows the batch package takes (the server's --max-batch)
 # The first compiled step must match the eager one this closely (max |logit diff| over 1 + max |logit|): fused
@@ -219,6 +221,9 @@ class FastStep:
         self.steps = 0  # compiled steps taken by a lone row
         self.batch_steps = 0  # compiled steps taken by a batch of rows
         self.off: Optional[str] = None  # why it is not used (a failed load or check)
+        # The batch package is built and checked, but measured slower than the eager batch so far
+        # (docs/performance.md#batches-through-the-compiled-step): batches take it only when asked
+        self.batch = os.environ.get(BATCH_ENV, "") == "on"
 
     @classmethod
     def for_model(cls, model, build: bool, root: Optional[Path] = None) -> Optional[FastStep]:
@@ -288,7 +293,8 @@ class FastStep:
         rows, filled = before[0][0].shape[0], before[0][0].shape[2]
         padding = filled - positions
         masked = rows > 1
-        if int(padding.min()) < 0 or rows > MAX_ROWS or (not masked and int(padding[0, 0]) != 0):
+        if (masked and not self.batch) or int(padding.min()) < 0 or rows > MAX_ROWS or (
+                not masked and int(padding[0, 0]) != 0):
             return eager()  # not rows as common.decoding pads them after all: the model's own step
         capacity = capacity_for(filled + 1, room(before[0][0]))  # one for all layers, as traced
         keys = [with_room(k, capacity) for k, _ in before]

@@ -200,7 +200,8 @@ def test_a_batch_through_the_compiled_step_answers_as_each_row_alone(model, root
     greedy token is what the row's own eager forward, alone, picks (up to rounding); the seeded row draws what it
     draws decoded alone and eagerly."""
     fast = decode_step.FastStep.for_model(model, build=False, root=root)
-    assert fast.ready()
+    assert fast.ready() and not fast.batch
+    fast.batch = True  # what DECODE_STEP_BATCH=on sets
     generator = Generator(model, tokenizer, get_template("qwen_chat"), max_length=1024, fast=fast)
 
     def start(question, **sampling):
@@ -231,7 +232,7 @@ def test_a_batch_through_the_compiled_step_answers_as_each_row_alone(model, root
 
 def test_a_lone_answer_that_joins_a_batch_and_leaves_it_answers_as_eager(model, root):
     """The server's normal life: an answer decoding alone (the lone package) is joined by another mid-answer (the
-    batch package, its cache padded and copied out of the lone step's buffers), which ends first; the first answer
+    eager batch by default, its cache padded and copied out of the lone step's buffers), which ends first; the first answer
     is alone again and back on the lone package. Both answers are the eager answers token for token."""
     fast = decode_step.FastStep.for_model(model, build=False, root=root)
     assert fast.ready()
@@ -246,7 +247,7 @@ def test_a_lone_answer_that_joins_a_batch_and_leaves_it_answers_as_eager(model, 
     while second in decoder.rows:
         decoder.step()
     assert fast.steps == alone_before and len(decoder.rows) == 1 and not decoder.padded
-    assert fast.batch_steps == 8  # its 9 steps in the batch, the first checked against eager
+    assert fast.batch_steps == 0  # batches decode eagerly unless DECODE_STEP_BATCH=on
     while decoder.rows:
         decoder.step()
     assert fast.steps > alone_before  # alone again: compiled again
