@@ -197,13 +197,13 @@ def run(quick: bool, dtype: str = "float32", rounds: int = ROUNDS, max_tokens: i
                                          if line.startswith("warning:")]
     for sample in baseline:
         sample.pop("answers")
-    samples[COMPILED][1] += baseline
+    samples[COMPILED].setdefault(1, []).extend(baseline)
     for name, runs in samples.items():
         out["runs"][name] = {str(c): {**rs[0], "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rs), 2),
                                       "median_ttft_s": round(statistics.median(r["median_ttft_s"] for r in rs), 3),
                                       "rounds": len(rs)} for c, rs in runs.items()}
     compiled = out["runs"][COMPILED]
-    lone = compiled[str(levels[0])]["tokens_per_s"] if quick else compiled["1"]["tokens_per_s"]
+    lone = compiled["1"]["tokens_per_s"]
     # Against one client's requests in turn on the same server: the aggregate, and what each client gets
     out["speedup"] = {c: round(r["tokens_per_s"] / lone, 2) for c, r in compiled.items()}
     out["per_client"] = {c: round(r["tokens_per_s"] / int(c) / lone, 2) for c, r in compiled.items()}
