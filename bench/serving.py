@@ -39,6 +39,7 @@ ROUNDS = 3
 MAX_BATCH = "8"
 COMPILED, EAGER = "compiled step (--max-batch 8)", "eager (--eager --max-batch 8)"
 START_TIMEOUT = 180
+QUESTION_CHARS = 60
 BUILD_TIMEOUT = 1800  # seconds for the compiled steps' build (a few minutes for SmolLM2 on a loaded 2-core CPU)
 
 
@@ -55,9 +56,8 @@ class Server:
     def __enter__(self) -> Server:
         """Starts the process; `ready()` waits for it (so that two servers import and load at once)."""
         self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
-        # DECODE_STEP_BATCH=on: batches take the compiled batch package (off by default: docs/decoding.md)
         self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.stderr,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", "DECODE_STEP_BATCH": "on"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
         return self
 
     def ready(self) -> Server:
@@ -154,9 +154,10 @@ def build_steps(dtype: str) -> str:
 def run(quick: bool, dtype: str = "float32", rounds: int = ROUNDS, max_tokens: int = MAX_TOKENS,
         per_client: int = REQUESTS_PER_CLIENT) -> dict:
     conversations = json.loads(data_path().read_text(encoding="utf-8"))
-    # Questions cut to 200 characters (~350 tokens of Chinese for SmolLM2's tokenizer): each new request's prefill
-    # pauses the batch, and this measures decoding; longer prompts move time to first token, not tokens/s.
-    questions = [c["conversation"][0]["input"][:60 if quick else 200] for c in conversations[:16]]
+    # Short questions, as people type them on the page: the first 60 characters of the shared conversations' first
+    # turns (~100 tokens with the template for SmolLM2's tokenizer). A joining request's prefill pauses the batch, so
+    # long prompts move time into time to first token and out of tokens/s (docs/performance.md says by how much).
+    questions = [c["conversation"][0]["input"][:QUESTION_CHARS] for c in conversations[:16]]
     levels, eager_levels = ((2,), (2,)) if quick else (LEVELS, EAGER_LEVELS)
     per_client, max_tokens = (1, 4) if quick else (per_client, max_tokens)
     import torch

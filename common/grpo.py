@@ -10,7 +10,11 @@
   forward, and leaves the batch as soon as it ends (generate() decodes every row until the longest ends). Tokens are
   picked with the logits processors generate() builds from TRL's own GenerationConfig (temperature, top-k/p, min-p,
   repetition penalty), so they follow the same distribution; the model is unwrapped and its gradient checkpointing
-  switched off for the rollout by TRL's `unwrap_model_for_generation`, as TRL's path does. With fast_rollouts off,
+  switched off for the rollout by TRL's `unwrap_model_for_generation`, as TRL's path does. On the CPU the batch
+  steps through the model's compiled decode step (common/decode_step.py, built once per model shape in the
+  background at the first rollout; until it is ready, and wherever it does not apply, eagerly): it reads the live
+  weights, so each rollout samples from the policy as trained so far. Not while a dropout is active (the package is
+  traced without one). With fast_rollouts off,
   TRL's own generation (`_generate_single_turn`) samples them from our ids.
 - The rewards (common/rewards.py) are TRL reward functions; TRL weights them (`reward_weights`), sums them and logs
   each on its own. A judge's lost samples are logged per step (`rewards/judge/lost`) and summed up at the end.
@@ -34,6 +38,7 @@ class Rollout:
         self.tokenizer, self.template, self.fast = tokenizer, template, fast
         self.tokens = 0  # completion tokens sampled (the bench's tokens/s)
         self.seconds = 0.0
+        self.step = None  # (model, its compiled decode step or None), made at the first rollout
 
     def __call__(self, prompts: list, trainer) -> dict:
         import time
@@ -61,7 +66,7 @@ class Rollout:
                                          generation_kwargs=trainer.generation_kwargs,
                                          gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs
                                          ) as model, torch.no_grad():
-            decoder = Decoder(model)
+            decoder = Decoder(model, fast=self.compiled_step(model))
             rows = []
             for start, end in groups(prompt_ids):
                 ids = list(prompt_ids[start])
@@ -74,6 +79,18 @@ class Rollout:
             while decoder.rows:
                 decoder.step()
         return [row.answer for row in rows]
+
+
+    def compiled_step(self, model):
+        """The model's FastStep (its package built in the background the first time), or None where it does not
+        apply: a dropout active in training mode (the package computes without it), not the CPU, quantized..."""
+        from common.decode_step import FastStep
+
+        if model.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+            return None
+        if self.step is None or self.step[0] is not model:  # (model, its FastStep or None), asked once a model
+            self.step = (model, FastStep.for_model(model, build=True))
+        return self.step[1]
 
 
 def groups(prompt_ids: list[list[int]]) -> list[tuple[int, int]]:

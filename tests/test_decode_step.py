@@ -200,8 +200,7 @@ def test_a_batch_through_the_compiled_step_answers_as_each_row_alone(model, root
     greedy token is what the row's own eager forward, alone, picks (up to rounding); the seeded row draws what it
     draws decoded alone and eagerly."""
     fast = decode_step.FastStep.for_model(model, build=False, root=root)
-    assert fast.ready() and not fast.batch
-    fast.batch = True  # what DECODE_STEP_BATCH=on sets
+    assert fast.ready()
     generator = Generator(model, tokenizer, get_template("qwen_chat"), max_length=1024, fast=fast)
 
     def start(question, **sampling):
@@ -232,7 +231,7 @@ def test_a_batch_through_the_compiled_step_answers_as_each_row_alone(model, root
 
 def test_a_lone_answer_that_joins_a_batch_and_leaves_it_answers_as_eager(model, root):
     """The server's normal life: an answer decoding alone (the lone package) is joined by another mid-answer (the
-    eager batch by default, its cache padded and copied out of the lone step's buffers), which ends first; the first answer
+    batch package, its cache padded and copied out of the lone step's buffers), which ends first; the first answer
     is alone again and back on the lone package. Both answers are the eager answers token for token."""
     fast = decode_step.FastStep.for_model(model, build=False, root=root)
     assert fast.ready()
@@ -247,7 +246,7 @@ def test_a_lone_answer_that_joins_a_batch_and_leaves_it_answers_as_eager(model, 
     while second in decoder.rows:
         decoder.step()
     assert fast.steps == alone_before and len(decoder.rows) == 1 and not decoder.padded
-    assert fast.batch_steps == 0  # batches decode eagerly unless DECODE_STEP_BATCH=on
+    assert fast.batch_steps > 0  # the two rows took the batch package
     while decoder.rows:
         decoder.step()
     assert fast.steps > alone_before  # alone again: compiled again
@@ -268,3 +267,32 @@ def test_an_unwritable_cache_is_one_warning(model, tmp_path, capsys):
     assert fast is not None and not fast.ready()
     err = capsys.readouterr().err
     assert err.startswith("warning: the compiled decode step cannot be built in") and err.count("\n") == 1
+
+
+def test_grpo_rollouts_sample_a_group_through_the_batch_package(model, root, tokenizer, monkeypatch):
+    """GRPO's rollout (common/grpo.py) takes the model's compiled step in training mode when no dropout is active:
+    a group's rows (one prompt prefilled once, its cache shared) step through the batch package and draw, seeded,
+    what each draws alone and eagerly. With a LoRA dropout active it decodes eagerly (the package has none)."""
+    from common.grpo import Rollout
+
+    monkeypatch.setenv(decode_step.CACHE_ENV, str(root))  # the switch: where packages live
+    rollout = Rollout(tokenizer, get_template("qwen_chat"), fast=True)
+    model.train()
+    try:
+        fast = rollout.compiled_step(model)
+        assert fast is not None and fast.ready() and rollout.compiled_step(model) is fast
+        before = fast.batch_steps
+        group = [Row(PROMPTS[1], 16, frozenset(), greedy=False, seed=seed) for seed in range(4)]
+        decoder = Decoder(model, fast=fast)
+        assert decoder.add_alike(group) == group
+        while decoder.rows:
+            decoder.step()
+        assert fast.batch_steps - before >= 14 and fast.off is None
+        for row in group:
+            alone = Row(PROMPTS[1], 16, frozenset(), greedy=False, seed=row.seed)
+            Decoder(model).run(alone)
+            assert row.answer == alone.answer
+    finally:
+        model.eval()
+    dropping = get_peft_model(LlamaForCausalLM(model.config), LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj"]))
+    assert Rollout(tokenizer, None, fast=True).compiled_step(dropping.train()) is None
