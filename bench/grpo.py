@@ -13,6 +13,10 @@ shipped held-out prompts when /work/shared is not there). Two figures:
   warm-up and not counted;
 - rollout tokens/s: the same prompt ids sampled by each trainer's own rollout, ours (`common.grpo.Rollout.sample`: the
   batched decoder) and plain TRL's (`GRPOTrainer._generate_single_turn`: generate()), alternating, after the steps.
+
+Ours samples through the model's compiled decode step (common/decode_step.py), which a first run builds in the
+background while it trains (a few minutes for SmolLM2) and every later run of the same model shape finds: the bench
+builds it first (not timed; `--eager`: without it), so that it measures a run that has it.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ SHARED = Path("/work/shared/data/psych_multiturn.json")
 PROMPTS = SHARED if SHARED.is_file() else ROOT / "data" / "psych_prompts_heldout.json"
 BASELINE = "TRL GRPOTrainer (plain)"
 GROUP, NEW_TOKENS = 4, 64
+BUILD_TIMEOUT = 1800  # seconds for the compiled decode step's build
 
 
 class Steps(TrainerCallback):
@@ -88,6 +93,16 @@ def plain(tmp: Path, steps: int, timer: Steps, rows: list[dict], recipe):
                                               task_type="CAUSAL_LM"))
 
 
+def compiled_step(trainer, eager: bool):
+    """Build (or find) the compiled decode step ours samples through, before anything is timed; its FastStep."""
+    if eager:
+        return None
+    fast = trainer.rollout_func.compiled_step(trainer.model)
+    if fast is None or not fast.wait_for_build(BUILD_TIMEOUT):
+        raise SystemExit(f"no compiled decode step for {MODEL.name}; see {fast and fast.root}")
+    return fast
+
+
 def rollouts(trainers: dict, rows: list[dict], rounds: int) -> dict:
     """Completion tokens per second of each trainer's own rollout on the same prompt ids (a group of each prompt)."""
     seconds = {name: 0.0 for name in trainers}
@@ -110,15 +125,17 @@ def rollouts(trainers: dict, rows: list[dict], rounds: int) -> dict:
                    "tokens_per_s": round(tokens[name] / seconds[name], 1)} for name in trainers}
 
 
-def run(rounds: int, steps: int) -> dict:
+def run(rounds: int, steps: int, eager: bool = False) -> dict:
     from common import precision
 
     times = {"train.py": [], BASELINE: []}
+    compiled = []  # each round's FastStep (or None)
     with tempfile.TemporaryDirectory(prefix="grpo-bench-") as tmp:
         tmp = Path(tmp)
         for _ in range(rounds):
             timer = Steps()
             trainer, rows, recipe = ours(tmp, steps, timer)
+            compiled.append(compiled_step(trainer, eager))
             print("train.py:", file=sys.stderr, flush=True)
             trainer.train()
             times["train.py"] += timer.seconds[1:]
@@ -133,6 +150,10 @@ def run(rounds: int, steps: int) -> dict:
               "max_new_tokens": NEW_TOKENS, "rounds": rounds, "steps_per_round": steps,
               "torch_threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
               "machine": {"cpu": precision.cpu_description(), "native_bf16": precision.cpu_has_native_bf16()},
+              "compiled_step": {"key": compiled[0] and compiled[0].key,
+                                "batch_steps": sum(f.batch_steps for f in compiled if f),
+                                "lone_steps": sum(f.steps for f in compiled if f),
+                                "off": [f.off for f in compiled if f and f.off]},
               "runs": {}}
     for name in times:
         result["runs"][name] = {"median_step_s": round(statistics.median(times[name]), 2),
@@ -149,9 +170,16 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="steps per trainer and round (the first is a warm-up)")
     parser.add_argument("--quick", action="store_true", help="one round of two steps")
+    parser.add_argument("--eager", action="store_true", help="ours without the compiled decode step")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "grpo_results.json")
     args = parser.parse_args()
-    result = run(1, 2) if args.quick else run(args.rounds, args.steps)
+    if args.eager:  # the switch every script honours: no compiled step used or built
+        import os
+
+        from common.decode_step import CACHE_ENV
+
+        os.environ[CACHE_ENV] = "off"
+    result = run(1, 2, args.eager) if args.quick else run(args.rounds, args.steps, args.eager)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     for name, r in result["runs"].items():
         print(f"{name:<28} median step {r['median_step_s']:6.2f} s ({r['step_speedup']:.2f}x)   rollout "

@@ -24,9 +24,8 @@ miss, with no number to bump by hand).
     KEY.spec.json  KEY.buffers.safetensors   the build's input, while it runs
 
 Traced differently from the eager forward, the same computation: in the lone step, products as reductions over
-the input features (`products_as_reductions`; a batch multiplies as the eager loop does, one `bmm` over a slice
-of each weight's rows per thread, common.decoding.split_products: the products bit-identical to the eager batch's,
-and each weight read once for all rows); the attention (`one_query_attention`: the query heads grouped by the key/value head they share, the cache read
+the input features (`products_as_reductions`; in the batch step the weight times the rows as columns, one `bmm` per
+thread slice of the weight, `products_as_columns`, each weight read once for all rows); the attention (`one_query_attention`: the query heads grouped by the key/value head they share, the cache read
 as it is, not repeated per group; a lone unpadded query needs no mask, a batch's rows a mask of their padding); and the
 cache, which lives in buffers with room that each step writes its position into in place (`BufferLayer`), where
 transformers' DynamicCache allocates and copies the whole cache one position longer every step (at 2,000 cached
