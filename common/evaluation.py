@@ -365,9 +365,13 @@ def summary(result: Result) -> str:
     from common import benchmarks, judging
 
     b, t = result.base, result.tuned
-    return (f"held-out loss over {b['tokens']} answer tokens of {result.conversations} conversations: "
+    # Prompts alone (a GRPO run's held-out prompts) have no answer to score: say so rather than a loss over nothing
+    loss = ("held-out loss: none (the held-out data has no answers; --data with conversations scores them)"
+            if not b["tokens"] else
+            f"held-out loss over {b['tokens']} answer tokens of {result.conversations} conversations: "
             f"base {b['loss']:.4f} (ppl {b['ppl']:.2f}) -> tuned {t['loss']:.4f} (ppl {t['ppl']:.2f}); "
-            f"tuned lower on {result.tuned_better}/{result.conversations} ({100 * result.tuned_better_share:.0f}%)"
+            f"tuned lower on {result.tuned_better}/{result.conversations} ({100 * result.tuned_better_share:.0f}%)")
+    return (loss
             + "".join(f"\n{part.summary(value)}" for part, value in _parts(result))
             + (f"\n{reward_summary(result.rewards)}" if result.rewards else "")
             + (f"\n{benchmarks.summary(result.benchmarks)}" if result.benchmarks else "")

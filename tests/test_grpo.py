@@ -140,7 +140,7 @@ def test_dry_run_shows_the_first_prompt_and_the_rewards(tmp_path, monkeypatch, t
 # ---------------------------------------------------------------- training through train.py
 
 
-def test_grpo_run_end_to_end_and_resume(tmp_path, monkeypatch, tiny_model_dir):
+def test_grpo_run_end_to_end_and_resume(tmp_path, monkeypatch, tiny_model_dir, capsys):
     monkeypatch.chdir(tmp_path)
     assert run(grpo_recipe(tmp_path, tiny_model_dir, PROMPTS_FILE, name="whole")) == 0
     out = tmp_path / "whole"
@@ -165,6 +165,8 @@ def test_grpo_run_end_to_end_and_resume(tmp_path, monkeypatch, tiny_model_dir):
     import eval as evaluate
 
     assert evaluate.main([str(out), "--data", str(PROMPTS_FILE), "--max-new-tokens", "6"]) == 0
+    said = capsys.readouterr().out
+    assert "held-out loss: none (the held-out data has no answers" in said and "held-out loss over" not in said
     report = json.loads((out / "eval" / "report.json").read_text("utf-8"))
     table = report["rewards"]
     assert table["prompts"] == 16 and len(table["answers"]) == 16
