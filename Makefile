@@ -10,14 +10,14 @@ DEMO_MODEL := models/SmolLM2-135M-Instruct
 setup: $(STAMP)
 
 # Re-install only when the pins change (requirements.txt, and the test tools' pins here); a present, up-to-date .venv
-# makes this a no-op. --no-compile: byte-compiling every installed file (torch, transformers, lm-eval...) was half of
-# a fresh install (93 s -> 46 s on the 2-core EPYC, no pip cache); Python compiles what it imports, once, on first
-# import (+10 s). --no-build-isolation: three of lm-eval's dependencies come as sources, built with the venv's own
-# setuptools and wheel rather than each in a fresh build environment.
+# makes this a no-op. --no-build-isolation: three of lm-eval's dependencies come as sources, built with the venv's own
+# setuptools and wheel rather than each in a fresh build environment. (Not --no-compile: it halves the install, but
+# where PYTHONDONTWRITEBYTECODE is set, as on our CI machines, every process then compiles torch from source: the
+# suite took 7 min 22 s instead of 4.)
 $(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-compile wheel
-	$(PY) -m pip install --quiet --no-compile --no-build-isolation -r requirements.txt pytest==9.2.0 pytest-xdist==3.8.0 openai==3.57.0 selenium==4.51.0 mlflow-skinny==3.18.0 wandb==0.31.0 lm-eval==0.4.13
+	$(PY) -m pip install --quiet wheel
+	$(PY) -m pip install --quiet --no-build-isolation -r requirements.txt pytest==9.2.0 pytest-xdist==3.8.0 openai==3.57.0 selenium==4.51.0 mlflow-skinny==3.18.0 wandb==0.31.0 lm-eval==0.4.13
 	touch $(STAMP)
 
 $(DEMO_MODEL)/config.json: | $(STAMP)

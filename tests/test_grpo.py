@@ -1,6 +1,7 @@
 """train.method grpo: prompts from every file kind encoded as SFT encodes them, the recipe checks, a tiny end-to-end
 run (checkpoints, resume, final/, rewards logged one by one), and the per-step loss against plain TRL GRPOTrainer on
 the same completions (float32, 1e-4)."""
+import copy
 import json
 import sys
 from pathlib import Path
@@ -59,7 +60,8 @@ def test_prompts_from_every_file_kind(tmp_path, tokenizer):
 def test_prompt_ids_are_what_sft_encodes_before_the_answer(tokenizer, name):
     """Token for token: the prompt's ids are the SFT encoding of the same turns up to the answer's first label."""
     template = get_template(name)
-    if name == "tokenizer":
+    if name == "tokenizer":  # a copy: the session's tokenizer is every later test's (test_preference failed after this)
+        tokenizer = copy.deepcopy(tokenizer)
         tokenizer.chat_template = CHATML_NO_SEP
     prompts = load_prompts([str(PROMPTS_FILE)])
     rows, stats = encode_prompts(prompts, tokenizer, template, budget=1000)
