@@ -25,9 +25,10 @@ miss, with no number to bump by hand).
 
 Traced differently from the eager forward, the same computation: in the lone step, products as reductions over
 the input features (`products_as_reductions`; in the batch step the weight times the rows as columns, one `bmm` per
-thread slice of the weight, `products_as_columns`, each weight read once for all rows); the attention (`one_query_attention`: the query heads grouped by the key/value head they share, the cache read
-as it is, not repeated per group; a lone unpadded query needs no mask, a batch's rows a mask of their padding); and the
-cache, which lives in buffers with room that each step writes its position into in place (`BufferLayer`), where
+thread slice of the weight, `products_as_columns`, each weight read once for all rows); the attention
+(`one_query_attention`: the query heads grouped by the key/value head they share, the cache read as it is, not
+repeated per group; a lone unpadded query needs no mask, a batch's rows a mask of their padding); and the cache,
+which lives in buffers with room that each step writes its position into in place (`BufferLayer`), where
 transformers' DynamicCache allocates and copies the whole cache one position longer every step (at 2,000 cached
 positions on SmolLM2 that copy, through fresh memory pages, cost 60 ms of a 100 ms step).
 
@@ -364,9 +365,10 @@ def _builder_alive(lock: Path) -> bool:
 
 def build(spec: dict, buffers: dict[str, torch.Tensor], directory: Path) -> None:
     """Export and compile the decode steps of a model of this structure into `directory`: BATCH_PACKAGE (any
-    number of left-padded rows, the attention masked, products as matrix products) and PACKAGE (one unpadded row,
-    no mask, products as reductions: see products_as_reductions). The model is made without weights of its own
-    (uninitialised memory: the packages are handed the live model's tensors at load), its baked buffers given."""
+    number of left-padded rows, the attention masked, products as columns: see products_as_columns) and PACKAGE (one
+    unpadded row, no mask, products as reductions: see products_as_reductions). The model is made without weights of
+    its own (uninitialised memory: the packages are handed the live model's tensors at load), its baked buffers
+    given."""
     from peft import get_peft_config, get_peft_model
     from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
@@ -438,7 +440,8 @@ def _columns_forward(self, x: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     # [parts, out/parts, in] x [parts, in, rows]: out feature j*(out/parts)+i is slice j's row i
     y = torch.bmm(weight.view(parts, -1, weight.shape[1]), rows.t().expand(parts, -1, -1))
-    y = y.reshape(weight.shape[0], rows.shape[0]).t().contiguous()  # rows first in memory, as the model's next ops expect
+    # Rows first in memory, as the model's next ops expect (traced with the transposed view, the export failed)
+    y = y.reshape(weight.shape[0], rows.shape[0]).t().contiguous()
     return (y if self.bias is None else y + self.bias).reshape(*x.shape[:-1], weight.shape[0])
 
 

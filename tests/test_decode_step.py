@@ -294,5 +294,6 @@ def test_grpo_rollouts_sample_a_group_through_the_batch_package(model, root, tok
             assert row.answer == alone.answer
     finally:
         model.eval()
-    dropping = get_peft_model(LlamaForCausalLM(model.config), LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj"]))
+    dropping = get_peft_model(LlamaForCausalLM(model.config),
+                              LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj"]))
     assert Rollout(tokenizer, None, fast=True).compiled_step(dropping.train()) is None
