@@ -39,7 +39,7 @@ ROUNDS = 3
 # sample's conversations as its earlier turns (data/psych_sample.json; Chinese costs SmolLM2 many tokens)
 LONG_PROMPT_TOKENS = 1900
 SESSION = ROOT / "data" / "psych_sample.json"
-BUILD_TIMEOUT = 1200  # seconds for the compiled step's build (~2 minutes for SmolLM2 on 2 cores)
+BUILD_TIMEOUT = 1800  # seconds for a compiled step's build (~2 minutes for SmolLM2 on 2 quiet cores; more loaded)
 
 # Run by llama.cpp's Python: argv = GGUF path, max new tokens, threads, then JSON prompt id lists on stdin.
 LLAMA_SCRIPT = """
@@ -78,10 +78,20 @@ def compiled_step(model, root: Path) -> tuple:
     from common.decode_step import FastStep
 
     fast = FastStep.for_model(model, build=True, root=root)
-    start, built = time.perf_counter(), (root / f"{fast.key}.lock").exists()
+    start, building = time.perf_counter(), fast is not None and (root / f"{fast.key}.lock").exists()
+    built(fast)
+    return fast, round(time.perf_counter() - start, 1) if building else None
+
+
+def built(fast):
+    """`fast` (a FastStep whose build may be under way) once its package is there: the benches measure a model that
+    has its compiled step, as every run after the first of a model shape does. Exits naming the build's log when
+    there is none (None: no compiled step applies to the model)."""
+    if fast is None:
+        raise SystemExit("no compiled decode step applies to this model (see common/decode_step.py: structure)")
     if not fast.wait_for_build(BUILD_TIMEOUT):
-        raise RuntimeError(f"no compiled step was built; see {root / (fast.key + '.log')}")
-    return fast, round(time.perf_counter() - start, 1) if built else None
+        raise SystemExit(f"no compiled decode step was built; see {fast.root / (fast.key + '.log')}")
+    return fast
 
 
 def long_session(generator) -> list[dict]:

@@ -39,7 +39,6 @@ SHARED = Path("/work/shared/data/psych_multiturn.json")
 PROMPTS = SHARED if SHARED.is_file() else ROOT / "data" / "psych_prompts_heldout.json"
 BASELINE = "TRL GRPOTrainer (plain)"
 GROUP, NEW_TOKENS = 4, 64
-BUILD_TIMEOUT = 1800  # seconds for the compiled decode step's build
 
 
 class Steps(TrainerCallback):
@@ -95,12 +94,9 @@ def plain(tmp: Path, steps: int, timer: Steps, rows: list[dict], recipe):
 
 def compiled_step(trainer, eager: bool):
     """Build (or find) the compiled decode step ours samples through, before anything is timed; its FastStep."""
-    if eager:
-        return None
-    fast = trainer.rollout_func.compiled_step(trainer.model)
-    if fast is None or not fast.wait_for_build(BUILD_TIMEOUT):
-        raise SystemExit(f"no compiled decode step for {MODEL.name}; see {fast and fast.root}")
-    return fast
+    from bench.decode import built
+
+    return None if eager else built(trainer.rollout_func.compiled_step(trainer.model))
 
 
 def rollouts(trainers: dict, rows: list[dict], rounds: int) -> dict:

@@ -40,7 +40,6 @@ MAX_BATCH = "8"
 COMPILED, EAGER = "compiled step (--max-batch 8)", "eager (--eager --max-batch 8)"
 START_TIMEOUT = 180
 QUESTION_CHARS = 60
-BUILD_TIMEOUT = 1800  # seconds for the compiled steps' build (a few minutes for SmolLM2 on a loaded 2-core CPU)
 
 
 class Server:
@@ -141,14 +140,12 @@ def level(server: Server, clients: int, questions: list[str], per_client: int, m
 def build_steps(dtype: str) -> str:
     """Build (or find) the demo model's compiled decode steps for `dtype` before the servers start, as a server
     would in the background; the package's key."""
+    from bench.decode import built
     from common.artifacts import resolve_model
     from common.decode_step import FastStep
     from common.modeling import load_for_generation
 
-    fast = FastStep.for_model(load_for_generation(resolve_model(str(MODEL)), dtype)[0], build=True)
-    if fast is None or not fast.wait_for_build(BUILD_TIMEOUT):
-        raise SystemExit(f"no compiled decode step for {MODEL.name} in {dtype}; see {fast and fast.root}")
-    return fast.key
+    return built(FastStep.for_model(load_for_generation(resolve_model(str(MODEL)), dtype)[0], build=True)).key
 
 
 def run(quick: bool, dtype: str = "float32", rounds: int = ROUNDS, max_tokens: int = MAX_TOKENS,
