@@ -10,11 +10,12 @@ median over the level's requests.
 
 Each client sends its requests one after another (streaming, through the official `openai` client); the prompts are
 the first user turns of the bench's conversations. Rounds repeat the whole sequence; figures are medians over rounds,
-`seconds` and `requests` the first round's. --quick: two clients, both servers eager (it builds nothing).
+`seconds` and `requests` the first round's. --quick: two clients, one eager server in both roles (it builds nothing).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -170,10 +171,12 @@ def run(quick: bool, dtype: str = "float32", rounds: int = ROUNDS, max_tokens: i
     samples = {COMPILED: {c: [] for c in levels}, EAGER: {c: [] for c in eager_levels}}
     baseline = []  # the compiled server's one client, measured before each of its other levels
     answers = {name: set() for name in samples}
-    # Both servers are up at once, but only one is ever asked: an idle server costs no CPU.
-    quick_eager = ("--eager",) if quick else ()  # --quick builds nothing
-    with Server(dtype, *quick_eager, "--max-batch", MAX_BATCH, "--queue-size", "16") as compiled_server, \
-            Server(dtype, "--eager", "--max-batch", MAX_BATCH, "--queue-size", "16") as eager_server:
+    # Both servers are up at once, but only one is ever asked: an idle server costs no CPU. --quick builds nothing,
+    # so both would be the same eager server: one serves both names.
+    with contextlib.ExitStack() as stack:
+        eager_server = stack.enter_context(Server(dtype, "--eager", "--max-batch", MAX_BATCH, "--queue-size", "16"))
+        compiled_server = eager_server if quick else stack.enter_context(
+            Server(dtype, "--max-batch", MAX_BATCH, "--queue-size", "16"))
         running = {COMPILED: compiled_server.ready(), EAGER: eager_server.ready()}
         if not quick:
             for server in running.values():

@@ -559,10 +559,10 @@ def test_demo_model_answers_under_load_as_alone(demo):
     client = demo.client()
     questions = ["What is the capital of France?", "Give me three tips for sleeping better.",
                  "我最近总是失眠，怎么办？", "Write a haiku about the sea."]
-    requests = [dict(question=q, temperature=0, max_tokens=n) for q, n in zip(questions, (24, 48, 40, 32))]
+    requests = [dict(question=q, temperature=0, max_tokens=n) for q, n in zip(questions, (16, 32, 28, 20))]
     alone = [ask(client, **r).choices[0].message.content for r in requests]
     cut = alone[1].find(" ", len(alone[1]) // 2)
-    requests.append(dict(question=questions[1], temperature=0, max_tokens=48, stop=alone[1][cut:cut + 4]))
+    requests.append(dict(question=questions[1], temperature=0, max_tokens=32, stop=alone[1][cut:cut + 4]))
     alone.append(alone[1][:cut])
     events, threads = stream_concurrently(client, requests)
     for t in threads:
