@@ -18,7 +18,8 @@ import sys
 from common.artifacts import MAX_LENGTH_CAP
 from common.cli import main_guard
 from common.precision import CHOICES, canonical
-from common.server import API_KEY_ENV, HOST, MAX_BATCH, MAX_REQUEST_BYTES, PORT, QUEUE_SIZE, READ_TIMEOUT
+from common.server import (API_KEY_ENV, HOST, MAX_BATCH, MAX_REQUEST_BYTES, PORT, PREFILL_CHUNK, QUEUE_SIZE,
+                           READ_TIMEOUT)
 from common.templates import NAMES, SYSTEM_TEMPLATES
 
 
@@ -64,6 +65,9 @@ def parse_args(argv=None):
                          "without a key, only requests from this machine's own pages and tools are answered)")
     serving.add_argument("--max-batch", type=int, default=MAX_BATCH, metavar="N", help="requests answered together, "
                          "one token each per step of the model (default %(default)s; 1: one at a time)")
+    serving.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="N", help="a longer prompt "
+                         "that joins answers under way is prefilled N tokens per step, so that they go on meanwhile "
+                         "(default %(default)s; 0: each prompt whole as it joins)")
     serving.add_argument("--queue-size", type=int, default=QUEUE_SIZE, metavar="N", help="requests that may wait "
                          "while --max-batch are answered; more get 429 (default %(default)s)")
     serving.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES, metavar="N", help="larger "
@@ -80,6 +84,8 @@ def parse_args(argv=None):
         p.error("--queue-size must be at least 1")
     if args.max_batch < 1:
         p.error("--max-batch must be at least 1")
+    if args.prefill_chunk < 0:
+        p.error("--prefill-chunk must be 0 (off) or more")
     if args.max_request_bytes < 1:
         p.error("--max-request-bytes must be at least 1")
     if args.api_key == "":
@@ -139,7 +145,7 @@ def main(argv=None, stdin=None):
         from common.server.app import serve
 
         return serve(generator, sampling, system, source, args.host, args.port, api_key, args.queue_size,
-                     args.max_request_bytes, args.read_timeout, args.max_batch)
+                     args.max_request_bytes, args.read_timeout, args.max_batch, args.prefill_chunk)
     if args.once is not None:
         console = repl.Console(interactive=False, stream=not args.no_stream)
         return repl.converse(session, console, [("--once", args.once)])

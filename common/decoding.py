@@ -77,6 +77,16 @@ class Row:
         return int(torch.multinomial(probs, 1, generator=self.rng))
 
 
+@dataclass
+class _Prefill:
+    """A prompt prefilled `chunk` positions per Decoder.step(): its cache so far, and how many positions it holds."""
+
+    rows: list[Row]
+    cache: DynamicCache
+    chunk: int
+    done: int = 0
+
+
 class Decoder:
     """Rows decoding together, one token each per step. Not thread-safe: one thread (the caller's, or the server's
     worker) drives it. `context()` is entered around every forward (e.g. PEFT's `disable_adapter` for base answers).
@@ -89,14 +99,21 @@ class Decoder:
         self.cache: Optional[DynamicCache] = None
         self.mask: Optional[torch.Tensor] = None  # [rows, cached positions]: 1 real, 0 padding
         self.padded = False  # any 0 in mask: the forward needs the mask (without padding it can go without)
+        self.prefills: list[_Prefill] = []  # prompts prefilled a chunk per step (add's `chunk`), oldest first
 
     @property
     def device(self):
         return self.model.device
 
-    def add(self, row: Row) -> bool:
+    def add(self, row: Row, chunk: Optional[int] = None) -> bool:
         """Prefill the row's prompt and pick its first token; the row joins the batch unless it has already ended
-        (True then). A failure leaves the batch as it was."""
+        (True then). A failure leaves the batch as it was. `chunk` (the server's): while other rows are decoding or
+        waiting, a prompt longer than this is prefilled `chunk` positions per step() instead, so that it does not stall
+        the others for its whole prefill; its first token comes from a later step(), which returns the row if that
+        token ended it."""
+        if chunk and len(row.prompt) > chunk and (self.rows or self.prefills):
+            self.prefills.append(_Prefill([row], DynamicCache(config=self.model.config), chunk))
+            return False
         return not self.add_alike([row])
 
     def add_alike(self, rows: list[Row]) -> list[Row]:
@@ -105,10 +122,23 @@ class Decoder:
         batch and are returned. Each row computes what it would alone. A failure leaves the batch as it was."""
         prompt = rows[0].prompt
         assert all(r.prompt == prompt for r in rows), "add_alike takes rows with one prompt"
-        ids = torch.tensor([prompt], device=self.device)
         cache = DynamicCache(config=self.model.config)
+        return self._first_tokens(rows, cache, self._prefill(prompt, cache))
+
+    @property
+    def in_flight(self) -> list[Row]:
+        """The rows decoding and those whose prompt is still being prefilled a chunk at a time."""
+        return self.rows + [r for p in self.prefills for r in p.rows]
+
+    def _prefill(self, ids: list[int], cache: DynamicCache) -> torch.Tensor:
+        """The prompt's next positions into `cache` (positions follow what it holds); the last one's float32 logits."""
         with self.context(), torch.inference_mode():
-            logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1].float()
+            ids = torch.tensor([ids], device=self.device)
+            return self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1].float()
+
+    def _first_tokens(self, rows: list[Row], cache: DynamicCache, logits: torch.Tensor) -> list[Row]:
+        """Each row picks its first token from the prompt's last logits; those not ended join with the cache."""
+        with torch.inference_mode():
             joining = [r for r in rows if not r.push(r.pick(logits))]
         if joining:
             if len(joining) > 1:
@@ -118,11 +148,32 @@ class Decoder:
             self._join(joining, cache)
         return joining
 
+    def _advance(self) -> list[Row]:
+        """The next chunk of the oldest prompt being prefilled (all the rest of it when no row is decoding: nobody
+        waits on it); once its last position is in, its rows pick their first tokens and join. Returns the rows that
+        ended at that first token."""
+        prefill = self.prefills[0]
+        prompt = prefill.rows[0].prompt
+        end = prefill.done + prefill.chunk if self.rows else len(prompt)
+        logits = self._prefill(prompt[prefill.done:end], prefill.cache)
+        prefill.done = min(end, len(prompt))
+        if prefill.done < len(prompt):
+            return []
+        self.prefills.pop(0)
+        joined = {id(r) for r in self._first_tokens(prefill.rows, prefill.cache, logits)}
+        return [r for r in prefill.rows if id(r) not in joined]
+
     def step(self) -> list[Row]:
         """One token for every row; returns the rows that ended (removed from the batch). If the step fails, the batch
-        is emptied (its cache may be half written) and the error raised: every row it had is lost."""
+        is emptied (its cache may be half written) and the error raised: every row it had is lost, and every prompt
+        being prefilled. A prompt prefilled a chunk at a time advances by one chunk first."""
+        try:
+            ended = self._advance() if self.prefills else []
+        except BaseException:
+            self.clear()
+            raise
         if not self.rows:
-            return []
+            return ended
         rows = self.rows
         ids = torch.tensor([[r.answer[-1]] for r in rows], device=self.device)
         positions = torch.tensor([[len(r.prompt) + len(r.answer) - 1] for r in rows], device=self.device)
@@ -139,21 +190,26 @@ class Decoder:
                 logits = (self.fast.step(ids, positions, self.cache, eager) if compiled else eager()).float()
                 # Greedy rows (the common case) take one argmax for the batch, not one per row.
                 greedy = logits.argmax(-1).tolist()
-                ended = [r.push(greedy[i] if r.plain_greedy else r.pick(logits[i]))
-                         for i, r in enumerate(rows)]
+                stopped = [r.push(greedy[i] if r.plain_greedy else r.pick(logits[i]))
+                           for i, r in enumerate(rows)]
         except BaseException:
             self.clear()
             raise
-        if any(ended):
-            self._keep([i for i, done in enumerate(ended) if not done])
-        return [r for r, done in zip(rows, ended) if done]
+        if any(stopped):
+            self._keep([i for i, done in enumerate(stopped) if not done])
+        return ended + [r for r, done in zip(rows, stopped) if done]
 
     def clear(self) -> None:
+        """Drop everything: the batch, and the prompts being prefilled."""
+        self._empty_batch()
+        self.prefills = []
+
+    def _empty_batch(self) -> None:
         self.rows, self.cache, self.mask, self.padded = [], None, None, False
 
     def run(self, row: Row) -> Row:
         """Decode one row to its end, alone (the REPL, eval and the training previews)."""
-        if self.rows:
+        if self.in_flight:
             raise RuntimeError("Decoder.run decodes one row alone; this decoder has rows under way")
         try:
             if not self.add(row):
@@ -183,8 +239,8 @@ class Decoder:
 
     def _keep(self, indices: list[int]) -> None:
         """Keep these rows (in order), and trim the cache's leading columns that are padding in every kept row."""
-        if not indices:
-            return self.clear()
+        if not indices:  # the prompts being prefilled stay: they join an empty batch
+            return self._empty_batch()
         index = torch.tensor(indices, device=self.device)
         self.rows = [self.rows[i] for i in indices]
         mask = self.mask.index_select(0, index)

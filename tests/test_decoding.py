@@ -78,6 +78,78 @@ def test_rows_joining_and_leaving_at_different_times_answer_as_alone(generator):
         assert_as_alone(model, row)
 
 
+def test_a_long_prompt_joining_rows_under_way_is_prefilled_a_chunk_per_step(generator):
+    """The server's chunked prefill: a prompt longer than `chunk` that joins a row under way takes one chunk per
+    step, the row under way getting a token at each of them; it joins after its last chunk, and both answer as alone.
+    A prompt that fits one chunk, or one joining an idle decoder, is prefilled whole at once."""
+    model = generator.model
+    under_way = start(generator, "你好", max_new_tokens=20)
+    long = start(generator, "我最近很焦虑，晚上睡不着，白天也没有精神，怎么办？" * 3, max_new_tokens=8)
+    chunk = 16
+    chunks = -(-len(long.row.prompt) // chunk)
+    assert chunks >= 3
+    decoder = Decoder(model)
+    assert not decoder.add(under_way.row, chunk=chunk)  # an idle decoder: prefilled whole, it joins at once
+    assert decoder.rows == [under_way.row] and len(under_way.row.answer) == 1
+    assert not decoder.add(long.row, chunk=chunk)
+    assert decoder.rows == [under_way.row] and decoder.in_flight == [under_way.row, long.row]
+    for i in range(1, chunks):
+        assert decoder.step() == [] and not long.row.answer  # a chunk in, and a token for the row under way
+        assert len(under_way.row.answer) == 1 + i and decoder.prefills[0].done == i * chunk
+    decoder.step()  # the last chunk: its first token, it joins, and the batch step gives it a second
+    assert decoder.rows == [under_way.row, long.row] and len(long.row.answer) == 2 and not decoder.prefills
+    ended = []
+    while decoder.rows:
+        ended += decoder.step()
+    assert ended == [long.row, under_way.row]
+    for row in ended:
+        assert_as_alone(model, row)
+    short = start(generator, "你好", max_new_tokens=2)
+    fits = Decoder(model)
+    fits.add(start(generator, "我和父母总是吵架。", max_new_tokens=4).row)
+    assert not fits.add(short.row, chunk=len(short.row.prompt)) and short.row.answer  # one chunk: prefilled at once
+
+
+def test_prompts_being_prefilled_outlive_the_last_row_leaving(generator):
+    """The rows under way all end while two long prompts wait, chunked: the prompts stay, and with nobody decoding
+    the first one's rest is prefilled whole at the next step; both answer as alone."""
+    decoder = Decoder(generator.model)
+    decoder.add(start(generator, "你好", max_new_tokens=2).row)
+    waiting = [start(generator, "我最近很焦虑，晚上睡不着，白天也没有精神，怎么办？" * 3, max_new_tokens=6)
+               for _ in range(2)]
+    chunk = len(waiting[0].row.prompt) // 3
+    for answering in waiting:
+        assert not decoder.add(answering.row, chunk=chunk)
+    assert len(decoder.step()) == 1 and not decoder.rows  # the short answer ends: the batch is empty
+    assert [p.done for p in decoder.prefills] == [chunk, 0]
+    decoder.step()  # no row decoding: the first prompt's rest at once; it joins and steps
+    assert decoder.rows == [waiting[0].row] and [p.done for p in decoder.prefills] == [0]
+    ended = []
+    while decoder.in_flight:
+        ended += decoder.step()
+    assert ended == [w.row for w in waiting]
+    for answering in waiting:
+        assert_as_alone(generator.model, answering.row)
+
+
+def test_a_prompt_whose_first_token_ends_it_leaves_from_the_step_that_prefilled_it(generator):
+    """A chunked prompt whose answer ends at its first token (max_new_tokens 1) never joins the batch: the step that
+    prefills its last chunk returns it. A failure mid-prefill empties the decoder, prompts being prefilled too."""
+    decoder = Decoder(generator.model)
+    decoder.add(start(generator, "你好", max_new_tokens=10).row)
+    one = start(generator, "我最近很焦虑，晚上睡不着，白天也没有精神，怎么办？" * 2, max_new_tokens=1)
+    assert not decoder.add(one.row, chunk=len(one.row.prompt) - 1)
+    assert decoder.step() == []
+    assert decoder.step() == [one.row] and one.row.ended == "length" and len(decoder.rows) == 1
+    broken = start(generator, "我最近很焦虑，晚上睡不着，白天也没有精神，怎么办？" * 2, max_new_tokens=4)
+    broken.row.prompt[-1] = 10 ** 6  # not a token of this model: the last chunk's forward fails
+    decoder.add(broken.row, chunk=len(broken.row.prompt) - 1)
+    decoder.step()
+    with pytest.raises(IndexError):
+        decoder.step()
+    assert decoder.in_flight == [] and decoder.cache is None
+
+
 def test_a_lone_row_is_decoded_as_generate_decodes_it(generator):
     """One row alone (the REPL's case) has no padding and no batch: the same tokens as generate(), exactly."""
     answering = start(generator, "我最近很焦虑", max_new_tokens=24, repetition_penalty=1.2)

@@ -21,7 +21,7 @@ import chat
 from bench import browser
 from common.generation import Generator
 from common.modeling import load_tokenizer
-from common.server import API_KEY_ENV
+from common.server import API_KEY_ENV, PREFILL_CHUNK
 from common.server.access import api_key_from
 from common.templates import get_template
 
@@ -553,14 +553,21 @@ def test_demo_model_answers_as_chat_once(demo, capsys, question, max_tokens, fin
 
 
 def test_demo_model_answers_under_load_as_alone(demo):
-    """Greedy answers decoded together (different prompts and lengths, a stop word) equal the answers alone: in
+    """Greedy answers decoded together (different prompts and lengths, a stop word, a long prompt prefilled a chunk
+    per step while the others decode) equal the answers alone: in
     float32 the batch's rounding does not change the real model's choices (in bfloat16 it can:
     docs/serving.md#batching-and-the-queue)."""
     client = demo.client()
     questions = ["What is the capital of France?", "Give me three tips for sleeping better.",
                  "我最近总是失眠，怎么办？", "Write a haiku about the sea."]
     requests = [dict(question=q, temperature=0, max_tokens=n) for q, n in zip(questions, (16, 32, 28, 20))]
-    alone = [ask(client, **r).choices[0].message.content for r in requests]
+    # A prompt of over PREFILL_CHUNK tokens, started last: it joins the others under way a chunk per step
+    turns = json.loads((ROOT / "data" / "psych_sample.json").read_text(encoding="utf-8"))[0]["conversation"]
+    requests.append(dict(question="用一句话总结：" + "".join(t["input"] + t["output"] for t in turns)[:300],
+                         temperature=0, max_tokens=12))
+    answers = [ask(client, **r) for r in requests]
+    alone = [a.choices[0].message.content for a in answers]
+    assert answers[-1].usage.prompt_tokens > PREFILL_CHUNK
     cut = alone[1].find(" ", len(alone[1]) // 2)
     requests.append(dict(question=questions[1], temperature=0, max_tokens=32, stop=alone[1][cut:cut + 4]))
     alone.append(alone[1][:cut])

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common import webpage
 from common.generation import Generator, Sampling
-from common.server import HOST, MAX_BATCH, MAX_REQUEST_BYTES, PORT, QUEUE_SIZE, READ_TIMEOUT
+from common.server import HOST, MAX_BATCH, MAX_REQUEST_BYTES, PORT, PREFILL_CHUNK, QUEUE_SIZE, READ_TIMEOUT
 from common.server.access import LOOPBACK, access_check
 from common.server.body import ClientGone, read_body
 from common.server.errors import ApiError
@@ -128,10 +128,10 @@ def model_id(source) -> str:
 def serve(generator: Generator, sampling: Sampling, system: Optional[str], source, host: str = HOST,
           port: int = PORT, api_key: Optional[str] = None, queue_size: int = QUEUE_SIZE,
           max_request_bytes: int = MAX_REQUEST_BYTES, read_timeout: float = READ_TIMEOUT,
-          max_batch: int = MAX_BATCH) -> None:
+          max_batch: int = MAX_BATCH, prefill_chunk: int = PREFILL_CHUNK) -> None:
     """Serve until Ctrl-C (SIGINT) or SIGTERM."""
     model = model_id(source)
-    app = create_app(Worker(generator, queue_size, max_batch), model, sampling, system, api_key, max_request_bytes,
+    app = create_app(Worker(generator, queue_size, max_batch, prefill_chunk), model, sampling, system, api_key, max_request_bytes,
                      host, source)
     base = f" (and its base, {model}{BASE_SUFFIX})" if source.adapter is not None else ""
     print(f"serving {model}{base} at http://{host}:{port}/v1 | web page http://{host}:{port}/ | template "

@@ -13,6 +13,7 @@ from typing import Optional
 
 from common.cli import UserError, first_line
 from common.generation import Answering, Completion, Generator, PromptTooLong
+from common.server import PREFILL_CHUNK
 from common.server.errors import ApiError, bad_request
 from common.server.request import ChatRequest
 
@@ -54,12 +55,15 @@ class Job:
 class Worker:
     """The one thread that touches the model. Up to `max_batch` requests generate together, one token each per step
     of a decoding.Decoder (one forward for all of them): a request joins at the next step after it arrives and leaves
-    when it ends, so a short answer does not wait for a long one. Up to `queue_size` more wait; beyond that, 429.
+    when it ends, so a short answer does not wait for a long one; a prompt longer than `prefill_chunk` tokens that
+    joins rows under way is prefilled that many positions per step, so the others' answers go on meanwhile. Up to
+    `queue_size` more wait; beyond that, 429.
     Requests for the base model (the adapter off) decode in a second batch, stepped in turn with the first: one
     forward cannot switch a PEFT adapter per row."""
 
-    def __init__(self, generator: Generator, queue_size: int, max_batch: int):
+    def __init__(self, generator: Generator, queue_size: int, max_batch: int, prefill_chunk: int = PREFILL_CHUNK):
         self.generator, self.queue_size, self.max_batch = generator, queue_size, max_batch
+        self.prefill_chunk = prefill_chunk  # 0: each prompt prefilled whole as it joins
         self.jobs: queue.Queue[Job] = queue.Queue()
         # Accepted and not yet finished, counted here rather than by the queue's own bound: a job the worker has not
         # picked up yet would otherwise take a waiting place on an idle server.
@@ -110,7 +114,8 @@ class Worker:
             answering = self.generator.start(request.messages, request.sampling, on_text=job.post,
                                              cancelled=job.cancelled, stop=request.stop, switches=request.switches)
             job.post(Started())
-            ended = self.decoders[request.adapter].add(answering.row)
+            # A long prompt joining rows under way is prefilled a chunk per step, not all before their next token
+            ended = self.decoders[request.adapter].add(answering.row, chunk=self.prefill_chunk)
         except PromptTooLong as e:  # OpenAI's code for it: a client (the web page) drops old turns and retries
             return self._done(job, Finished(error=ApiError(400, str(e), param="messages",
                                                            code="context_length_exceeded")))
@@ -124,7 +129,7 @@ class Worker:
 
     def _step(self) -> None:
         for decoder in self.decoders.values():
-            rows = list(decoder.rows)
+            rows = decoder.in_flight
             try:
                 ended = decoder.step()
             except Exception as e:  # the decoder has dropped every row: each of their requests gets the error
