@@ -5,8 +5,8 @@ same run.
 
     python bench/prefill.py [--rounds 3]
 
-Each round, on each server: client A streams a 96-token answer to a short English question; after A's first 8 text deltas,
-client B sends a whole counselling conversation of the bench's data as its history (~1,700 tokens with SmolLM2's
+Each round, on each server: client A streams a 96-token answer to a short English question; after A's first 8 text
+deltas, client B sends a whole counselling conversation of the bench's data as its history (~1,700 tokens with SmolLM2's
 tokenizer) and asks for 16 tokens. Figures, medians over rounds: A's longest gap between two text deltas (the stall),
 B's time to first token, and A's and B's tokens over the wall from A's request to the later end.
 """
@@ -81,7 +81,8 @@ def run(rounds: int, dtype: str = "float32") -> dict:
     short = [{"role": "user", "content": SHORT_QUESTION}]
     long = history(conversations[1])
     out = {"bench": "prefill", "dtype": dtype, "decode_step": build_steps(dtype), "rounds": rounds, "runs": {}}
-    with Server(dtype, "--max-batch", "8") as chunked, Server(dtype, "--max-batch", "8", "--prefill-chunk", "0") as whole:
+    with Server(dtype, "--max-batch", "8") as chunked, \
+            Server(dtype, "--max-batch", "8", "--prefill-chunk", "0") as whole:
         servers = {CHUNKED: chunked.ready(), WHOLE: whole.ready()}
         for server in servers.values():  # warm-up: first-call allocations, the packages' checked steps
             one_round(server, short, short)

@@ -131,8 +131,8 @@ def serve(generator: Generator, sampling: Sampling, system: Optional[str], sourc
           max_batch: int = MAX_BATCH, prefill_chunk: int = PREFILL_CHUNK) -> None:
     """Serve until Ctrl-C (SIGINT) or SIGTERM."""
     model = model_id(source)
-    app = create_app(Worker(generator, queue_size, max_batch, prefill_chunk), model, sampling, system, api_key, max_request_bytes,
-                     host, source)
+    app = create_app(Worker(generator, queue_size, max_batch, prefill_chunk), model, sampling, system, api_key,
+                     max_request_bytes, host, source)
     base = f" (and its base, {model}{BASE_SUFFIX})" if source.adapter is not None else ""
     print(f"serving {model}{base} at http://{host}:{port}/v1 | web page http://{host}:{port}/ | template "
           f"{generator.template.name} | context {generator.max_length} tokens | up to {max_batch} request(s) at a "
