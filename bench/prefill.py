@@ -6,9 +6,9 @@ same run.
     python bench/prefill.py [--rounds 3]
 
 Each round, on each server: client A streams a 96-token answer to a short English question; after A's first 8 text
-deltas, client B sends a whole counselling conversation of the bench's data as its history (~1,700 tokens with SmolLM2's
-tokenizer) and asks for 16 tokens. Figures, medians over rounds: A's longest gap between two text deltas (the stall),
-B's time to first token, and A's and B's tokens over the wall from A's request to the later end.
+deltas, client B sends the second conversation of the bench's data as its history (1,170 tokens with SmolLM2's
+tokenizer on ../shared/data) and asks for 16 tokens. Figures, medians over rounds: A's longest gap between two text
+deltas (the stall), B's time to first token, and A's and B's tokens over the wall from A's request to the later end.
 """
 from __future__ import annotations
 
