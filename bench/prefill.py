@@ -6,13 +6,14 @@ same run.
     python bench/prefill.py [--rounds 3]
 
 Each round, on each server: client A streams a 96-token answer to a short English question; after A's first 8 text
-deltas, client B sends the second conversation of the bench's data as its history (1,170 tokens with SmolLM2's
+deltas, client B sends the second conversation of the bench's data as its history (1,206 tokens with SmolLM2's
 tokenizer on ../shared/data) and asks for 16 tokens. Figures, medians over rounds: A's longest gap between two text
 deltas (the stall), B's time to first token, and A's and B's tokens over the wall from A's request to the later end.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -24,18 +25,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.serving import Server, build_steps  # noqa: E402
 from bench.training import data_path  # noqa: E402
+from common.conversation import turns_to_messages  # noqa: E402
+from common.formats import load_conversations  # noqa: E402
 
 SHORT_TOKENS, LONG_TOKENS, DELTAS_BEFORE = 96, 16, 8
 SHORT_QUESTION = "Give me five tips for sleeping better, one sentence each."
 CHUNKED, WHOLE = "chunked (--prefill-chunk 256)", "whole (--prefill-chunk 0)"
 
 
-def history(conversation: dict) -> list[dict]:
-    """A conversation's turns as chat messages, ending with its last user turn (the long prompt)."""
-    messages = []
-    for turn in conversation["conversation"]:
-        messages += [{"role": "user", "content": turn["input"]}, {"role": "assistant", "content": turn["output"]}]
-    return messages[:-1]
+def history(turns: list) -> list[dict]:
+    """A conversation as chat messages up to its last user turn (the long prompt): its last answer left out."""
+    return turns_to_messages(turns[:-1] + [dataclasses.replace(turns[-1], output=None)])
 
 
 def stream(client, model: str, messages: list[dict], max_tokens: int, deltas: list[float],
@@ -75,11 +75,10 @@ def one_round(server: Server, short: list[dict], long: list[dict]) -> dict:
 
 
 def run(rounds: int, dtype: str = "float32") -> dict:
-    conversations = json.loads(data_path().read_text(encoding="utf-8"))
     # English, so that each token of A's answer is a text delta of its own (a Chinese character often takes two or
     # three of SmolLM2's tokens, and the gap before it would count several steps)
     short = [{"role": "user", "content": SHORT_QUESTION}]
-    long = history(conversations[1])
+    long = history(load_conversations([str(data_path())])[1])
     out = {"bench": "prefill", "dtype": dtype, "decode_step": build_steps(dtype), "rounds": rounds, "runs": {}}
     with Server(dtype, "--max-batch", "8") as chunked, \
             Server(dtype, "--max-batch", "8", "--prefill-chunk", "0") as whole:
