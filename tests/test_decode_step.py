@@ -117,6 +117,23 @@ def test_logits_of_the_compiled_step_match_the_model(model, root):
     assert len(set(buffers[2:])) == 1
 
 
+def test_products_in_blocks_are_the_layers_products(model):
+    """The batch step's products as traced (products_in_blocks), run eagerly: a weight in blocks of BLOCK outputs,
+    its output count not a multiple of BLOCK (the padding cut off), gives F.linear's rows; the model's layers and
+    its LM head are taken in blocks, the adapter's rank-4 halves are not."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(40, 2 * decode_step.BLOCK + 5)
+    weight = decode_step.blocked(layer.weight)
+    assert weight.shape == (3, 40, decode_step.BLOCK) and weight.is_contiguous()
+    assert torch.equal(weight[1, :, 2], layer.weight[decode_step.BLOCK + 2]) and not weight[2, :, 5:].any()
+    layer.blocks = weight
+    rows = torch.randn(3, 1, 40)
+    assert torch.allclose(decode_step._blocks_forward(layer, rows), layer(rows), atol=1e-6)
+    names = [name for name, _ in decode_step.blocked_linears(model)]
+    assert "base_model.model.lm_head" in names and "base_model.model.model.layers.1.mlp.down_proj.base_layer" in names
+    assert len(names) == 2 * 7 + 1 and not any("lora" in name for name in names)
+
+
 def test_the_traced_attention_is_the_models_and_refuses_what_it_does_not_do():
     """The attention the build traces (no mask; query heads grouped by the key/value head they share, the cache not
     repeated) against transformers' own for one query over a grouped cache; an argument it would ignore (logit
@@ -222,6 +239,7 @@ def test_a_batch_through_the_compiled_step_answers_as_each_row_alone(model, root
         ended += decoder.step()
     assert ended == [short, long, seeded, penalised] and all(r.ended == "length" for r in ended)
     assert fast.batch_steps == 24 and fast.off is None  # 25 steps of 2-3 rows, the first checked against eager
+    assert len(fast.blocks) == 2 * 7 + 1  # the layers' weights in blocks, made at the first batch step
     for row in (short, long, penalised):
         assert_as_alone(model, row)
     alone = start("我最近很焦虑。", max_new_tokens=20, temperature=0.8, top_k=20, seed=3)
