@@ -229,6 +229,7 @@ class FastStep:
         self.model, self.root, self.spec, self.key = model, root, spec, key(spec)
         self.runners: dict[bool, object] = {}  # by masked: the batch's step (True), a lone row's (False)
         self.blocks: list[torch.Tensor] = []  # the batch step's weights in blocks (StepModule's `blocks`)
+        self.blocked_from: list[tuple[torch.Tensor, int]] = []  # each block's weight and its version when copied
         self.verified: set[bool] = set()  # the runners whose first step matched the eager one
         self.steps = 0  # compiled steps taken by a lone row
         self.batch_steps = 0  # compiled steps taken by a batch of rows
@@ -305,9 +306,8 @@ class FastStep:
         if int(padding.min()) < 0 or rows > MAX_ROWS or (
                 not masked and int(padding[0, 0]) != 0):
             return eager()  # not rows as common.decoding pads them after all: the model's own step
-        if masked and not self.blocks:  # the batch's weights in blocks (products_in_blocks): a copy, made once
-            with torch.no_grad():
-                self.blocks = [blocked(linear.weight) for _, linear in blocked_linears(self.model)]
+        if masked:
+            self._refresh_blocks()
         capacity = capacity_for(filled + 1, room(before[0][0]))  # one for all layers, as traced
         keys = [with_room(k, capacity) for k, _ in before]
         values = [with_room(v, capacity) for _, v in before]
@@ -333,8 +333,20 @@ class FastStep:
             self.steps += 1
         return logits[:, -1]
 
+    def _refresh_blocks(self) -> None:
+        """The batch's weights in blocks (products_in_blocks), copied at the first batch step and again for a weight
+        changed in place since (GRPO's optimizer between rollouts: tensors count their in-place writes)."""
+        if not self.blocked_from:
+            self.blocked_from = [(linear.weight, -1) for _, linear in blocked_linears(self.model)]
+            self.blocks = [torch.empty(0)] * len(self.blocked_from)
+        for i, (weight, version) in enumerate(self.blocked_from):
+            if weight._version != version:
+                with torch.no_grad():
+                    self.blocks[i] = blocked(weight)
+                self.blocked_from[i] = (weight, weight._version)
+
     def _switch_off(self, why: str) -> bool:
-        self.off, self.runners, self.blocks = why, {}, []
+        self.off, self.runners, self.blocks, self.blocked_from = why, {}, [], []
         print(f"warning: the compiled decode step is not used: {why}; decoding as without it", file=sys.stderr)
         return False
 

@@ -272,6 +272,35 @@ def test_a_lone_answer_that_joins_a_batch_and_leaves_it_answers_as_eager(model, 
     assert second.answer == answer(model, PROMPTS[0], max_new_tokens=10)
 
 
+def test_a_weight_changed_in_place_is_taken_in_blocks_again(model, root):
+    """GRPO's optimizer writes the weights between rollouts: the batch step copies a weight changed in place (its
+    tensor's version moved) into blocks again, and answers as the eager batch does with the new weight."""
+    fast = decode_step.FastStep.for_model(model, build=False, root=root)
+    assert fast.ready()
+    weight = model.get_parameter("base_model.model.model.layers.0.mlp.down_proj.base_layer.weight")
+    kept = weight.detach().clone()
+
+    def answers():
+        compiled, eager = ([Row(list(prompt), 12, frozenset()) for prompt in PROMPTS] for _ in range(2))
+        for rows, fast_ in ((compiled, fast), (eager, None)):
+            decoder = Decoder(model, fast=fast_)
+            for row in rows:
+                decoder.add(row)
+            while decoder.rows:
+                decoder.step()
+        return [row.answer for row in compiled], [row.answer for row in eager]
+
+    try:
+        before, _ = answers()
+        with torch.no_grad():
+            weight.mul_(-1)
+        compiled, eager = answers()
+        assert compiled == eager and compiled != before and fast.batch_steps > 0 and fast.off is None
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+
+
 def test_the_switch_turns_it_off(model):
     env = os.environ.get(decode_step.CACHE_ENV)
     assert env == "off"  # tests/conftest.py: no test process builds in the background unless it asks

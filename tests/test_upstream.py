@@ -11,6 +11,7 @@ that is not checked here is a defect.
 | transformers | `GenerationMixin._get_logits_processor(generation_config, input_ids_seq_length, device)` | generation.Generator.start, grpo.Rollout.sample | the decoder picks tokens with the processors generate() would use for the same settings; no public builder | test_decoding (a lone row equals generate()), test_chat |
 | transformers | `cache_utils.DynamicLayer` and its `keys`/`values` tensors | decoding.Decoder (batching rows in one cache) | rows joining and leaving a batch pad, concatenate and select cache tensors; `DynamicCache` has no public merge | test_decoding |
 | torch | `_inductor.aoti_compile_and_package`, `_inductor.aoti_load_package`, the loaded model's `get_constant_fqns`/`load_constants(..., user_managed=True)`, the configs `aot_inductor.package_constants_in_so`, `max_autotune` and `max_autotune_gemm_backends` (`CPP`: the C++ GEMM template for the batch's products) | decode_step (build, FastStep.ready) | AOTInductor's documented entry points live under `torch._inductor`; a package without weights, handed the live model's tensors, has no other API | test_decode_step |
+| torch | `Tensor._version` (read) | decode_step.FastStep._refresh_blocks | a weight written in place since its copy in blocks (an optimizer's step); tensors have no public write counter | test_decode_step (a weight changed in place answers as eager) |
 | torch | `nn.Module._non_persistent_buffers_set` | decode_step.baked_buffers | which buffers are computed rather than saved (they are compiled into the package); no public accessor | test_decode_step (a model's rotary frequencies reach the build) |
 | transformers | `cache_utils.DynamicLayer.lazy_initialization(keys, values)`; a `DynamicCache`'s `layers` replaced by our own `DynamicLayer` subclass (the cache hands each layer's `update` its new key and value) | decode_step.StepModule, BufferLayer | a cache over buffers with room, written in place, for the exported step; transformers' `StaticCache` attends over its whole length | test_decode_step |
 | huggingface_hub | `serialization._base.parse_size_to_int` | merging | the size parser `split_torch_state_dict_into_shards` uses, not re-exported | test_merge |
@@ -234,6 +235,10 @@ def test_aot_inductor_entry_points_keep_their_shape():
     assert {"constants_map", "check_full_update", "user_managed"} <= set(
         inspect.signature(AOTICompiledModel.load_constants).parameters)
     assert callable(AOTICompiledModel.get_constant_fqns)
+    weight = torch.zeros(2)
+    version = weight._version
+    weight.add_(1)
+    assert weight._version == version + 1
     assert list(inspect.signature(DynamicLayer.lazy_initialization).parameters)[1:3] == ["key_states", "value_states"]
     assert "self.layers[layer_idx].update(" in inspect.getsource(DynamicCache.update)
     module = torch.nn.Module()
