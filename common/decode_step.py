@@ -335,7 +335,8 @@ class FastStep:
 
     def _refresh_blocks(self) -> None:
         """The batch's weights in blocks (products_in_blocks), copied at the first batch step and again for a weight
-        changed in place since (GRPO's optimizer between rollouts: tensors count their in-place writes)."""
+        changed in place since (a full fine-tune's optimizer between GRPO's rollouts: tensors count their in-place
+        writes)."""
         if not self.blocked_from:
             self.blocked_from = [(linear.weight, -1) for _, linear in blocked_linears(self.model)]
             self.blocks = [torch.empty(0)] * len(self.blocked_from)
@@ -461,8 +462,8 @@ def products_in_blocks(model) -> None:
     block of the weight once, in order, for all rows: SmolLM2's 210 layer products at 8 rows take 31 ms instead of 66
     for MKL's (2 cores limited to AVX2). The blocks are inputs of the step (StepModule's `blocks`, made once at load
     by FastStep), not constants of the package: the template would pack a constant again at build time, from the
-    build's empty weights. The other nn.Linear (a LoRA adapter's rank-r products, a few kB) are traced as
-    reductions, as in the lone step: no product left for the template to refuse, nor one more kernel to compile."""
+    build's empty weights. The other nn.Linear (a LoRA adapter's rank-r halves) are traced as reductions, as in the
+    lone step: no product left for the template to refuse, nor one more kernel to compile."""
     blocks = {id(linear) for _, linear in blocked_linears(model)}
     for module in model.modules():
         if type(module) is torch.nn.Linear:
@@ -471,11 +472,14 @@ def products_in_blocks(model) -> None:
 
 def blocked_linears(model) -> list[tuple[str, torch.nn.Linear]]:
     """The layers whose products the batch step takes in blocks, in the model's order: every float32 nn.Linear with
-    at least BLOCK inputs and outputs (other dtypes keep F.linear: a bf16 weight would be packed again at every
-    step; narrower ones are an adapter's low-rank halves)."""
+    at least BLOCK inputs and outputs that is not half of a LoRA adapter (other dtypes keep F.linear: a bf16 weight
+    would be packed again at every step; an adapter's rank-r halves are a few kB, and GRPO's optimizer rewrites them
+    at every step)."""
+    adapters = {id(half) for module in model.modules() for name in ("lora_A", "lora_B")
+                for half in getattr(module, name, {}).values()}
     return [(name, module) for name, module in model.named_modules()
             if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32
-            and min(module.weight.shape) >= BLOCK]
+            and min(module.weight.shape) >= BLOCK and id(module) not in adapters]
 
 
 def blocked(weight: torch.Tensor) -> torch.Tensor:

@@ -120,7 +120,7 @@ def test_logits_of_the_compiled_step_match_the_model(model, root):
 def test_products_in_blocks_are_the_layers_products(model):
     """The batch step's products as traced (products_in_blocks), run eagerly: a weight in blocks of BLOCK outputs,
     its output count not a multiple of BLOCK (the padding cut off), gives F.linear's rows; the model's layers and
-    its LM head are taken in blocks, the adapter's rank-4 halves are not."""
+    its LM head are taken in blocks, an adapter's halves are not (rank 4, nor 16: the optimizer rewrites them)."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(40, 2 * decode_step.BLOCK + 5)
     weight = decode_step.blocked(layer.weight)
@@ -131,6 +131,9 @@ def test_products_in_blocks_are_the_layers_products(model):
     assert torch.allclose(decode_step._blocks_forward(layer, rows), layer(rows), atol=1e-6)
     names = [name for name, _ in decode_step.blocked_linears(model)]
     assert "base_model.model.lm_head" in names and "base_model.model.model.layers.1.mlp.down_proj.base_layer" in names
+    assert len(names) == 2 * 7 + 1 and not any("lora" in name for name in names)
+    wide = get_peft_model(LlamaForCausalLM(model.config), LoraConfig(r=16, target_modules=["q_proj"]))
+    names = [name for name, _ in decode_step.blocked_linears(wide)]
     assert len(names) == 2 * 7 + 1 and not any("lora" in name for name in names)
 
 
@@ -273,8 +276,8 @@ def test_a_lone_answer_that_joins_a_batch_and_leaves_it_answers_as_eager(model, 
 
 
 def test_a_weight_changed_in_place_is_taken_in_blocks_again(model, root):
-    """GRPO's optimizer writes the weights between rollouts: the batch step copies a weight changed in place (its
-    tensor's version moved) into blocks again, and answers as the eager batch does with the new weight."""
+    """A full fine-tune's optimizer writes the weights between GRPO's rollouts: the batch step copies a weight changed
+    in place (its tensor's version moved) into blocks again, and answers as the eager batch does with the new one."""
     fast = decode_step.FastStep.for_model(model, build=False, root=root)
     assert fast.ready()
     weight = model.get_parameter("base_model.model.model.layers.0.mlp.down_proj.base_layer.weight")
