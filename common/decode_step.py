@@ -421,14 +421,15 @@ def build(spec: dict, buffers: dict[str, torch.Tensor], directory: Path) -> None
     model.set_attn_implementation(ONE_QUERY_ATTENTION)
     capacity = torch.export.Dim("capacity", min=2)  # one for all layers (FastStep.step gives them one)
     # The example: `rows` rows of 8 positions' room, 3 filled, the first row's first one padding
-    for rows, masked, package in ((1, False, PACKAGE), (2, True, BATCH_PACKAGE)):
+    for rows, masked, package in ((2, True, BATCH_PACKAGE), (1, False, PACKAGE)):
         configs, blocks = {"aot_inductor.package_constants_in_so": False}, []
         if masked:
             products_in_blocks(model)  # from here on: a batch's products read each weight once for all rows
-            configs.update(BLOCK_PRODUCT_CONFIGS)
             blocks = [blocked(linear.weight) for _, linear in blocked_linears(model)]
+            if blocks:  # the template for them; a bf16 model's products stay MKL's (the template would repack them)
+                configs.update(BLOCK_PRODUCT_CONFIGS)
         else:
-            products_as_reductions(model)  # a lone row's products stream each weight once
+            products_as_reductions(model)  # from here on: a lone row's products stream each weight once
         keys = [torch.zeros(rows, heads, 8, dim, dtype=dtype) for heads, _, dim, _ in shapes]
         values = [torch.zeros(rows, heads, 8, dim, dtype=dtype) for _, heads, _, dim in shapes]
         padding = torch.tensor([[1]] + [[0]] * (rows - 1)) if masked else torch.zeros(1, 1, dtype=torch.long)
@@ -462,12 +463,15 @@ def products_in_blocks(model) -> None:
     block of the weight once, in order, for all rows: SmolLM2's 210 layer products at 8 rows take 31 ms instead of 66
     for MKL's (2 cores limited to AVX2). The blocks are inputs of the step (StepModule's `blocks`, made once at load
     by FastStep), not constants of the package: the template would pack a constant again at build time, from the
-    build's empty weights. The other nn.Linear (a LoRA adapter's rank-r halves) are traced as reductions, as in the
-    lone step: no product left for the template to refuse, nor one more kernel to compile."""
+    build's empty weights. The other float32 nn.Linear (a LoRA adapter's rank-r halves) are traced as reductions, as
+    in the lone step: no product left for the template to refuse, nor one more kernel to compile. Other dtypes keep
+    F.linear, compiled without the template."""
     blocks = {id(linear) for _, linear in blocked_linears(model)}
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.forward = types.MethodType(_blocks_forward if id(module) in blocks else _reduction_forward, module)
+        if id(module) in blocks:
+            module.forward = types.MethodType(_blocks_forward, module)
+        elif type(module) is torch.nn.Linear and module.weight.dtype == torch.float32:
+            module.forward = types.MethodType(_reduction_forward, module)
 
 
 def blocked_linears(model) -> list[tuple[str, torch.nn.Linear]]:
