@@ -21,8 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.serving import QUESTION_CHARS  # noqa: E402
-from bench.training import MODEL, data_path  # noqa: E402
+from bench.serving import short_questions  # noqa: E402
+from bench.training import MODEL  # noqa: E402
 
 LEVELS = (1, 2, 4, 8)
 WARMUP = 5
@@ -62,9 +62,8 @@ def run(dtype: str, steps: int, rounds: int) -> dict:
     if not fast.ready():
         raise SystemExit(f"the compiled decode step did not load: {fast.off}")
     generator = Generator(model, tokenizer, get_template("tokenizer"), max_length=2048)
-    conversations = json.loads(data_path().read_text(encoding="utf-8"))
-    prompts = [generator.prompt_ids([{"role": "user", "content": c["conversation"][0]["input"][:QUESTION_CHARS]}])
-               for c in conversations[:max(LEVELS)]]
+    prompts = [generator.prompt_ids([{"role": "user", "content": question}])
+               for question in short_questions(max(LEVELS))]
     out = {"bench": "batch_step", "model": str(MODEL.relative_to(ROOT)), "cpu": precision.cpu_description(),
            "threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
            "decode_step": fast.key, "prompt_tokens": [len(p) for p in prompts], "steps": steps, "rounds": rounds,
@@ -96,6 +95,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.steps < 1 or args.rounds < 1:
+        parser.error("--steps and --rounds must be at least 1")
     print(json.dumps(run(args.dtype, args.steps, args.rounds), indent=2, ensure_ascii=False))
 
 

@@ -149,13 +149,17 @@ def build_steps(dtype: str) -> str:
     return built(FastStep.for_model(load_for_generation(resolve_model(str(MODEL)), dtype)[0], build=True)).key
 
 
+def short_questions(count: int) -> list[str]:
+    """Short questions, as people type them on the page: the first 60 characters of the shared conversations' first
+    turns (~100 tokens with the template for SmolLM2's tokenizer). A joining request's prefill pauses the batch, so
+    long prompts move time into time to first token and out of tokens/s (docs/performance.md says by how much)."""
+    conversations = json.loads(data_path().read_text(encoding="utf-8"))
+    return [c["conversation"][0]["input"][:QUESTION_CHARS] for c in conversations[:count]]
+
+
 def run(quick: bool, dtype: str = "float32", rounds: int = ROUNDS, max_tokens: int = MAX_TOKENS,
         per_client: int = REQUESTS_PER_CLIENT) -> dict:
-    conversations = json.loads(data_path().read_text(encoding="utf-8"))
-    # Short questions, as people type them on the page: the first 60 characters of the shared conversations' first
-    # turns (~100 tokens with the template for SmolLM2's tokenizer). A joining request's prefill pauses the batch, so
-    # long prompts move time into time to first token and out of tokens/s (docs/performance.md says by how much).
-    questions = [c["conversation"][0]["input"][:QUESTION_CHARS] for c in conversations[:16]]
+    questions = short_questions(16)
     levels, eager_levels = ((2,), (2,)) if quick else (LEVELS, EAGER_LEVELS)
     per_client, max_tokens = (1, 4) if quick else (per_client, max_tokens)
     import torch

@@ -70,12 +70,12 @@ MAX_ROWS = 256  # the most rows the batch package takes (the server's --max-batc
 TOLERANCE = 1e-4
 # The attention the build traces (registered with transformers under this name, for the build process only)
 ONE_QUERY_ATTENTION = "decode_step_one_query"
-# What models hand their attention function that does not change what it computes for one unpadded query
 # The batch package's products: weights in blocks of BLOCK outputs (products_in_blocks; 16 floats, two AVX2 vectors,
 # measured fastest for SmolLM2 at 1-8 rows limited to AVX2: 32 and 64 were 1.2-2x slower), each block's product
 # compiled by inductor's C++ GEMM template rather than handed to MKL
 BLOCK = 16
 BLOCK_PRODUCT_CONFIGS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+# What models hand their attention function that does not change what it computes for one unpadded query
 HARMLESS_ATTENTION_ARGUMENTS = ("position_ids", "use_cache", "is_causal", "output_attentions")
 # Config entries that name where a model came from, not what it computes
 NOT_STRUCTURE = ("_name_or_path", "transformers_version", "base_model_name_or_path", "revision")
@@ -461,9 +461,9 @@ def products_in_blocks(model) -> None:
     product per block of BLOCK outputs, all in one `bmm`. Compiled with inductor's C++ GEMM template
     (BLOCK_PRODUCT_CONFIGS), each block is a small product that keeps the rows' results in registers and reads its
     block of the weight once, in order, for all rows: SmolLM2's 210 layer products at 8 rows take 31 ms instead of 66
-    for MKL's (2 cores limited to AVX2). The blocks are inputs of the step (StepModule's `blocks`, made once at load
-    by FastStep), not constants of the package: the template would pack a constant again at build time, from the
-    build's empty weights. The other float32 nn.Linear (a LoRA adapter's rank-r halves) are traced as reductions, as
+    for MKL's (2 cores limited to AVX2). The blocks are inputs of the step (StepModule's `blocks`, copied by FastStep
+    from the live weights at the first batch step), not constants of the package: the template would pack a constant
+    again at build time, from the build's empty weights. The other float32 nn.Linear (a LoRA adapter's rank-r halves) are traced as reductions, as
     in the lone step: no product left for the template to refuse, nor one more kernel to compile. Other dtypes keep
     F.linear, compiled without the template."""
     blocks = {id(linear) for _, linear in blocked_linears(model)}
