@@ -18,8 +18,8 @@ import sys
 from common.artifacts import MAX_LENGTH_CAP
 from common.cli import main_guard
 from common.precision import CHOICES, canonical
-from common.server import (API_KEY_ENV, HOST, MAX_BATCH, MAX_REQUEST_BYTES, PORT, PREFILL_CHUNK, QUEUE_SIZE,
-                           READ_TIMEOUT)
+from common.server import (API_KEY_ENV, HOST, MAX_BATCH, MAX_REQUEST_BYTES, PORT, PREFILL_CHUNK, PROMPT_CACHE_MB,
+                           QUEUE_SIZE, READ_TIMEOUT)
 from common.templates import NAMES, SYSTEM_TEMPLATES
 
 
@@ -49,6 +49,9 @@ def parse_args(argv=None):
                    "and EOS always apply)")
     p.add_argument("--no-stream", action="store_true", help="print each answer whole instead of token by token")
     p.add_argument("--once", metavar="QUESTION", help="answer QUESTION and exit")
+    p.add_argument("--prompt-cache", type=float, default=PROMPT_CACHE_MB, metavar="MB", help="keep the prompts "
+                   "prefilled last, up to MB, so that the next turn of a conversation (or a prompt with the same "
+                   "system prompt) prefills only what is new (default %(default)s; 0: off)")
     p.add_argument("--eager", action="store_true", help="decode without the compiled decode step: neither use nor "
                    "build one (docs/decoding.md#the-compiled-decode-step; $DECODE_STEP_CACHE=off does the same "
                    "everywhere)")
@@ -86,6 +89,8 @@ def parse_args(argv=None):
         p.error("--max-batch must be at least 1")
     if args.prefill_chunk < 0:
         p.error("--prefill-chunk must be 0 (off) or more")
+    if not args.prompt_cache >= 0:
+        p.error("--prompt-cache must be 0 (off) or more megabytes")
     if args.max_request_bytes < 1:
         p.error("--max-request-bytes must be at least 1")
     if args.api_key == "":
@@ -137,7 +142,7 @@ def main(argv=None, stdin=None):
     # The compiled decode step where one applies; built in the background for the REPL and the server, which answer
     # many times, not for --once, which a build would not pay back.
     fast = None if args.eager else FastStep.for_model(model, build=args.once is None)
-    generator = Generator(model, tokenizer, template, max_length, args.stop_words, fast)
+    generator = Generator(model, tokenizer, template, max_length, args.stop_words, fast, args.prompt_cache)
     if system and not template.has_system:
         print(f"note: template `{template.name}` has no system slot: the system prompt is not used", file=sys.stderr)
     session = repl.ChatSession(generator, sampling, system)  # checks the settings fit the context (--serve too)

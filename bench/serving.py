@@ -9,7 +9,9 @@ median over the level's requests.
     python bench/serving.py [--quick] [--dtype float32]
 
 Each client sends its requests one after another (streaming, through the official `openai` client); the prompts are
-the first user turns of the bench's conversations. Rounds repeat the whole sequence; figures are medians over rounds,
+the first user turns of the bench's conversations, a different one for every request of a level (the eager server
+gets the compiled one's): the servers' prompt caches (`--prompt-cache`) reuse what prompts share, the template's
+system prompt, and never a whole earlier request. Rounds repeat the whole sequence; figures are medians over rounds,
 `seconds` and `requests` the first round's. --quick: two clients, one eager server in both roles (it builds nothing).
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ MAX_BATCH = "8"
 COMPILED, EAGER = "compiled step (--max-batch 8)", "eager (--eager --max-batch 8)"
 START_TIMEOUT = 180
 QUESTION_CHARS = 60
+QUESTIONS = 400  # conversations to take the questions from: more than the 3 rounds' ~120 requests
 
 
 class Server:
@@ -106,7 +109,8 @@ def one_request(client, model: str, question: str, max_tokens: int) -> dict:
 
 
 def level(server: Server, clients: int, questions: list[str], per_client: int, max_tokens: int) -> dict:
-    """`clients` threads, each sending `per_client` requests in turn; aggregate completion tokens/s over the wall."""
+    """`clients` threads, each sending `per_client` requests in turn (client c asks questions[c * per_client..]);
+    aggregate completion tokens/s over the wall."""
     results: list[dict] = []
     failures: list[BaseException] = []
     lock = threading.Lock()
@@ -115,8 +119,8 @@ def level(server: Server, clients: int, questions: list[str], per_client: int, m
         client = server.client()
         try:
             for r in range(per_client):
-                outcome = one_request(client, server.model, questions[(c * per_client + r) % len(questions)],
-                                      max_tokens)
+                question = questions[(c * per_client + r) % len(questions)]
+                outcome = {**one_request(client, server.model, question, max_tokens), "question": question}
                 with lock:
                     results.append(outcome)
         except Exception as e:  # re-raised below: a thread's exception would otherwise only be printed
@@ -135,7 +139,7 @@ def level(server: Server, clients: int, questions: list[str], per_client: int, m
     print(f"{clients} client(s): {tokens / wall:.2f} tokens/s", file=sys.stderr, flush=True)  # progress
     return {"clients": clients, "requests": len(results), "completion_tokens": tokens, "seconds": round(wall, 2),
             "tokens_per_s": round(tokens / wall, 2), "median_ttft_s": round(statistics.median(r["ttft"] for r in results), 3),
-            "answers": {r["text"] for r in results}}
+            "answers": {r["question"]: r["text"] for r in results}}
 
 
 def build_steps(dtype: str) -> str:
@@ -159,7 +163,14 @@ def short_questions(count: int) -> list[str]:
 
 def run(quick: bool, dtype: str = "float32", rounds: int = ROUNDS, max_tokens: int = MAX_TOKENS,
         per_client: int = REQUESTS_PER_CLIENT) -> dict:
-    questions = short_questions(16)
+    unasked = iter(dict.fromkeys(short_questions(QUESTIONS)))  # distinct, in order
+
+    def questions(count: int) -> list[str]:
+        asked = [q for _, q in zip(range(count), unasked)]
+        if len(asked) < count:
+            raise SystemExit(f"the bench's conversations have too few distinct questions for {rounds} rounds")
+        return asked
+
     levels, eager_levels = ((2,), (2,)) if quick else (LEVELS, EAGER_LEVELS)
     per_client, max_tokens = (1, 4) if quick else (per_client, max_tokens)
     import torch
@@ -174,7 +185,7 @@ def run(quick: bool, dtype: str = "float32", rounds: int = ROUNDS, max_tokens: i
     rounds = 1 if quick else rounds
     samples = {COMPILED: {c: [] for c in levels}, EAGER: {c: [] for c in eager_levels}}
     baseline = []  # the compiled server's one client, measured before each of its other levels
-    answers = {name: set() for name in samples}
+    answers = {name: {} for name in samples}  # question -> answer
     # Both servers are up at once, but only one is ever asked: an idle server costs no CPU. --quick builds nothing,
     # so both would be the same eager server: one serves both names.
     with contextlib.ExitStack() as stack:
@@ -184,18 +195,19 @@ def run(quick: bool, dtype: str = "float32", rounds: int = ROUNDS, max_tokens: i
         running = {COMPILED: compiled_server.ready(), EAGER: eager_server.ready()}
         if not quick:
             for server in running.values():
-                level(server, 1, questions, 1, 4)  # warm-up: first-call allocations, the packages' checked steps
-                level(server, 2, questions, 1, 4)
+                level(server, 1, questions(1), 1, 4)  # warm-up: first-call allocations, the packages' checked steps
+                level(server, 2, questions(2), 1, 4)
         for _ in range(rounds):
             for c in levels:
                 if c != 1:
-                    baseline.append(level(running[COMPILED], 1, questions, per_client, max_tokens))
-                result = level(running[COMPILED], c, questions, per_client, max_tokens)
-                answers[COMPILED] |= result.pop("answers")
+                    baseline.append(level(running[COMPILED], 1, questions(per_client), per_client, max_tokens))
+                asked = questions(c * per_client)
+                result = level(running[COMPILED], c, asked, per_client, max_tokens)
+                answers[COMPILED].update(result.pop("answers"))
                 samples[COMPILED][c].append(result)
                 if c in eager_levels:
-                    result = level(running[EAGER], c, questions, per_client, max_tokens)
-                    answers[EAGER] |= result.pop("answers")
+                    result = level(running[EAGER], c, asked, per_client, max_tokens)
+                    answers[EAGER].update(result.pop("answers"))
                     samples[EAGER][c].append(result)
         # A compiled step switched off (a failed check or load) says so on the server's stderr
         out["compiled_step_warnings"] = [line for line in compiled_server.said().splitlines()
@@ -212,9 +224,9 @@ def run(quick: bool, dtype: str = "float32", rounds: int = ROUNDS, max_tokens: i
     # Against one client's requests in turn on the same server: the aggregate, and what each client gets
     out["speedup"] = {c: round(r["tokens_per_s"] / lone, 2) for c, r in compiled.items()}
     out["per_client"] = {c: round(r["tokens_per_s"] / int(c) / lone, 2) for c, r in compiled.items()}
-    # The same prompts, greedy, on both servers: how many distinct answers only one of them gave (0 in float32 but
-    # for a near-tie the compiled step's rounding tips; bfloat16's rounding depends on the batch)
-    out["answers_differing"] = len(answers[COMPILED] ^ answers[EAGER])
+    # The questions both servers were asked, greedy: how many the two answered differently (0 in float32 but for a
+    # near-tie the compiled step's rounding tips; bfloat16's rounding depends on the batch)
+    out["answers_differing"] = sum(answers[COMPILED][q] != a for q, a in answers[EAGER].items())
     return out
 
 

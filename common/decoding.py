@@ -13,6 +13,10 @@ arriving later waits for the whole batch), and its sampling settings and seed ar
 own (temperature, top-k/p, repetition penalty, seed, max tokens, stop test). Tokens are picked as generate() picks
 them: with the logits processors it builds from the same GenerationConfig, per row. transformers' continuous-batching manager (`init_continuous_batching`) was the first
 choice; it takes one do_sample and no seed for all requests.
+
+A `PromptCache` (the REPL's and the server's) keeps the prompts prefilled last: a prompt that begins as one of them
+did (the same system prompt; a conversation's next turn, which repeats the whole conversation so far) prefills only
+the rest.
 """
 from __future__ import annotations
 
@@ -91,10 +95,12 @@ class Decoder:
     """Rows decoding together, one token each per step. Not thread-safe: one thread (the caller's, or the server's
     worker) drives it. `context()` is entered around every forward (e.g. PEFT's `disable_adapter` for base answers).
     `fast`: the model's compiled decode step (common.decode_step.FastStep, which imports this module), taken by a
-    lone row and by a batch alike."""
+    lone row and by a batch alike. `prompts`: where prompts start from the cached positions of earlier ones (only
+    for a model whose weights stay as they are while it answers: not training previews, not GRPO's rollouts)."""
 
-    def __init__(self, model, context: Callable[[], ContextManager] = nullcontext, fast=None):
-        self.model, self.context, self.fast = model, context, fast
+    def __init__(self, model, context: Callable[[], ContextManager] = nullcontext, fast=None,
+                 prompts: Optional[PromptCache] = None):
+        self.model, self.context, self.fast, self.prompts = model, context, fast, prompts
         self.rows: list[Row] = []
         self.cache: Optional[DynamicCache] = None
         self.mask: Optional[torch.Tensor] = None  # [rows, cached positions]: 1 real, 0 padding
@@ -111,10 +117,11 @@ class Decoder:
         waiting, a prompt longer than this is prefilled `chunk` positions per step() instead, so that it does not stall
         the others for its whole prefill; its first token comes from a later step(), which returns the row if that
         token ended it."""
-        if chunk and len(row.prompt) > chunk and (self.rows or self.prefills):
-            self.prefills.append(_Prefill([row], DynamicCache(config=self.model.config), chunk))
+        done, cache = self._started(row.prompt)
+        if chunk and len(row.prompt) - done > chunk and (self.rows or self.prefills):
+            self.prefills.append(_Prefill([row], cache, chunk, done))
             return False
-        return not self.add_alike([row])
+        return not self._first_tokens([row], cache, self._prefill(row.prompt[done:], cache))
 
     def add_alike(self, rows: list[Row]) -> list[Row]:
         """Rows with one prompt (a group of sampled answers to it, as GRPO draws them): one prefill, its cache
@@ -122,8 +129,14 @@ class Decoder:
         batch and are returned. Each row computes what it would alone. A failure leaves the batch as it was."""
         prompt = rows[0].prompt
         assert all(r.prompt == prompt for r in rows), "add_alike takes rows with one prompt"
-        cache = DynamicCache(config=self.model.config)
-        return self._first_tokens(rows, cache, self._prefill(prompt, cache))
+        done, cache = self._started(prompt)
+        return self._first_tokens(rows, cache, self._prefill(prompt[done:], cache))
+
+    def _started(self, prompt: list[int]) -> tuple[int, DynamicCache]:
+        """A cache for the prompt, and how many of its first positions it already holds (from the PromptCache)."""
+        if self.prompts is None:
+            return 0, DynamicCache(config=self.model.config)
+        return self.prompts.start(prompt, self.model.config)
 
     @property
     def in_flight(self) -> list[Row]:
@@ -138,6 +151,8 @@ class Decoder:
 
     def _first_tokens(self, rows: list[Row], cache: DynamicCache, logits: torch.Tensor) -> list[Row]:
         """Each row picks its first token from the prompt's last logits; those not ended join with the cache."""
+        if self.prompts is not None:  # the cache holds the prompt, and only it, until the rows join
+            self.prompts.keep(rows[0].prompt, cache)
         with torch.inference_mode():
             joining = [r for r in rows if not r.push(r.pick(logits))]
         if joining:
@@ -250,6 +265,55 @@ class Decoder:
             layer.values = layer.values.index_select(0, index)[:, :, start:]
         self.mask = mask[:, start:]
         self.padded = bool((self.mask == 0).any())
+
+
+class PromptCache:
+    """The key/value caches of the prompts prefilled last, up to `megabytes` in all, the least recently used dropped
+    first. A position's keys and values depend only on the tokens up to it, so a prompt that begins with the same
+    tokens as a kept one starts from a copy of those positions and prefills only the rest: the same computation
+    (measured on SmolLM2: bit-identical logits, or within float rounding where MKL sums a product of another number
+    of rows in another order). The last position is always prefilled again: its logits pick the first token. A prompt
+    kept replaces the kept ones it begins with (a conversation's earlier turns). Only caches of plain full-attention
+    layers are kept (a sliding window's layer holds less than its positions)."""
+
+    def __init__(self, megabytes: float):
+        self.budget = int(megabytes * 2 ** 20)
+        self.entries: list[tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = []  # least recent first
+        self.reused = 0  # positions not prefilled again, in all
+
+    def start(self, prompt: list[int], config) -> tuple[int, DynamicCache]:
+        """A new cache holding as many of the prompt's first positions as a kept prompt shares with it (copies: the
+        kept one stays as it is), and how many that is."""
+        cache = DynamicCache(config=config)
+        best, found = 0, None
+        for entry in self.entries:
+            shared = common_prefix(entry[0], prompt)
+            if shared > best:
+                best, found = shared, entry
+        best = min(best, len(prompt) - 1)
+        if best < 1 or not batchable(cache):
+            return 0, cache
+        self.entries.remove(found)
+        self.entries.append(found)
+        for layer, (keys, values) in zip(cache.layers, found[1]):
+            layer.update(keys[:, :, :best], values[:, :, :best])  # concatenated to nothing: a copy
+        self.reused += best
+        return best, cache
+
+    def keep(self, prompt: list[int], cache: DynamicCache) -> None:
+        """Keep a copy of `cache`, which holds exactly the prompt's positions (one row)."""
+        size = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        if not batchable(cache) or size > self.budget:
+            return
+        self.entries = [e for e in self.entries if e[0] != prompt[:len(e[0])]]
+        self.entries.append((list(prompt), [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]))
+        while sum(k.nbytes + v.nbytes for _, layers in self.entries for k, v in layers) > self.budget:
+            self.entries.pop(0)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two prompts share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def batchable(cache: DynamicCache) -> bool:

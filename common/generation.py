@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 from common.cli import UserError
 from common.conversation import BadRecord, messages_to_turns
-from common.decoding import Decoder, Row
+from common.decoding import Decoder, PromptCache, Row
 from common.templates import Template
 
 
@@ -167,11 +167,14 @@ class Generator:
     """Answers conversations with one model, in one template. Holds no conversation: callers pass the messages."""
 
     def __init__(self, model, tokenizer, template: Template, max_length: Optional[int] = None,
-                 extra_stop_words: list[str] = (), fast=None):
+                 extra_stop_words: list[str] = (), fast=None, prompt_cache_mb: float = 0):
         """fast: the model's compiled decode step (common.decode_step.FastStep), used for answers with the adapter
-        as loaded; None: eager decoding throughout."""
+        as loaded; None: eager decoding throughout. prompt_cache_mb: keep the prompts prefilled last, up to this much
+        for the adapter's answers and as much for the base's, so that a prompt beginning as one of them did prefills
+        only the rest (decoding.PromptCache; 0: none, as for a model that is still training)."""
         self.model, self.tokenizer, self.template, self.max_length = model, tokenizer, template, max_length
         self.fast = fast
+        self.prompts = {adapter: PromptCache(prompt_cache_mb) for adapter in (True, False)} if prompt_cache_mb else {}
         self.stop_words = template.stop_words(tokenizer) + [w for w in extra_stop_words if w]
         self.eos_ids = eos_ids(tokenizer, model)
 
@@ -247,7 +250,8 @@ class Generator:
 
     def decoder(self, adapter: bool = True) -> Decoder:
         """A decoder of this model: with its PEFT adapter (as loaded), or as its base (adapter=False)."""
-        return Decoder(self.model, lambda: adapter_switch(self.model, adapter), self.fast if adapter else None)
+        return Decoder(self.model, lambda: adapter_switch(self.model, adapter), self.fast if adapter else None,
+                       self.prompts.get(adapter))
 
     def generate(self, messages: list[dict], sampling: Sampling, on_text: Callable[[str], None] = lambda text: None,
                  cancelled: Callable[[], bool] = lambda: False, stop: list[str] = (), adapter: bool = True) -> Completion:

@@ -14,7 +14,7 @@ import torch
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common.decoding import Decoder, split_products
+from common.decoding import Decoder, PromptCache, Row, common_prefix, split_products
 from common.generation import Generator, Sampling
 from common.templates import get_template
 
@@ -175,6 +175,67 @@ def test_seeded_rows_sample_alike_alone_and_in_a_batch(generator):
     again = start(generator, "你好", temperature=1.0, seed=6, max_new_tokens=16)
     Decoder(generator.model).run(again.row)
     assert again.row.answer != alone.row.answer
+
+
+# ---------------------------------------------------------------- the prompt cache
+
+def conversation_ids(generator, *turns: str) -> list[int]:
+    """The prompt of a conversation whose turns alternate user, assistant, user..."""
+    messages = [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+    return generator.prompt_ids(messages)
+
+
+def test_a_conversations_next_turn_prefills_only_what_is_new(generator):
+    """The REPL's and the server's prompt cache: the next turn of a conversation repeats the whole conversation so
+    far; it starts from the kept positions of the turn before (all of them) and answers as it would without the
+    cache. The longer prompt replaces the kept one it begins with."""
+    model, prompts = generator.model, PromptCache(16)
+    first = conversation_ids(generator, "我最近很焦虑，晚上睡不着。")
+    decoder = Decoder(model, prompts=prompts)
+    decoder.run(Row(first, 8, frozenset()))
+    assert prompts.reused == 0 and [ids for ids, _ in prompts.entries] == [first]
+    assert [k.shape[2] for k, _ in prompts.entries[0][1]] == [len(first)] * model.config.num_hidden_layers
+    second = conversation_ids(generator, "我最近很焦虑，晚上睡不着。", "别担心，我们慢慢说。", "白天也没有精神，怎么办？")
+    assert second[:len(first)] == first
+    cached = decoder.run(Row(second, 12, frozenset()))
+    assert prompts.reused == len(first) and [ids for ids, _ in prompts.entries] == [second]
+    assert cached.answer == Decoder(model).run(Row(second, 12, frozenset())).answer
+    assert_as_alone(model, cached)
+
+
+def test_the_prompt_cache_keeps_the_most_recent_prompts_within_its_budget(generator):
+    """Prompts sharing only the template's start reuse that; the least recently used are dropped past the budget;
+    the last position is prefilled again even for a prompt kept whole (its logits pick the first token), and a chunked
+    prefill starts after what is reused. The kept tensors do not change while answers decode from their copies."""
+    model = generator.model
+    questions = ["你好", "我和父母总是吵架。", "我最近很焦虑，晚上睡不着，怎么办？"]
+    ids = [conversation_ids(generator, q) for q in questions]
+    assert len(ids[0]) < len(ids[1]) < len(ids[2]) < len(ids[0]) + len(ids[1])
+    prompts = PromptCache(16)
+    decoder = Decoder(model, prompts=prompts)
+    decoder.run(Row(ids[0], 4, frozenset()))
+    per_position = sum(k.nbytes + v.nbytes for k, v in prompts.entries[0][1]) // len(ids[0])
+    prompts.budget = per_position * (len(ids[0]) + len(ids[1]))  # room for the first two prompts, not the third
+    decoder.run(Row(ids[1], 4, frozenset()))
+    assert prompts.reused == common_prefix(ids[0], ids[1]) > 0  # the template's start (its system prompt)
+    assert [p for p, _ in prompts.entries] == ids[:2]
+    decoder.run(Row(ids[2], 4, frozenset()))  # over the budget: the least recently used go until it fits
+    assert [p for p, _ in prompts.entries] == [ids[2]]
+    kept = prompts.entries[0][1]
+    as_kept = [(k.clone(), v.clone()) for k, v in kept]
+    before = prompts.reused
+    again = decoder.run(Row(ids[2], 4, frozenset()))  # kept whole: all but its last position reused
+    assert prompts.reused - before == len(ids[2]) - 1
+    assert again.answer == Decoder(model).run(Row(ids[2], 4, frozenset())).answer
+    prompts.budget *= 2  # room for the row under way's prompt beside it
+    under_way = Decoder(model, prompts=prompts)
+    under_way.add(Row(ids[0], 20, frozenset()))
+    next_turn = conversation_ids(generator, questions[2], "别担心。", "谢谢")
+    assert not under_way.add(Row(next_turn, 4, frozenset()), chunk=2)
+    assert under_way.prefills[0].done == len(ids[2])  # chunks of what is new only
+    while under_way.in_flight:
+        under_way.step()
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(kept, as_kept))
 
 
 # ---------------------------------------------------------------- one-row products on all threads

@@ -25,6 +25,9 @@ MAX_BATCH = 8  # requests decoded together, one token each per forward
 # pause for one chunk (~0.5 s on 2 cores, float32) rather than the whole prompt (a 1,700-token conversation: ~4 s),
 # and chunks this long keep the prefill's products nearly as fast as one of the whole prompt
 PREFILL_CHUNK = 256
+# What the server and the REPL keep of the prompts they prefilled last (common.decoding.PromptCache): SmolLM2-135M in
+# float32 holds 46 kB per position, a 7B model with grouped keys in bfloat16 ~57 kB: a few long conversations
+PROMPT_CACHE_MB = 256
 QUEUE_SIZE = 16  # requests that may wait beyond the batch; more get 429
 MAX_REQUEST_BYTES = 1 << 20  # 1 MiB is far more text than a 32k-token context holds
 READ_TIMEOUT = 30  # seconds a client has to send a whole request, headers and body
