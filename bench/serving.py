@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.browser import stop_process  # noqa: E402
 from bench.training import MODEL, data_path  # noqa: E402
+from common.server import PROMPT_CACHE_MB  # noqa: E402
 
 LEVELS = (1, 2, 4, 8)
 EAGER_LEVELS = (1, 8)
@@ -162,7 +163,7 @@ def short_questions(count: int) -> list[str]:
 
 
 def run(quick: bool, dtype: str = "float32", rounds: int = ROUNDS, max_tokens: int = MAX_TOKENS,
-        per_client: int = REQUESTS_PER_CLIENT) -> dict:
+        per_client: int = REQUESTS_PER_CLIENT, prompt_cache: float = PROMPT_CACHE_MB) -> dict:
     unasked = iter(dict.fromkeys(short_questions(QUESTIONS)))  # distinct, in order
 
     def questions(count: int) -> list[str]:
@@ -179,7 +180,7 @@ def run(quick: bool, dtype: str = "float32", rounds: int = ROUNDS, max_tokens: i
 
     out = {"bench": "serving", "quick": quick, "model": str(MODEL.relative_to(ROOT)), "cpu": precision.cpu_description(),
            "threads": torch.get_num_threads(), "dtype": dtype, "max_tokens": max_tokens,
-           "requests_per_client": per_client, "levels": list(levels), "runs": {}}
+           "requests_per_client": per_client, "prompt_cache_mb": prompt_cache, "levels": list(levels), "runs": {}}
     if not quick:
         out["decode_step"] = build_steps(dtype)
     rounds = 1 if quick else rounds
@@ -189,9 +190,10 @@ def run(quick: bool, dtype: str = "float32", rounds: int = ROUNDS, max_tokens: i
     # Both servers are up at once, but only one is ever asked: an idle server costs no CPU. --quick builds nothing,
     # so both would be the same eager server: one serves both names.
     with contextlib.ExitStack() as stack:
-        eager_server = stack.enter_context(Server(dtype, "--eager", "--max-batch", MAX_BATCH, "--queue-size", "16"))
+        flags = ("--max-batch", MAX_BATCH, "--queue-size", "16", "--prompt-cache", str(prompt_cache))
+        eager_server = stack.enter_context(Server(dtype, "--eager", *flags))
         compiled_server = eager_server if quick else stack.enter_context(
-            Server(dtype, "--max-batch", MAX_BATCH, "--queue-size", "16"))
+            Server(dtype, *flags))
         running = {COMPILED: compiled_server.ready(), EAGER: eager_server.ready()}
         if not quick:
             for server in running.values():
@@ -237,5 +239,10 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--requests-per-client", type=int, default=REQUESTS_PER_CLIENT)
+    parser.add_argument("--prompt-cache", type=float, default=PROMPT_CACHE_MB, metavar="MB",
+                        help="the servers' --prompt-cache (default theirs, %(default)s; 0: off)")
     args = parser.parse_args()
-    print(json.dumps(run(args.quick, args.dtype, args.rounds, args.max_tokens, args.requests_per_client), indent=2))
+    if not args.prompt_cache >= 0:
+        parser.error("--prompt-cache must be 0 (off) or more megabytes")
+    print(json.dumps(run(args.quick, args.dtype, args.rounds, args.max_tokens, args.requests_per_client,
+                         args.prompt_cache), indent=2))

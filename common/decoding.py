@@ -117,11 +117,13 @@ class Decoder:
         waiting, a prompt longer than this is prefilled `chunk` positions per step() instead, so that it does not stall
         the others for its whole prefill; its first token comes from a later step(), which returns the row if that
         token ended it."""
-        done, cache = self._started(row.prompt)
-        if chunk and len(row.prompt) - done > chunk and (self.rows or self.prefills):
+        done, cache, logits = self._started(row.prompt)
+        if logits is None and chunk and len(row.prompt) - done > chunk and (self.rows or self.prefills):
             self.prefills.append(_Prefill([row], cache, chunk, done))
             return False
-        return not self._first_tokens([row], cache, self._prefill(row.prompt[done:], cache))
+        if logits is None:
+            logits = self._prefill(row.prompt[done:], cache)
+        return not self._first_tokens([row], cache, logits)
 
     def add_alike(self, rows: list[Row]) -> list[Row]:
         """Rows with one prompt (a group of sampled answers to it, as GRPO draws them): one prefill, its cache
@@ -129,13 +131,16 @@ class Decoder:
         batch and are returned. Each row computes what it would alone. A failure leaves the batch as it was."""
         prompt = rows[0].prompt
         assert all(r.prompt == prompt for r in rows), "add_alike takes rows with one prompt"
-        done, cache = self._started(prompt)
-        return self._first_tokens(rows, cache, self._prefill(prompt[done:], cache))
+        done, cache, logits = self._started(prompt)
+        if logits is None:
+            logits = self._prefill(prompt[done:], cache)
+        return self._first_tokens(rows, cache, logits)
 
-    def _started(self, prompt: list[int]) -> tuple[int, DynamicCache]:
-        """A cache for the prompt, and how many of its first positions it already holds (from the PromptCache)."""
+    def _started(self, prompt: list[int]) -> tuple[int, DynamicCache, Optional[torch.Tensor]]:
+        """A cache for the prompt, how many of its first positions it already holds, and its last logits where it
+        holds them all (from the PromptCache; see PromptCache.start)."""
         if self.prompts is None:
-            return 0, DynamicCache(config=self.model.config)
+            return 0, DynamicCache(config=self.model.config), None
         return self.prompts.start(prompt, self.model.config)
 
     @property
@@ -152,7 +157,7 @@ class Decoder:
     def _first_tokens(self, rows: list[Row], cache: DynamicCache, logits: torch.Tensor) -> list[Row]:
         """Each row picks its first token from the prompt's last logits; those not ended join with the cache."""
         if self.prompts is not None:  # the cache holds the prompt, and only it, until the rows join
-            self.prompts.keep(rows[0].prompt, cache)
+            self.prompts.keep(rows[0].prompt, cache, logits)
         with torch.inference_mode():
             joining = [r for r in rows if not r.push(r.pick(logits))]
         if joining:
@@ -272,43 +277,68 @@ class PromptCache:
     first. A position's keys and values depend only on the tokens up to it, so a prompt that begins with the same
     tokens as a kept one starts from a copy of those positions and prefills only the rest: the same computation
     (measured on SmolLM2: bit-identical logits, or within float rounding where MKL sums a product of another number
-    of rows in another order). The last position is always prefilled again: its logits pick the first token. A prompt
-    kept replaces the kept ones it begins with (a conversation's earlier turns). Only caches of plain full-attention
-    layers are kept (a sliding window's layer holds less than its positions)."""
+    of rows in another order). A prompt kept whole (a request sent again) takes its last position's logits too and
+    is not prefilled at all, so its answer is the first one's; otherwise the last position is prefilled again (its
+    logits pick the first token). A prompt kept replaces the kept ones it begins with (a conversation's earlier
+    turns). Only caches of plain full-attention layers are kept (a sliding window's layer holds less than its
+    positions)."""
 
     def __init__(self, megabytes: float):
         self.budget = int(megabytes * 2 ** 20)
-        self.entries: list[tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = []  # least recent first
+        self.entries: list[_Kept] = []  # the least recently used first
         self.reused = 0  # positions not prefilled again, in all
 
-    def start(self, prompt: list[int], config) -> tuple[int, DynamicCache]:
+    def start(self, prompt: list[int], config) -> tuple[int, DynamicCache, Optional[torch.Tensor]]:
         """A new cache holding as many of the prompt's first positions as a kept prompt shares with it (copies: the
-        kept one stays as it is), and how many that is."""
+        kept one stays as it is), how many that is, and the last position's logits where the prompt was kept whole
+        (else None)."""
         cache = DynamicCache(config=config)
         best, found = 0, None
         for entry in self.entries:
-            shared = common_prefix(entry[0], prompt)
+            shared = common_prefix(entry.prompt, prompt)
             if shared > best:
                 best, found = shared, entry
-        best = min(best, len(prompt) - 1)
+        whole = found is not None and found.prompt == prompt
+        best = best if whole else min(best, len(prompt) - 1)
         if best < 1 or not batchable(cache):
-            return 0, cache
-        self.entries.remove(found)
-        self.entries.append(found)
-        for layer, (keys, values) in zip(cache.layers, found[1]):
+            return 0, cache, None
+        self._used(found)
+        for layer, (keys, values) in zip(cache.layers, found.layers):
             layer.update(keys[:, :, :best], values[:, :, :best])  # concatenated to nothing: a copy
         self.reused += best
-        return best, cache
+        return best, cache, found.logits.clone() if whole else None
 
-    def keep(self, prompt: list[int], cache: DynamicCache) -> None:
-        """Keep a copy of `cache`, which holds exactly the prompt's positions (one row)."""
-        size = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-        if not batchable(cache) or size > self.budget:
+    def keep(self, prompt: list[int], cache: DynamicCache, logits: torch.Tensor) -> None:
+        """Keep a copy of `cache`, which holds exactly the prompt's positions (one row), and of its last position's
+        logits."""
+        kept = next((e for e in self.entries if e.prompt == prompt), None)
+        if kept is not None:  # taken whole from here: nothing new
+            return self._used(kept)
+        entry = _Kept(list(prompt), [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers],
+                      logits.clone())
+        if not batchable(cache) or entry.nbytes > self.budget:
             return
-        self.entries = [e for e in self.entries if e[0] != prompt[:len(e[0])]]
-        self.entries.append((list(prompt), [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]))
-        while sum(k.nbytes + v.nbytes for _, layers in self.entries for k, v in layers) > self.budget:
+        self.entries = [e for e in self.entries if e.prompt != prompt[:len(e.prompt)]] + [entry]
+        while sum(e.nbytes for e in self.entries) > self.budget:
             self.entries.pop(0)
+
+    def _used(self, entry: _Kept) -> None:
+        self.entries.remove(entry)
+        self.entries.append(entry)
+
+
+@dataclass
+class _Kept:
+    """A prompt the PromptCache keeps: its ids, each layer's keys and values [1, heads, positions, dim], and its
+    last position's float32 logits."""
+
+    prompt: list[int]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    logits: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers) + self.logits.nbytes
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

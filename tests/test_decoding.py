@@ -193,20 +193,20 @@ def test_a_conversations_next_turn_prefills_only_what_is_new(generator):
     first = conversation_ids(generator, "我最近很焦虑，晚上睡不着。")
     decoder = Decoder(model, prompts=prompts)
     decoder.run(Row(first, 8, frozenset()))
-    assert prompts.reused == 0 and [ids for ids, _ in prompts.entries] == [first]
-    assert [k.shape[2] for k, _ in prompts.entries[0][1]] == [len(first)] * model.config.num_hidden_layers
+    assert prompts.reused == 0 and [e.prompt for e in prompts.entries] == [first]
+    assert [k.shape[2] for k, _ in prompts.entries[0].layers] == [len(first)] * model.config.num_hidden_layers
     second = conversation_ids(generator, "我最近很焦虑，晚上睡不着。", "别担心，我们慢慢说。", "白天也没有精神，怎么办？")
     assert second[:len(first)] == first
     cached = decoder.run(Row(second, 12, frozenset()))
-    assert prompts.reused == len(first) and [ids for ids, _ in prompts.entries] == [second]
+    assert prompts.reused == len(first) and [e.prompt for e in prompts.entries] == [second]
     assert cached.answer == Decoder(model).run(Row(second, 12, frozenset())).answer
     assert_as_alone(model, cached)
 
 
 def test_the_prompt_cache_keeps_the_most_recent_prompts_within_its_budget(generator):
-    """Prompts sharing only the template's start reuse that; the least recently used are dropped past the budget;
-    the last position is prefilled again even for a prompt kept whole (its logits pick the first token), and a chunked
-    prefill starts after what is reused. The kept tensors do not change while answers decode from their copies."""
+    """Prompts sharing only the template's start reuse that; the least recently used are dropped past the budget; a
+    prompt kept whole is not prefilled at all and answers as the first time; a chunked prefill starts after what is
+    reused. The kept tensors do not change while answers decode from their copies."""
     model = generator.model
     questions = ["你好", "我和父母总是吵架。", "我最近很焦虑，晚上睡不着，怎么办？"]
     ids = [conversation_ids(generator, q) for q in questions]
@@ -214,19 +214,19 @@ def test_the_prompt_cache_keeps_the_most_recent_prompts_within_its_budget(genera
     prompts = PromptCache(16)
     decoder = Decoder(model, prompts=prompts)
     decoder.run(Row(ids[0], 4, frozenset()))
-    per_position = sum(k.nbytes + v.nbytes for k, v in prompts.entries[0][1]) // len(ids[0])
+    per_position = prompts.entries[0].nbytes // len(ids[0]) + 1
     prompts.budget = per_position * (len(ids[0]) + len(ids[1]))  # room for the first two prompts, not the third
     decoder.run(Row(ids[1], 4, frozenset()))
     assert prompts.reused == common_prefix(ids[0], ids[1]) > 0  # the template's start (its system prompt)
-    assert [p for p, _ in prompts.entries] == ids[:2]
+    assert [e.prompt for e in prompts.entries] == ids[:2]
     decoder.run(Row(ids[2], 4, frozenset()))  # over the budget: the least recently used go until it fits
-    assert [p for p, _ in prompts.entries] == [ids[2]]
-    kept = prompts.entries[0][1]
+    assert [e.prompt for e in prompts.entries] == [ids[2]]
+    kept = prompts.entries[0].layers
     as_kept = [(k.clone(), v.clone()) for k, v in kept]
     before = prompts.reused
-    again = decoder.run(Row(ids[2], 4, frozenset()))  # kept whole: all but its last position reused
-    assert prompts.reused - before == len(ids[2]) - 1
-    assert again.answer == Decoder(model).run(Row(ids[2], 4, frozenset())).answer
+    first = Decoder(model).run(Row(ids[2], 4, frozenset()))
+    again = decoder.run(Row(ids[2], 4, frozenset()))  # kept whole: nothing prefilled, its logits kept too
+    assert prompts.reused - before == len(ids[2]) and again.answer == first.answer
     prompts.budget *= 2  # room for the row under way's prompt beside it
     under_way = Decoder(model, prompts=prompts)
     under_way.add(Row(ids[0], 20, frozenset()))
