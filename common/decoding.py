@@ -314,10 +314,12 @@ class PromptCache:
         kept = next((e for e in self.entries if e.prompt == prompt), None)
         if kept is not None:  # taken whole from here: nothing new
             return self._used(kept)
+        if not batchable(cache):
+            return
+        if sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) > self.budget:
+            return  # not even alone
         entry = _Kept(list(prompt), [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers],
                       logits.clone())
-        if not batchable(cache) or entry.nbytes > self.budget:
-            return
         self.entries = [e for e in self.entries if e.prompt != prompt[:len(e.prompt)]] + [entry]
         while sum(e.nbytes for e in self.entries) > self.budget:
             self.entries.pop(0)
