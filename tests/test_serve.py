@@ -117,8 +117,10 @@ def keyless(request, tmp_path_factory, tiny_model_dir):
 def demo(request, tmp_path_factory):
     if not (DEMO_MODEL / "config.json").is_file():
         pytest.skip(f"{DEMO_MODEL} is missing (make demo-model)")
-    # float32: the same arithmetic on every machine (auto picks bfloat16 where the CPU has it natively)
-    return start(request, tmp_path_factory, DEMO_MODEL, "--torch-dtype", "float32")
+    # float32: the same arithmetic on every machine (auto picks bfloat16 where the CPU has it natively). No prompt
+    # cache: the load test asks again what it asked alone, and prompts kept whole would skip the prefills under load
+    # it checks (tests/test_chat.py compares cached turns with uncached ones)
+    return start(request, tmp_path_factory, DEMO_MODEL, "--torch-dtype", "float32", "--prompt-cache", "0")
 
 
 def once(capsys, model, question, max_new_tokens, *flags) -> str:
