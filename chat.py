@@ -89,8 +89,8 @@ def parse_args(argv=None):
         p.error("--max-batch must be at least 1")
     if args.prefill_chunk < 0:
         p.error("--prefill-chunk must be 0 (off) or more")
-    if not args.prompt_cache >= 0:
-        p.error("--prompt-cache must be 0 (off) or more megabytes")
+    if not 0 <= args.prompt_cache < float("inf"):
+        p.error("--prompt-cache must be 0 (off) or a number of megabytes")
     if args.max_request_bytes < 1:
         p.error("--max-request-bytes must be at least 1")
     if args.api_key == "":

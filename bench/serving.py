@@ -242,7 +242,7 @@ if __name__ == "__main__":
     parser.add_argument("--prompt-cache", type=float, default=PROMPT_CACHE_MB, metavar="MB",
                         help="the servers' --prompt-cache (default theirs, %(default)s; 0: off)")
     args = parser.parse_args()
-    if not args.prompt_cache >= 0:
-        parser.error("--prompt-cache must be 0 (off) or more megabytes")
+    if not 0 <= args.prompt_cache < float("inf"):
+        parser.error("--prompt-cache must be 0 (off) or a number of megabytes")
     print(json.dumps(run(args.quick, args.dtype, args.rounds, args.max_tokens, args.requests_per_client,
                          args.prompt_cache), indent=2))

@@ -293,6 +293,12 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, monkeypatch, capsys, a
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("value", ["-1", "inf", "nan"])
+def test_a_prompt_cache_that_is_not_a_size_is_a_usage_error(tiny_model_dir, monkeypatch, capsys, value):
+    code, out, err = run_main(monkeypatch, capsys, [str(tiny_model_dir), "--prompt-cache", value, "--once", "你好"])
+    assert code == 2 and out == "" and "--prompt-cache must be 0 (off) or a number of megabytes" in err
+
+
 def test_no_run_yet_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_main(monkeypatch, capsys, ["--once", "你好"])
