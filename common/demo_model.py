@@ -40,13 +40,18 @@ def convert(gguf: Path, out: Path) -> None:
         # (`make test` on a fresh clone starts with this)
         child = multiprocessing.get_context("fork").Process(target=save_tokenizer, args=(gguf, tmp))
         child.start()
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # The GGUF loader marks the model as quantized; the weights are already dequantized to float32, so
-        # drop the marker or save_pretrained refuses (and the saved config would claim a quantization).
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            # The GGUF loader marks the model as quantized; the weights are already dequantized to float32, so
+            # drop the marker or save_pretrained refuses (and the saved config would claim a quantization).
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+        except BaseException:  # Ctrl-C included: the child must not write into the folder atomic_dir removes
+            child.kill()
+            child.join()
+            raise
         child.join()
         if child.exitcode != 0:
             raise UserError(f"the demo model's tokenizer could not be converted from {gguf.name} (said above)")
