@@ -117,13 +117,11 @@ class Decoder:
         waiting, a prompt longer than this is prefilled `chunk` positions per step() instead, so that it does not stall
         the others for its whole prefill; its first token comes from a later step(), which returns the row if that
         token ended it."""
-        done, cache, logits = self._started(row.prompt)
+        done, cache, logits = started = self._started(row.prompt)
         if logits is None and chunk and len(row.prompt) - done > chunk and (self.rows or self.prefills):
             self.prefills.append(_Prefill([row], cache, chunk, done))
             return False
-        if logits is None:
-            logits = self._prefill(row.prompt[done:], cache)
-        return not self._first_tokens([row], cache, logits)
+        return not self._prefilled([row], *started)
 
     def add_alike(self, rows: list[Row]) -> list[Row]:
         """Rows with one prompt (a group of sampled answers to it, as GRPO draws them): one prefill, its cache
@@ -131,10 +129,7 @@ class Decoder:
         batch and are returned. Each row computes what it would alone. A failure leaves the batch as it was."""
         prompt = rows[0].prompt
         assert all(r.prompt == prompt for r in rows), "add_alike takes rows with one prompt"
-        done, cache, logits = self._started(prompt)
-        if logits is None:
-            logits = self._prefill(prompt[done:], cache)
-        return self._first_tokens(rows, cache, logits)
+        return self._prefilled(rows, *self._started(prompt))
 
     def _started(self, prompt: list[int]) -> tuple[int, DynamicCache, Optional[torch.Tensor]]:
         """A cache for the prompt, how many of its first positions it already holds, and its last logits where it
@@ -142,6 +137,14 @@ class Decoder:
         if self.prompts is None:
             return 0, DynamicCache(config=self.model.config), None
         return self.prompts.start(prompt, self.model.config)
+
+    def _prefilled(self, rows: list[Row], done: int, cache: DynamicCache,
+                   logits: Optional[torch.Tensor]) -> list[Row]:
+        """The rest of the rows' one prompt prefilled after the `done` positions the cache holds (nothing where its
+        last logits are given), then their first tokens (_first_tokens)."""
+        if logits is None:
+            logits = self._prefill(rows[0].prompt[done:], cache)
+        return self._first_tokens(rows, cache, logits)
 
     @property
     def in_flight(self) -> list[Row]:
