@@ -70,10 +70,16 @@ MAX_ROWS = 256  # the most rows the batch package takes (the server's --max-batc
 TOLERANCE = 1e-4
 # The attention the build traces (registered with transformers under this name, for the build process only)
 ONE_QUERY_ATTENTION = "decode_step_one_query"
-# The batch package's products: weights in blocks of BLOCK outputs (products_in_blocks; 16 floats, two AVX2 vectors,
-# measured fastest for SmolLM2 at 1-8 rows limited to AVX2: 32 and 64 were 1.2-2x slower), each block's product
-# compiled by inductor's C++ GEMM template rather than handed to MKL
-BLOCK = 16
+# The batch package's products: weights in blocks of this many outputs (products_in_blocks), by the CPU capability
+# the package is for (else DEFAULT_BLOCK), each block's product compiled by inductor's C++ GEMM template rather than
+# handed to MKL. The template picks its register block by the block's width and the example's rows (BATCH_EXAMPLE_ROWS).
+# Measured on SmolLM2's 210 layer products (2 cores, 2026-12-07, docs/performance.md): limited to AVX2, blocks of 24
+# (the template's 4x24 register block: each weight row's 24 floats used by 4 rows while in registers) took 22.7, 15.3
+# and 13.3 ms at 8, 4 and 2 rows against 16's 26.6, 20.3 and 18.2 (8x8), 32's and 48's slower; with AVX-512, 16
+# (its 16x16) was fastest, 32 and 48 slower, and 24 is not a multiple of its 16-float vectors.
+BLOCKS = {"AVX2": 24}
+DEFAULT_BLOCK = 16
+BATCH_EXAMPLE_ROWS = 4  # with 2, AVX2's template takes 8x8 for blocks of 24 too
 BLOCK_PRODUCT_CONFIGS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
 # What models hand their attention function that does not change what it computes for one unpadded query
 HARMLESS_ATTENTION_ARGUMENTS = ("position_ids", "use_cache", "is_causal", "output_attentions")
@@ -208,7 +214,7 @@ def build_code() -> str:
     the products, the export and compile call, and their settings)."""
     code = (StepModule, BufferLayer, build, products_as_reductions, one_query_attention, _reduction_forward,
             products_in_blocks, blocked_linears, blocked, _blocks_forward)
-    settings = json.dumps([BLOCK, BLOCK_PRODUCT_CONFIGS], sort_keys=True)
+    settings = json.dumps([BLOCKS, DEFAULT_BLOCK, BATCH_EXAMPLE_ROWS, BLOCK_PRODUCT_CONFIGS], sort_keys=True)
     return hashlib.sha256(("".join(inspect.getsource(part) for part in code) + settings).encode()).hexdigest()[:16]
 
 
@@ -343,7 +349,7 @@ class FastStep:
         for i, (weight, version) in enumerate(self.blocked_from):
             if weight._version != version:
                 with torch.no_grad():
-                    self.blocks[i] = blocked(weight)
+                    self.blocks[i] = blocked(weight, block_size(self.spec["cpu_capability"]))
                 self.blocked_from[i] = (weight, weight._version)
 
     def _switch_off(self, why: str) -> bool:
@@ -421,11 +427,12 @@ def build(spec: dict, buffers: dict[str, torch.Tensor], directory: Path) -> None
     model.set_attn_implementation(ONE_QUERY_ATTENTION)
     capacity = torch.export.Dim("capacity", min=2)  # one for all layers (FastStep.step gives them one)
     # The example: `rows` rows of 8 positions' room, 3 filled, the first row's first one padding
-    for rows, masked, package in ((2, True, BATCH_PACKAGE), (1, False, PACKAGE)):
+    for rows, masked, package in ((BATCH_EXAMPLE_ROWS, True, BATCH_PACKAGE), (1, False, PACKAGE)):
         configs, blocks = {"aot_inductor.package_constants_in_so": False}, []
         if masked:
             products_in_blocks(model)  # from here on: a batch's products read each weight once for all rows
-            blocks = [blocked(linear.weight) for _, linear in blocked_linears(model)]
+            block = block_size(spec["cpu_capability"])
+            blocks = [blocked(linear.weight, block) for _, linear in blocked_linears(model)]
             if blocks:  # the template for them; a bf16 model's products stay MKL's (the template would repack them)
                 configs.update(BLOCK_PRODUCT_CONFIGS)
         else:
@@ -457,15 +464,15 @@ def products_as_reductions(model) -> None:
 
 def products_in_blocks(model) -> None:
     """The float32 products of the model to be traced (the batch step) that are worth it (blocked_linears) multiply
-    their rows by their weight in blocks: the weight [out, in] as `blocked(weight)` [out/BLOCK, in, BLOCK], one
-    product per block of BLOCK outputs, all in one `bmm`. Compiled with inductor's C++ GEMM template
+    their rows by their weight in blocks: the weight [out, in] as `blocked(weight, block)` [out/block, in, block],
+    one product per block of outputs, all in one `bmm`. Compiled with inductor's C++ GEMM template
     (BLOCK_PRODUCT_CONFIGS), each block is a small product that keeps the rows' results in registers and reads its
-    block of the weight once, in order, for all rows: SmolLM2's 210 layer products at 8 rows take 31 ms instead of 66
-    for MKL's (2 cores limited to AVX2). The blocks are inputs of the step (StepModule's `blocks`, copied by FastStep
-    from the live weights at the first batch step), not constants of the package: the template would pack a constant
-    again at build time, from the build's empty weights. The other float32 nn.Linear (a LoRA adapter's rank-r halves) are traced as reductions, as
-    in the lone step: no product left for the template to refuse, nor one more kernel to compile. Other dtypes keep
-    F.linear, compiled without the template."""
+    block of the weight once, in order, for all rows: SmolLM2's 210 layer products at 8 rows take 23-27 ms instead
+    of 66 for MKL's (2 cores limited to AVX2; BLOCKS). The blocks are inputs of the step (StepModule's `blocks`,
+    copied by FastStep from the live weights at the first batch step), not constants of the package: the template
+    would pack a constant again at build time, from the build's empty weights. The other float32 nn.Linear (a LoRA
+    adapter's rank-r halves) are traced as reductions, as in the lone step: no product left for the template to
+    refuse, nor one more kernel to compile. Other dtypes keep F.linear, compiled without the template."""
     blocks = {id(linear) for _, linear in blocked_linears(model)}
     for module in model.modules():
         if id(module) in blocks:
@@ -476,28 +483,33 @@ def products_in_blocks(model) -> None:
 
 def blocked_linears(model) -> list[tuple[str, torch.nn.Linear]]:
     """The layers whose products the batch step takes in blocks, in the model's order: every float32 nn.Linear with
-    at least BLOCK inputs and outputs that is not half of a LoRA adapter (other dtypes keep F.linear: a bf16 weight
-    would be packed again at every step; an adapter's rank-r halves are a few kB, and GRPO's optimizer rewrites them
-    at every step)."""
+    at least DEFAULT_BLOCK inputs and outputs that is not half of a LoRA adapter (other dtypes keep F.linear: a bf16
+    weight would be packed again at every step; an adapter's rank-r halves are a few kB, and GRPO's optimizer
+    rewrites them at every step)."""
     adapters = {id(half) for module in model.modules() for name in ("lora_A", "lora_B")
                 for half in getattr(module, name, {}).values()}
     return [(name, module) for name, module in model.named_modules()
             if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32
-            and min(module.weight.shape) >= BLOCK and id(module) not in adapters]
+            and min(module.weight.shape) >= DEFAULT_BLOCK and id(module) not in adapters]
 
 
-def blocked(weight: torch.Tensor) -> torch.Tensor:
-    """weight [out, in] as [ceil(out/BLOCK), in, BLOCK]: block b holds outputs b*BLOCK.. (zeros past `out`), each
-    input's BLOCK weights side by side."""
+def block_size(cpu_capability: str) -> int:
+    """How many outputs a block of the batch package's weights holds, for a package built for this CPU capability."""
+    return BLOCKS.get(cpu_capability, DEFAULT_BLOCK)
+
+
+def blocked(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """weight [out, in] as [ceil(out/block), in, block]: block b holds outputs b*block.. (zeros past `out`), each
+    input's `block` weights side by side."""
     out, inputs = weight.shape
-    padded = torch.nn.functional.pad(weight.detach(), (0, 0, 0, -out % BLOCK))
-    return padded.view(-1, BLOCK, inputs).transpose(1, 2).contiguous()
+    padded = torch.nn.functional.pad(weight.detach(), (0, 0, 0, -out % block))
+    return padded.view(-1, block, inputs).transpose(1, 2).contiguous()
 
 
 def _blocks_forward(self, x: torch.Tensor) -> torch.Tensor:
     weight = self.blocks
     rows = x.reshape(-1, x.shape[-1])
-    y = torch.bmm(rows.expand(weight.shape[0], -1, -1), weight)  # [blocks, rows, BLOCK]
+    y = torch.bmm(rows.expand(weight.shape[0], -1, -1), weight)  # [blocks, rows, block]
     y = y.transpose(0, 1).reshape(rows.shape[0], -1)[:, :self.out_features]
     return (y if self.bias is None else y + self.bias).reshape(*x.shape[:-1], self.out_features)
 

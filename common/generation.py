@@ -274,9 +274,9 @@ class Generator:
         waiting, decoder = list(reversed(answering)), self.decoder(adapter)
         try:
             while waiting or decoder.rows:
-                while waiting and len(decoder.rows) < max_batch:
-                    if decoder.add(waiting.pop().row):  # ended at its first token
-                        on_done()
+                joining = [waiting.pop().row for _ in range(min(len(waiting), max_batch - len(decoder.rows)))]
+                for _ in decoder.add_all(joining):  # prefilled together; these ended at their first token
+                    on_done()
                 for _ in decoder.step():
                     on_done()
         finally:

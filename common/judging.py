@@ -158,9 +158,8 @@ def answer_points(models, template, max_length: int, todo: list[Point], sampling
             queue = list(pending)
             with tqdm(total=len(todo), desc=f"answering {who}", disable=not progress, leave=False) as bar:
                 while queue or decoder.rows:
-                    while queue and len(decoder.rows) < BATCH:
-                        if decoder.add(queue.pop(0).row):
-                            bar.update()
+                    joining = [queue.pop(0).row for _ in range(min(len(queue), BATCH - len(decoder.rows)))]
+                    bar.update(len(decoder.add_all(joining)))  # prefilled together
                     bar.update(len(decoder.step()))
             answers[who] = [a.completion().text for a in pending]
     return answers

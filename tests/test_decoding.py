@@ -177,6 +177,42 @@ def test_seeded_rows_sample_alike_alone_and_in_a_batch(generator):
     assert again.row.answer != alone.row.answer
 
 
+def test_prompts_arriving_together_are_prefilled_in_one_forward_and_answer_as_alone(generator):
+    """Decoder.add_all: prompts of different lengths (one with a repetition penalty, one seeded and sampled) are
+    prefilled in one forward, padded, both from nothing and after the positions a prompt cache gives them (the
+    template's start, kept from an earlier prompt: the padding then sits between the cached positions and the rest);
+    rows already decoding go on beside them, and every row answers as it would alone."""
+    model = generator.model
+    questions = ["你好", "我和父母总是吵架，我该怎么办？", "我最近很焦虑，晚上睡不着，白天也没有精神。"]
+    forwards = []
+    hook = model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        for prompts in (None, PromptCache(16)):
+            decoder = Decoder(model, prompts=prompts)
+            under_way = start(generator, "先说一句话。", max_new_tokens=12)
+            assert not decoder.add(under_way.row)  # (kept by the cache: the others share its start)
+            decoder.step()
+            rows = [start(generator, questions[0], max_new_tokens=10).row,
+                    start(generator, questions[1], max_new_tokens=10, repetition_penalty=1.3).row,
+                    start(generator, questions[2], max_new_tokens=10, temperature=1.0, seed=3).row]
+            assert len({len(row.prompt) for row in rows}) == 3
+            forwards.clear()
+            assert decoder.add_all(rows) == [] and len(forwards) == 1
+            if prompts is not None:  # each started from the shared start kept from the first prompt
+                shared = common_prefix(under_way.row.prompt, rows[0].prompt)
+                assert shared > 0 and prompts.reused == 3 * shared
+            while decoder.rows:
+                decoder.step()
+            for row in [under_way.row] + rows:
+                assert len(row.answer) == row.max_new_tokens
+                if row.greedy:
+                    assert_as_alone(model, row)
+            seeded = start(generator, questions[2], max_new_tokens=10, temperature=1.0, seed=3).row
+            assert Decoder(model).run(seeded).answer == rows[2].answer
+    finally:
+        hook.remove()
+
+
 # ---------------------------------------------------------------- the prompt cache
 
 def conversation_ids(generator, *turns: str) -> list[int]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from common.cli import UserError, first_line
+from common.decoding import Decoder
 from common.generation import Answering, Completion, Generator, PromptTooLong
 from common.server import PREFILL_CHUNK
 from common.server.errors import ApiError, bad_request
@@ -54,10 +55,10 @@ class Job:
 
 class Worker:
     """The one thread that touches the model. Up to `max_batch` requests generate together, one token each per step
-    of a decoding.Decoder (one forward for all of them): a request joins at the next step after it arrives and leaves
-    when it ends, so a short answer does not wait for a long one; a prompt longer than `prefill_chunk` tokens that
-    joins rows under way is prefilled that many positions per step, so the others' answers go on meanwhile. Up to
-    `queue_size` more wait; beyond that, 429.
+    of a decoding.Decoder (one forward for all of them): a request joins at the next step after it arrives (those that
+    arrive together prefilled in one forward) and leaves when it ends, so a short answer does not wait for a long one;
+    a prompt longer than `prefill_chunk` tokens that joins rows under way is prefilled that many positions per step,
+    so the others' answers go on meanwhile. Up to `queue_size` more wait; beyond that, 429.
     Requests for the base model (the adapter off) decode in a second batch, stepped in turn with the first: one
     forward cannot switch a PEFT adapter per row."""
 
@@ -95,15 +96,25 @@ class Worker:
             self._step()
 
     def _admit(self) -> None:
-        """Start waiting jobs while the batch has room; wait for one when nothing is decoding."""
-        while len(self.answering) < self.max_batch:
+        """Start the waiting jobs while the batch has room, those that came in together prefilled together; wait for
+        one when nothing is decoding."""
+        jobs = []
+        while len(self.answering) + len(jobs) < self.max_batch:
             try:
-                job = self.jobs.get(block=not self.answering)
+                jobs.append(self.jobs.get(block=not self.answering and not jobs))
             except queue.Empty:
-                return
-            self._start(job)
+                break
+        starting = {adapter: [] for adapter in self.decoders}  # (job, answering) by ChatRequest.adapter
+        for job in jobs:
+            started = self._started(job)
+            if started is not None:
+                starting[job.request.adapter].append((job, started))
+        for adapter, started in starting.items():
+            if started:
+                self._join(self.decoders[adapter], started)
 
-    def _start(self, job: Job) -> None:
+    def _started(self, job: Job) -> Optional[Answering]:
+        """The job's answer ready to decode, or None where it is done already (cancelled, or a bad request)."""
         if job.cancelled():
             self.cancelled += 1
             return self._done(job, Finished())
@@ -113,9 +124,6 @@ class Worker:
             # stream; the prefill then picks the first token.
             answering = self.generator.start(request.messages, request.sampling, on_text=job.post,
                                              cancelled=job.cancelled, stop=request.stop, switches=request.switches)
-            job.post(Started())
-            # A long prompt joining rows under way is prefilled a chunk per step, not all before their next token
-            ended = self.decoders[request.adapter].add(answering.row, chunk=self.prefill_chunk)
         except PromptTooLong as e:  # OpenAI's code for it: a client (the web page) drops old turns and retries
             return self._done(job, Finished(error=ApiError(400, str(e), param="messages",
                                                            code="context_length_exceeded")))
@@ -123,9 +131,26 @@ class Worker:
             return self._done(job, Finished(error=bad_request(str(e), "messages")))
         except Exception as e:
             return self._done(job, crashed(e))
-        if ended:
-            return self._finish(job, answering)
-        self.answering[id(answering.row)] = (job, answering)
+        job.post(Started())
+        return answering
+
+    def _join(self, decoder: Decoder, started: list[tuple[Job, Answering]]) -> None:
+        """Answers of one adapter setting join its decoder: their prompts prefilled (together where they can be), their
+        first tokens picked. A long prompt joining rows under way is prefilled a chunk per step instead, not all
+        before their next token."""
+        try:
+            ended = {id(row) for row in decoder.add_all([answering.row for _, answering in started],
+                                                        chunk=self.prefill_chunk)}
+        except Exception as e:  # nothing joined (see Decoder.add_all): each of them gets the error
+            error = crashed(e)
+            for job, _ in started:
+                self._done(job, error)
+            return
+        for job, answering in started:
+            if id(answering.row) in ended:
+                self._finish(job, answering)
+            else:
+                self.answering[id(answering.row)] = (job, answering)
 
     def _step(self) -> None:
         for decoder in self.decoders.values():
