@@ -140,9 +140,10 @@ def test_products_in_blocks_are_the_layers_products(model):
 
 
 def test_the_traced_attention_is_the_models_and_refuses_what_it_does_not_do():
-    """The attention the build traces (no mask; query heads grouped by the key/value head they share, the cache not
-    repeated) against transformers' own for one query over a grouped cache; an argument it would ignore (logit
-    softcapping, attention sinks, a sliding window) fails the build instead of compiling something else."""
+    """The attention the build traces (query heads grouped by the key/value head they share, the cache not repeated;
+    a lone row's without a mask, a batch's with each row's padding masked) against transformers' own for one
+    query over a grouped cache; an argument it would ignore (logit softcapping, attention sinks, a sliding window)
+    fails the build instead of compiling something else."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
@@ -153,6 +154,16 @@ def test_the_traced_attention_is_the_models_and_refuses_what_it_does_not_do():
     theirs, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.25)
     assert mine.shape == theirs.shape == (2, 1, 9, 16)
     assert torch.allclose(mine, theirs, atol=1e-6, rtol=0)
+    padding = torch.tensor([[5], [0]])  # the first row's first 5 positions are padding
+    mask = (torch.arange(37) >= padding)[:, None, None, :]
+    for scaling in (0.25, None):
+        mine, _ = decode_step.one_query_attention(module, query, key, value, mask, scaling=scaling)
+        theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)
+        assert torch.allclose(mine, theirs, atol=1e-6, rtol=0)
+    alone, _ = sdpa_attention_forward(module, query[:1], key[:1, :, 5:], value[:1, :, 5:], None, scaling=0.25)
+    unmasked, masked = (decode_step.one_query_attention(module, query, key, value, given, scaling=0.25)[0][:1]
+                        for given in (None, mask))  # the padded row: its padding seen, and hidden
+    assert not torch.allclose(alone, unmasked) and torch.allclose(alone, masked, atol=1e-6, rtol=0)
     for name, given in (("softcap", 30.0), ("s_aux", torch.zeros(9)), ("sliding_window", 16)):
         with pytest.raises(NotImplementedError, match=name):
             decode_step.one_query_attention(module, query, key, value, None, scaling=0.25, **{name: given})
