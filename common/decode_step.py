@@ -24,9 +24,9 @@ miss, with no number to bump by hand).
     KEY.spec.json  KEY.buffers.safetensors   the build's input, while it runs
 
 Traced differently from the eager forward, the same computation: in the lone step, products as reductions over
-the input features (`products_as_reductions`; in the batch step products in blocks of 16 outputs compiled by
-inductor's C++ GEMM template, `products_in_blocks`, each weight read once for all rows from a copy laid out in
-blocks, made at the first batch step); the attention
+the input features (`products_as_reductions`; in the batch step products in blocks of outputs, 24 limited to AVX2
+and 16 otherwise (`BLOCKS`), compiled by inductor's C++ GEMM template, `products_in_blocks`, each weight read once
+for all rows from a copy laid out in blocks, made at the first batch step); the attention
 (`one_query_attention`: the query heads grouped by the key/value head they share, the cache read as it is, not
 repeated per group; a lone unpadded query needs no mask, a batch's rows a mask of their padding); and the cache,
 which lives in buffers with room that each step writes its position into in place (`BufferLayer`), where
