@@ -146,12 +146,8 @@ class Decoder:
             else:
                 ready.append(([row], cache, self._prefill(row.prompt[done:], cache)))
         for done, group in together.items():
-            if len(group) == 1:  # alone, as a lone prompt is always prefilled
-                (row, cache), = group
-                ready.append(([row], cache, self._prefill(row.prompt[done:], cache)))
-            else:
-                prefilled = self._prefill_together([row.prompt for row, _ in group], [c for _, c in group], done)
-                ready += [([row], cache, logits) for (row, _), (cache, logits) in zip(group, prefilled)]
+            prefilled = self._prefill_together([row.prompt for row, _ in group], [c for _, c in group], done)
+            ready += [([row], cache, logits) for (row, _), (cache, logits) in zip(group, prefilled)]
         self.prefills += later
         ended = []
         for group, cache, logits in ready:
@@ -199,7 +195,10 @@ class Decoder:
         own positions) and its last position's float32 logits. The rests are padded on the left to the longest, after
         the cached positions (the mask hides the gap; the position ids go on from `done`), so that every row's last
         position is the batch's last and the LM head runs on one position per row. A row computes what it would
-        alone, up to the float rounding of a product with more rows."""
+        alone, up to the float rounding of a product with more rows. A prompt alone is prefilled as `_prefill` does,
+        without padding or a mask."""
+        if len(prompts) == 1:
+            return [(caches[0], self._prefill(prompts[0][done:], caches[0]))]
         rests = [prompt[done:] for prompt in prompts]
         width = max(len(rest) for rest in rests)
         gaps = [width - len(rest) for rest in rests]
