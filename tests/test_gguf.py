@@ -117,6 +117,11 @@ def test_f32_gguf_has_the_merged_logits_and_the_training_template(tmp_path, toke
         assert diff <= 1e-4 and merged(ids).logits.abs().max() > 0.1
     rendered = g_tokenizer.apply_chat_template(turns_to_messages(CONVERSATION), tokenize=True, return_dict=True)["input_ids"]
     assert list(rendered) == ids[0].tolist()  # the training template travelled inside the GGUF
+    # The reader the demo model's conversion uses (common/demo_model.py) gives back every tensor as merged: the
+    # export's q/k permutation, which transformers' loader undid above, undone exactly by ours
+    weights = merged.state_dict()
+    read = gguf_export.read_weights(gguf_file, merged.config)
+    assert read.keys() == weights.keys() and all(torch.equal(read[name], weights[name]) for name in weights)
 
 
 def test_gguf_reads_back_as_the_exporter_meant(tmp_path, tokenizer):
