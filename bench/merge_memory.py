@@ -3,8 +3,8 @@
     python bench/merge_memory.py [--quick]
 
 Base: SmolLM2-135M-Instruct (models/, `make demo-model`) re-saved in 100 MB shards, or, when it is absent, a random
-llama of the same shape. --quick: a ~13M-parameter random llama in 8 MB shards. Adapter: LoRA r=16 on every linear
-layer, B random and non-zero. Each merge runs in a fresh subprocess, alternating A B A B. Reported: the peak RSS
+llama of the same shape. --quick: a ~13M-parameter random llama in 8 MB shards, one pair. Adapter: LoRA r=16 on every
+linear layer, B random and non-zero. Each merge runs in a fresh subprocess, alternating A B A B. Reported: the peak RSS
 while merging (VmHWM, reset after the imports), and what that peak adds over the RSS after imports. (Not ru_maxrss:
 a child's starts at its parent's RSS at fork, and the parent here has just built the model.)
 """
@@ -99,7 +99,8 @@ def child(path: str, args: list[str], work: Path) -> children.Child:
     return children.Child([sys.executable, "-c", CHILD, path, str(result_file), *args], result_file, ROOT)
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, pairs: int = PAIRS) -> dict:
+    rounds = 1 if quick else pairs  # --quick checks that it runs
     with tempfile.TemporaryDirectory(prefix="merge-bench-") as tmp:
         work = Path(tmp)
         inputs = build_inputs(work, quick)
@@ -109,13 +110,13 @@ def run(quick: bool) -> dict:
             "peft": [base, adapter, str(work / "out-peft"), shard],
         }
         samples = {name: [] for name in paths}
-        for _ in range(PAIRS):  # interleaved A B A B, so drift in the machine's load hits both paths alike
+        for _ in range(rounds):  # interleaved A B A B, so drift in the machine's load hits both paths alike
             pair = children.results([child(name, args, work) for name, args in paths.items()], at_once=quick)
             for name, figures in zip(paths, pair):
                 samples[name].append(figures)
         out_shards = {name: len(list((work / f"out-{tag}").glob("*.safetensors"))) for name, tag in (("streaming", "stream"), ("peft", "peft"))}
 
-    result = {"bench": "merge_memory", "quick": quick, "pairs": PAIRS, "base": inputs, "output_shards": out_shards}
+    result = {"bench": "merge_memory", "quick": quick, "pairs": rounds, "base": inputs, "output_shards": out_shards}
     for name, runs in samples.items():
         growth = [r["peak_mb"] - r["floor_mb"] for r in runs]
         result[name] = {

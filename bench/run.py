@@ -249,8 +249,6 @@ def main() -> int:
     if "merge" in only:
         from bench import merge_memory
 
-        if args.quick:
-            merge_memory.PAIRS = 1
         results["merge"] = merge_memory.run(args.quick)
     if "chat" in only:
         from bench import chat_latency
