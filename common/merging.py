@@ -16,7 +16,6 @@ from typing import Iterator
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from huggingface_hub.serialization._base import parse_size_to_int  # the parser split_* uses; not re-exported
-from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 
 from common import artifacts, safeload
@@ -117,6 +116,17 @@ def _config_problems(config: dict) -> list[str]:
     return problems
 
 
+def per_module(patterns: dict, module: str, default):
+    """A module's value from an adapter's rank_pattern or alpha_pattern, by the rule PEFT applies when it builds the
+    layer (LoraModel._create_and_replace). peft itself (~5 s to import on 2 cores) is imported only where the adapter
+    has patterns: merge.py's help, its refusals and a plain merge go without it."""
+    if not patterns:
+        return default
+    from peft.utils.other import get_pattern_key
+
+    return patterns.get(get_pattern_key(patterns.keys(), module), default)
+
+
 def load_adapter(path: Path) -> Adapter:
     config = read_json(path / artifacts.ADAPTER_CONFIG)
     if config.get("peft_type") != "LORA":
@@ -156,9 +166,8 @@ def load_adapter(path: Path) -> Adapter:
         if p["A"].ndim != 2:
             problems.append(f"{module}: LoRA on a {p['A'].ndim}-d weight (convolution) is not supported")
             continue
-        # the same lookups PEFT makes when it builds the layer (LoraModel._create_and_replace)
-        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"])
+        r = per_module(rank_pattern, module, config["r"])
+        alpha = per_module(alpha_pattern, module, config["lora_alpha"])
         if not (p["A"].shape[0] == p["B"].shape[1] == r):
             problems.append(f"{module}: A {list(p['A'].shape)} and B {list(p['B'].shape)} do not have rank r={r} from the config")
             continue
