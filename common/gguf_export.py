@@ -131,8 +131,9 @@ def read_weights(gguf_file: Path, config) -> dict[str, torch.Tensor]:
             raise UserError(f"{gguf_file}: no tensor {gguf_name} for `{name}` of {config.model_type}")
         stored = tensors[gguf_name]
         tensor = torch.from_numpy(np.array(gguf.quants.dequantize(stored.data, stored.tensor_type), np.float32))
-        if arch.permute_qk and gguf_name.endswith(tuple(heads)):
-            tensor = _unpermute(tensor, heads[gguf_name.rsplit(".", 2)[-2] + ".weight"])
+        kind = gguf_name.split(".", 2)[-1]  # blk.N.attn_q.weight -> attn_q.weight
+        if arch.permute_qk and kind in heads:
+            tensor = _unpermute(tensor, heads[kind])
         if arch.norm_shift and gguf_name.endswith("norm.weight"):
             tensor = tensor - arch.norm_shift
         weights[name] = tensor
