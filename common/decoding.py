@@ -24,7 +24,7 @@ import functools
 import types
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -307,6 +307,18 @@ class Decoder:
         finally:
             self.clear()  # Ctrl-C mid-answer included: the next answer starts clean
         return row
+
+    def run_all(self, rows: list[Row], max_batch: int) -> Iterator[Row]:
+        """Decode rows to their ends, up to `max_batch` at once, in their order: the next joins as soon as one ends,
+        those joining at one step prefilled together (add_all). Yields each row as it ends (a progress bar); the
+        decoder is cleared afterwards, Ctrl-C included (eval's answers, the judge's points)."""
+        waiting = list(reversed(rows))
+        try:
+            while waiting or self.rows:
+                yield from self.add_all([waiting.pop() for _ in range(min(len(waiting), max_batch - len(self.rows)))])
+                yield from self.step()
+        finally:
+            self.clear()
 
     # ------------------------------------------------------------ the shared cache
 

@@ -271,16 +271,8 @@ class Generator:
         a group of completions per prompt. Greedy answers are those `generate` gives alone (float32; bfloat16 may
         round differently in a batch). on_done() is called as each answer ends (a progress bar)."""
         answering = [self.start(messages, sampling) for messages in conversations]
-        waiting, decoder = list(reversed(answering)), self.decoder(adapter)
-        try:
-            while waiting or decoder.rows:
-                joining = [waiting.pop().row for _ in range(min(len(waiting), max_batch - len(decoder.rows)))]
-                for _ in decoder.add_all(joining):  # prefilled together; these ended at their first token
-                    on_done()
-                for _ in decoder.step():
-                    on_done()
-        finally:
-            decoder.clear()
+        for _ in self.decoder(adapter).run_all([a.row for a in answering], max_batch):
+            on_done()
         return [a.completion() for a in answering]
 
 

@@ -150,17 +150,13 @@ def answer_points(models, template, max_length: int, todo: list[Point], sampling
     for who in WHO:
         with models.use(who) as model:
             generator = Generator(model, models.tokenizer, template, max_length)
-            decoder = Decoder(model)
             # A sampled answer is seeded by its point: a rerun gives the same answers, which the judge has cached.
             pending = [generator.start(p.messages, sampling if sampling.temperature < GREEDY_BELOW else
                                        dataclasses.replace(sampling, seed=(sampling.seed or 0) + i))
                        for i, p in enumerate(todo)]
-            queue = list(pending)
             with tqdm(total=len(todo), desc=f"answering {who}", disable=not progress, leave=False) as bar:
-                while queue or decoder.rows:
-                    joining = [queue.pop(0).row for _ in range(min(len(queue), BATCH - len(decoder.rows)))]
-                    bar.update(len(decoder.add_all(joining)))  # prefilled together
-                    bar.update(len(decoder.step()))
+                for _ in Decoder(model).run_all([a.row for a in pending], BATCH):
+                    bar.update()
             answers[who] = [a.completion().text for a in pending]
     return answers
 
