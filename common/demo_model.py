@@ -47,7 +47,7 @@ def convert(gguf: Path, out: Path) -> None:
             config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            model.load_state_dict(read_weights(gguf, config), strict=False, assign=True)
+            model.load_state_dict(read_weights(gguf, model), strict=False, assign=True)
             model.tie_weights()
             model.save_pretrained(tmp)
         except BaseException:  # Ctrl-C included: the child must not write into the folder atomic_dir removes

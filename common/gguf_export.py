@@ -108,22 +108,21 @@ def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def read_weights(gguf_file: Path, config) -> dict[str, torch.Tensor]:
-    """A GGUF's tensors as float32 under the HF names of a model of `config` (an architecture of architectures()):
-    the reverse of export, through the same gguf name table. transformers' own GGUF loader gives the same tensors
-    but parses the file's 49k-token vocabulary twice and builds its name table once per module: 19 s for SmolLM2
-    on the 2-core EPYC, where this takes ~6 s (the demo model's conversion, at the start of a fresh `make test`)."""
+def read_weights(gguf_file: Path, model) -> dict[str, torch.Tensor]:
+    """A GGUF's tensors as float32 under the names of `model`'s state dict (an HF model of an architecture of
+    architectures(), its tensors anywhere, the meta device included): the reverse of export, through the same gguf
+    name table. transformers' own GGUF loader gives the same tensors but parses the file's 49k-token vocabulary twice
+    and builds its name table once per module: 19 s for SmolLM2 on the 2-core EPYC, where this takes ~6 s (the demo
+    model's conversion, at the start of a fresh `make test`)."""
     import gguf
-    from transformers import AutoModelForCausalLM
 
+    config = model.config
     arch = architectures()[config.model_type]
-    with torch.device("meta"):
-        names = list(AutoModelForCausalLM.from_config(config).state_dict())
     table = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
     tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(gguf_file).tensors}
     heads = {"attn_q.weight": config.num_attention_heads, "attn_k.weight": config.num_key_value_heads}
     weights = {}
-    for name in names:
+    for name in model.state_dict():
         gguf_name = table.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name not in tensors:
             if name == "lm_head.weight" and config.tie_word_embeddings:

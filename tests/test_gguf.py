@@ -120,7 +120,7 @@ def test_f32_gguf_has_the_merged_logits_and_the_training_template(tmp_path, toke
     # The reader the demo model's conversion uses (common/demo_model.py) gives back every tensor as merged: the
     # export's q/k permutation, which transformers' loader undid above, undone exactly by ours
     weights = merged.state_dict()
-    read = gguf_export.read_weights(gguf_file, merged.config)
+    read = gguf_export.read_weights(gguf_file, merged)
     assert read.keys() == weights.keys() and all(torch.equal(read[name], weights[name]) for name in weights)
 
 
