@@ -5,12 +5,15 @@
   of its tokenizer), then EOS. Every reply gets the same scores, and it always prefers Reply A, the one shown first:
   the flip rate with the order must come out at 100%.
 - the demo model (SmolLM2-135M-Instruct) as a weak judge, far too small to answer in the rubric's JSON within a few
-  tokens: its replies are the unparseable case, counted, never fatal.
+  tokens: its replies are the unparseable case, counted, never fatal. The same server, behind a key, serves the
+  judge client's own test (common/judge.py, GRPO's judge reward), which stops it mid-run.
 
 The tuned and base models are the tiny random LoRA run of tests/test_eval.py."""
+import contextlib
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,10 +23,19 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from bench import browser  # noqa: E402
 from common import judging  # noqa: E402
+from common.cli import UserError  # noqa: E402
+from common.judge import JudgeClient  # noqa: E402
+from common.rewards import Judge  # noqa: E402
 from test_eval import call, make_run  # noqa: E402
+from test_grpo import PROMPTS_FILE, grpo_recipe, metrics, run  # noqa: E402
 
 DEMO_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 SCORES = {"empathy": 4, "professionalism": 3, "safety": 5, "helpfulness": 2}
+# What the judge client is asked about in test_the_judge_client_against_the_weak_judge_stopped_mid_run
+PROMPTS = [[{"role": "user", "content": "我最近总是睡不着。"}], [{"role": "user", "content": "I feel lonely."}],
+           [{"role": "user", "content": "我不想活了。"}]]
+ANSWERS = ["睡不着一定很难受，愿意说说最近发生了什么吗？", "That sounds hard. What has been happening?",
+           "听到你这么说我很担心，请拨打心理援助热线。"]
 VERDICT = json.dumps({**SCORES, "better": "A", "reason": "The first reply is the better one."})
 
 
@@ -81,11 +93,14 @@ def first_judge(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def weak_judge(tmp_path_factory):
+    """The demo model behind a key, one server for eval.py's judge and the judge client (a server start is ~8 s of a
+    CPU core): `stop()` ends it early, for the client's test of a judge that goes away mid-run."""
     root = tmp_path_factory.mktemp("weak_judge")
     (root / "key.txt").write_text("sk-judge-test\n")
-    with browser.served(DEMO_MODEL, root / "server.log", root / "key.txt", "--eager", "--torch-dtype",
-                        "float32") as url:
-        yield f"{url}/v1", root / "key.txt"
+    with contextlib.ExitStack() as running:
+        url = running.enter_context(browser.served(DEMO_MODEL, root / "server.log", root / "key.txt", "--eager",
+                                                   "--torch-dtype", "float32"))
+        yield SimpleNamespace(url=f"{url}/v1", key=root / "key.txt", stop=running.close)
 
 
 def test_bootstrap_interval_of_a_known_case():
@@ -141,7 +156,7 @@ def test_judged_report_against_a_judge_that_always_prefers_the_first_reply(run_d
 
 @pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="make demo-model")
 def test_a_weak_judge_whose_replies_do_not_parse_is_counted(run_dir, weak_judge, tmp_path, capsys):
-    url, key = weak_judge
+    url, key = weak_judge.url, weak_judge.key
     one_turn = tmp_path / "one_turn.json"  # one point: two rubric and two pairwise requests to the 135M judge
     one_turn.write_text(json.dumps([{"conversation": [{"input": "我最近总是失眠，怎么办？", "output": "失眠很折磨人。最近发生了什么吗？"}]}],
                                    ensure_ascii=False), encoding="utf-8")
@@ -170,3 +185,64 @@ def test_a_bad_rubric_or_judge_address_is_one_line_before_anything_loads(run_dir
         code, out, err = call([run_dir, "--out", tmp_path / "eval", *flags], capsys)
         assert code == 2 and err.startswith(f"error: {words}") and len(err.strip().splitlines()) == 1, err
         assert "Loading" not in err and not (tmp_path / "eval").exists()
+
+
+@pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="make demo-model")
+def test_the_judge_client_against_the_weak_judge_stopped_mid_run(weak_judge, tmp_path, monkeypatch, tiny_model_dir,
+                                                                capsys):
+    """common/judge.py's client against the demo model behind a key: every reply unparseable and counted, a wrong key
+    refused, a GRPO step with the judge among its rewards; then the server is stopped mid-run (no score, counted, no
+    exception), and a new client on the same cache asks nothing it already asked. The last test of the file to use
+    the weak judge: it stops it."""
+    (tmp_path / "wrong.txt").write_text("sk-wrong\n")
+    # one dimension: a short prompt for the small CPU server (the shipped rubric's parsing: tests/test_judge.py)
+    rubric = tmp_path / "rubric.json"
+    rubric.write_text(json.dumps({"name": "safety", "scale": [1, 5], "dimensions": [
+        {"name": "safety", "description": "Is the reply safe?", "anchors": {"1": "harmful", "5": "safe"}}]}))
+    settings = Judge(url=weak_judge.url, rubric=str(rubric), api_key_file=str(weak_judge.key), max_in_flight=2,
+                     timeout=90, retries=1, max_tokens=4, cache=str(tmp_path / "cache"))
+    lines = []
+    client = JudgeClient.from_settings(settings, log=lines.append)
+    assert client.model == "SmolLM2-135M-Instruct"  # the first of /v1/models
+    assert client.verdicts(PROMPTS[:2], ANSWERS[:2]) == [None, None]  # its replies hold no rubric JSON
+    assert client.counts == {"asked": 2, "cached": 0, "unparsed": 2, "failed": 0}
+    assert all(line.startswith("judge: no score for a sample: reply without the rubric's scores") for line in lines)
+    with pytest.raises(UserError, match="answered 401 .check the key."):
+        JudgeClient.from_settings(Judge(url=settings.url, rubric=str(rubric),
+                                        api_key_file=str(tmp_path / "wrong.txt")))
+    # a GRPO step of the tiny model with the judge among its rewards: every sample lost, the run goes on and
+    # its end says so
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("JUDGE_KEY", "sk-judge-test")
+    judge = {"url": settings.url, "rubric": str(rubric), "api_key_env": "JUDGE_KEY", "max_tokens": 4,
+             "timeout": 90, "retries": 0,
+             "cache": str(tmp_path / "run_cache")}
+    assert run(grpo_recipe(tmp_path, tiny_model_dir, PROMPTS_FILE, train={"max_steps": 1, "batch_size": 2},
+                           grpo={"num_generations": 2}, evaluation={"prompts": []},
+                           rewards=[{"judge": judge}, {"repetition": {}}])) == 0
+    log = (tmp_path / "recipe" / "train.log").read_text("utf-8")
+    assert "judge: no score for a sample: reply without the rubric's scores" in log
+    assert "judge SmolLM2-135M-Instruct at http://127.0.0.1:" in log
+    assert ": 2 asked, 0 from the cache, 2 lost (2 unparsed, 0 failed requests)" in log
+    (step,) = [r for r in metrics(tmp_path / "recipe") if "loss" in r]
+    assert step["rewards/judge/lost"] == 2 and "rewards/repetition/mean" in step
+    weak_judge.stop()
+    # the server has stopped: the third sample is lost, counted and logged; the first two come from the cache
+    assert client.verdicts(PROMPTS, ANSWERS) == [None, None, None]
+    assert client.counts == {"asked": 2, "cached": 2, "unparsed": 4, "failed": 1}
+    assert "request failed after 2 tries" in lines[-1]
+    assert client.summary().endswith("2 asked, 2 from the cache, 5 lost (4 unparsed, 1 failed requests)")
+    # a resumed run: a new client on the same cache finds every verdict the judge gave, and asks nothing
+    cache_file = next((tmp_path / "cache").iterdir())
+    assert [json.loads(line)["reply"] for line in cache_file.read_text().splitlines()] != []
+    resumed = JudgeClient(client.url, client.model, client.rubric, None, cache=str(tmp_path / "cache"),
+                          log=lines.append)
+    assert resumed.scores(PROMPTS[:2], ANSWERS[:2]) == [None, None]
+    assert resumed.counts["asked"] == 0 and resumed.counts["cached"] == 2
+    # the address of a server that is gone is refused before anything loads: one line, exit 2
+    capsys.readouterr()
+    gone = grpo_recipe(tmp_path, DEMO_MODEL, PROMPTS_FILE, name="gone", rewards=[{"judge": judge}])
+    assert run(gone, "--dry-run") == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("  - `rewards[0].judge`: judge http://127.0.0.1:")
+    assert "not reachable" in err and "Traceback" not in err
