@@ -111,7 +111,7 @@ def run(quick: bool, pairs: int = PAIRS) -> dict:
         }
         samples = {name: [] for name in paths}
         for _ in range(rounds):  # interleaved A B A B, so drift in the machine's load hits both paths alike
-            pair = children.results([child(name, args, work) for name, args in paths.items()], at_once=quick)
+            pair = children.results([child(name, args, work) for name, args in paths.items()], here=quick)
             for name, figures in zip(paths, pair):
                 samples[name].append(figures)
         out_shards = {name: len(list((work / f"out-{tag}").glob("*.safetensors"))) for name, tag in (("streaming", "stream"), ("peft", "peft"))}

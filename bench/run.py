@@ -3,7 +3,8 @@
 
     python bench/run.py                 # all six (~18 minutes on 2 cores)
     python bench/run.py --only training,chat
-    python bench/run.py --quick         # everything shrunk (tiny steps, one round): checks that the benches run
+    python bench/run.py --quick         # everything shrunk (tiny steps, one round, the children in this process):
+                                        # checks that the benches run
 
 1 training   train.py vs a plain TRL SFTTrainer script (bench/trl_baseline.py), and train.py with one default changed
 2 packing    packing efficiency and padding share of the packed rows of both

@@ -87,7 +87,7 @@ def run(quick: bool, work: Path | None = None, variants: list[str] | None = None
         names = ["train.py"] if quick else variants or list(VARIANTS)
         if precision.resolve("auto", "cpu").name == "float32":  # auto is the float32 run itself here
             names = [n for n in names if n != "train.py, auto precision"]
-        # A result file per child: --quick runs them at once.
+        # A result file per child, read back by children.results
         files = {name: tmp / f"result-{i}.json" for i, name in enumerate([BASELINE, *names])}
         commands = {BASELINE: [
             sys.executable, str(ROOT / "bench" / "trl_baseline.py"), str(MODEL), str(data_file), "--max-steps", str(steps + 1),
@@ -99,7 +99,7 @@ def run(quick: bool, work: Path | None = None, variants: list[str] | None = None
         # Run in the scratch dir: train.py points work_dirs/latest at its run, and the user's latest run must stay latest.
         batch = lambda: [children.Child(cmd, files[name], tmp, env) for name, cmd in commands.items()]  # noqa: E731
         for _ in range(1 if quick else pairs):  # interleaved, so drift in the machine's load hits all alike
-            for name, figures in zip(commands, children.results(batch(), at_once=quick)):
+            for name, figures in zip(commands, children.results(batch(), here=quick)):
                 runs[name].append(figures)
 
     result = {"bench": "training", "quick": quick, "model": str(MODEL.relative_to(ROOT)), "data": str(data),

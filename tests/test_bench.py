@@ -1,6 +1,7 @@
-"""`bench/run.py --quick` runs every benchmark end to end (shrunk: one round, one timed step, a 13M-parameter merge)
-and writes a results file whose table covers the six figures. The figures are measurements of a shared machine, not
-properties of the code, so no value is asserted; but every one must be a measurement: finite and positive."""
+"""`bench/run.py --quick` runs every benchmark end to end (shrunk: one round, one timed step, a 13M-parameter merge,
+each child's script in the bench's own process: bench/children.py) and writes a results file whose table covers the
+six figures. The figures are measurements of a shared machine, not properties of the code, so no value is asserted;
+but every one must be a measurement: finite and positive."""
 import json
 import math
 import subprocess
