@@ -18,13 +18,14 @@ atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=Tr
 # tests/test_decode_step.py builds one where it is the subject.
 os.environ["DECODE_STEP_CACHE"] = "off"
 
-# The test files that take 6 s or more of a worker's time, longest first (measured on 2026-12-07, 2-core EPYC, `make
-# test`: 74, 71, 62, 53, 52, 37, 24, 21, 17, 12, 11, 10, 8, 8, 8, 7 s), run first: `make test` hands files to its two
-# workers in collection order, and a long one handed out last leaves the other worker idle for its length (with the
-# seven longest first and the rest as collected, test_preference and test_web ran last: the workers ended 18 s apart).
-SLOW_FILES = ("test_bench.py", "test_train.py", "test_serve.py", "test_decode_step.py", "test_distributed.py",
-              "test_gguf.py", "test_judging.py", "test_preference.py", "test_web.py", "test_merge.py", "test_fuzz.py",
-              "test_convert.py", "test_benchmarks.py", "test_trackers.py", "test_grpo.py", "test_chat.py")
+# The test files that take 6 s or more of a worker's time, longest first, run first: `make test` hands files to its
+# two workers in collection order, and a long one handed out last leaves the other worker idle for its length (with
+# only the seven longest first, test_preference and test_web came last: the workers ended 18 s apart). The order is a
+# fresh clone's on a fresh machine, as CI runs it (2026-12-07, 2-core EPYC, nothing cached: 104, 91, 74, 61, 56, ~50,
+# 41, 29, 22, 19, 14, 12, 11, 10, 10, 9 s); with the compiler's caches warm the package build takes half as long.
+SLOW_FILES = ("test_decode_step.py", "test_train.py", "test_distributed.py", "test_gguf.py", "test_serve.py",
+              "test_bench.py", "test_judging.py", "test_web.py", "test_preference.py", "test_merge.py", "test_fuzz.py",
+              "test_benchmarks.py", "test_convert.py", "test_chat.py", "test_grpo.py", "test_trackers.py")
 
 
 def pytest_collection_modifyitems(items):
