@@ -29,11 +29,19 @@ class Child:
                                      stderr=subprocess.PIPE, text=True)
         return self
 
+    @property
+    def name(self) -> str:
+        """What the child runs, for messages: its script, or the first argument after its `-c` code."""
+        return str(self.cmd[3] if str(self.cmd[1]) == "-c" else self.cmd[1])
+
     def result(self) -> dict:
         """Waits for the child; its figures, and how long the whole process took."""
         _, stderr = self.proc.communicate()
         if self.proc.returncode != 0 or not self.result_file.is_file():
-            raise RuntimeError(f"{' '.join(map(str, self.cmd[:3]))} exited {self.proc.returncode}: {stderr[-3000:]}")
+            raise RuntimeError(f"{self.name} exited {self.proc.returncode}: {stderr[-3000:]}")
+        return self._figures()
+
+    def _figures(self) -> dict:
         return {**json.loads(self.result_file.read_text()), "process_seconds": time.time() - self.started}
 
 
@@ -42,7 +50,7 @@ class Child:
         the child's arguments, working directory and environment for the call (all put back after); its figures as
         `result` gives them. What it prints goes where the process's stdout goes for a child: nowhere."""
         self.result_file.unlink(missing_ok=True)
-        started = time.time()
+        self.started = time.time()
         script, *args = [str(c) for c in self.cmd[1:]]
         saved = sys.argv, list(sys.path), os.getcwd(), dict(os.environ)
         try:
@@ -58,15 +66,15 @@ class Child:
                     runpy.run_path(script, run_name="__main__")
         except SystemExit as e:
             if e.code not in (0, None):
-                raise RuntimeError(f"{' '.join(self.cmd[1:3])} exited {e.code}") from None
+                raise RuntimeError(f"{self.name} exited {e.code}") from None
         finally:
             sys.argv, sys.path[:] = saved[0], saved[1]
             os.chdir(saved[2])
             os.environ.clear()
             os.environ.update(saved[3])
         if not self.result_file.is_file():
-            raise RuntimeError(f"{' '.join(self.cmd[1:3])} wrote no {self.result_file}")
-        return {**json.loads(self.result_file.read_text()), "process_seconds": time.time() - started}
+            raise RuntimeError(f"{self.name} wrote no {self.result_file}")
+        return self._figures()
 
 
 def results(children: list[Child], here: bool = False) -> list[dict]:
