@@ -102,6 +102,24 @@ def _permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def permuted_heads(arch: Architecture, config, gguf_name: str) -> int | None:
+    """How many heads the tensor holds whose rotary halves llama.cpp stores interleaved (_permute on export,
+    _unpermute on reading back): the query's and the key's weights of an architecture that permutes them; else None."""
+    if arch.permute_qk and gguf_name.endswith("attn_q.weight"):
+        return config.num_attention_heads
+    if arch.permute_qk and gguf_name.endswith("attn_k.weight"):
+        return config.num_key_value_heads
+    return None
+
+
+def gguf_names(arch: Architecture, config, keys) -> dict[str, str | None]:
+    """HF tensor name -> its GGUF name through gguf's own name table (None where the table has none)."""
+    import gguf
+
+    table = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
+    return {key: table.get_name(key, try_suffixes=(".weight", ".bias")) for key in keys}
+
+
 def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """The reverse of _permute: llama.cpp's interleaved rotary pairs -> HF's halves."""
     rows = weight.shape[0]
@@ -118,21 +136,17 @@ def read_weights(gguf_file: Path, model) -> dict[str, torch.Tensor]:
 
     config = model.config
     arch = architectures()[config.model_type]
-    table = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
     tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(gguf_file).tensors}
-    heads = {"attn_q.weight": config.num_attention_heads, "attn_k.weight": config.num_key_value_heads}
     weights = {}
-    for name in model.state_dict():
-        gguf_name = table.get_name(name, try_suffixes=(".weight", ".bias"))
+    for name, gguf_name in gguf_names(arch, config, model.state_dict()).items():
         if gguf_name not in tensors:
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # the file has no output.weight: the logits are the token embeddings'
             raise UserError(f"{gguf_file}: no tensor {gguf_name} for `{name}` of {config.model_type}")
         stored = tensors[gguf_name]
         tensor = torch.from_numpy(np.array(gguf.quants.dequantize(stored.data, stored.tensor_type), np.float32))
-        kind = gguf_name.split(".", 2)[-1]  # blk.N.attn_q.weight -> attn_q.weight
-        if arch.permute_qk and kind in heads:
-            tensor = _unpermute(tensor, heads[kind])
+        if rotary_heads := permuted_heads(arch, config, gguf_name):
+            tensor = _unpermute(tensor, rotary_heads)
         if arch.norm_shift and gguf_name.endswith("norm.weight"):
             tensor = tensor - arch.norm_shift
         weights[name] = tensor
@@ -257,17 +271,13 @@ def _encode(tensor: torch.Tensor, ggml_type) -> np.ndarray:
 def storage_plan(weights, arch: Architecture, config, qtype: str) -> list[tuple[str, str, tuple[int, ...], object]]:
     """(HF name, GGUF name, shape, ggml type) of every tensor of the model, in file order: what export writes and
     what verify rounds the merged model to."""
-    import gguf
-
-    names = gguf.get_tensor_name_map(arch.gguf_arch, config.num_hidden_layers)
-    gguf_names = {}
-    for key in weights.shape:
-        gguf_names[key] = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if gguf_names[key] is None:
+    names = gguf_names(arch, config, weights.shape)
+    for key, name in names.items():
+        if name is None:
             raise UserError(f"GGUF export: no GGUF name for tensor `{key}` of {config.model_type}")
     # llama.cpp computes the logits with the token embeddings when the file has no output.weight (tied embeddings)
-    output = "output.weight" if "output.weight" in gguf_names.values() else "token_embd.weight"
-    return [(key, gguf_names[key], shape, _ggml_type(qtype, shape, gguf_names[key] == output))
+    output = "output.weight" if "output.weight" in names.values() else "token_embd.weight"
+    return [(key, names[key], shape, _ggml_type(qtype, shape, names[key] == output))
             for key, shape in weights.shape.items()]
 
 
@@ -358,8 +368,8 @@ def export(model_dir: Path, qtype: str, chat_template: str | None, eot: int | No
             with weights.reader() as read:
                 for key, gguf_name, shape, ggml_type in plan:
                     tensor = read(key)
-                    if arch.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
-                        tensor = _permute(tensor, heads if "attn_q" in gguf_name else kv_heads)
+                    if rotary_heads := permuted_heads(arch, config, gguf_name):
+                        tensor = _permute(tensor, rotary_heads)
                     if arch.norm_shift and gguf_name.endswith("norm.weight"):
                         tensor = tensor.float() + arch.norm_shift
                     writer.write_tensor_data(_encode(tensor, ggml_type))
