@@ -120,3 +120,47 @@ def test_ratings_are_counted_from_the_bytes_added_not_by_rereading_the_file(tmp_
     assert page.rate(pair)["ratings"] == 2
     fresh = Page("run", "run:base", None, Sampling(), None, SimpleNamespace(run_dir=tmp_path, adapter=None))
     assert fresh.rate(pair)["ratings"] == 3 == len(ratings.read_text().splitlines())
+
+
+@pytest.mark.parametrize("gather, prefills", [(2.0, [3]), (0, [1, 1, 1])])
+def test_an_idle_worker_gathers_requests_that_arrive_together_into_one_prefill(tokenizer, gather, prefills):
+    """Three requests reaching an idle worker 0.3 s apart: with `gather` longer than that, the worker waits for each
+    next one and prefills all three in one forward (one pass over the weights for the three prompts, as when eight
+    clients' next requests arrive together); without, each is prefilled alone as it comes (its answer of 4 tokens
+    ends before the next arrives)."""
+    import threading
+    import time
+
+    import torch
+    from starlette.testclient import TestClient
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from common.generation import Generator
+    from common.server.app import create_app
+    from common.server.worker import Worker
+    from common.templates import get_template
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    rows = []  # the rows of each prefill forward (more than one position per row)
+    model.register_forward_hook(lambda module, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0])
+                                if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    generator = Generator(model, tokenizer, get_template("qwen_chat"), max_length=256)
+    app = create_app(Worker(generator, queue_size=0, max_batch=3, gather=gather), "tiny",
+                     Sampling(max_new_tokens=4))
+    replies = []
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        def ask(question):
+            replies.append(client.post("/v1/chat/completions", json={"messages": [
+                {"role": "user", "content": question}], "temperature": 0, "max_tokens": 4}))
+
+        threads = []
+        for question in ("你好", "我最近很焦虑，晚上睡不着", "hi"):
+            threads.append(threading.Thread(target=ask, args=(question,)))
+            threads[-1].start()
+            time.sleep(0.3)
+        for thread in threads:
+            thread.join(timeout=30)
+    assert [r.status_code for r in replies] == [200] * 3
+    assert rows == prefills

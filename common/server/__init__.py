@@ -28,6 +28,11 @@ PREFILL_CHUNK = 256
 # What the server and the REPL keep of the prompts they prefilled last (common.decoding.PromptCache): SmolLM2-135M in
 # float32 holds 46 kB per position, a 7B model with grouped keys in bfloat16 ~57 kB: a few long conversations
 PROMPT_CACHE_MB = 256
+# An idle server that gets a request waits this long for another before it starts (and again after each that comes):
+# requests that arrive together are prefilled in one forward, one pass over the weights, rather than the first alone
+# and the rest behind it. Eight clients' next requests, sent as their answers end together, reach the worker over a
+# few milliseconds (the event loop parses each); a lone request's first token comes this much later.
+GATHER = 0.005
 QUEUE_SIZE = 16  # requests that may wait beyond the batch; more get 429
 MAX_REQUEST_BYTES = 1 << 20  # 1 MiB is far more text than a 32k-token context holds
 READ_TIMEOUT = 30  # seconds a client has to send a whole request, headers and body

@@ -14,7 +14,7 @@ from typing import Optional
 from common.cli import UserError, first_line
 from common.decoding import Decoder
 from common.generation import Answering, Completion, Generator, PromptTooLong
-from common.server import PREFILL_CHUNK
+from common.server import GATHER, PREFILL_CHUNK
 from common.server.errors import ApiError, bad_request
 from common.server.request import ChatRequest
 
@@ -62,9 +62,11 @@ class Worker:
     Requests for the base model (the adapter off) decode in a second batch, stepped in turn with the first: one
     forward cannot switch a PEFT adapter per row."""
 
-    def __init__(self, generator: Generator, queue_size: int, max_batch: int, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, generator: Generator, queue_size: int, max_batch: int, prefill_chunk: int = PREFILL_CHUNK,
+                 gather: float = GATHER):
         self.generator, self.queue_size, self.max_batch = generator, queue_size, max_batch
         self.prefill_chunk = prefill_chunk  # 0: each prompt prefilled whole as it joins
+        self.gather = gather  # seconds an idle worker waits for the next of requests arriving together (0: none)
         self.jobs: queue.Queue[Job] = queue.Queue()
         # Accepted and not yet finished, counted here rather than by the queue's own bound: a job the worker has not
         # picked up yet would otherwise take a waiting place on an idle server.
@@ -96,12 +98,12 @@ class Worker:
             self._step()
 
     def _admit(self) -> None:
-        """Start the waiting jobs while the batch has room, those that came in together prefilled together; wait for
-        one when nothing is decoding."""
-        jobs = []
+        """Start the waiting jobs while the batch has room, those that came in together prefilled together. When
+        nothing is decoding: wait for one, then take those that follow it within `gather` seconds of each other."""
+        jobs, idle = [], not self.answering
         while len(self.answering) + len(jobs) < self.max_batch:
             try:
-                jobs.append(self.jobs.get(block=not self.answering and not jobs))
+                jobs.append(self.jobs.get(block=idle, timeout=self.gather if jobs else None))
             except queue.Empty:
                 break
         starting = {adapter: [] for adapter in self.decoders}  # (job, answering) by ChatRequest.adapter
