@@ -31,7 +31,8 @@ PROMPT_CACHE_MB = 256
 # An idle server that gets a request waits this long for another before it starts (and again after each that comes):
 # requests that arrive together are prefilled in one forward, one pass over the weights, rather than the first alone
 # and the rest behind it. Eight clients' next requests, sent as their answers end together, reach the worker over a
-# few milliseconds (the event loop parses each); a lone request's first token comes this much later.
+# few milliseconds (the event loop parses each); a lone request's first token comes this much later, and a batch
+# starts at most --max-batch times this much later.
 GATHER = 0.005
 QUEUE_SIZE = 16  # requests that may wait beyond the batch; more get 429
 MAX_REQUEST_BYTES = 1 << 20  # 1 MiB is far more text than a 32k-token context holds
