@@ -352,8 +352,14 @@ class FastStep:
                     self.blocks[i] = blocked(weight, block_size(self.spec["cpu_capability"]))
                 self.blocked_from[i] = (weight, weight._version)
 
-    def _switch_off(self, why: str) -> bool:
+    def release(self, why: str = "released") -> None:
+        """Free the packages: callers decode eagerly from here on. A loaded package keeps an extracted copy of itself
+        in the temp folder (~4-8 MB) until it is freed; a process that ends without freeing it, as a server stopped by
+        a signal does, would leave the copy behind."""
         self.off, self.runners, self.blocks, self.blocked_from = why, {}, [], []
+
+    def _switch_off(self, why: str) -> bool:
+        self.release(why)
         print(f"warning: the compiled decode step is not used: {why}; decoding as without it", file=sys.stderr)
         return False
 

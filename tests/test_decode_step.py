@@ -192,6 +192,19 @@ def test_a_damaged_package_is_refused_and_decoding_goes_on(model, root, tokenize
     assert answer(other, PROMPTS[0], fast) == answer(other, PROMPTS[0])
 
 
+def test_released_packages_leave_no_copies_in_the_temp_folder_and_decoding_goes_on(model, root, tmp_path,
+                                                                                   monkeypatch):
+    """A loaded package keeps an extracted copy of itself in the temp folder until it is freed; release() (a server's
+    exit) frees both packages, copies and all, and answers go on eagerly."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the packages' loader extracts them
+    fast = decode_step.FastStep.for_model(model, build=False, root=root)
+    assert fast.ready() and len(list(tmp_path.glob("aotinductor_*"))) == 2  # the lone package and the batch's
+    fast.release()
+    assert not list(tmp_path.glob("aotinductor_*"))
+    assert not fast.ready() and fast.off == "released"
+    assert answer(model, PROMPTS[0], fast) == answer(model, PROMPTS[0]) and fast.steps == 0
+
+
 def test_a_failed_build_is_not_retried_and_said_once(model, tmp_path, capsys):
     fast = decode_step.FastStep.for_model(model, build=False, root=tmp_path)
     failed = tmp_path / f"{fast.key}.failed"

@@ -5,6 +5,7 @@ queue one at a time (429 when the queue is full), a client that leaves cancels i
 serving. The request checks one by one: test_server.py, without a server."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -579,3 +580,14 @@ def test_demo_model_answers_under_load_as_alone(demo):
     assert not any(t.is_alive() for t in threads)
     assert [e["text"] for e in events] == alone
     assert max(e["first_text"] for e in events) < min(e["end"] for e in events)
+
+
+def test_a_server_stopped_by_sigterm_exits_through_python(request, tmp_path_factory, tiny_model_dir):
+    """uvicorn ends a graceful shutdown by raising the signal again under the handler it found; for SIGTERM the
+    default one would end the process at once, before the worker frees the compiled step's packages (their copies
+    in the temp folder: test_decode_step). The server exits through Python instead: status 128 + 15."""
+    server = start(request, tmp_path_factory, tiny_model_dir)
+    assert ask(server.client(), "hi", temperature=0, max_tokens=4).usage.completion_tokens == 4
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert "Finished server process" in server.output() and "Traceback" not in server.output()

@@ -3,6 +3,7 @@ server's log), and serve(), which runs it under uvicorn. The one module that kno
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 from pathlib import Path
@@ -131,8 +132,8 @@ def serve(generator: Generator, sampling: Sampling, system: Optional[str], sourc
           max_batch: int = MAX_BATCH, prefill_chunk: int = PREFILL_CHUNK) -> None:
     """Serve until Ctrl-C (SIGINT) or SIGTERM."""
     model = model_id(source)
-    app = create_app(Worker(generator, queue_size, max_batch, prefill_chunk), model, sampling, system, api_key,
-                     max_request_bytes, host, source)
+    worker = Worker(generator, queue_size, max_batch, prefill_chunk)
+    app = create_app(worker, model, sampling, system, api_key, max_request_bytes, host, source)
     base = f" (and its base, {model}{BASE_SUFFIX})" if source.adapter is not None else ""
     print(f"serving {model}{base} at http://{host}:{port}/v1 | web page http://{host}:{port}/ | template "
           f"{generator.template.name} | context {generator.max_length} tokens | up to {max_batch} request(s) at a "
@@ -141,6 +142,12 @@ def serve(generator: Generator, sampling: Sampling, system: Optional[str], sourc
     if api_key is None and host not in LOOPBACK:
         print(f"warning: listening on {host} without an API key: anyone who can reach this port can use the model",
               file=sys.stderr, flush=True)
-    # A bounded graceful shutdown: requests still open after it are cancelled, and with them their generation.
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3,
-                http=read_timeout_protocol(read_timeout))
+    # uvicorn ends its graceful shutdown by raising the signal again under the handler it found: for SIGTERM the
+    # default one, which ends the process at once, before the worker below is closed. This one exits through Python.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        # A bounded graceful shutdown: requests still open after it are cancelled, and with them their generation.
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3,
+                    http=read_timeout_protocol(read_timeout))
+    finally:
+        worker.close()

@@ -74,6 +74,7 @@ class Worker:
         self.cancelled = 0  # jobs stopped, or never started, because their client went away
         self.decoders = {adapter: generator.decoder(adapter) for adapter in (True, False)}  # by ChatRequest.adapter
         self.answering: dict[int, tuple[Job, Answering]] = {}  # id(row) -> its job and answer, for the rows decoding
+        self.busy, self.closed = threading.Lock(), False  # held while the model is in use; closed: not again
         threading.Thread(target=self._run, name="generation", daemon=True).start()
 
     @property
@@ -94,18 +95,38 @@ class Worker:
 
     def _run(self) -> None:
         while True:
-            self._admit()
-            self._step()
+            jobs = self._arrived()
+            with self.busy:  # the model is in use only inside: close() waits for it
+                if self.closed:
+                    return
+                self._admit(jobs)
+                self._step()
 
-    def _admit(self) -> None:
-        """Start the waiting jobs while the batch has room, those that came in together prefilled together. When
-        nothing is decoding: wait for one, then take those that follow it within `gather` seconds of each other."""
+    def close(self, timeout: float = 10) -> None:
+        """Stop using the model once the step under way is over (waiting at most `timeout` seconds), and free the
+        compiled decode step's packages (their copies in the temp folder). For the server's exit."""
+        if not self.busy.acquire(timeout=timeout):
+            return  # a step still running: it keeps its packages, and the copies stay behind
+        try:
+            self.closed = True
+            if self.generator.fast is not None:
+                self.generator.fast.release()
+        finally:
+            self.busy.release()
+
+    def _arrived(self) -> list[Job]:
+        """The waiting jobs the batch has room for. When nothing is decoding: wait for one, then take those that
+        follow it within `gather` seconds of each other."""
         jobs, idle = [], not self.answering
         while len(self.answering) + len(jobs) < self.max_batch:
             try:
                 jobs.append(self.jobs.get(block=idle, timeout=self.gather if jobs else None))
             except queue.Empty:
                 break
+        return jobs
+
+    def _admit(self, jobs: list[Job]) -> None:
+        """Start these jobs, those that came in together prefilled together."""
         starting = {adapter: [] for adapter in self.decoders}  # (job, answering) by ChatRequest.adapter
         for job in jobs:
             started = self._started(job)
