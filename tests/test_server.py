@@ -123,7 +123,7 @@ def test_ratings_are_counted_from_the_bytes_added_not_by_rereading_the_file(tmp_
 
 
 @pytest.mark.parametrize("gather, prefills", [(2.0, [3]), (0, [1, 1, 1])])
-def test_an_idle_worker_gathers_requests_that_arrive_together_into_one_prefill(tokenizer, gather, prefills):
+def test_an_idle_worker_gathers_requests_that_arrive_together_into_one_prefill(tiny_model_dir, gather, prefills):
     """Three requests reaching an idle worker 0.3 s apart: with `gather` longer than that, the worker waits for each
     next one and prefills all three in one forward (one pass over the weights for the three prompts, as when eight
     clients' next requests arrive together); without, each is prefilled alone as it comes (its answer of 4 tokens
@@ -131,18 +131,15 @@ def test_an_idle_worker_gathers_requests_that_arrive_together_into_one_prefill(t
     import threading
     import time
 
-    import torch
     from starlette.testclient import TestClient
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from common.generation import Generator
+    from common.modeling import load_for_generation
     from common.server.app import create_app
     from common.server.worker import Worker
     from common.templates import get_template
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    model, tokenizer = load_for_generation(artifacts.resolve_model(str(tiny_model_dir)))
     rows = []  # the rows of each prefill forward (more than one position per row)
     model.register_forward_hook(lambda module, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0])
                                 if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
