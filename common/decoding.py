@@ -38,6 +38,12 @@ from transformers import LogitsProcessorList
 # to keep the cores busy (measured: 8 first turns of ~130 tokens on SmolLM2, 2 cores limited to AVX2, in 1.57-1.77 s
 # together against 2.07-2.21 s one after another).
 TOGETHER = 256
+# ... and when the positions their caches already hold (from the prompt cache) differ by at most this many: the caches
+# are left-padded to the most any holds, which costs the others attention over that padding only (a product of every
+# position, kept or not, would cost far more). Prompts sharing more or less of an earlier one's start (a question
+# beginning with the same words) hold a few positions more or less: grouped by their exact counts, bench/serving.py's
+# 8 requests were prefilled in ~6 forwards, 1.47-1.53 s; in one, 1.20-1.35 s (2 cores limited to AVX2, 2026-12-08).
+HELD_APART = 256
 
 
 @dataclass
@@ -129,11 +135,12 @@ class Decoder:
     def add_all(self, rows: list[Row], chunk: Optional[int] = None) -> list[Row]:
         """Rows with prompts of their own that arrive together (the requests that came in during a step, eval's next
         answers), each added as by `add`, except that the prompts with at most TOGETHER positions left to prefill
-        (after what the prompt cache gives) are prefilled in one forward (_prefill_together): one pass over the
-        weights and one forward's fixed cost for all, instead of one each. Returns the rows that ended at their first
+        (after what the prompt cache gives) are prefilled in one forward (_prefill_together; one per group of them
+        whose cached starts differ by at most HELD_APART positions): one pass over the weights and one forward's
+        fixed cost for all, instead of one each. Returns the rows that ended at their first
         token. A failure leaves the batch as it was: every prefill runs before any row joins."""
         others = bool(self.rows or self.prefills or len(rows) > 1)  # someone would wait on a long prefill
-        ready, later, together = [], [], {}  # (rows, cache, logits) to join; _Prefills; (row, cache) by `done`
+        ready, later, together = [], [], []  # (rows, cache, logits) to join; _Prefills; (done, row, cache)
         for row in rows:
             done, cache, logits = self._started(row.prompt)
             rest = len(row.prompt) - done
@@ -142,12 +149,13 @@ class Decoder:
             elif chunk and rest > chunk and others:
                 later.append(_Prefill([row], cache, chunk, done))
             elif rest <= TOGETHER and batchable(cache):
-                together.setdefault(done, []).append((row, cache))
+                together.append((done, row, cache))
             else:
                 ready.append(([row], cache, self._prefill(row.prompt[done:], cache)))
-        for done, group in together.items():
-            prefilled = self._prefill_together([row.prompt for row, _ in group], [c for _, c in group], done)
-            ready += [([row], cache, logits) for (row, _), (cache, logits) in zip(group, prefilled)]
+        for group in held_alike(together):
+            prefilled = self._prefill_together([row.prompt for _, row, _ in group], [c for _, _, c in group],
+                                               [done for done, _, _ in group])
+            ready += [([row], cache, logits) for (_, row, _), (cache, logits) in zip(group, prefilled)]
         self.prefills += later
         ended = []
         for group, cache, logits in ready:
@@ -190,34 +198,38 @@ class Decoder:
             return self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1].float()
 
     def _prefill_together(self, prompts: list[list[int]], caches: list[DynamicCache],
-                          done: int) -> list[tuple[DynamicCache, torch.Tensor]]:
-        """Prompts' positions after the `done` that each cache holds, in one forward; each prompt's cache (only its
-        own positions) and its last position's float32 logits. The rests are padded on the left to the longest, after
-        the cached positions (the mask hides the gap; the position ids go on from `done`), so that every row's last
-        position is the batch's last and the LM head runs on one position per row. A row computes what it would
-        alone, up to the float rounding of a product with more rows. A prompt alone is prefilled as `_prefill` does,
-        without padding or a mask."""
+                          dones: list[int]) -> list[tuple[DynamicCache, torch.Tensor]]:
+        """Prompts' positions after the ones each cache holds (dones), in one forward; each prompt's cache (only its
+        own positions) and its last position's float32 logits. Each row is laid out as [padding, its cached
+        positions | padding, its rest]: the cached positions left-padded to the most any cache holds, the rests to the
+        longest, so that every row's last position is the batch's last and the LM head runs on one position per row;
+        the mask hides both paddings and the position ids go on from each row's own count. A row computes what it
+        would alone, up to the float rounding of a product with more rows. A prompt alone is prefilled as `_prefill`
+        does, without padding or a mask."""
         if len(prompts) == 1:
-            return [(caches[0], self._prefill(prompts[0][done:], caches[0]))]
-        rests = [prompt[done:] for prompt in prompts]
-        width = max(len(rest) for rest in rests)
+            return [(caches[0], self._prefill(prompts[0][dones[0]:], caches[0]))]
+        rests = [prompt[done:] for prompt, done in zip(prompts, dones)]
+        held, width = max(dones), max(len(rest) for rest in rests)
         gaps = [width - len(rest) for rest in rests]
         ids = [[0] * gap + rest for gap, rest in zip(gaps, rests)]  # the padding's token: any, the mask hides it
-        positions = [[done] * gap + list(range(done, done + len(rest))) for gap, rest in zip(gaps, rests)]
-        mask = [[1] * done + [0] * gap + [1] * len(rest) for gap, rest in zip(gaps, rests)]
+        positions = [[done] * gap + list(range(done, done + len(rest))) for gap, rest, done in zip(gaps, rests, dones)]
+        mask = [[0] * (held - done) + [1] * done + [0] * gap + [1] * len(rest)
+                for gap, rest, done in zip(gaps, rests, dones)]
         ids, positions, mask = (torch.tensor(t, device=self.device) for t in (ids, positions, mask))
         cache = DynamicCache(config=self.model.config)
-        if done:  # the rows' cached positions, one row each
+        if held:  # the rows' cached positions, one row each (nothing cached: none, padding only)
             for i, layer in enumerate(cache.layers):
-                layer.update(*(torch.cat([getattr(c.layers[i], name) for c in caches]) for name in ("keys", "values")))
+                like = next(c.layers[i] for c, done in zip(caches, dones) if done)
+                layer.update(*(torch.cat([left_pad(getattr(c.layers[i] if done else like, name)[:, :, :done], held)
+                                          for c, done in zip(caches, dones)]) for name in ("keys", "values")))
         with self.context(), torch.inference_mode():
             logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache,
                                 use_cache=True, logits_to_keep=1).logits[:, -1].float()
         out = []
-        for row, gap in enumerate(gaps):
+        for row, (gap, done) in enumerate(zip(gaps, dones)):
             own = DynamicCache(config=self.model.config)
             for layer, full in zip(own.layers, cache.layers):
-                keys, values = (torch.cat([t[row:row + 1, :, :done], t[row:row + 1, :, done + gap:]], dim=2)
+                keys, values = (torch.cat([t[row:row + 1, :, held - done:held], t[row:row + 1, :, held + gap:]], dim=2)
                                 for t in (full.keys, full.values))
                 layer.update(keys, values)
             out.append((own, logits[row]))
@@ -427,6 +439,18 @@ class _Kept:
 def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens two prompts share."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def held_alike(prompts: list[tuple]) -> list[list[tuple]]:
+    """Prompts (tuples whose first item is how many positions their cache holds) in groups to prefill together: in
+    order of that count, a new group where it exceeds the group's first by more than HELD_APART."""
+    groups = []
+    for prompt in sorted(prompts, key=lambda p: p[0]):
+        if groups and prompt[0] - groups[-1][0][0] <= HELD_APART:
+            groups[-1].append(prompt)
+        else:
+            groups.append([prompt])
+    return groups
 
 
 def batchable(cache: DynamicCache) -> bool:

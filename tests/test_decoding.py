@@ -14,7 +14,7 @@ import torch
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common.decoding import Decoder, PromptCache, Row, common_prefix, split_products
+from common.decoding import HELD_APART, Decoder, PromptCache, Row, common_prefix, held_alike, split_products
 from common.generation import Generator, Sampling
 from common.templates import get_template
 
@@ -211,6 +211,44 @@ def test_prompts_arriving_together_are_prefilled_in_one_forward_and_answer_as_al
             assert Decoder(model).run(seeded).answer == rows[2].answer
     finally:
         hook.remove()
+
+
+def test_prompts_holding_different_cached_starts_are_prefilled_in_one_forward_and_answer_as_alone(generator):
+    """Prompts arriving together whose caches hold different numbers of positions (one shares more of a kept prompt's
+    start than another; one shares nothing) are still prefilled in one forward, the cached positions left-padded to
+    the most any holds, and every row answers as it would alone. Grouped by their exact counts, a server's 8 requests
+    were prefilled in ~6 forwards."""
+    model, prompts = generator.model, PromptCache(16)
+    kept = conversation_ids(generator, "我最近很焦虑，晚上睡不着。")
+    decoder = Decoder(model, prompts=prompts)
+    decoder.run(Row(kept, 4, frozenset()))
+    more = conversation_ids(generator, "我最近很焦虑，晚上睡不着。白天也没有精神，怎么办？")
+    less = conversation_ids(generator, "你好")
+    unshared = list(reversed(less))  # its first token differs from the kept prompt's: nothing cached
+    held = [min(common_prefix(kept, p), len(p) - 1) for p in (more, less, unshared)]
+    assert held[0] > held[1] > held[2] == 0
+    penalised = start(generator, "你好", max_new_tokens=8, repetition_penalty=1.3).row
+    assert penalised.prompt == less
+    rows = [Row(more, 8, frozenset()), penalised, Row(unshared, 8, frozenset())]
+    forwards = []
+    hook = model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        assert decoder.add_all(rows) == [] and len(forwards) == 1
+    finally:
+        hook.remove()
+    assert prompts.reused == sum(held)
+    while decoder.rows:
+        decoder.step()
+    for row in rows:
+        assert len(row.answer) == 8
+        assert_as_alone(model, row)
+
+
+def test_prompts_whose_cached_starts_are_far_apart_are_prefilled_in_separate_forwards():
+    """A conversation's next turn (thousands of cached positions) is not padded into new prompts' forward (a few
+    dozen): the others would attend over all that padding."""
+    prompts = [(0, "a"), (HELD_APART + 44, "b"), (10, "c"), (HELD_APART, "d"), (3000, "e")]
+    assert held_alike(prompts) == [[(0, "a"), (10, "c"), (HELD_APART, "d")], [(HELD_APART + 44, "b")], [(3000, "e")]]
 
 
 # ---------------------------------------------------------------- the prompt cache
