@@ -18,15 +18,16 @@ miss, with no number to bump by hand).
 
   DECODE_STEP_CACHE=DIR      where packages live (default HF_HOME/decode_steps); `off`: never use or build one
     KEY/step.pt2  KEY/batch.pt2     the built packages: a lone row's step, a batch's (one build makes both)
+    KEY/blocked_products.so         the batch package's products (KERNEL, compiled by the build where it applies)
     KEY/spec.json                   what they were built for
     KEY.lock  KEY.log  KEY.failed   a build under way (its pid), its log, why it failed (not retried, and said
                                     once when a REPL or server starts: delete it to try again)
     KEY.spec.json  KEY.buffers.safetensors   the build's input, while it runs
 
 Traced differently from the eager forward, the same computation: in the lone step, products as reductions over
-the input features (`products_as_reductions`; in the batch step products in blocks of outputs, 24 limited to AVX2
-and 16 otherwise (`BLOCKS`), compiled by inductor's C++ GEMM template, `products_in_blocks`, each weight read once
-for all rows from a copy laid out in blocks, made at the first batch step); the attention
+the input features (`products_as_reductions`; in the batch step, on x86 CPUs with AVX2, products by our own
+operator over the weights in blocks of 24 outputs (`products_in_blocks`, common/blocked_products.cpp), each weight
+read once for all rows from a copy laid out in blocks, made at the first batch step); the attention
 (`one_query_attention`: the query heads grouped by the key/value head they share, the cache read as it is, not
 repeated per group; a lone unpadded query needs no mask, a batch's rows a mask of their padding); and the cache,
 which lives in buffers with room that each step writes its position into in place (`BufferLayer`), where
@@ -70,17 +71,16 @@ MAX_ROWS = 256  # the most rows the batch package takes (the server's --max-batc
 TOLERANCE = 1e-4
 # The attention the build traces (registered with transformers under this name, for the build process only)
 ONE_QUERY_ATTENTION = "decode_step_one_query"
-# The batch package's products: weights in blocks of this many outputs (products_in_blocks), by the CPU capability
-# the package is for (else DEFAULT_BLOCK), each block's product compiled by inductor's C++ GEMM template rather than
-# handed to MKL. The template picks its register block by the block's width and the example's rows (BATCH_EXAMPLE_ROWS).
-# Measured on SmolLM2's 210 layer products (2 cores, 2026-12-07, docs/performance.md): limited to AVX2, blocks of 24
-# (the template's 4x24 register block: each weight row's 24 floats used by 4 rows while in registers) took 22.7, 15.3
-# and 13.3 ms at 8, 4 and 2 rows against 16's 26.6, 20.3 and 18.2 (8x8), 32's and 48's slower; with AVX-512, 16
-# (its 16x16) was fastest, 32 and 48 slower, and 24 is not a multiple of its 16-float vectors.
-BLOCKS = {"AVX2": 24}
-DEFAULT_BLOCK = 16
-BATCH_EXAMPLE_ROWS = 4  # with 2, AVX2's template takes 8x8 for blocks of 24 too
-BLOCK_PRODUCT_CONFIGS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+# The batch package's float32 products (products_in_blocks): each weight laid out in blocks of BLOCK outputs, the
+# rows multiplied by decode_step::blocked_mm, an operator of our own (KERNEL_SOURCE, why there), which the build
+# compiles into the package's folder (KERNEL) with the compiler inductor uses, for the CPUs it is written for
+# (KERNEL_CAPABILITIES: x86 with AVX2 and FMA); elsewhere the batch package's products stay F.linear (MKL's).
+BLOCK = 24
+KERNEL_SOURCE = Path(__file__).with_name("blocked_products.cpp")
+KERNEL = "blocked_products.so"
+KERNEL_CAPABILITIES = ("AVX2", "AVX512")
+KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
+BATCH_EXAMPLE_ROWS = 4  # the batch package's example: rows are a dimension of its own only above 1
 # What models hand their attention function that does not change what it computes for one unpadded query
 HARMLESS_ATTENTION_ARGUMENTS = ("position_ids", "use_cache", "is_causal", "output_attentions")
 # Config entries that name where a model came from, not what it computes
@@ -213,9 +213,10 @@ def build_code() -> str:
     """A hash of the source of everything that shapes a package (the traced module, its cache layer and attention,
     the products, the export and compile call, and their settings)."""
     code = (StepModule, BufferLayer, build, products_as_reductions, one_query_attention, _reduction_forward,
-            products_in_blocks, blocked_linears, blocked, _blocks_forward)
-    settings = json.dumps([BLOCKS, DEFAULT_BLOCK, BATCH_EXAMPLE_ROWS, BLOCK_PRODUCT_CONFIGS], sort_keys=True)
-    return hashlib.sha256(("".join(inspect.getsource(part) for part in code) + settings).encode()).hexdigest()[:16]
+            products_in_blocks, blocked_linears, blocked, _blocks_forward, compile_kernel)
+    settings = json.dumps([BLOCK, KERNEL_CAPABILITIES, KERNEL_FLAGS, BATCH_EXAMPLE_ROWS], sort_keys=True)
+    source = "".join(inspect.getsource(part) for part in code) + KERNEL_SOURCE.read_text(encoding="utf-8")
+    return hashlib.sha256((source + settings).encode()).hexdigest()[:16]
 
 
 def key(spec: dict) -> str:
@@ -234,6 +235,7 @@ class FastStep:
     def __init__(self, model, root: Path, spec: dict):
         self.model, self.root, self.spec, self.key = model, root, spec, key(spec)
         self.runners: dict[bool, object] = {}  # by masked: the batch's step (True), a lone row's (False)
+        self.in_blocks = spec["cpu_capability"] in KERNEL_CAPABILITIES  # the batch package multiplies by blocks
         self.blocks: list[torch.Tensor] = []  # the batch step's weights in blocks (StepModule's `blocks`)
         self.blocked_from: list[tuple[torch.Tensor, int]] = []  # each block's weight and its version when copied
         self.verified: set[bool] = set()  # the runners whose first step matched the eager one
@@ -290,6 +292,8 @@ class FastStep:
         for masked, name in ((True, BATCH_PACKAGE), (False, PACKAGE)):
             package = self.root / self.key / name
             try:
+                if masked and (self.root / self.key / KERNEL).is_file():
+                    load_kernel(self.root / self.key)
                 runner = torch._inductor.aoti_load_package(str(package))
                 runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
                                       check_full_update=True, user_managed=True)  # the model's tensors, not copies
@@ -312,7 +316,7 @@ class FastStep:
         if int(padding.min()) < 0 or rows > MAX_ROWS or (
                 not masked and int(padding[0, 0]) != 0):
             return eager()  # not rows as common.decoding pads them after all: the model's own step
-        if masked:
+        if masked and self.in_blocks:
             self._refresh_blocks()
         capacity = capacity_for(filled + 1, room(before[0][0]))  # one for all layers, as traced
         keys = [with_room(k, capacity) for k, _ in before]
@@ -349,7 +353,7 @@ class FastStep:
         for i, (weight, version) in enumerate(self.blocked_from):
             if weight._version != version:
                 with torch.no_grad():
-                    self.blocks[i] = blocked(weight, block_size(self.spec["cpu_capability"]))
+                    self.blocks[i] = blocked(weight)
                 self.blocked_from[i] = (weight, weight._version)
 
     def release(self, why: str = "released") -> None:
@@ -434,14 +438,13 @@ def build(spec: dict, buffers: dict[str, torch.Tensor], directory: Path) -> None
     capacity = torch.export.Dim("capacity", min=2)  # one for all layers (FastStep.step gives them one)
     # The example: `rows` rows of 8 positions' room, 3 filled, the first row's first one padding
     for rows, masked, package in ((BATCH_EXAMPLE_ROWS, True, BATCH_PACKAGE), (1, False, PACKAGE)):
-        configs, blocks = {"aot_inductor.package_constants_in_so": False}, []
-        if masked:
+        blocks = []
+        if masked and spec["cpu_capability"] in KERNEL_CAPABILITIES and blocked_linears(model):
+            compile_kernel(directory)
+            load_kernel(directory)
             products_in_blocks(model)  # from here on: a batch's products read each weight once for all rows
-            block = block_size(spec["cpu_capability"])
-            blocks = [blocked(linear.weight, block) for _, linear in blocked_linears(model)]
-            if blocks:  # the template for them; a bf16 model's products stay MKL's (the template would repack them)
-                configs.update(BLOCK_PRODUCT_CONFIGS)
-        else:
+            blocks = [blocked(linear.weight) for _, linear in blocked_linears(model)]
+        elif not masked:
             products_as_reductions(model)  # from here on: a lone row's products stream each weight once
         keys = [torch.zeros(rows, heads, 8, dim, dtype=dtype) for heads, _, dim, _ in shapes]
         values = [torch.zeros(rows, heads, 8, dim, dtype=dtype) for _, heads, _, dim in shapes]
@@ -455,7 +458,7 @@ def build(spec: dict, buffers: dict[str, torch.Tensor], directory: Path) -> None
                                            (torch.zeros(rows, 1, dtype=torch.long), 3 - padding, padding, keys,
                                             values, blocks), dynamic_shapes=dims, strict=False)
         torch._inductor.aoti_compile_and_package(exported, package_path=str(directory / package),
-                                                 inductor_configs=configs)
+                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
 
 
 def products_as_reductions(model) -> None:
@@ -470,15 +473,13 @@ def products_as_reductions(model) -> None:
 
 def products_in_blocks(model) -> None:
     """The float32 products of the model to be traced (the batch step) that are worth it (blocked_linears) multiply
-    their rows by their weight in blocks: the weight [out, in] as `blocked(weight, block)` [out/block, in, block],
-    one product per block of outputs, all in one `bmm`. Compiled with inductor's C++ GEMM template
-    (BLOCK_PRODUCT_CONFIGS), each block is a small product that keeps the rows' results in registers and reads its
-    block of the weight once, in order, for all rows: SmolLM2's 210 layer products at 8 rows take 23-27 ms instead
-    of 66 for MKL's (2 cores limited to AVX2; BLOCKS). The blocks are inputs of the step (StepModule's `blocks`,
-    copied by FastStep from the live weights at the first batch step), not constants of the package: the template
-    would pack a constant again at build time, from the build's empty weights. The other float32 nn.Linear (a LoRA
-    adapter's rank-r halves) are traced as reductions, as in the lone step: no product left for the template to
-    refuse, nor one more kernel to compile. Other dtypes keep F.linear, compiled without the template."""
+    their rows by their weight in blocks: the weight [out, in] as `blocked(weight)` [out/BLOCK, in, BLOCK], multiplied
+    by decode_step::blocked_mm (common/blocked_products.cpp: each block of the weight read once, in order, for all
+    rows, their sums kept in registers): SmolLM2's 211 products at 8 rows in ~21 ms where inductor's C++ GEMM template
+    took ~26 and MKL's 54-66 (2 cores limited to AVX2). The blocks are inputs of the step (StepModule's `blocks`,
+    copied by FastStep from the live weights at the first batch step), not constants of the package: the packages are
+    built without weights, and the live model's [out, in] weights are not in blocks. The other float32 nn.Linear (a
+    LoRA adapter's rank-r halves) are traced as reductions, as in the lone step. Other dtypes keep F.linear."""
     blocks = {id(linear) for _, linear in blocked_linears(model)}
     for module in model.modules():
         if id(module) in blocks:
@@ -489,34 +490,49 @@ def products_in_blocks(model) -> None:
 
 def blocked_linears(model) -> list[tuple[str, torch.nn.Linear]]:
     """The layers whose products the batch step takes in blocks, in the model's order: every float32 nn.Linear with
-    at least DEFAULT_BLOCK inputs and outputs that is not half of a LoRA adapter (other dtypes keep F.linear: a bf16
+    at least BLOCK inputs and outputs that is not half of a LoRA adapter (other dtypes keep F.linear: a bf16
     weight would be packed again at every step; an adapter's rank-r halves are a few kB, and GRPO's optimizer
     rewrites them at every step)."""
     adapters = {id(half) for module in model.modules() for name in ("lora_A", "lora_B")
                 for half in getattr(module, name, {}).values()}
     return [(name, module) for name, module in model.named_modules()
             if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32
-            and min(module.weight.shape) >= DEFAULT_BLOCK and id(module) not in adapters]
+            and min(module.weight.shape) >= BLOCK and id(module) not in adapters]
 
 
-def block_size(cpu_capability: str) -> int:
-    """How many outputs a block of the batch package's weights holds, for a package built for this CPU capability."""
-    return BLOCKS.get(cpu_capability, DEFAULT_BLOCK)
-
-
-def blocked(weight: torch.Tensor, block: int) -> torch.Tensor:
-    """weight [out, in] as [ceil(out/block), in, block]: block b holds outputs b*block.. (zeros past `out`), each
-    input's `block` weights side by side."""
+def blocked(weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] as [ceil(out/BLOCK), in, BLOCK]: block b holds outputs b*BLOCK.. (zeros past `out`), each
+    input's BLOCK weights side by side."""
     out, inputs = weight.shape
-    padded = torch.nn.functional.pad(weight.detach(), (0, 0, 0, -out % block))
-    return padded.view(-1, block, inputs).transpose(1, 2).contiguous()
+    padded = torch.nn.functional.pad(weight.detach(), (0, 0, 0, -out % BLOCK))
+    return padded.view(-1, BLOCK, inputs).transpose(1, 2).contiguous()
+
+
+def compile_kernel(directory: Path) -> None:
+    """Compile KERNEL_SOURCE into `directory` as KERNEL (~8 s), with the compiler inductor uses and torch's headers
+    and libraries; the compiler's messages go to the build's log."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    subprocess.run([get_cpp_compiler(), *KERNEL_FLAGS, abi, *(f"-I{p}" for p in include_paths()), str(KERNEL_SOURCE),
+                    *(f"-L{p}" for p in library_paths()), "-ltorch", "-ltorch_cpu", "-lc10", "-o",
+                    str(directory / KERNEL)], check=True)
+
+
+def load_kernel(directory: Path) -> None:
+    """decode_step::blocked_mm registered in this process, from the KERNEL in `directory` (once a process: every
+    package's is built from the same source, and a second library would register the operator again), with the
+    shape of its result for tracing."""
+    if hasattr(torch.ops.decode_step, "blocked_mm"):
+        return
+    torch.ops.load_library(str(directory / KERNEL))
+    torch.library.register_fake("decode_step::blocked_mm")(
+        lambda rows, blocks: rows.new_empty((rows.shape[0], blocks.shape[0] * blocks.shape[2])))
 
 
 def _blocks_forward(self, x: torch.Tensor) -> torch.Tensor:
-    weight = self.blocks
-    rows = x.reshape(-1, x.shape[-1])
-    y = torch.bmm(rows.expand(weight.shape[0], -1, -1), weight)  # [blocks, rows, block]
-    y = y.transpose(0, 1).reshape(rows.shape[0], -1)[:, :self.out_features]
+    y = torch.ops.decode_step.blocked_mm(x.reshape(-1, x.shape[-1]), self.blocks)[:, :self.out_features]
     return (y if self.bias is None else y + self.bias).reshape(*x.shape[:-1], self.out_features)
 
 

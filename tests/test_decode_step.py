@@ -117,20 +117,24 @@ def test_logits_of_the_compiled_step_match_the_model(model, root):
     assert len(set(buffers[2:])) == 1
 
 
-def test_products_in_blocks_are_the_layers_products(model):
-    """The batch step's products as traced (products_in_blocks), run eagerly: a weight in blocks of each size a
-    package takes, its output count not a multiple of the block (the padding cut off), gives F.linear's rows; the
-    model's layers and its LM head are taken in blocks, an adapter's halves are not (rank 4, nor 16: the optimizer
-    rewrites them)."""
+def test_products_in_blocks_are_the_layers_products(model, root):
+    """The batch step's products as traced (products_in_blocks), run eagerly through the operator the build compiled
+    (common/blocked_products.cpp): a weight in blocks, its output count not a multiple of the block (the padding cut
+    off), gives F.linear's rows for every number of rows (the operator takes them four at a time, then the rest);
+    the model's layers and its LM head are taken in blocks, an adapter's halves are not (rank 4, nor 16: the
+    optimizer rewrites them)."""
+    fast = decode_step.FastStep.for_model(model, build=False, root=root)
+    assert fast.ready() and (root / fast.key / decode_step.KERNEL).is_file()
     torch.manual_seed(0)
-    for block in {decode_step.DEFAULT_BLOCK, *decode_step.BLOCKS.values()}:
-        layer = torch.nn.Linear(40, 2 * block + 5)
-        weight = decode_step.blocked(layer.weight, block)
-        assert weight.shape == (3, 40, block) and weight.is_contiguous()
-        assert torch.equal(weight[1, :, 2], layer.weight[block + 2]) and not weight[2, :, 5:].any()
-        layer.blocks = weight
-        rows = torch.randn(3, 1, 40)
-        assert torch.allclose(decode_step._blocks_forward(layer, rows), layer(rows), atol=1e-6)
+    block = decode_step.BLOCK
+    layer = torch.nn.Linear(40, 2 * block + 5)
+    weight = decode_step.blocked(layer.weight)
+    assert weight.shape == (3, 40, block) and weight.is_contiguous()
+    assert torch.equal(weight[1, :, 2], layer.weight[block + 2]) and not weight[2, :, 5:].any()
+    layer.blocks = weight
+    for rows in range(1, 10):
+        x = torch.randn(rows, 1, 40)
+        assert torch.allclose(decode_step._blocks_forward(layer, x), layer(x), atol=1e-6)
     names = [name for name, _ in decode_step.blocked_linears(model)]
     assert "base_model.model.lm_head" in names and "base_model.model.model.layers.1.mlp.down_proj.base_layer" in names
     assert len(names) == 2 * 7 + 1 and not any("lora" in name for name in names)

@@ -10,7 +10,7 @@ that is not checked here is a defect.
 | peft | `tuners.lora.layer.Linear` internals: `lora_variant`, `_cast_input_dtype`, `scaling`, `lora_dropout`, `merged`, `disable_adapters`, `fan_in_fan_out` | acceleration._fused_lora_forward | the fused forward re-does `Linear.forward` in one addmm | test_speed (loss and gradients equal) |
 | transformers | `GenerationMixin._get_logits_processor(generation_config, input_ids_seq_length, device)` | generation.Generator.start, grpo.Rollout.sample | the decoder picks tokens with the processors generate() would use for the same settings; no public builder | test_decoding (a lone row equals generate()), test_chat |
 | transformers | `cache_utils.DynamicLayer` and its `keys`/`values` tensors | decoding.Decoder (batching rows in one cache) | rows joining and leaving a batch pad, concatenate and select cache tensors; `DynamicCache` has no public merge | test_decoding |
-| torch | `_inductor.aoti_compile_and_package`, `_inductor.aoti_load_package`, the loaded model's `get_constant_fqns`/`load_constants(..., user_managed=True)`, the configs `aot_inductor.package_constants_in_so`, `max_autotune` and `max_autotune_gemm_backends` (`CPP`: the C++ GEMM template for the batch's products) | decode_step (build, FastStep.ready) | AOTInductor's documented entry points live under `torch._inductor`; a package without weights, handed the live model's tensors, has no other API | test_decode_step |
+| torch | `_inductor.aoti_compile_and_package`, `_inductor.aoti_load_package`, the loaded model's `get_constant_fqns`/`load_constants(..., user_managed=True)`, the config `aot_inductor.package_constants_in_so`; `_inductor.cpp_builder.get_cpp_compiler()` and `_C._GLIBCXX_USE_CXX11_ABI` (compiling the batch's products operator as inductor compiles its kernels) | decode_step (build, FastStep.ready) | AOTInductor's documented entry points live under `torch._inductor`; a package without weights, handed the live model's tensors, has no other API | test_decode_step |
 | torch | `Tensor._version` (read) | decode_step.FastStep._refresh_blocks | a weight written in place since its copy in blocks (an optimizer's step); tensors have no public write counter | test_decode_step (a weight changed in place answers as eager) |
 | torch | `nn.Module._non_persistent_buffers_set` | decode_step.baked_buffers | which buffers are computed rather than saved (they are compiled into the package); no public accessor | test_decode_step (a model's rotary frequencies reach the build) |
 | transformers | `cache_utils.DynamicLayer.lazy_initialization(keys, values)`; a `DynamicCache`'s `layers` replaced by our own `DynamicLayer` subclass (the cache hands each layer's `update` its new key and value) | decode_step.StepModule, BufferLayer | a cache over buffers with room, written in place, for the exported step; transformers' `StaticCache` attends over its whole length | test_decode_step |
@@ -230,8 +230,9 @@ def test_aot_inductor_entry_points_keep_their_shape():
 
     assert callable(torch._inductor.aoti_compile_and_package) and callable(torch._inductor.aoti_load_package)
     assert hasattr(inductor_config.aot_inductor, "package_constants_in_so")
-    assert {"max_autotune", "max_autotune_gemm_backends"} <= set(inductor_config.get_config_copy())
-    assert "CPP" in inductor_config.max_autotune_gemm_backends  # the backends it knows by default include ours
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    assert isinstance(get_cpp_compiler(), str) and isinstance(torch._C._GLIBCXX_USE_CXX11_ABI, bool)
     assert {"constants_map", "check_full_update", "user_managed"} <= set(
         inspect.signature(AOTICompiledModel.load_constants).parameters)
     assert callable(AOTICompiledModel.get_constant_fqns)
