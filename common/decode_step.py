@@ -18,18 +18,19 @@ miss, with no number to bump by hand).
 
   DECODE_STEP_CACHE=DIR      where packages live (default HF_HOME/decode_steps); `off`: never use or build one
     KEY/step.pt2  KEY/batch.pt2     the built packages: a lone row's step, a batch's (one build makes both)
-    KEY/blocked_products.so         the batch package's products (KERNEL, compiled by the build where it applies)
+    KEY/decode_kernels.so           the packages' own operators (KERNEL, compiled by the build where they apply)
     KEY/spec.json                   what they were built for
     KEY.lock  KEY.log  KEY.failed   a build under way (its pid), its log, why it failed (not retried, and said
                                     once when a REPL or server starts: delete it to try again)
     KEY.spec.json  KEY.buffers.safetensors   the build's input, while it runs
 
 Traced differently from the eager forward, the same computation: in the lone step, products as reductions over
-the input features (`products_as_reductions`; in the batch step, on x86 CPUs with AVX2, products by our own
-operator over the weights in blocks of 24 outputs (`products_in_blocks`, common/blocked_products.cpp), each weight
+the input features (`products_as_reductions`; in the batch step, on x86 CPUs with AVX2, products by an operator of
+our own over the weights in blocks of 24 outputs (`products_in_blocks`, common/decode_kernels.cpp), each weight
 read once for all rows from a copy laid out in blocks, made at the first batch step); the attention
 (`one_query_attention`: the query heads grouped by the key/value head they share, the cache read as it is, not
-repeated per group; a lone unpadded query needs no mask, a batch's rows a mask of their padding); and the cache,
+repeated per group, by our own operator where it applies; a lone unpadded query needs no mask, a batch's rows a
+mask of their padding); and the cache,
 which lives in buffers with room that each step writes its position into in place (`BufferLayer`), where
 transformers' DynamicCache allocates and copies the whole cache one position longer every step (at 2,000 cached
 positions on SmolLM2 that copy, through fresh memory pages, cost 60 ms of a 100 ms step).
@@ -71,14 +72,16 @@ MAX_ROWS = 256  # the most rows the batch package takes (the server's --max-batc
 TOLERANCE = 1e-4
 # The attention the build traces (registered with transformers under this name, for the build process only)
 ONE_QUERY_ATTENTION = "decode_step_one_query"
-# The batch package's float32 products (products_in_blocks): each weight laid out in blocks of BLOCK outputs, the
-# rows multiplied by decode_step::blocked_mm, an operator of our own (KERNEL_SOURCE, why there), which the build
-# compiles into the package's folder (KERNEL) with the compiler inductor uses, for the CPUs it is written for
-# (KERNEL_CAPABILITIES: x86 with AVX2 and FMA); elsewhere the batch package's products stay F.linear (MKL's).
+# Operators of our own for float32 packages (KERNEL_SOURCE, why there): the batch's products (decode_step::blocked_mm
+# over each weight laid out in blocks of BLOCK outputs: products_in_blocks) and both steps' attention
+# (decode_step::one_query_attention, for the head dims in KERNEL_HEAD_DIMS). The build compiles them into the
+# package's folder (KERNEL) with the compiler inductor uses, for the CPUs they are written for (KERNEL_CAPABILITIES:
+# x86 with AVX2 and FMA); elsewhere the batch's products stay F.linear (MKL's) and the attention ATen's.
 BLOCK = 24
-KERNEL_SOURCE = Path(__file__).with_name("blocked_products.cpp")
-KERNEL = "blocked_products.so"
+KERNEL_SOURCE = Path(__file__).with_name("decode_kernels.cpp")
+KERNEL = "decode_kernels.so"
 KERNEL_CAPABILITIES = ("AVX2", "AVX512")
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
 KERNEL_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 BATCH_EXAMPLE_ROWS = 4  # the batch package's example: rows are a dimension of its own only above 1
 # What models hand their attention function that does not change what it computes for one unpadded query
@@ -214,7 +217,8 @@ def build_code() -> str:
     the products, the export and compile call, and their settings)."""
     code = (StepModule, BufferLayer, build, products_as_reductions, one_query_attention, _reduction_forward,
             products_in_blocks, blocked_linears, blocked, _blocks_forward, compile_kernel)
-    settings = json.dumps([BLOCK, KERNEL_CAPABILITIES, KERNEL_FLAGS, BATCH_EXAMPLE_ROWS], sort_keys=True)
+    settings = json.dumps([BLOCK, KERNEL_CAPABILITIES, KERNEL_HEAD_DIMS, KERNEL_FLAGS, BATCH_EXAMPLE_ROWS],
+                          sort_keys=True)
     source = "".join(inspect.getsource(part) for part in code) + KERNEL_SOURCE.read_text(encoding="utf-8")
     return hashlib.sha256((source + settings).encode()).hexdigest()[:16]
 
@@ -235,7 +239,7 @@ class FastStep:
     def __init__(self, model, root: Path, spec: dict):
         self.model, self.root, self.spec, self.key = model, root, spec, key(spec)
         self.runners: dict[bool, object] = {}  # by masked: the batch's step (True), a lone row's (False)
-        self.in_blocks = spec["cpu_capability"] in KERNEL_CAPABILITIES  # the batch package multiplies by blocks
+        self.in_blocks = uses_kernel(spec)  # the batch package multiplies by weights in blocks
         self.blocks: list[torch.Tensor] = []  # the batch step's weights in blocks (StepModule's `blocks`)
         self.blocked_from: list[tuple[torch.Tensor, int]] = []  # each block's weight and its version when copied
         self.verified: set[bool] = set()  # the runners whose first step matched the eager one
@@ -292,7 +296,7 @@ class FastStep:
         for masked, name in ((True, BATCH_PACKAGE), (False, PACKAGE)):
             package = self.root / self.key / name
             try:
-                if masked and (self.root / self.key / KERNEL).is_file():
+                if (self.root / self.key / KERNEL).is_file():
                     load_kernel(self.root / self.key)
                 runner = torch._inductor.aoti_load_package(str(package))
                 runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
@@ -437,11 +441,12 @@ def build(spec: dict, buffers: dict[str, torch.Tensor], directory: Path) -> None
     model.set_attn_implementation(ONE_QUERY_ATTENTION)
     capacity = torch.export.Dim("capacity", min=2)  # one for all layers (FastStep.step gives them one)
     # The example: `rows` rows of 8 positions' room, 3 filled, the first row's first one padding
+    if uses_kernel(spec):  # from here on the traced attention is the kernel's where it applies
+        compile_kernel(directory)
+        load_kernel(directory)
     for rows, masked, package in ((BATCH_EXAMPLE_ROWS, True, BATCH_PACKAGE), (1, False, PACKAGE)):
         blocks = []
-        if masked and spec["cpu_capability"] in KERNEL_CAPABILITIES and blocked_linears(model):
-            compile_kernel(directory)
-            load_kernel(directory)
+        if masked and uses_kernel(spec):
             products_in_blocks(model)  # from here on: a batch's products read each weight once for all rows
             blocks = [blocked(linear.weight) for _, linear in blocked_linears(model)]
         elif not masked:
@@ -474,7 +479,7 @@ def products_as_reductions(model) -> None:
 def products_in_blocks(model) -> None:
     """The float32 products of the model to be traced (the batch step) that are worth it (blocked_linears) multiply
     their rows by their weight in blocks: the weight [out, in] as `blocked(weight)` [out/BLOCK, in, BLOCK], multiplied
-    by decode_step::blocked_mm (common/blocked_products.cpp: each block of the weight read once, in order, for all
+    by decode_step::blocked_mm (common/decode_kernels.cpp: each block of the weight read once, in order, for all
     rows, their sums kept in registers): SmolLM2's 211 products at 8 rows in ~21 ms where inductor's C++ GEMM template
     took ~26 and MKL's 54-66 (2 cores limited to AVX2). The blocks are inputs of the step (StepModule's `blocks`,
     copied by FastStep from the live weights at the first batch step), not constants of the package: the packages are
@@ -520,15 +525,22 @@ def compile_kernel(directory: Path) -> None:
                     str(directory / KERNEL)], check=True)
 
 
+def uses_kernel(spec: dict) -> bool:
+    """Whether packages of this spec use our operators (float32, a CPU they are written for)."""
+    return spec["dtype"] == "float32" and spec["cpu_capability"] in KERNEL_CAPABILITIES
+
+
 def load_kernel(directory: Path) -> None:
-    """decode_step::blocked_mm registered in this process, from the KERNEL in `directory` (once a process: every
-    package's is built from the same source, and a second library would register the operator again), with the
-    shape of its result for tracing."""
+    """Our operators registered in this process, from the KERNEL in `directory` (once a process: every package's is
+    built from the same source, and a second library would register them again), with the shapes of their results
+    for tracing."""
     if hasattr(torch.ops.decode_step, "blocked_mm"):
         return
     torch.ops.load_library(str(directory / KERNEL))
     torch.library.register_fake("decode_step::blocked_mm")(
         lambda rows, blocks: rows.new_empty((rows.shape[0], blocks.shape[0] * blocks.shape[2])))
+    torch.library.register_fake("decode_step::one_query_attention")(
+        lambda query, keys, values, padding, scale: torch.empty_like(query))
 
 
 def _blocks_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -541,15 +553,26 @@ def one_query_attention(module, query, key, value, attention_mask, scaling=None,
     grouped by the key/value head they share, so the cache is read as it is instead of copied once per group
     (transformers' `repeat_kv`, taken while tracing: 3x the cache written and read per step on SmolLM2).
     attention_mask: None for a lone, unpadded row (it sees every cached position, itself last), else a boolean
-    [rows, 1, 1, positions] hiding each row's left padding (a query of one position needs nothing causal)."""
+    [rows, 1, 1, positions] hiding each row's left padding (a query of one position needs nothing causal). Computed
+    by our operator (decode_step::one_query_attention) where it is loaded (the build, for a package that uses it) and
+    takes the head dim, else by ATen's SDPA."""
     extras = sorted(name for name, given in kwargs.items()
                     if name not in HARMLESS_ATTENTION_ARGUMENTS and given is not None and given is not False)
     if extras or dropout:  # softcapping, sinks, sliding windows...: this attention does not do them, so no package
         raise NotImplementedError(f"the compiled step's attention does not do {extras or ['dropout']}")
     batch, heads, length, dim = query.shape  # length 1
     grouped = query.reshape(batch, key.shape[1], heads // key.shape[1] * length, dim)
-    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
-                                                           scale=scaling)
+    if (hasattr(torch.ops.decode_step, "one_query_attention") and query.dtype == torch.float32
+            and dim in KERNEL_HEAD_DIMS and value.shape[-1] == dim
+            and (attention_mask is None or attention_mask.dtype == torch.bool)):
+        # Our operator (loaded by the build where it applies); the mask hides each row's first positions
+        padding = (torch.zeros(batch, 1, dtype=torch.long, device=query.device) if attention_mask is None
+                   else (~attention_mask[:, 0, 0, :]).sum(-1, keepdim=True))
+        out = torch.ops.decode_step.one_query_attention(grouped, key, value, padding,
+                                                         dim ** -0.5 if scaling is None else scaling)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
+                                                               scale=scaling)
     return out.reshape(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 

@@ -119,7 +119,7 @@ def test_logits_of_the_compiled_step_match_the_model(model, root):
 
 def test_products_in_blocks_are_the_layers_products(model, root):
     """The batch step's products as traced (products_in_blocks), run eagerly through the operator the build compiled
-    (common/blocked_products.cpp): a weight in blocks, its output count not a multiple of the block (the padding cut
+    (common/decode_kernels.cpp): a weight in blocks, its output count not a multiple of the block (the padding cut
     off), gives F.linear's rows for every number of rows (the operator takes them four at a time, then the rest);
     the model's layers and its LM head are taken in blocks, an adapter's halves are not (rank 4, nor 16: the
     optimizer rewrites them)."""
@@ -171,6 +171,27 @@ def test_the_traced_attention_is_the_models_and_refuses_what_it_does_not_do():
     for name, given in (("softcap", 30.0), ("s_aux", torch.zeros(9)), ("sliding_window", 16)):
         with pytest.raises(NotImplementedError, match=name):
             decode_step.one_query_attention(module, query, key, value, None, scaling=0.25, **{name: given})
+
+
+def test_our_attention_operator_is_sdpas(model, root):
+    """The attention operator the packages call (common/decode_kernels.cpp, loaded with them) against transformers'
+    SDPA attention: three query heads per key/value head, each row's left padding hidden, for a head dim of 16 (the
+    tiny model's) and of 64 (SmolLM2's), over the cache buffers' strides."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    assert decode_step.FastStep.for_model(model, build=False, root=root).ready()
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    torch.manual_seed(0)
+    for dim in (16, 64):
+        query = torch.randn(2, 9, 1, dim)
+        key, value = (torch.randn(2, 3, 50, dim).narrow(2, 0, 37) for _ in range(2))  # buffers with room
+        padding = torch.tensor([[5], [0]])
+        mask = (torch.arange(37) >= padding)[:, None, None, :]
+        grouped = query.reshape(2, 3, 3, dim)
+        for given, hidden in ((mask, padding), (None, torch.zeros(2, 1, dtype=torch.long))):
+            ours = torch.ops.decode_step.one_query_attention(grouped, key, value, hidden, 0.25)
+            theirs, _ = sdpa_attention_forward(module, query, key, value, given, scaling=0.25)
+            assert torch.allclose(ours.reshape(2, 9, 1, dim).transpose(1, 2), theirs, atol=1e-6, rtol=0)
 
 
 def test_a_package_of_another_structure_is_refused_and_decoding_goes_on(model, root, tokenizer, capsys):
