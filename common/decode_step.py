@@ -440,10 +440,10 @@ def build(spec: dict, buffers: dict[str, torch.Tensor], directory: Path) -> None
     AttentionInterface.register(ONE_QUERY_ATTENTION, one_query_attention)
     model.set_attn_implementation(ONE_QUERY_ATTENTION)
     capacity = torch.export.Dim("capacity", min=2)  # one for all layers (FastStep.step gives them one)
-    # The example: `rows` rows of 8 positions' room, 3 filled, the first row's first one padding
-    if uses_kernel(spec):  # from here on the traced attention is the kernel's where it applies
+    if uses_kernel(spec):  # from here on the traced attention is our operator's where it applies
         compile_kernel(directory)
         load_kernel(directory)
+    # The example: `rows` rows of 8 positions' room, 3 filled, the first row's first one padding
     for rows, masked, package in ((BATCH_EXAMPLE_ROWS, True, BATCH_PACKAGE), (1, False, PACKAGE)):
         blocks = []
         if masked and uses_kernel(spec):
