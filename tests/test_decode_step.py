@@ -124,7 +124,10 @@ def test_products_in_blocks_are_the_layers_products(model, root):
     the model's layers and its LM head are taken in blocks, an adapter's halves are not (rank 4, nor 16: the
     optimizer rewrites them)."""
     fast = decode_step.FastStep.for_model(model, build=False, root=root)
-    assert fast.ready() and (root / fast.key / decode_step.KERNEL).is_file()
+    assert fast.ready()
+    if not decode_step.uses_kernel(fast.spec):
+        pytest.skip(f"the operators are AVX2's; this CPU dispatches to {fast.spec['cpu_capability']}")
+    assert (root / fast.key / decode_step.KERNEL).is_file()
     torch.manual_seed(0)
     block = decode_step.BLOCK
     layer = torch.nn.Linear(40, 2 * block + 5)
@@ -179,7 +182,10 @@ def test_our_attention_operator_is_sdpas(model, root):
     tiny model's) and of 64 (SmolLM2's), over the cache buffers' strides."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    assert decode_step.FastStep.for_model(model, build=False, root=root).ready()
+    fast = decode_step.FastStep.for_model(model, build=False, root=root)
+    assert fast.ready()
+    if not decode_step.uses_kernel(fast.spec):
+        pytest.skip(f"the operators are AVX2's; this CPU dispatches to {fast.spec['cpu_capability']}")
     module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
     torch.manual_seed(0)
     for dim in (16, 64):
@@ -293,7 +299,8 @@ def test_a_batch_through_the_compiled_step_answers_as_each_row_alone(model, root
         ended += decoder.step()
     assert ended == [short, long, seeded, penalised] and all(r.ended == "length" for r in ended)
     assert fast.batch_steps == 24 and fast.off is None  # 25 steps of 2-3 rows, the first checked against eager
-    assert len(fast.blocks) == 2 * 7 + 1  # the layers' weights in blocks, made at the first batch step
+    # the layers' weights in blocks, made at the first batch step (where the products operator applies)
+    assert len(fast.blocks) == (2 * 7 + 1 if fast.in_blocks else 0)
     for row in (short, long, penalised):
         assert_as_alone(model, row)
     alone = start("我最近很焦虑。", max_new_tokens=20, temperature=0.8, top_k=20, seed=3)
