@@ -117,17 +117,24 @@ def test_logits_of_the_compiled_step_match_the_model(model, root):
     assert len(set(buffers[2:])) == 1
 
 
-def test_products_in_blocks_are_the_layers_products(model, root):
+@pytest.fixture
+def operators(model, root):
+    """The packages' own operators (common/decode_kernels.cpp) loaded in this process; the folder of the package
+    that holds them. Skipped where they do not apply (a CPU without AVX2)."""
+    fast = decode_step.FastStep.for_model(model, build=False, root=root)
+    assert fast.ready()
+    if not decode_step.uses_kernel(fast.spec):
+        pytest.skip(f"the operators are AVX2's; this CPU dispatches to {fast.spec['cpu_capability']}")
+    return root / fast.key
+
+
+def test_products_in_blocks_are_the_layers_products(model, operators):
     """The batch step's products as traced (products_in_blocks), run eagerly through the operator the build compiled
     (common/decode_kernels.cpp): a weight in blocks, its output count not a multiple of the block (the padding cut
     off), gives F.linear's rows for every number of rows (the operator takes them four at a time, then the rest);
     the model's layers and its LM head are taken in blocks, an adapter's halves are not (rank 4, nor 16: the
     optimizer rewrites them)."""
-    fast = decode_step.FastStep.for_model(model, build=False, root=root)
-    assert fast.ready()
-    if not decode_step.uses_kernel(fast.spec):
-        pytest.skip(f"the operators are AVX2's; this CPU dispatches to {fast.spec['cpu_capability']}")
-    assert (root / fast.key / decode_step.KERNEL).is_file()
+    assert (operators / decode_step.KERNEL).is_file()
     torch.manual_seed(0)
     block = decode_step.BLOCK
     layer = torch.nn.Linear(40, 2 * block + 5)
@@ -176,16 +183,12 @@ def test_the_traced_attention_is_the_models_and_refuses_what_it_does_not_do():
             decode_step.one_query_attention(module, query, key, value, None, scaling=0.25, **{name: given})
 
 
-def test_our_attention_operator_is_sdpas(model, root):
+def test_our_attention_operator_is_sdpas(operators):
     """The attention operator the packages call (common/decode_kernels.cpp, loaded with them) against transformers'
     SDPA attention: three query heads per key/value head, each row's left padding hidden, for a head dim of 16 (the
     tiny model's) and of 64 (SmolLM2's), over the cache buffers' strides."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    fast = decode_step.FastStep.for_model(model, build=False, root=root)
-    assert fast.ready()
-    if not decode_step.uses_kernel(fast.spec):
-        pytest.skip(f"the operators are AVX2's; this CPU dispatches to {fast.spec['cpu_capability']}")
     module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
     torch.manual_seed(0)
     for dim in (16, 64):
