@@ -239,7 +239,6 @@ class FastStep:
     def __init__(self, model, root: Path, spec: dict):
         self.model, self.root, self.spec, self.key = model, root, spec, key(spec)
         self.runners: dict[bool, object] = {}  # by masked: the batch's step (True), a lone row's (False)
-        self.in_blocks = uses_kernel(spec)  # the batch package multiplies by weights in blocks
         self.blocks: list[torch.Tensor] = []  # the batch step's weights in blocks (StepModule's `blocks`)
         self.blocked_from: list[tuple[torch.Tensor, int]] = []  # each block's weight and its version when copied
         self.verified: set[bool] = set()  # the runners whose first step matched the eager one
@@ -320,7 +319,7 @@ class FastStep:
         if int(padding.min()) < 0 or rows > MAX_ROWS or (
                 not masked and int(padding[0, 0]) != 0):
             return eager()  # not rows as common.decoding pads them after all: the model's own step
-        if masked and self.in_blocks:
+        if masked and uses_kernel(self.spec):  # the batch package multiplies by weights in blocks
             self._refresh_blocks()
         capacity = capacity_for(filled + 1, room(before[0][0]))  # one for all layers, as traced
         keys = [with_room(k, capacity) for k, _ in before]

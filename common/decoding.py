@@ -217,10 +217,10 @@ class Decoder:
                 for gap, rest, done in zip(gaps, rests, dones)]
         ids, positions, mask = (torch.tensor(t, device=self.device) for t in (ids, positions, mask))
         cache = DynamicCache(config=self.model.config)
-        if held:  # the rows' cached positions, one row each (nothing cached: none, padding only)
+        if held:  # the rows' cached positions, one row each (nothing cached: padding only, shaped as another's)
+            like = next(c for c, done in zip(caches, dones) if done)
             for i, layer in enumerate(cache.layers):
-                like = next(c.layers[i] for c, done in zip(caches, dones) if done)
-                layer.update(*(torch.cat([left_pad(getattr(c.layers[i] if done else like, name)[:, :, :done], held)
+                layer.update(*(torch.cat([left_pad(getattr((c if done else like).layers[i], name)[:, :, :done], held)
                                           for c, done in zip(caches, dones)]) for name in ("keys", "values")))
         with self.context(), torch.inference_mode():
             logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache,

@@ -303,7 +303,7 @@ def test_a_batch_through_the_compiled_step_answers_as_each_row_alone(model, root
     assert ended == [short, long, seeded, penalised] and all(r.ended == "length" for r in ended)
     assert fast.batch_steps == 24 and fast.off is None  # 25 steps of 2-3 rows, the first checked against eager
     # the layers' weights in blocks, made at the first batch step (where the products operator applies)
-    assert len(fast.blocks) == (2 * 7 + 1 if fast.in_blocks else 0)
+    assert len(fast.blocks) == (2 * 7 + 1 if decode_step.uses_kernel(fast.spec) else 0)
     for row in (short, long, penalised):
         assert_as_alone(model, row)
     alone = start("我最近很焦虑。", max_new_tokens=20, temperature=0.8, top_k=20, seed=3)
